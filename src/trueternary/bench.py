@@ -1,0 +1,285 @@
+"""``trueternary bench``: train several configurations side by side on the same data and compare.
+
+Every config sees the same batches in the same order (one data generator seeded by ``--seed``);
+with ``--reuse-base`` they also start from the same base model (float configs from its float
+weights, ternary configs from its absmean ternarisation). Reported per config: parameter and state
+bytes, peak memory, median step time after warm-up, tokens/s, training loss (final, min, per-quarter
+segments), validation bits per byte on held-out text, flips per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from . import memory
+from .data import eval_windows, load_corpus, random_batch
+from .models import build_model, model_names
+from .optim import NonFiniteGradientError
+from .recipes import CONFIG_NAMES, Hparams, build_recipe
+from .rule import FlipRule
+
+LN2 = math.log(2.0)
+
+
+@torch.no_grad()
+def validation_bpb(model, windows: torch.Tensor, device, autocast: bool, batch: int = 32) -> float:
+    """Mean next-byte cross-entropy over the windows, in bits per byte."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch):
+        w = windows[i : i + batch].to(device)
+        x, y = w[:, :-1], w[:, 1:]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(x)
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
+        )
+        total += float(loss)
+        count += y.numel()
+    model.train()
+    return total / count / LN2
+
+
+def segment_table(losses: list[float]) -> list[dict]:
+    """Mean / min / trend (last-minus-first of a linear fit, per quarter) of the loss curve."""
+    out = []
+    n = len(losses)
+    for q in range(4):
+        seg = losses[q * n // 4 : (q + 1) * n // 4]
+        if not seg:
+            continue
+        m = len(seg)
+        xs = range(m)
+        xm = (m - 1) / 2
+        ym = sum(seg) / m
+        var = sum((x - xm) ** 2 for x in xs)
+        slope = sum((x - xm) * (y - ym) for x, y in zip(xs, seg)) / var if var else 0.0
+        out.append({"quarter": q + 1, "mean": ym, "min": min(seg), "trend": slope * (m - 1)})
+    return out
+
+
+def parse_overrides(items: list[str], what: str) -> dict:
+    out = {}
+    for item in items:
+        for part in item.split(","):
+            if not part:
+                continue
+            if "=" not in part:
+                raise ValueError(f"{what} override {part!r} must look like key=value")
+            k, v = part.split("=", 1)
+            out[k.strip()] = _parse_value(v.strip())
+    return out
+
+
+def _parse_value(v: str):
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def run_config(name: str, base, hp: Hparams, corpus, val_windows, args, device) -> dict:
+    memory.reset_peak(device)
+    gen = torch.Generator().manual_seed(args.seed)  # identical batches for every config
+    recipe = build_recipe(name, base, hp, device=device, backend=args.update_backend, seed=args.seed)
+    autocast = device.type == "cuda"
+    losses, step_s, flips = [], [], []
+    tokens = args.batch * args.ctx
+    diverged = None
+    burn_in = max(2, args.steps // 10)
+    for step in range(args.steps):
+        x, y = random_batch(corpus.train, args.batch, args.ctx, gen, device)
+        t0 = time.perf_counter()
+        try:
+            loss = recipe.train_step(x, y, autocast)
+        except NonFiniteGradientError as e:
+            diverged = f"non-finite gradients at step {step}: {e}"
+            break
+        lv = float(loss)  # synchronises the device, so the step time is complete
+        step_s.append(time.perf_counter() - t0)
+        flips.append(recipe.flips_last_step())
+        losses.append(lv)
+        if not math.isfinite(lv) or lv > 4 * math.log(base.cfg.vocab_size):
+            diverged = f"loss {lv:.3g} at step {step}"
+            break
+        if args.print_every and (step % args.print_every == 0 or step == args.steps - 1):
+            print(f"  [{name}] step {step:5d}  loss {lv:.4f}  flips {flips[-1]}", flush=True)
+    timed = step_s[burn_in:] or step_s
+    med = statistics.median(timed) if timed else float("nan")
+    bpb = validation_bpb(recipe.model, val_windows, device, autocast) if not diverged else float("nan")
+    res = {
+        "config": name,
+        "lr": hp.lr_for(name) if name != "TrueTernary_Naive" else None,
+        **recipe.state_report(),
+        "peak_memory_bytes": memory.peak(device),
+        "peak_memory_kind": memory.peak_kind(device),
+        "median_step_ms": med * 1e3,
+        "tokens_per_s": tokens / med if med == med and med > 0 else float("nan"),
+        "final_loss": losses[-1] if losses else float("nan"),
+        "min_loss": min(losses) if losses else float("nan"),
+        "val_bpb": bpb,
+        "flips_per_step": statistics.fmean(flips) if flips else 0.0,
+        "diverged": diverged,
+        "segments": segment_table(losses),
+        "losses": losses,
+    }
+    del recipe
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def format_table(results: list[dict]) -> str:
+    ref = next((r for r in results if r["config"] == "BitNet_QAT"), None)
+    hdr = (f"{'config':<19}{'float params':>13}{'ternary w':>11}{'weights MB':>11}{'opt MB':>8}"
+           f"{'train MB':>9}{'B/w':>6}{'peak MB':>9}{'ms/step':>9}{'tok/s':>10}{'final':>8}{'min':>8}"
+           f"{'val bpb':>9}{'vs QAT':>8}{'flips/step':>11}")
+    lines = [hdr, "-" * len(hdr)]
+    mb = 1 / 2**20
+    for r in results:
+        rel = r["val_bpb"] / ref["val_bpb"] if ref and ref["val_bpb"] == ref["val_bpb"] else float("nan")
+        lines.append(
+            f"{r['config']:<19}{r['float_params']:>13,}{r['ternary_weights']:>11,}"
+            f"{r['model_weight_bytes'] * mb:>11.2f}{r['optimizer_state_bytes'] * mb:>8.2f}"
+            f"{r['training_state_bytes'] * mb:>9.2f}{r['training_state_bytes_per_weight']:>6.2f}"
+            f"{r['peak_memory_bytes'] * mb:>9.1f}{r['median_step_ms']:>9.2f}{r['tokens_per_s']:>10.0f}"
+            f"{r['final_loss']:>8.4f}{r['min_loss']:>8.4f}{r['val_bpb']:>9.4f}{rel:>8.3f}"
+            f"{r['flips_per_step']:>11.1f}" + (f"   DIVERGED: {r['diverged']}" if r["diverged"] else "")
+        )
+    lines.append("")
+    lines.append("loss segments (mean / min / trend per quarter of the run)")
+    for r in results:
+        segs = "  ".join(f"Q{s['quarter']} {s['mean']:.3f}/{s['min']:.3f}/{s['trend']:+.3f}" for s in r["segments"])
+        lines.append(f"  {r['config']:<19}{segs}")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in results:
+        ls = r["losses"]
+        if not ls:
+            continue
+        k = max(1, len(ls) // 50)
+        sm = [sum(ls[max(0, i - k + 1) : i + 1]) / len(ls[max(0, i - k + 1) : i + 1]) for i in range(len(ls))]
+        lab = f"{r['config']} (val {r['val_bpb']:.3f} bpb)" if r["val_bpb"] == r["val_bpb"] else r["config"]
+        ax.plot([v / LN2 for v in sm], label=lab)
+    ax.axhline(math.log2(288), color="grey", ls=":", label="uniform (8.17 bits)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (bits/byte, smoothed)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--configs", default="Adam_FP32,BitNet_QAT,SignSGD_Old,TrueTernary",
+                   help=f"comma list of {', '.join(CONFIG_NAMES)}")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--ctx", type=int, default=33)
+    p.add_argument("--update-backend", default="dense-fallback")
+    p.add_argument("--scale-update-interval", type=int, default=1)
+    p.add_argument("--accum-threshold", type=int, default=None)
+    p.add_argument("--print-every", type=int, default=50)
+    p.add_argument("--reuse-base", action="store_true")
+    p.add_argument("--data", default=None, help="text file, .gz, directory, 'enwik8'; default: embedded corpus")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--model", default="transformer", help="model family: " + ", ".join(model_names()))
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--n-heads", type=int, default=8)
+    p.add_argument("--group-size", type=int, default=None)
+    p.add_argument("--lr", action="append", default=[], metavar="CONFIG=LR",
+                   help="peak learning rate (vote scale for TrueTernary) of a config, e.g. Adam_FP32=1e-3")
+    p.add_argument("--rule", action="append", default=[], metavar="FIELD=VALUE",
+                   help="FlipRule field overrides for TrueTernary configs, e.g. vote_clip=4,decay=0.01")
+    p.add_argument("--eval-windows", type=int, default=256, help="held-out windows for validation bpb")
+    p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("--plot", default=None, metavar="PATH")
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    from .cli import UsageError, resolve_device
+
+    device = resolve_device(args.device)
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [c for c in names if c not in CONFIG_NAMES]
+    if bad or not names:
+        raise UsageError(f"unknown config(s) {bad or args.configs!r}; choose from {', '.join(CONFIG_NAMES)}")
+    for flag in ("steps", "batch", "ctx"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1")
+    if args.scale_update_interval < 0:
+        raise UsageError("--scale-update-interval must be >= 0")
+    try:
+        rule_over = parse_overrides(args.rule, "rule")
+        lr_over = parse_overrides(args.lr, "lr")
+        base_rule = FlipRule()
+        rule_over.setdefault("scale_update_interval", args.scale_update_interval)
+        if args.accum_threshold is not None:
+            rule_over["accum_threshold"] = args.accum_threshold
+        rule = FlipRule.from_dict({**base_rule.to_dict(), **rule_over})
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    for k in lr_over:
+        if k not in CONFIG_NAMES:
+            raise UsageError(f"--lr names unknown config {k!r}")
+    hp = Hparams(steps=args.steps, rule=rule, lr=lr_over,
+                 naive_threshold=args.accum_threshold if args.accum_threshold is not None else 8)
+    if args.group_size is not None:
+        if args.group_size < 1:
+            raise UsageError("--group-size must be >= 1")
+        hp.group_size = args.group_size
+    corpus = load_corpus(args.data)
+    val_windows = eval_windows(corpus.val, args.ctx, args.eval_windows)
+    print(f"bench: data {corpus.name} ({len(corpus.train):,} train / {len(corpus.val):,} held-out bytes), "
+          f"device {device}, model {args.model} d={args.d_model} L={args.n_layers}, "
+          f"{args.steps} steps x batch {args.batch} x ctx {args.ctx}", flush=True)
+    model_kw = dict(ctx=args.ctx, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads)
+    shared_base = build_model(args.model, seed=args.seed, **model_kw) if args.reuse_base else None
+    results = []
+    for i, name in enumerate(names):
+        base = shared_base if shared_base is not None else build_model(args.model, seed=args.seed + i, **model_kw)
+        print(f"== {name}", flush=True)
+        results.append(run_config(name, base, hp, corpus, val_windows, args, device))
+    meta = {
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "hparams": hp.to_dict(),
+        "data": corpus.name,
+    }
+    print()
+    print(format_table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    if args.plot:
+        plot(results, args.plot, f"{args.model} d={args.d_model} L={args.n_layers}, "
+             f"batch {args.batch} x ctx {args.ctx}, {corpus.name[:40]}")
+    return results

@@ -1,0 +1,90 @@
+"""Autograd function of the ternary linear map ``y = x @ (T * 2**E).T + b``.
+
+Forward and input-gradient dequantise the packed weight and multiply; the weight gradient is
+formed in backward only long enough to be handed to the weight's voter (the FlipOptimizer),
+which turns it into integer votes, and is then dropped: no float weight gradient is ever stored
+on a module, and at most one layer's float gradient exists at a time.
+
+The ``anchor`` argument is a 0-dim leaf tensor that requires grad: it makes autograd call our
+backward even when ``x`` needs no gradient (the first layer of a network), because the votes are
+produced there. It never receives a gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..rule import group_sum
+
+LN2 = math.log(2.0)
+_ANCHOR = torch.zeros((), requires_grad=True)
+
+
+def grad_anchor() -> torch.Tensor:
+    return _ANCHOR
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's when it is on for x's device, otherwise x's own."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def scale_param_grad(g: torch.Tensor, T: torch.Tensor, log2_scale: torch.Tensor, group_size: int):
+    """d loss / d log2_scale for W = T * 2**log2_scale:  ln2 * 2**ls * sum_group(g * T)."""
+    return LN2 * torch.exp2(log2_scale.float()) * group_sum(g.float() * T.float(), group_size)
+
+
+class TernaryLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, anchor, log2_scale, bias_value, weight, bias_module):
+        dtype = compute_dtype(x)
+        xc = x.to(dtype)
+        W = weight.dense(dtype)
+        b = bias_value.to(dtype) if bias_value is not None else None
+        y = torch.nn.functional.linear(xc, W, b)
+        ctx.weight, ctx.bias_module = weight, bias_module
+        ctx.save_for_backward(xc, log2_scale if log2_scale is not None else torch.empty(0))
+        ctx.has_log2 = log2_scale is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xc, log2_scale = ctx.saved_tensors
+        weight = ctx.weight
+        out_f = gy.shape[-1]
+        gy2 = gy.reshape(-1, out_f)
+        T = weight.trits()
+        gx = g_ls = None
+        if ctx.needs_input_grad[0]:
+            W = T.to(gy.dtype) * weight.expand_groups(weight.scale(gy.dtype))
+            gx = (gy2 @ W).view(*gy.shape[:-1], weight.cols)
+        voter = weight._voter
+        want_ls = ctx.has_log2 and ctx.needs_input_grad[2]
+        if voter is not None or want_ls:
+            x2 = xc.reshape(-1, weight.cols).to(gy.dtype)
+            gW = (gy2.t() @ x2).float()
+            if want_ls:
+                g_ls = scale_param_grad(gW, T, log2_scale, weight.group_size)
+            if voter is not None:
+                voter.cast_votes(weight, gW, T)
+            del gW
+        bm = ctx.bias_module
+        if bm is not None and bm._voter is not None:
+            bm._voter.cast_bias_votes(bm, gy2.float().sum(0))
+        return gx, None, g_ls, None, None, None
+
+
+def ternary_linear(x, weight, bias_module=None):
+    """Functional form: ``x @ weight.dense().T (+ bias)`` with votes in backward."""
+    if x.shape[-1] != weight.cols:
+        raise ValueError(f"input has {x.shape[-1]} features, the layer expects {weight.cols}")
+    if not x.is_floating_point():
+        raise TypeError(f"ternary linear expects a floating-point input, got {x.dtype}")
+    anchor = _ANCHOR if torch.is_grad_enabled() else None
+    bias_value = bias_module.value() if bias_module is not None else None
+    return TernaryLinearFunction.apply(x, anchor, weight.log2_scale, bias_value, weight, bias_module)

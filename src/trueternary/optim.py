@@ -1,0 +1,352 @@
+"""Optimisers: the FlipOptimizer (votes and flips on ternary state), SignGSD, and the hybrid helper.
+
+FlipOptimizer follows ``torch.optim.Optimizer``: ``param_groups`` carry the flip-rule
+hyper-parameters (``lr`` is the vote scale, so ``torch.optim.lr_scheduler`` schedules it),
+``step()`` applies flips, ``state_dict()`` round-trips. Its "params" are the ``T_accum`` buffers of
+the ternary weights it trains (and the ``q`` buffers of integer biases); there are no float
+weights and no per-weight float state. Votes are cast during backward, when the layer's autograd
+function hands the transient weight gradient to :meth:`FlipOptimizer.cast_votes`.
+
+Construct it after the model is on its device (like any optimiser).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from . import rng
+from .layers import IntegerBias
+from .rule import (
+    FlipRule,
+    accumulate,
+    apply_flips,
+    apply_scale_flips,
+    scale_gradient,
+    sign_votes,
+    stochastic_votes,
+    update_grad_ms,
+    vote_multiplier,
+)
+from .weight import TernaryScaleTensor, ternary_weights
+
+BACKENDS = ("auto", "dense-fallback", "none", "gpu", "gpu-signcache")
+_CALLS_PER_STEP = 1024  # RNG counter slots per step: a layer may be called this often per step
+_BIAS_CLIP = 2**20
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Raised by ``FlipOptimizer.step`` when a backward pass produced NaN or inf weight gradients."""
+
+
+def resolve_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown update backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        from .ops import triton_available
+
+        return "gpu" if torch.cuda.is_available() and triton_available() else "dense-fallback"
+    if name in ("gpu", "gpu-signcache"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"update backend {name!r} needs a CUDA device; use 'dense-fallback' on CPU")
+        from .ops import triton_available
+
+        if not triton_available():
+            raise ValueError(f"update backend {name!r} needs Triton (pip install triton)")
+    return name
+
+
+def _trainable_modules(obj) -> list[nn.Module]:
+    if isinstance(obj, nn.Module):
+        mods = ternary_weights(obj)
+        mods += [m for m in obj.modules() if isinstance(m, IntegerBias)]
+        return mods
+    out: list[nn.Module] = []
+    for m in obj:
+        if not isinstance(m, (TernaryScaleTensor, IntegerBias, nn.Module)):
+            raise TypeError(f"FlipOptimizer trains TernaryScaleTensor/IntegerBias modules, got {type(m).__name__}")
+        out += _trainable_modules(m) if not isinstance(m, (TernaryScaleTensor, IntegerBias)) else [m]
+    return out
+
+
+def _state_tensor(m: nn.Module) -> torch.Tensor:
+    return m.T_accum if isinstance(m, TernaryScaleTensor) else m.q
+
+
+class FlipOptimizer(torch.optim.Optimizer):
+    """Trains ternary weights by integer votes and flips.
+
+    Args:
+        params: a model (every TernaryScaleTensor / IntegerBias inside it), an iterable of such
+            modules, or a list of param-group dicts ``{"params": modules, **rule_overrides}``.
+        lr: vote scale (expected votes per unit of RMS-normalised gradient); defaults to ``rule.lr``.
+        rule: a :class:`FlipRule` (default: ``FlipRule()``); keyword overrides of its fields
+            (``accum_threshold=...``, ``scale_update_interval=...``) are applied on top.
+        backend: ``dense-fallback`` (plain PyTorch), ``none`` (forward/backward only, no update),
+            ``gpu`` / ``gpu-signcache`` (Triton kernels), or ``auto``.
+        seed: key of the counter-based RNG behind stochastic votes.
+        check_finite: drop a layer's votes when its gradient has NaN/inf and raise
+            :class:`NonFiniteGradientError` from the next ``step()`` (one device sync per step).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | None = None,
+        *,
+        rule: FlipRule | None = None,
+        backend: str = "dense-fallback",
+        seed: int = 0,
+        check_finite: bool = True,
+        **rule_overrides,
+    ) -> None:
+        rule = FlipRule() if rule is None else FlipRule.from_dict(rule.to_dict())
+        if lr is not None:
+            rule_overrides["lr"] = lr
+        rule = FlipRule.from_dict({**rule.to_dict(), **rule_overrides})
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.backend = resolve_backend(backend)
+        self.seed = seed
+        self.check_finite = check_finite
+        self.vote_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._step = 0
+        self._calls: dict[int, int] = {}
+        self._nonfinite: torch.Tensor | None = None
+        self.last_flips: torch.Tensor = torch.zeros((), dtype=torch.int64)
+        self.last_scale_flips: torch.Tensor = torch.zeros((), dtype=torch.int64)
+
+        if isinstance(params, (nn.Module, TernaryScaleTensor)):
+            groups = [{"params": _trainable_modules(params)}]
+        else:
+            params = list(params)
+            if params and isinstance(params[0], dict):
+                groups = [dict(g, params=_trainable_modules(g["params"])) for g in params]
+            else:
+                groups = [{"params": _trainable_modules(params)}]
+        self._group_modules: list[list[nn.Module]] = []
+        tensor_groups = []
+        stream = 0
+        for gi, g in enumerate(groups):
+            overrides = {k: v for k, v in g.items() if k != "params"}
+            FlipRule.from_dict({**rule.to_dict(), **overrides})  # validate the group's rule
+            for m in g["params"]:
+                if m._voter is not None and m._voter is not self:
+                    raise ValueError("a ternary weight is already trained by another FlipOptimizer")
+                m._voter = None if self.backend == "none" else self
+                m._group_index = gi
+                m.stream = stream
+                stream += 1
+            self._group_modules.append(list(g["params"]))
+            tensor_groups.append(dict(overrides, params=[_state_tensor(m) for m in g["params"]]))
+        if not any(self._group_modules):
+            raise ValueError("FlipOptimizer got no ternary weights to train (did you call ternarize()?)")
+        super().__init__(tensor_groups, rule.to_dict())
+
+    # ------------------------------------------------------------------ votes (called in backward)
+    def _filter_finite(self, g: torch.Tensor) -> torch.Tensor | None:
+        if not self.check_finite:
+            return g
+        if self._nonfinite is None or self._nonfinite.device != g.device:
+            self._nonfinite = torch.zeros((), dtype=torch.int32, device=g.device)
+        bad = (~torch.isfinite(g)).any()
+        self._nonfinite += bad.to(torch.int32)
+        # Zero the whole gradient of a layer that has a non-finite entry: its votes are dropped.
+        return torch.where(bad, torch.zeros_like(g), g)
+
+    def _counter(self, m: nn.Module) -> int:
+        c = self._calls.get(id(m), 0)
+        self._calls[id(m)] = c + 1
+        return self._step * _CALLS_PER_STEP + (c % _CALLS_PER_STEP)
+
+    def _votes(self, group, g, ms_buf, slot, lr, key_stream, counter, clip, T=None, decay=0.0, index=None):
+        """Stochastic votes normalised by the running RMS gradient held in ``ms_buf[slot]``."""
+        ms_old = ms_buf[slot]
+        ms_new = update_grad_ms(ms_old, g, group["grad_beta"])
+        # Normalise by the running mean square *before* this gradient (the first call bootstraps
+        # from itself), so a fused kernel can vote in the same pass that measures the gradient.
+        ms_use = torch.where(ms_old < 0, ms_new, ms_old)
+        s = vote_multiplier(ms_use, lr, group["eps"])
+        key = rng.stream_key(self.seed, key_stream, counter)
+        v = stochastic_votes(g, s, key, clip, T, decay, index)
+        ms_buf[slot] = ms_new
+        return v
+
+    @torch.no_grad()
+    def cast_votes(self, weight: TernaryScaleTensor, g: torch.Tensor, T: torch.Tensor, rows=None) -> None:
+        """Turn the weight gradient ``g`` (of ``rows``, default all) into votes in ``T_accum`` / ``E_accum``."""
+        group = self.param_groups[weight._group_index]
+        g = self._filter_finite(g.float())
+        counter = self._counter(weight)
+        index = None
+        if rows is not None:
+            cols = torch.arange(weight.cols, device=g.device)
+            index = (rows.reshape(-1, 1) * weight.cols + cols).reshape(-1)
+        if group["vote"] == "sign":
+            v = sign_votes(g)
+        else:
+            v = self._votes(group, g, weight.vote_ms, 0, group["lr"], 2 * weight.stream, counter,
+                            group["vote_clip"], T, group["decay"], index)
+        if self.vote_reducer is not None:
+            v = self.vote_reducer(v)
+        if rows is None:
+            weight.T_accum.copy_(accumulate(weight.T_accum, v))
+        else:
+            weight.T_accum[rows] = accumulate(weight.T_accum[rows], v)
+
+        interval = group["scale_update_interval"]
+        if weight.scale_mode != "int" or interval == 0 or self._step % interval:
+            return
+        gE = scale_gradient(g, T, weight.group_size)
+        if group["scale_vote"] == "sign":
+            vE = sign_votes(gE)
+        else:
+            eidx = None
+            if rows is not None:
+                gidx = torch.arange(weight.n_groups, device=g.device)
+                eidx = (rows.reshape(-1, 1) * weight.n_groups + gidx).reshape(-1)
+            vE = self._votes(group, gE, weight.vote_ms, 1, group["scale_lr"], 2 * weight.stream + 1,
+                             counter, group["vote_clip"], index=eidx)
+        if self.vote_reducer is not None:
+            vE = self.vote_reducer(vE)
+        if rows is None:
+            weight.E_accum.copy_(accumulate(weight.E_accum, vE))
+        else:
+            weight.E_accum[rows] = accumulate(weight.E_accum[rows], vE)
+
+    @torch.no_grad()
+    def cast_bias_votes(self, bias: IntegerBias, g: torch.Tensor) -> None:
+        """Votes for an integer bias go straight into its int32 ``q`` (it is its own accumulator)."""
+        group = self.param_groups[bias._group_index]
+        g = self._filter_finite(g.float())
+        counter = self._counter(bias)
+        if group["vote"] == "sign":
+            v = sign_votes(g)
+        else:
+            v = self._votes(group, g, bias.vote_ms, 0, group["lr"], 2 * bias.stream, counter, _BIAS_CLIP)
+        if self.vote_reducer is not None:
+            v = self.vote_reducer(v)
+        q = bias.q.to(torch.int64) + v.to(torch.int64)
+        bias.q.copy_(q.clamp(-(2**31) + 1, 2**31 - 1).to(torch.int32))
+
+    # ------------------------------------------------------------------ flips (once per step)
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._calls.clear()
+        if self._nonfinite is not None and self.check_finite:
+            bad = int(self._nonfinite.item())
+            self._nonfinite.zero_()
+            if bad:
+                self._step += 1
+                raise NonFiniteGradientError(
+                    f"{bad} layer gradient(s) had NaN/inf at step {self._step - 1}; their votes were dropped"
+                )
+        flips = scale_flips = None
+        for group, mods in zip(self.param_groups, self._group_modules):
+            if self.backend == "none":
+                break
+            for m in mods:
+                if not isinstance(m, TernaryScaleTensor):
+                    continue
+                T, A, n = apply_flips(m.trits(), m.T_accum, group["accum_threshold"], group["clip_at_bounds"])
+                m.set_trits(T)
+                m.T_accum.copy_(A)
+                flips = n if flips is None else flips + n
+                if m.scale_mode == "int" and group["scale_update_interval"]:
+                    E, EA, ne = apply_scale_flips(m.E, m.E_accum, group["scale_threshold"])
+                    m.E.copy_(E)
+                    m.E_accum.copy_(EA)
+                    scale_flips = ne if scale_flips is None else scale_flips + ne
+        if flips is not None:
+            self.last_flips = flips
+        if scale_flips is not None:
+            self.last_scale_flips = scale_flips
+        self._step += 1
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to clear: votes live in the integer accumulators (kept for API compatibility)."""
+        self._calls.clear()
+
+    @property
+    def step_count(self) -> int:
+        return self._step
+
+    def modules_trained(self) -> list[nn.Module]:
+        return [m for mods in self._group_modules for m in mods]
+
+    def state_bytes(self) -> int:
+        """Float/int bytes this optimiser holds beyond the modules' own buffers (always ~0)."""
+        return 0
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["trueternary"] = {"format": 1, "step": self._step, "seed": self.seed, "backend": self.backend}
+        return sd
+
+    def load_state_dict(self, state_dict) -> None:
+        extra = state_dict.get("trueternary")
+        if not isinstance(extra, dict) or extra.get("format") != 1:
+            raise ValueError("not a FlipOptimizer state_dict (missing or unknown 'trueternary' section)")
+        sd = {k: v for k, v in state_dict.items() if k != "trueternary"}
+        for g in sd["param_groups"]:
+            FlipRule.from_dict({k: v for k, v in g.items() if k != "params"})
+        super().load_state_dict(sd)
+        self._step = int(extra["step"])
+        self.seed = int(extra["seed"])
+
+
+class SignGSD(torch.optim.Optimizer):
+    """Stateless sign descent: ``p -= lr * (sign(g) + weight_decay * sign(p))``. Zero optimiser state."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+        if not isinstance(lr, (int, float)) or not lr > 0 or lr != lr or lr == float("inf"):
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0 or weight_decay == float("inf"):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                signgsd_update_(p, p.grad, group["lr"], group["weight_decay"])
+        return loss
+
+
+def signgsd_update_(p: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float) -> None:
+    """The per-parameter SignGSD math (pure, in place). Non-finite gradients raise."""
+    if not bool(torch.isfinite(grad).all()):
+        raise NonFiniteGradientError("SignGSD got a NaN/inf gradient")
+    upd = torch.sign(grad)
+    if weight_decay:
+        upd = upd + weight_decay * torch.sign(p)
+    p.add_(upd, alpha=-lr)
+
+
+def hybrid_optimizers(
+    model: nn.Module, scale_lr: float = 1e-3, scale_weight_decay: float = 0.0, **flip_kwargs
+) -> tuple[FlipOptimizer, torch.optim.AdamW]:
+    """The non-strict hybrid: trits move by votes, float ``log2_scale`` parameters by AdamW.
+
+    The model must have been ternarised with ``scale_mode="float"``.
+    """
+    scales = [w.log2_scale for w in ternary_weights(model) if w.log2_scale is not None]
+    if not scales:
+        raise ValueError("hybrid training needs weights with scale_mode='float' (ternarize(model, scale_mode='float'))")
+    flip = FlipOptimizer(model, **flip_kwargs)
+    adam = torch.optim.AdamW(scales, lr=scale_lr, betas=(0.9, 0.95), weight_decay=scale_weight_decay)
+    return flip, adam

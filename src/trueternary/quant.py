@@ -1,0 +1,55 @@
+"""Quantisers: float weights -> ternary levels and scales. Separate from the update rule.
+
+absmean (BitNet b1.58):  s = mean|w|,  q = clamp(round(w / s), -1, 1),  w ~ q * s.
+For TrueTernary the scale is a power of two per group: ``E = round(log2(s_group))``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .rule import group_sum
+
+E_MIN, E_MAX = -127, 127
+
+
+def absmean_scale(w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-tensor absmean scale (0-dim)."""
+    return w.abs().mean().clamp_min(eps)
+
+
+def ternary_levels(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """round(w / scale) clamped to {-1, 0, 1}, as int8 (scale broadcastable to w)."""
+    return torch.clamp(torch.round(w / scale), -1, 1).to(torch.int8)
+
+
+def absmean_ternary_ste(w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """BitNet's fake-quant forward with a straight-through gradient: w + (q*s - w).detach()."""
+    s = w.abs().mean().clamp_min(eps)
+    wq = torch.clamp(torch.round(w / s), -1, 1) * s
+    return w + (wq - w).detach()
+
+
+def group_absmean_log2(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternarise a (rows, cols) float weight with one power-of-two scale per group.
+
+    Returns (T int8 (rows, cols), E int8 (rows, n_groups)) with E = round(log2(mean|w| of group)).
+    Groups that are all zero get the smallest scale in the tensor (their trits are all 0 anyway).
+    """
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError("cannot ternarise a weight with NaN or inf entries")
+    w = w.detach().float()
+    rows, cols = w.shape
+    counts = group_sum(torch.ones(1, cols, device=w.device), group_size)  # (1, n_groups)
+    mean_abs = group_sum(w.abs(), group_size) / counts
+    nz = mean_abs > 0
+    floor = mean_abs[nz].min() if bool(nz.any()) else torch.tensor(1.0, device=w.device)
+    mean_abs = torch.where(nz, mean_abs, floor)
+    E = torch.round(torch.log2(mean_abs)).clamp(E_MIN, E_MAX)
+    # Quantise against the group's absmean (not the rounded power of two) so the trit pattern is
+    # exactly BitNet's; E then only carries the magnitude.
+    scale = mean_abs.repeat_interleave(group_size, dim=1)[:, :cols]
+    T = ternary_levels(w, scale)
+    return T, E.to(torch.int8)

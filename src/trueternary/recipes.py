@@ -1,0 +1,195 @@
+"""Training configurations ("recipes") shared by ``trueternary train`` and ``trueternary bench``.
+
+A recipe turns one *base* float model into a trainable configuration: which weight representation,
+which update rule, which learning-rate (or vote-scale) schedule. All recipes use the same schedule
+shape (linear warm-up, cosine decay to ``min_lr_frac``), so only the representation and the rule
+differ.
+
+    Adam_FP32           float weights, AdamW (bf16 autocast on GPU)
+    BitNet_QAT          fp32 latent weights, absmean-STE ternary forward, AdamW      (state of the art)
+    SignSGD_Old         fp32 latent weights, absmean-STE ternary forward, SignGSD     (the seed's latent baseline)
+    TrueTernary         strict: packed trits + int8 accumulators, FlipOptimizer, zero float parameters
+    TrueTernary_Naive   strict, the seed's plain sign-vote rule (kept to show why it fails)
+    TrueTernary_Hybrid  trits by votes, float log2 scales by AdamW (non-strict)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .convert import ternarize
+from .layers import IntegerBias
+from .optim import FlipOptimizer, SignGSD, hybrid_optimizers
+from .qat import fake_ternarize
+from .rule import FlipRule
+from .weight import DEFAULT_GROUP_SIZE, ternary_weights
+
+CONFIG_NAMES = (
+    "Adam_FP32",
+    "BitNet_QAT",
+    "SignSGD_Old",
+    "TrueTernary",
+    "TrueTernary_Naive",
+    "TrueTernary_Hybrid",
+)
+TERNARY_CONFIGS = ("TrueTernary", "TrueTernary_Naive", "TrueTernary_Hybrid")
+
+# Peak learning rates (vote scale for TrueTernary), tuned on the development corpus; see docs/learning.md.
+DEFAULT_LR = {
+    "Adam_FP32": 2e-3,
+    "BitNet_QAT": 3e-3,
+    "SignSGD_Old": 1e-4,
+    "TrueTernary": None,  # FlipRule().lr
+    "TrueTernary_Naive": None,
+    "TrueTernary_Hybrid": None,
+}
+
+
+@dataclass
+class Hparams:
+    steps: int = 200
+    warmup_frac: float = 0.05
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    group_size: int = DEFAULT_GROUP_SIZE
+    lr: dict = field(default_factory=dict)  # per-config overrides
+    rule: FlipRule = field(default_factory=FlipRule)
+    naive_threshold: int = 8
+    hybrid_scale_lr: float = 1e-3
+
+    def lr_for(self, name: str) -> float:
+        if name in self.lr:
+            return float(self.lr[name])
+        v = DEFAULT_LR[name]
+        return float(self.rule.lr if v is None else v)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rule"] = self.rule.to_dict()
+        return d
+
+
+def lr_factor(step: int, steps: int, warmup_frac: float, min_frac: float) -> float:
+    """Linear warm-up over ``warmup_frac * steps`` then cosine decay to ``min_frac`` at ``steps``."""
+    warm = max(1, int(round(warmup_frac * steps)))
+    if step < warm:
+        return (step + 1) / warm
+    t = min(1.0, (step - warm) / max(1, steps - warm))
+    return min_frac + (1.0 - min_frac) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+class Recipe:
+    """A model plus the optimisers that train it, with one method per training step."""
+
+    def __init__(self, name: str, model: nn.Module, optimizers: list, hp: Hparams,
+                 flip: FlipOptimizer | None = None, float_clip: bool = True) -> None:
+        self.name, self.model, self.optimizers, self.hp, self.flip = name, model, optimizers, hp, flip
+        self.float_clip = float_clip
+        self.base_lrs = [[g["lr"] for g in o.param_groups] for o in optimizers]
+        self.step_count = 0
+
+    def set_lr(self, step: int) -> float:
+        f = lr_factor(step, self.hp.steps, self.hp.warmup_frac, self.hp.min_lr_frac)
+        for o, lrs in zip(self.optimizers, self.base_lrs):
+            for g, lr in zip(o.param_groups, lrs):
+                g["lr"] = lr * f
+        return f
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, autocast: bool) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = self.model(x)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, autocast: bool = False) -> torch.Tensor:
+        self.set_lr(self.step_count)
+        loss = self.loss(x, y, autocast)
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if params and self.float_clip and self.hp.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.hp.grad_clip)
+        for o in self.optimizers:
+            o.step()
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+        self.step_count += 1
+        return loss.detach()
+
+    def flips_last_step(self) -> int:
+        return int(self.flip.last_flips) if self.flip is not None else 0
+
+    # ------------------------------------------------------------------ memory accounting
+    def state_report(self) -> dict:
+        """Every byte of training state, measured from the tensors that exist (call after a step)."""
+        m = self.model
+        float_params = [p for p in m.parameters()]
+        n_float = sum(p.numel() for p in float_params)
+        tw = ternary_weights(m)
+        n_tern = sum(w.numel() for w in tw)
+        param_bytes = sum(p.numel() * p.element_size() for p in float_params)
+        grad_bytes = param_bytes  # a gradient buffer per float parameter between backward and step
+        opt_bytes = 0
+        for o in self.optimizers:
+            for st in o.state.values():
+                for v in st.values():
+                    if isinstance(v, torch.Tensor):
+                        opt_bytes += v.numel() * v.element_size()
+        tern_state = sum(w.training_state_bytes() for w in tw)
+        tern_state -= sum(w.log2_scale.numel() * 4 for w in tw if w.log2_scale is not None)  # counted as params
+        bias_state = sum(b.training_state_bytes() for b in m.modules() if isinstance(b, IntegerBias))
+        if tw:
+            weight_bytes = sum(w.inference_bytes() for w in tw) + sum(
+                b.inference_bytes() for b in m.modules() if isinstance(b, IntegerBias)
+            )
+        else:
+            weight_bytes = param_bytes
+        n_weights = n_tern if tw else n_float
+        train_bytes = param_bytes + grad_bytes + opt_bytes + tern_state + bias_state
+        return {
+            "float_params": n_float,
+            "ternary_weights": n_tern,
+            "model_weight_bytes": weight_bytes,
+            "optimizer_state_bytes": opt_bytes,
+            "training_state_bytes": train_bytes,
+            "training_state_bytes_per_weight": train_bytes / max(1, n_weights),
+        }
+
+
+def build_recipe(name: str, base_model: nn.Module, hp: Hparams, device: torch.device | str = "cpu",
+                 backend: str = "dense-fallback", seed: int = 0) -> Recipe:
+    """Make config ``name`` from a deep copy of ``base_model`` (the base is left untouched)."""
+    if name not in CONFIG_NAMES:
+        raise ValueError(f"unknown config {name!r}; choose from {', '.join(CONFIG_NAMES)}")
+    model = copy.deepcopy(base_model).to(device)
+    lr = hp.lr_for(name)
+    if name == "Adam_FP32":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=hp.weight_decay)
+        return Recipe(name, model, [opt], hp)
+    if name == "BitNet_QAT":
+        fake_ternarize(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=hp.weight_decay)
+        return Recipe(name, model, [opt], hp)
+    if name == "SignSGD_Old":
+        fake_ternarize(model)
+        opt = SignGSD(model.parameters(), lr=lr, weight_decay=0.0)
+        return Recipe(name, model, [opt], hp, float_clip=False)
+    if name == "TrueTernary":
+        ternarize(model, hp.group_size)
+        flip = FlipOptimizer(model, lr=lr, rule=hp.rule, backend=backend, seed=seed)
+        return Recipe(name, model, [flip], hp, flip=flip)
+    if name == "TrueTernary_Naive":
+        ternarize(model, hp.group_size)
+        rule = FlipRule.naive(hp.naive_threshold, hp.rule.scale_update_interval)
+        flip = FlipOptimizer(model, rule=rule, backend=backend, seed=seed)
+        return Recipe(name, model, [flip], hp, flip=flip)
+    # TrueTernary_Hybrid
+    ternarize(model, hp.group_size, scale_mode="float")
+    flip, adam = hybrid_optimizers(model, scale_lr=hp.hybrid_scale_lr, lr=lr, rule=hp.rule,
+                                   backend=backend, seed=seed)
+    return Recipe(name, model, [flip, adam], hp, flip=flip)

@@ -1,0 +1,179 @@
+"""TernaryScaleTensor: the one container that owns a ternary weight matrix and its training state.
+
+Buffers (all integer, all saved in ``state_dict``):
+
+    T_packed  uint8  [ceil(rows*cols/5)]   trits, base-3 packed (see trueternary.packing)
+    E         int8   [rows, n_groups]      log2 scale per group: W[r, c] = T[r, c] * 2**E[r, c // group_size]
+    E_accum   int8   [rows, n_groups]      scale-vote accumulator
+    T_accum   int8   [rows, cols]          vote accumulator per weight
+    vote_ms   float32[2]                   running mean square of weight / scale gradients (vote normaliser;
+                                           -1 until the first gradient is seen)
+
+Groups are ``group_size`` consecutive weights along the input (column) dimension; the last group of a
+row is shorter when ``cols % group_size != 0``. Training state is therefore
+``1/5 + 1 + 2/group_size`` bytes per weight plus 8 bytes per matrix; inference needs
+``1/5 + 1/group_size`` bytes per weight.
+
+In the non-strict *hybrid* mode (``scale_mode="float"``) the integer ``E`` is replaced by a float
+parameter ``log2_scale`` trained by a float optimiser (e.g. AdamW) while the trits still move by votes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import packing
+from .quant import group_absmean_log2
+
+DEFAULT_GROUP_SIZE = 64
+SCALE_MODES = ("int", "float")
+
+
+def check_group_size(group_size: int) -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    return group_size
+
+
+class TernaryScaleTensor(nn.Module):
+    """A (rows, cols) ternary weight ``T * 2**E`` with packed trits and integer accumulators."""
+
+    def __init__(
+        self,
+        rows: int,
+        cols: int,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        *,
+        init_std: float | None = None,
+        scale_mode: str = "int",
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+        init: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, v in (("rows", rows), ("cols", cols)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        check_group_size(group_size)
+        if scale_mode not in SCALE_MODES:
+            raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+        self.rows, self.cols, self.group_size = rows, cols, group_size
+        self.n_groups = (cols + group_size - 1) // group_size
+        self.scale_mode = scale_mode
+        self.stream = 0  # RNG stream id, assigned by the optimiser that trains this weight
+        self._voter = None  # set by FlipOptimizer: receives the weight gradient in backward
+        n = rows * cols
+        self.register_buffer("T_packed", torch.full((packing.packed_numel(n),), packing.ZERO_BYTE, dtype=torch.uint8, device=device))
+        self.register_buffer("E", torch.zeros(rows, self.n_groups, dtype=torch.int8, device=device))
+        self.register_buffer("E_accum", torch.zeros(rows, self.n_groups, dtype=torch.int8, device=device))
+        self.register_buffer("T_accum", torch.zeros(rows, cols, dtype=torch.int8, device=device))
+        self.register_buffer("vote_ms", torch.full((2,), -1.0, dtype=torch.float32, device=device))
+        if scale_mode == "float":
+            self.log2_scale = nn.Parameter(torch.zeros(rows, self.n_groups, device=device))
+        else:
+            self.log2_scale = None
+        if init:  # random ternary: the absmean ternarisation of a N(0, init_std**2) draw
+            std = init_std if init_std is not None else 1.0 / math.sqrt(cols)
+            w = torch.randn(rows, cols, generator=generator, device="cpu") * std
+            self.load_float_(w.to(self.T_packed.device))
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_float(
+        cls, w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE, scale_mode: str = "int"
+    ) -> TernaryScaleTensor:
+        """Absmean-ternarise a float (rows, cols) weight: ``E = round(log2(mean|w| per group))``."""
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+            raise ValueError(f"from_float expects a 2-D float tensor, got {getattr(w, 'shape', type(w))}")
+        t = cls(w.shape[0], w.shape[1], group_size, scale_mode=scale_mode, device=w.device, init=False)
+        t.load_float_(w)
+        return t
+
+    @torch.no_grad()
+    def load_float_(self, w: torch.Tensor) -> None:
+        """Overwrite T and E with the absmean ternarisation of ``w``; accumulators are reset."""
+        if tuple(w.shape) != (self.rows, self.cols):
+            raise ValueError(f"expected weight of shape {(self.rows, self.cols)}, got {tuple(w.shape)}")
+        T, E = group_absmean_log2(w, self.group_size)
+        self.set_trits(T)
+        self.E.copy_(E)
+        self.E_accum.zero_()
+        self.T_accum.zero_()
+        self.vote_ms.fill_(-1.0)
+        if self.log2_scale is not None:
+            self.log2_scale.copy_(E.float())
+
+    # ---------------------------------------------------------------- views of the weight
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.rows, self.cols))
+
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+    def trits(self) -> torch.Tensor:
+        """The trits as an int8 (rows, cols) tensor (decoded from ``T_packed``)."""
+        return packing.unpack_trits_unchecked(self.T_packed, self.numel()).view(self.rows, self.cols)
+
+    @torch.no_grad()
+    def set_trits(self, T: torch.Tensor) -> None:
+        if tuple(T.shape) != (self.rows, self.cols):
+            raise ValueError(f"expected trits of shape {(self.rows, self.cols)}, got {tuple(T.shape)}")
+        self.T_packed.copy_(packing.pack_trits(T.to(self.T_packed.device)))
+
+    def log2_scales(self) -> torch.Tensor:
+        """Per-group log2 scale (rows, n_groups): the int8 ``E`` or, in hybrid mode, the float parameter."""
+        return self.log2_scale if self.log2_scale is not None else self.E
+
+    def expand_groups(self, per_group: torch.Tensor) -> torch.Tensor:
+        """Broadcast a (rows, n_groups) tensor to (rows, cols)."""
+        return per_group.repeat_interleave(self.group_size, dim=1)[:, : self.cols]
+
+    def scale(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """2**E per group as ``dtype`` (exact for powers of two in every float format we use)."""
+        return torch.exp2(self.log2_scales().float()).to(dtype)
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The effective weight ``T * 2**E`` as a dense (rows, cols) tensor."""
+        return self.trits().to(dtype) * self.expand_groups(self.scale(dtype))
+
+    # ---------------------------------------------------------------- bookkeeping
+    def training_state_bytes(self) -> int:
+        """Bytes of every piece of state training keeps for this weight (integer buffers + normaliser)."""
+        n = sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+        if self.log2_scale is not None:
+            # hybrid: the float scale replaces E in use; its float optimiser state is counted by that optimiser
+            n += self.log2_scale.numel() * self.log2_scale.element_size()
+        return n
+
+    def inference_bytes(self) -> int:
+        """Bytes needed to run the weight: packed trits + one scale per group."""
+        scale = self.log2_scales()
+        return self.T_packed.numel() + scale.numel() * scale.element_size()
+
+    def extra_repr(self) -> str:
+        return (
+            f"rows={self.rows}, cols={self.cols}, group_size={self.group_size}, "
+            f"scale_mode={self.scale_mode!r}"
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
+        # Validate integer state before it can poison training (packed bytes > 242, wrong shapes).
+        key = prefix + "T_packed"
+        if key in state_dict:
+            packing.check_packed(state_dict[key], self.numel())
+        for name in ("E", "E_accum", "T_accum"):
+            k = prefix + name
+            if k in state_dict and state_dict[k].dtype != torch.int8:
+                raise ValueError(f"{k} must be int8, got {state_dict[k].dtype}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def ternary_weights(module: nn.Module) -> list[TernaryScaleTensor]:
+    """Every TernaryScaleTensor inside ``module`` in registration order (stable across runs)."""
+    if isinstance(module, TernaryScaleTensor):
+        return [module]
+    return [m for m in module.modules() if isinstance(m, TernaryScaleTensor)]
