@@ -66,7 +66,8 @@ class TernaryScaleTensor(nn.Module):
         self.stream = 0  # RNG stream id, assigned by the optimiser that trains this weight
         self._voter = None  # set by FlipOptimizer: receives the weight gradient in backward
         n = rows * cols
-        self.register_buffer("T_packed", torch.full((packing.packed_numel(n),), packing.ZERO_BYTE, dtype=torch.uint8, device=device))
+        packed = torch.full((packing.packed_numel(n),), packing.ZERO_BYTE, dtype=torch.uint8, device=device)
+        self.register_buffer("T_packed", packed)
         self.register_buffer("E", torch.zeros(rows, self.n_groups, dtype=torch.int8, device=device))
         self.register_buffer("E_accum", torch.zeros(rows, self.n_groups, dtype=torch.int8, device=device))
         self.register_buffer("T_accum", torch.zeros(rows, cols, dtype=torch.int8, device=device))
