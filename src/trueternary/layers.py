@@ -30,6 +30,7 @@ class IntegerBias(nn.Module):
         self.n = n
         self.stream = 0
         self._voter = None
+        self._group_index = 0
         self.register_buffer("q", torch.zeros(n, dtype=torch.int32, device=device))
         self.register_buffer("exp", torch.tensor(exp, dtype=torch.int8, device=device))
         self.register_buffer("vote_ms", torch.full((1,), -1.0, dtype=torch.float32, device=device))

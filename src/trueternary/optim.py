@@ -133,8 +133,9 @@ class FlipOptimizer(torch.optim.Optimizer):
             overrides = {k: v for k, v in g.items() if k != "params"}
             FlipRule.from_dict({**rule.to_dict(), **overrides})  # validate the group's rule
             for m in g["params"]:
-                if m._voter is not None and m._voter is not self:
-                    raise ValueError("a ternary weight is already trained by another FlipOptimizer")
+                if getattr(m, "inference_only", False):
+                    raise ValueError("cannot train a weight whose training state was released (inference only)")
+                # A weight has one voter: a newer FlipOptimizer over the same model takes it over.
                 m._voter = None if self.backend == "none" else self
                 m._group_index = gi
                 m.stream = stream

@@ -65,6 +65,8 @@ class TernaryScaleTensor(nn.Module):
         self.scale_mode = scale_mode
         self.stream = 0  # RNG stream id, assigned by the optimiser that trains this weight
         self._voter = None  # set by FlipOptimizer: receives the weight gradient in backward
+        self._group_index = 0
+        self.inference_only = False
         n = rows * cols
         packed = torch.full((packing.packed_numel(n),), packing.ZERO_BYTE, dtype=torch.uint8, device=device)
         self.register_buffer("T_packed", packed)
@@ -140,6 +142,13 @@ class TernaryScaleTensor(nn.Module):
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The effective weight ``T * 2**E`` as a dense (rows, cols) tensor."""
         return self.trits().to(dtype) * self.expand_groups(self.scale(dtype))
+
+    @torch.no_grad()
+    def release_training_state(self) -> None:
+        """Drop the accumulators (inference only): afterwards the module holds just T_packed and E."""
+        for name in ("E_accum", "T_accum", "vote_ms"):
+            setattr(self, name, torch.empty(0, dtype=getattr(self, name).dtype, device=self.E.device))
+        self.inference_only = True
 
     # ---------------------------------------------------------------- bookkeeping
     def training_state_bytes(self) -> int:
