@@ -176,6 +176,15 @@ class FlipOptimizer(torch.optim.Optimizer):
         return v
 
     @torch.no_grad()
+    def cast_matmul_votes(self, weight: TernaryScaleTensor, gy: torch.Tensor, x: torch.Tensor, T: torch.Tensor) -> None:
+        """Votes for a linear map's weight, whose gradient is ``gy.T @ x`` (gy: (M, rows), x: (M, cols)).
+
+        The dense-fallback backend forms the gradient and calls :meth:`cast_votes`; a fused backend
+        computes it tile by tile inside the vote kernel so it never reaches memory.
+        """
+        self.cast_votes(weight, (gy.t() @ x).float(), T)
+
+    @torch.no_grad()
     def cast_votes(self, weight: TernaryScaleTensor, g: torch.Tensor, T: torch.Tensor, rows=None) -> None:
         """Turn the weight gradient ``g`` (of ``rows``, default all) into votes in ``T_accum`` / ``E_accum``."""
         group = self.param_groups[weight._group_index]

@@ -65,14 +65,16 @@ class TernaryLinearFunction(torch.autograd.Function):
             gx = (gy2 @ W).view(*gy.shape[:-1], weight.cols)
         voter = weight._voter
         want_ls = ctx.has_log2 and ctx.needs_input_grad[2]
-        if voter is not None or want_ls:
-            x2 = xc.reshape(-1, weight.cols).to(gy.dtype)
+        x2 = xc.reshape(-1, weight.cols).to(gy.dtype)
+        if want_ls:  # hybrid: the float scale needs the weight gradient itself
             gW = (gy2.t() @ x2).float()
-            if want_ls:
-                g_ls = scale_param_grad(gW, T, log2_scale, weight.group_size)
+            g_ls = scale_param_grad(gW, T, log2_scale, weight.group_size)
             if voter is not None:
                 voter.cast_votes(weight, gW, T)
             del gW
+        elif voter is not None:
+            # gW = gy2.T @ x2, formed (or fused into the vote kernel) by the voter's backend
+            voter.cast_matmul_votes(weight, gy2, x2, T)
         bm = ctx.bias_module
         if bm is not None and bm._voter is not None:
             bm._voter.cast_bias_votes(bm, gy2.float().sum(0))
