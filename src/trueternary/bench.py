@@ -22,7 +22,7 @@ import torch
 from . import memory
 from .data import eval_windows, load_corpus, random_batch
 from .models import build_model, model_names
-from .optim import NonFiniteGradientError
+from .optim import NonFiniteGradientError, resolve_backend
 from .recipes import CONFIG_NAMES, Hparams, build_recipe
 from .rule import FlipRule
 
@@ -248,6 +248,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     for k in lr_over:
         if k not in CONFIG_NAMES:
             raise UsageError(f"--lr names unknown config {k!r}")
+    try:
+        resolve_backend(args.update_backend)
+        build_model(args.model, seed=0, ctx=args.ctx, d_model=args.d_model, n_layers=1, n_heads=args.n_heads)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     hp = Hparams(steps=args.steps, rule=rule, lr=lr_over,
                  naive_threshold=args.accum_threshold if args.accum_threshold is not None else 8)
     if args.group_size is not None:

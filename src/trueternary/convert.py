@@ -7,7 +7,7 @@ import warnings
 from torch import nn
 
 from .layers import TernaryEmbedding, TernaryLinear
-from .weight import DEFAULT_GROUP_SIZE, check_group_size
+from .weight import DEFAULT_GROUP_SIZE, SCALE_MODES, check_group_size
 
 # Containers whose forward reads their child Linear's ``.weight`` tensor directly: replacing the
 # child would break them, so they are left float (and frozen in strict mode).
@@ -32,9 +32,12 @@ def ternarize(
     if not isinstance(module, nn.Module):
         raise TypeError(f"ternarize expects an nn.Module, got {type(module).__name__}")
     check_group_size(group_size)
+    if scale_mode not in SCALE_MODES:
+        raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
     if isinstance(module, (nn.Linear, nn.Embedding)):
         raise TypeError("ternarize replaces layers inside a model; wrap a bare layer or use TernaryLinear.from_linear")
     _replace(module, "", group_size, scale_mode, set(skip))
+    _disable_fused_fastpaths(module)
     if strict:
         frozen = _freeze_parameters(module, scale_mode)
         if frozen:
@@ -59,6 +62,25 @@ def _replace(module: nn.Module, prefix: str, group_size: int, scale_mode: str, s
             setattr(module, name, TernaryEmbedding.from_embedding(child, group_size, scale_mode))
         else:
             _replace(child, qual + ".", group_size, scale_mode, skip)
+
+
+def _disable_fused_fastpaths(module: nn.Module) -> None:
+    """Keep torch's fused inference kernels away from ternary layers.
+
+    In eval mode ``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder``, via nested tensors)
+    may call ``torch._transformer_encoder_layer_fwd``, which reads ``linear1.weight`` /
+    ``linear2.weight`` as float tensors; after ternarize those are ``TernaryScaleTensor`` modules and
+    the fast path would crash. ``activation_relu_or_gelu`` is only consulted by that fast path (the
+    regular forward uses ``self.activation``), so zeroing it selects the regular forward, which
+    calls our layers.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and not (
+            isinstance(m.linear1, nn.Linear) and isinstance(m.linear2, nn.Linear)
+        ):
+            m.activation_relu_or_gelu = 0
+        elif isinstance(m, nn.TransformerEncoder) and any(isinstance(c, TernaryLinear) for c in m.modules()):
+            m.use_nested_tensor = False
 
 
 def _freeze_parameters(module: nn.Module, scale_mode: str) -> list[str]:

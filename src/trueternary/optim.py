@@ -24,6 +24,8 @@ from .rule import (
     accumulate,
     apply_flips,
     apply_scale_flips,
+    factored_ms,
+    leak,
     scale_gradient,
     sign_votes,
     stochastic_votes,
@@ -168,7 +170,10 @@ class FlipOptimizer(torch.optim.Optimizer):
         ms_new = update_grad_ms(ms_old, g, group["grad_beta"])
         # Normalise by the running mean square *before* this gradient (the first call bootstraps
         # from itself), so a fused kernel can vote in the same pass that measures the gradient.
-        ms_use = torch.where(ms_old < 0, ms_new, ms_old)
+        ms_use = torch.where(ms_old <= 0, ms_new, ms_old)
+        if group["normalize"] == "factored" and g.dim() == 2:
+            # per-element RMS from the row/column structure of this gradient, at the running overall level
+            ms_use = factored_ms(g) * (ms_use / g.float().square().mean().clamp_min(1e-38))
         s = vote_multiplier(ms_use, lr, group["eps"])
         key = rng.stream_key(self.seed, key_stream, counter)
         v = stochastic_votes(g, s, key, clip, T, decay, index)
@@ -217,7 +222,7 @@ class FlipOptimizer(torch.optim.Optimizer):
             if rows is not None:
                 gidx = torch.arange(weight.n_groups, device=g.device)
                 eidx = (rows.reshape(-1, 1) * weight.n_groups + gidx).reshape(-1)
-            vE = self._votes(group, gE, weight.vote_ms, 1, group["scale_lr"], 2 * weight.stream + 1,
+            vE = self._votes(group, gE, weight.vote_ms, 1, group["lr"] * group["scale_lr"], 2 * weight.stream + 1,
                              counter, group["vote_clip"], index=eidx)
         if self.vote_reducer is not None:
             vE = self.vote_reducer(vE)
@@ -264,7 +269,8 @@ class FlipOptimizer(torch.optim.Optimizer):
             for m in mods:
                 if not isinstance(m, TernaryScaleTensor):
                     continue
-                T, A, n = apply_flips(m.trits(), m.T_accum, group["accum_threshold"], group["clip_at_bounds"])
+                A = leak(m.T_accum, group["leak"]) if group["leak"] else m.T_accum
+                T, A, n = apply_flips(m.trits(), A, group["accum_threshold"], group["clip_at_bounds"])
                 m.set_trits(T)
                 m.T_accum.copy_(A)
                 flips = n if flips is None else flips + n

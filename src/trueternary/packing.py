@@ -47,6 +47,10 @@ def pack_trits(t: torch.Tensor) -> torch.Tensor:
     if t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"pack_trits expects values in {{-1, 0, 1}}, got dtype {t.dtype}")
     flat = t.reshape(-1)
+    if flat.dtype == torch.uint8:
+        flat = flat.to(torch.int16)  # in uint8, 255 == -1 compares true and 255 would pack as garbage
+    elif not flat.is_floating_point() and not flat.dtype.is_signed:
+        raise ValueError(f"pack_trits expects a signed integer, uint8 or float tensor, got {t.dtype}")
     if flat.numel() and not bool(((flat == -1) | (flat == 0) | (flat == 1)).all()):
         bad = flat[~((flat == -1) | (flat == 0) | (flat == 1))][0].item()
         raise ValueError(f"pack_trits: values must be in {{-1, 0, 1}}, found {bad}")

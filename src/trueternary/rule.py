@@ -17,13 +17,15 @@ One step, for each call of the layer in backward (``cast_*``) and once per optim
 
     votes     v = clamp(floor(s * g - decay * T + u), -vote_clip, vote_clip)       'stochastic'
                   s = -lr / sqrt(vote_ms + eps),  u ~ U[0, 1) from trueternary.rng
+              (vote_ms: running mean of g**2; ``normalize='factored'`` refines it per element)
               v = -sign(g)                                                         'sign' (the seed)
     accumulate  T_accum = clamp(T_accum + v, -127, 127)                  (saturating, never wraps)
     flip      T_accum >= +theta and T < +1:  T += 1, T_accum = 0
               T_accum <= -theta and T > -1:  T -= 1, T_accum = 0
               (clip_at_bounds) T_accum = clamp(T_accum, -theta, theta)  afterwards
     scale     gE = sum over the group of g * T   (dL/dE up to the positive factor 2**E ln 2)
-              votes on gE exactly as above into E_accum; |E_accum| >= scale_threshold moves E by one.
+              votes on gE as above (lr * scale_lr) into E_accum; |E_accum| >= scale_threshold moves E by one.
+    leak      (optional) T_accum -= sign(T_accum) * (|T_accum| >> leak) once per step, before flips.
 
 A positive gradient votes toward -1 (gradient descent). ``u`` makes the expected vote equal to
 ``s * g``: the vote carries the gradient's magnitude, not just its sign, while staying an integer.
@@ -39,6 +41,7 @@ from . import rng
 
 INT8_MAX = 127
 VOTE_MODES = ("sign", "stochastic")
+NORMALIZE_MODES = ("tensor", "factored")
 
 
 @dataclass
@@ -46,6 +49,8 @@ class FlipRule:
     """Hyper-parameters of the flip rule. ``FlipRule.naive()`` is the seed's plain rule."""
 
     vote: str = "stochastic"
+    normalize: str = "tensor"  # 'tensor': one RMS per matrix; 'factored': row x column RMS (Adafactor-like)
+    leak: int = 0  # if > 0, T_accum loses |T_accum| >> leak each step (an integer EMA, like Bop's momentum)
     accum_threshold: int = 32
     lr: float = 1.0  # votes per unit of normalised gradient (the learning-rate analogue)
     vote_clip: int = 8
@@ -55,7 +60,7 @@ class FlipRule:
     clip_at_bounds: bool = True
     scale_vote: str = "stochastic"
     scale_threshold: int = 32
-    scale_lr: float = 0.25
+    scale_lr: float = 0.25  # scale-vote scale relative to ``lr`` (so schedules drive both)
     scale_update_interval: int = 1  # 0 disables scale updates
 
     def __post_init__(self) -> None:
@@ -64,6 +69,10 @@ class FlipRule:
     def validate(self) -> None:
         if self.vote not in VOTE_MODES:
             raise ValueError(f"vote must be one of {VOTE_MODES}, got {self.vote!r}")
+        if self.normalize not in NORMALIZE_MODES:
+            raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {self.normalize!r}")
+        if isinstance(self.leak, bool) or not isinstance(self.leak, int) or not 0 <= self.leak <= 7:
+            raise ValueError(f"leak must be an integer shift in [0, 7], got {self.leak!r}")
         if self.scale_vote not in VOTE_MODES:
             raise ValueError(f"scale_vote must be one of {VOTE_MODES}, got {self.scale_vote!r}")
         for name in ("accum_threshold", "scale_threshold"):
@@ -81,6 +90,8 @@ class FlipRule:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not v >= 0 or v != v or v == float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not isinstance(self.eps, (int, float)) or not 0 < self.eps < float("inf"):
+            raise ValueError(f"eps must be a finite number > 0, got {self.eps!r}")
         if not 0.0 <= self.grad_beta < 1.0:
             raise ValueError(f"grad_beta must be in [0, 1), got {self.grad_beta!r}")
 
@@ -114,9 +125,14 @@ class FlipRule:
 
 
 def update_grad_ms(ms: torch.Tensor, g: torch.Tensor, beta: float) -> torch.Tensor:
-    """New running mean square. ``ms < 0`` means 'not seen a gradient yet': take this one."""
+    """New running mean square. ``ms <= 0`` means 'not seen a gradient yet': take this one.
+
+    A gradient that is all zero or not finite carries no scale information and leaves ``ms`` as is.
+    """
     cur = g.float().square().mean()
-    return torch.where(ms < 0, cur, ms * beta + cur * (1.0 - beta))
+    informative = torch.isfinite(cur) & (cur > 0)
+    new = torch.where(ms <= 0, cur, ms * beta + cur * (1.0 - beta))
+    return torch.where(informative, new, ms)
 
 
 def vote_multiplier(ms: torch.Tensor, lr: float | torch.Tensor, eps: float) -> torch.Tensor:
@@ -143,12 +159,25 @@ def stochastic_votes(
         x = x - decay * T.float()
     u = rng.uniform(key, g.numel(), g.device) if index is None else rng.uniform_at(key, index)
     v = torch.floor(x.reshape(-1) + u.reshape(-1)).reshape(g.shape)
-    return v.clamp_(-vote_clip, vote_clip).to(torch.int8)
+    return v.clamp_(-vote_clip, vote_clip).to(torch.int8 if vote_clip <= INT8_MAX else torch.int32)
 
 
 def sign_votes(g: torch.Tensor) -> torch.Tensor:
     """The seed's votes: -sign(g) (gradient descent), 0 where the gradient is exactly 0."""
     return (-torch.sign(g)).to(torch.int8)
+
+
+def factored_ms(g: torch.Tensor) -> torch.Tensor:
+    """Row x column estimate of each element's mean square: ``R_i C_j / mean(g**2)`` (Adafactor's factoring)."""
+    g2 = g.float().square()
+    R, C = g2.mean(dim=1, keepdim=True), g2.mean(dim=0, keepdim=True)
+    return R * C / g2.mean().clamp_min(1e-38)
+
+
+def leak(accum: torch.Tensor, shift: int) -> torch.Tensor:
+    """``accum - sign(accum) * (|accum| >> shift)``: decays toward 0 by ~2**-shift per step, never past it."""
+    a = accum.to(torch.int16)
+    return (a - torch.sign(a) * (a.abs() >> shift)).to(torch.int8)
 
 
 def accumulate(accum: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:

@@ -175,10 +175,20 @@ class TernaryScaleTensor(nn.Module):
         key = prefix + "T_packed"
         if key in state_dict:
             packing.check_packed(state_dict[key], self.numel())
-        for name in ("E", "E_accum", "T_accum"):
+        for name in ("E", "E_accum", "T_accum", "vote_ms"):
             k = prefix + name
-            if k in state_dict and state_dict[k].dtype != torch.int8:
-                raise ValueError(f"{k} must be int8, got {state_dict[k].dtype}")
+            if k not in state_dict:
+                continue
+            v = state_dict[k]
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"{k} must be a tensor, got {type(v).__name__}")
+            if name != "vote_ms" and v.dtype != torch.int8:
+                raise ValueError(f"{k} must be int8, got {v.dtype}")
+            # Checked here rather than left to torch, so a bad entry fails before *any* buffer of this
+            # weight is overwritten (torch copies the well-shaped buffers and raises afterwards).
+            want = tuple(getattr(self, name).shape)
+            if tuple(v.shape) != want:
+                raise ValueError(f"{k} has shape {tuple(v.shape)}, this weight expects {want}")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

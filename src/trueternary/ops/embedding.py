@@ -47,6 +47,8 @@ class TernaryEmbeddingFunction(torch.autograd.Function):
         if ctx.padding_idx is not None:  # like nn.Embedding: the padding row never learns
             keep = rows != ctx.padding_idx
             rows, g = rows[keep], g[keep]
+        if rows.numel() == 0:  # empty batch or only padding: nothing to vote on
+            voter = None
         T = row_trits(weight, rows)
         if want_ls:
             g_ls = torch.zeros_like(log2_scale, dtype=torch.float32)
@@ -59,6 +61,8 @@ class TernaryEmbeddingFunction(torch.autograd.Function):
 def ternary_embedding(
     idx: torch.Tensor, weight, out_dtype: torch.dtype = torch.float32, padding_idx: int | None = None
 ) -> torch.Tensor:
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"embedding indices must be a torch.Tensor, got {type(idx).__name__}")
     if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"embedding indices must be an integer tensor, got {idx.dtype}")
     capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()

@@ -63,7 +63,10 @@ class TernaryLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             W = T.to(gy.dtype) * weight.expand_groups(weight.scale(gy.dtype))
             gx = (gy2 @ W).view(*gy.shape[:-1], weight.cols)
-        voter = weight._voter
+        # An empty batch carries no gradient information: cast no votes (a zero gradient would
+        # otherwise reset the voter's running gradient scale).
+        empty = gy2.shape[0] == 0
+        voter = None if empty else weight._voter
         want_ls = ctx.has_log2 and ctx.needs_input_grad[2]
         x2 = xc.reshape(-1, weight.cols).to(gy.dtype)
         if want_ls:  # hybrid: the float scale needs the weight gradient itself
@@ -76,15 +79,17 @@ class TernaryLinearFunction(torch.autograd.Function):
             # gW = gy2.T @ x2, formed (or fused into the vote kernel) by the voter's backend
             voter.cast_matmul_votes(weight, gy2, x2, T)
         bm = ctx.bias_module
-        if bm is not None and bm._voter is not None:
+        if bm is not None and bm._voter is not None and not empty:
             bm._voter.cast_bias_votes(bm, gy2.float().sum(0))
         return gx, None, g_ls, None, None, None
 
 
 def ternary_linear(x, weight, bias_module=None):
     """Functional form: ``x @ weight.dense().T (+ bias)`` with votes in backward."""
-    if x.shape[-1] != weight.cols:
-        raise ValueError(f"input has {x.shape[-1]} features, the layer expects {weight.cols}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"ternary linear expects a torch.Tensor input, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != weight.cols:
+        raise ValueError(f"input of shape {tuple(x.shape)} does not end in the layer's {weight.cols} input features")
     if not x.is_floating_point():
         raise TypeError(f"ternary linear expects a floating-point input, got {x.dtype}")
     anchor = _ANCHOR if torch.is_grad_enabled() else None

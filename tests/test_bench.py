@@ -1,0 +1,65 @@
+"""The benchmark CLI end to end on a tiny config, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from trueternary.cli import main
+
+TINY = ["--steps", "6", "--batch", "2", "--ctx", "16", "--d-model", "64", "--n-layers", "1", "--n-heads", "2",
+        "--print-every", "0", "--eval-windows", "4", "--device", "cpu"]
+
+
+def test_bench_all_configs_end_to_end(tmp_path, capsys):
+    js, png = tmp_path / "b.json", tmp_path / "b.png"
+    configs = "Adam_FP32,BitNet_QAT,SignSGD_Old,TrueTernary,TrueTernary_Naive,TrueTernary_Hybrid"
+    rc = main(["bench", "--configs", configs, "--reuse-base", "--json", str(js), "--plot", str(png), *TINY])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "loss segments" in out and "val bpb" in out
+    data = json.loads(js.read_text())
+    res = {r["config"]: r for r in data["results"]}
+    assert set(res) == set(configs.split(","))
+    for name, r in res.items():
+        assert len(r["losses"]) == 6, name
+        assert math.isfinite(r["val_bpb"]) and r["val_bpb"] > 0, name
+        assert r["median_step_ms"] > 0 and r["tokens_per_s"] > 0
+        assert len(r["segments"]) == 4
+        assert r["peak_memory_bytes"] > 0
+    # strict ternary: zero float parameters, integer state only, <= 1.25 bytes/weight of training state
+    tt = res["TrueTernary"]
+    assert tt["float_params"] == 0 and tt["ternary_weights"] > 0
+    assert tt["optimizer_state_bytes"] == 0
+    assert tt["training_state_bytes_per_weight"] <= 1.25
+    assert res["Adam_FP32"]["training_state_bytes_per_weight"] == pytest.approx(16.0, rel=1e-3)  # + AdamW step counters
+    assert res["SignSGD_Old"]["optimizer_state_bytes"] == 0
+    assert res["TrueTernary_Hybrid"]["float_params"] > 0
+    assert png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--configs", "Nope"],
+        ["--steps", "0"],
+        ["--batch", "-1"],
+        ["--accum-threshold", "0"],
+        ["--accum-threshold", "300"],
+        ["--rule", "vote=banana"],
+        ["--rule", "nonsense"],
+        ["--lr", "Nope=1"],
+        ["--device", "tpu"],
+        ["--data", "/definitely/not/here.txt"],
+        ["--update-backend", "warp-drive"],
+        ["--model", "nope"],
+    ],
+    ids=lambda a: "_".join(a).strip("-"),
+)
+def test_bench_bad_flags_one_line_error(argv, capsys):
+    rc = main(["bench", *TINY, *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("trueternary: error:") and "\n" not in err and "Traceback" not in err

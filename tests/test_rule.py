@@ -1,0 +1,272 @@
+"""Tests of the flip rule (rule.py, rng.py) on hand-built cases: saturating accumulation, flips at exactly
++/-threshold one step at a time, resets, clip_at_bounds, vote direction, stochastic votes (expectation,
+reproducibility, clip, decay, sparse index), scale flips, FlipRule validation; and the vote direction
+through the whole stack (a TernaryLinear with a positive weight gradient walks its trits to -1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trueternary import FlipOptimizer, FlipRule, TernaryLinear, rng
+from trueternary.rule import (
+    accumulate,
+    apply_flips,
+    apply_scale_flips,
+    group_sum,
+    scale_gradient,
+    sign_votes,
+    stochastic_votes,
+    update_grad_ms,
+    vote_multiplier,
+)
+
+
+def i8(*v) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.int8)
+
+
+# ------------------------------------------------------------------------------------ accumulate
+def test_accumulate_saturates_never_wraps():
+    assert accumulate(i8(127), i8(5)).tolist() == [127]
+    assert accumulate(i8(-127), i8(-5)).tolist() == [-127]
+    assert accumulate(i8(100, -100, 120), i8(100, -100, -8)).tolist() == [127, -127, 112]
+    assert accumulate(i8(127), i8(127)).tolist() == [127]
+    assert accumulate(i8(-127), i8(-127)).tolist() == [-127]
+    assert accumulate(i8(0), i8(0)).dtype == torch.int8
+
+
+def test_accumulate_exhaustive_against_int64_clamp():
+    a = torch.arange(-127, 128, dtype=torch.int8).repeat_interleave(255)
+    v = torch.arange(-127, 128, dtype=torch.int8).repeat(255)
+    expected = (a.long() + v.long()).clamp(-127, 127)
+    got = accumulate(a, v)
+    assert got.dtype == torch.int8
+    assert torch.equal(got.long(), expected)
+
+
+# ------------------------------------------------------------------------------------ flips
+def test_flip_exactly_at_threshold_and_reset():
+    theta = 5
+    T = i8(-1, 0, 1, -1, 0, 1, 0, 0)
+    A = i8(5, 5, -5, 4, -4, 6, -6, 3)
+    T2, A2, n = apply_flips(T, A, theta, clip_at_bounds=False)
+    assert T2.tolist() == [0, 1, 0, -1, 0, 1, -1, 0]
+    # moved trits reset to 0; unmoved keep their count; +1 with +6 is clamped (cannot go above +1)
+    assert A2.tolist() == [0, 0, 0, 4, -4, 6, 0, 3]
+    assert int(n) == 4
+    assert T2.dtype == A2.dtype == torch.int8
+
+
+def test_flip_clamped_at_ends_and_clip_at_bounds():
+    theta = 4
+    T = i8(1, -1, 1, -1)
+    A = i8(100, -100, -100, 100)
+    T_noclip, A_noclip, n = apply_flips(T, A, theta, clip_at_bounds=False)
+    assert T_noclip.tolist() == [1, -1, 0, 0] and int(n) == 2
+    assert A_noclip.tolist() == [100, -100, 0, 0]  # saturated trits keep their accumulator ...
+    T_clip, A_clip, n = apply_flips(T, A, theta, clip_at_bounds=True)
+    assert T_clip.tolist() == [1, -1, 0, 0] and int(n) == 2
+    assert A_clip.tolist() == [4, -4, 0, 0]  # ... unless clipped to +/-theta
+    # clip also bounds accumulators of trits that did not move
+    _, A3, _ = apply_flips(i8(0), i8(3), 2, clip_at_bounds=True)  # flips, resets
+    assert A3.tolist() == [0]
+    _, A4, n4 = apply_flips(i8(1, 0), i8(50, 1), 2, clip_at_bounds=True)
+    assert A4.tolist() == [2, 1] and int(n4) == 0
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
+def test_walk_minus1_to_plus1_one_step_at_a_time(clip):
+    theta = 3
+    T, A = i8(-1), i8(0)
+    history = []
+    for _ in range(10):  # one +1 vote per step
+        A = accumulate(A, i8(1))
+        T, A, _ = apply_flips(T, A, theta, clip)
+        history.append((int(T), int(A)))
+    assert [t for t, _ in history] == [-1, -1, 0, 0, 0, 1, 1, 1, 1, 1]
+    assert history[2] == (0, 0) and history[5] == (1, 0)  # reset after each flip
+    final_A = history[-1][1]
+    assert final_A == (3 if clip else 4)
+    # and back down: the accumulator must first cross from final_A to -theta, then -theta again from 0
+    steps_down = 0
+    while int(T) > -1:
+        A = accumulate(A, i8(-1))
+        T, A, _ = apply_flips(T, A, theta, clip)
+        steps_down += 1
+    expected = (final_A + theta) + theta  # 9 steps with clip, 10 without
+    assert steps_down == expected
+
+
+def test_big_accumulator_moves_only_one_step_per_flip():
+    T, A, n = apply_flips(i8(-1), i8(127), 1, clip_at_bounds=False)
+    assert T.tolist() == [0] and A.tolist() == [0] and int(n) == 1
+
+
+def test_scale_flips():
+    E = i8(0, 0, 5, -3, 127, -127, 2)
+    EA = i8(4, -4, 3, -3, 10, -10, 5)
+    E2, EA2, n = apply_scale_flips(E, EA, 4)
+    assert E2.tolist() == [1, -1, 5, -3, 127, -127, 3]  # clamped at +/-127
+    assert EA2.tolist() == [0, 0, 3, -3, 10, -10, 0]
+    assert int(n) == 3
+
+
+# ------------------------------------------------------------------------------------ votes
+def test_sign_votes_direction():
+    g = torch.tensor([2.5, -0.1, 0.0, 1e-30, -1e30])
+    v = sign_votes(g)
+    assert v.dtype == torch.int8
+    assert v.tolist() == [-1, 1, 0, -1, 1]  # gradient descent: positive gradient votes toward -1
+
+
+def test_vote_multiplier_and_grad_ms():
+    ms = torch.tensor(-1.0)
+    g = torch.tensor([3.0, -4.0])
+    ms1 = update_grad_ms(ms, g, 0.9)
+    assert ms1.item() == pytest.approx(12.5)  # first gradient: taken as is
+    ms2 = update_grad_ms(ms1, torch.tensor([1.0, 1.0]), 0.9)
+    assert ms2.item() == pytest.approx(0.9 * 12.5 + 0.1 * 1.0)
+    s = vote_multiplier(torch.tensor(4.0), 2.0, 0.0)
+    assert s.dtype == torch.float32 and s.item() == -1.0  # -lr / sqrt(ms)
+
+
+def test_stochastic_votes_bit_reproducible_and_key_dependent():
+    g = torch.randn(7, 13)
+    s = torch.tensor(-1.7)
+    k = rng.stream_key(3, 1, 42)
+    a = stochastic_votes(g, s, k, 8)
+    b = stochastic_votes(g.clone(), s, rng.stream_key(3, 1, 42), 8)
+    assert a.dtype == torch.int8 and a.shape == g.shape
+    assert torch.equal(a, b)
+    others = [stochastic_votes(g, s, rng.stream_key(*key), 8) for key in ((3, 1, 43), (4, 1, 42), (3, 2, 42))]
+    assert all(not torch.equal(a, o) for o in others)
+
+
+def test_stochastic_votes_are_floor_or_ceil_of_s_times_g():
+    g = torch.randn(4000) * 3
+    s = torch.tensor(0.7)
+    v = stochastic_votes(g, s, rng.stream_key(0, 0, 0), 127).long()
+    x = (g * s).double()
+    assert ((v == torch.floor(x)) | (v == torch.floor(x) + 1)).all()
+
+
+@pytest.mark.parametrize("s", [1.0, -1.0, 0.37], ids=["s+1", "s-1", "s0.37"])
+def test_stochastic_votes_expectation(s):
+    g = torch.tensor([-3.7, -1.25, -0.3, 0.0, 0.25, 0.5, 1.5, 2.9])
+    st = torch.tensor(s)
+    # over many keys (steps) for each element
+    votes = torch.stack([stochastic_votes(g, st, rng.stream_key(11, 0, step), 8) for step in range(3000)]).float()
+    torch.testing.assert_close(votes.mean(0), (st * g), atol=0.04, rtol=0)
+    # over many elements under one key
+    big = g.repeat(5000)
+    v1 = stochastic_votes(big, st, rng.stream_key(5, 0, 0), 8).float().view(5000, -1)
+    torch.testing.assert_close(v1.mean(0), st * g, atol=0.03, rtol=0)
+    assert (stochastic_votes(torch.zeros(100), st, rng.stream_key(0, 0, 0), 8) == 0).all()  # u < 1
+
+
+def test_stochastic_votes_clip_and_decay():
+    g = torch.tensor([100.0, -100.0, 3.0, 0.0, 0.0])
+    s = torch.tensor(1.0)
+    key = rng.stream_key(0, 0, 0)
+    v = stochastic_votes(g, s, key, 2)
+    assert v[:2].tolist() == [2, -2]  # vote_clip
+    assert v[2].item() == 2
+    T = torch.tensor([0, 0, 0, 1, -1], dtype=torch.int8)
+    # decay pulls non-zero trits toward 0: x = s*g - decay*T
+    vd = stochastic_votes(g, s, key, 8, T=T, decay=3.0)
+    assert vd[3].item() == -3 and vd[4].item() == 3
+    assert torch.equal(vd[:3], stochastic_votes(g[:3], s, key, 8))
+
+
+def test_stochastic_votes_sparse_index_matches_dense_positions():
+    g = torch.randn(6, 10)
+    s = torch.tensor(-2.3)
+    key = rng.stream_key(9, 4, 17)
+    dense = stochastic_votes(g, s, key, 8)
+    rows = torch.tensor([1, 4, 5])
+    index = (rows.view(-1, 1) * 10 + torch.arange(10)).reshape(-1)
+    sparse = stochastic_votes(g[rows], s, key, 8, index=index)
+    assert torch.equal(sparse, dense[rows])
+
+
+def test_rng_matches_the_documented_formula():
+    M = 0xFFFFFFFF
+
+    def mix(x):  # from the rng.py docstring, in plain Python
+        x &= M
+        x ^= x >> 16
+        x = (x * 0x45D9F3B) & M
+        x ^= x >> 16
+        x = (x * 0x45D9F3B) & M
+        return x ^ (x >> 16)
+
+    seed, stream, step = 12345, 6, 789
+    key = mix(seed * 0x9E3779B1 + stream * 0x85EBCA77 + step * 0xC2B2AE3D + 1)
+    assert rng.stream_key(seed, stream, step).item() == key
+    assert rng.stream_key(seed, stream, torch.tensor(step)).item() == key  # device-tensor step, same key
+    u = rng.uniform(torch.tensor(key), 50, "cpu")
+    expected = torch.tensor([(mix(i ^ key) >> 8) / 2**24 for i in range(50)], dtype=torch.float32)
+    assert torch.equal(u, expected)
+    assert (u >= 0).all() and (u < 1).all()
+    idx = torch.tensor([[3, 49], [0, 7]])
+    assert torch.equal(rng.uniform_at(torch.tensor(key), idx), expected[idx])
+
+
+def test_group_sum_and_scale_gradient_ragged():
+    x = torch.arange(14, dtype=torch.float32).view(2, 7)
+    assert group_sum(x, 3).tolist() == [[3, 12, 6], [24, 33, 13]]
+    assert group_sum(x, 7).tolist() == [[21], [70]]
+    assert group_sum(x, 10).tolist() == [[21], [70]]
+    g = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 4.0]])
+    T = torch.tensor([[1, -1, 0], [1, 1, -1]], dtype=torch.int8)
+    assert scale_gradient(g, T, 2).tolist() == [[-1.0, 0.0], [-0.5, -4.0]]
+
+
+# ------------------------------------------------------------------------------------ FlipRule
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(vote="bogus"), dict(scale_vote="x"), dict(accum_threshold=0), dict(accum_threshold=128),
+        dict(accum_threshold=1.5), dict(accum_threshold=True), dict(scale_threshold=0), dict(vote_clip=0),
+        dict(vote_clip=128), dict(scale_update_interval=-1), dict(lr=-1.0), dict(lr=float("nan")),
+        dict(lr=float("inf")), dict(scale_lr=-0.1), dict(decay=-1.0), dict(grad_beta=1.0), dict(grad_beta=-0.1),
+    ],
+    ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()),
+)
+def test_flip_rule_validation(kwargs):
+    with pytest.raises(ValueError):
+        FlipRule(**kwargs)
+
+
+@pytest.mark.parametrize("eps", [-1.0, float("nan")], ids=["eps-1", "eps-nan"])
+def test_flip_rule_rejects_bad_eps(eps):
+    with pytest.raises(ValueError):
+        FlipRule(eps=eps)
+
+
+def test_flip_rule_dict_round_trip_and_naive():
+    r = FlipRule(accum_threshold=12, vote="sign", lr=0.5)
+    assert FlipRule.from_dict(r.to_dict()) == r
+    with pytest.raises(ValueError, match="unknown"):
+        FlipRule.from_dict({**r.to_dict(), "momentum": 0.9})
+    n = FlipRule.naive(accum_threshold=8)
+    assert n.vote == "sign" and n.scale_vote == "sign" and n.accum_threshold == 8 and not n.clip_at_bounds
+
+
+# ------------------------------------------------------------------------------------ whole stack
+@pytest.mark.parametrize("rule", [FlipRule(), FlipRule.naive()], ids=["default", "naive"])
+def test_positive_weight_gradient_walks_trits_to_minus_one(rule):
+    """Loss = sum(y) with x > 0 gives dL/dW = sum_b x[b] > 0 for every weight: descent must reach T = -1."""
+    lin = TernaryLinear(20, 6, group_size=8)
+    T0 = lin.weight.trits().clone()
+    assert (T0 == 1).any() and (T0 == 0).any()
+    opt = FlipOptimizer(lin, rule=rule, accum_threshold=4, scale_update_interval=0)
+    x = torch.rand(16, 20) + 0.1
+    for _ in range(40):
+        lin(x).sum().backward()
+        opt.step()
+        T = lin.weight.trits()
+        assert (T <= T0).all()  # never moves up
+        T0 = T.clone()
+    assert (lin.weight.trits() == -1).all()
