@@ -1,0 +1,109 @@
+"""Plain-PyTorch references of the vote kernels in ``triton.py``, built from rule.py / rng.py functions.
+
+    weight_grad(gy, x)              gW = gy.T @ x in float32 (the kernel's fp32 accumulator, un-rounded)
+    matmul_votes_naive(...)         _matmul_votes_kernel: (votes, sum gW**2, gE, non-finite tiles)
+    scale_votes_naive(...)          _scale_votes_kernel: votes on gE into E_accum
+    vote_prep_naive(...)            _vote_prep_kernel: s per slot (rule.vote_multiplier)
+    ms_update_naive(...)            _ms_update_kernel: vote_ms from sums of squares (rule.update_grad_ms)
+    encode/decode_vote_cache        the gpu-signcache vote cache layouts
+    cast_matmul_votes_naive(...)    the dense-fallback path itself: the voter's cast_votes on gW
+
+Note on the dense-fallback path: ``FlipOptimizer.cast_matmul_votes`` forms ``gy.t() @ x`` in the inputs'
+dtype (bf16 under autocast: cuBLAS rounds gW to bf16) before voting; the fused kernel votes on the fp32
+accumulator. On inputs where the arithmetic is exact (small integers) both give the same gW and the same
+integer state; otherwise they agree statistically.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...rule import accumulate, scale_gradient, sign_votes, stochastic_votes, vote_multiplier
+
+# Vote cache layouts (gpu-signcache), flat row-major like T_accum:
+#   bits 2: 4 votes per byte, field (v + 1) in 2 bits   (|v| <= 1: sign votes, or vote_clip == 1)
+#   bits 4: 2 votes per byte, field (v + 8) in 4 bits   (|v| <= 7)
+#   bits 8: one int8 vote per byte                       (any vote_clip)
+# lowest bits hold the lowest flat index. bits 2 / 4 need cols % 4 / cols % 2 == 0 (no byte spans two rows).
+CACHE_BIAS = {2: 1, 4: 8}
+
+
+def weight_grad(gy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``gy.T @ x`` accumulated and returned in float32."""
+    return gy.float().t() @ x.float()
+
+
+def zero_nonfinite_tiles(g: torch.Tensor, tile: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero every (tile_r, tile_c) tile of ``g`` that holds a NaN/inf (the whole matrix if ``tile`` is None).
+
+    Returns ``(g, number of zeroed tiles)``; the kernel zeroes per tile, the dense-fallback per matrix.
+    """
+    bad = ~torch.isfinite(g)
+    if tile is None:
+        n = bad.any().to(torch.int64)
+        return torch.where(n > 0, torch.zeros_like(g), g), n
+    R, C = g.shape
+    tr, tc = tile
+    pr, pc = -R % tr, -C % tc
+    tiles = torch.nn.functional.pad(bad, (0, pc, 0, pr)).view((R + pr) // tr, tr, (C + pc) // tc, tc).any(3).any(1)
+    mask = tiles.repeat_interleave(tr, 0).repeat_interleave(tc, 1)[:R, :C]
+    return torch.where(mask, torch.zeros_like(g), g), tiles.sum()
+
+
+def matmul_votes_naive(gy, x, weight, s, key, *, vote: str, vote_clip: int, decay: float = 0.0,
+                       scale_grad: bool = False, tile: tuple[int, int] | None = None):
+    """``(votes int8 (rows, cols), sum gW**2, gE (rows, n_groups) or None, zeroed tiles)`` for ``gW = gy.T @ x``."""
+    g, n_bad = zero_nonfinite_tiles(weight_grad(gy, x), tile)
+    T = weight.trits()
+    v = sign_votes(g) if vote == "sign" else stochastic_votes(g, s, key, vote_clip, T, decay)
+    gE = scale_gradient(g, T, weight.group_size) if scale_grad else None
+    return v, g.square().sum(), gE, n_bad
+
+
+def scale_votes_naive(gE, E_accum, s, key, *, vote: str, vote_clip: int):
+    """``(new E_accum, sum gE**2)``."""
+    v = sign_votes(gE) if vote == "sign" else stochastic_votes(gE, s, key, vote_clip)
+    return accumulate(E_accum, v), gE.square().sum()
+
+
+def vote_prep_naive(vote_ms: torch.Tensor, lr_w: float, lr_e: float, eps: float) -> torch.Tensor:
+    """``s`` per slot as rule.vote_multiplier computes it; 0 where the slot has seen no gradient (ms <= 0)."""
+    s = torch.stack([vote_multiplier(vote_ms[0], lr_w, eps), vote_multiplier(vote_ms[1], lr_e, eps)])
+    return torch.where(vote_ms <= 0, torch.zeros_like(s), s)
+
+
+def ms_update_naive(ms: torch.Tensor, sumsq: torch.Tensor, numel: int, beta: float) -> torch.Tensor:
+    """rule.update_grad_ms with ``cur = sumsq / numel`` (the mean square the kernel summed atomically).
+
+    Mirrors rule.update_grad_ms line by line (which takes the gradient itself, not its sum of squares).
+    """
+    cur = sumsq.float() / numel
+    informative = torch.isfinite(cur) & (cur > 0)
+    new = torch.where(ms <= 0, cur, ms * beta + cur * (1.0 - beta))
+    return torch.where(informative, new, ms)
+
+
+def encode_vote_cache(votes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Flat uint8 vote cache of int8 ``votes`` (rows, cols) in the ``bits`` layout."""
+    flat = votes.reshape(-1).to(torch.int32)
+    if bits == 8:
+        return flat.to(torch.int8).view(torch.uint8)
+    per = 8 // bits
+    fields = (flat + CACHE_BIAS[bits]).view(-1, per)
+    shifts = torch.arange(per, dtype=torch.int32, device=votes.device) * bits
+    return (fields << shifts).sum(dim=1).to(torch.uint8)
+
+
+def decode_vote_cache(cache: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Flat int8 votes of a vote cache."""
+    if bits == 8:
+        return cache.view(torch.int8)[:numel]
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.int32, device=cache.device) * bits
+    fields = (cache.to(torch.int32)[:, None] >> shifts) & ((1 << bits) - 1)
+    return (fields.reshape(-1)[:numel] - CACHE_BIAS[bits]).to(torch.int8)
+
+
+def cast_matmul_votes_naive(voter, weight, gy: torch.Tensor, x: torch.Tensor) -> None:
+    """The dense-fallback path on the fp32 gradient: ``voter.cast_votes(weight, gy.T @ x, T)``."""
+    voter.cast_votes(weight, weight_grad(gy, x), weight.trits())
