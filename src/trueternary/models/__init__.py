@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .morph import MorphConfig, MORPHTernaryModel
 from .transformer import ByteTransformer, TransformerConfig
 
-_MODELS = {"transformer": (ByteTransformer, TransformerConfig)}
+_MODELS = {"transformer": (ByteTransformer, TransformerConfig), "morph": (MORPHTernaryModel, MorphConfig)}
 
 
 def model_names() -> list[str]:

@@ -1,0 +1,92 @@
+"""audit(model) and its command-line entry point (audit.main)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from trueternary import ternarize
+from trueternary.audit import audit, format_audit, main
+from trueternary.layers import TernaryLinear
+from trueternary.models import build_model
+
+KW = dict(ctx=8, d_model=16, n_layers=1, n_heads=2)
+
+
+def test_ternarised_transformer_has_zero_float_params():
+    m = ternarize(build_model("transformer", 0, **KW), 8)
+    r = audit(m)
+    assert r["float_params"] == 0 and r["float_param_bytes"] == 0
+    # embed 288x16, qkv 48x16, proj 16x16, up 64x16, down 16x64, head 288x16
+    assert r["ternary_weights"] == 288 * 16 * 2 + 48 * 16 + 16 * 16 + 64 * 16 * 2
+    assert r["ternary_matrices"] == 6
+    assert r["ternary_training_state_bytes"] == sum(
+        b.numel() * b.element_size() for n, b in m.named_buffers() if n.startswith(("embed", "blocks", "head")))
+    assert r["vote_normaliser_bytes"] == 6 * 8
+    assert r["float_buffers"] == m.rope_cos.numel() * 2
+    text = format_audit(r, "transformer")
+    assert "float params" in text and "rope_cos" in text
+
+
+def test_float_model_and_mixed_states_are_counted():
+    m = build_model("transformer", 0, **KW)
+    r = audit(m)
+    assert r["float_params"] == sum(p.numel() for p in m.parameters()) and r["ternary_weights"] == 0
+    holder = nn.Module()
+    holder.t = TernaryLinear(4, 3, bias=True)
+    holder.norm = nn.LayerNorm(3)
+    holder.norm.weight.requires_grad_(False)
+    holder.register_buffer("scale", torch.ones(5))
+    r = audit(holder)
+    assert r["integer_biases"] == 3
+    assert r["float_params"] == 3 and r["float_param_names"] == ["norm.bias"]
+    assert r["frozen_params"] == 3 and r["frozen_param_names"] == ["norm.weight"]
+    assert r["float_buffers"] == 5 and r["float_buffer_list"][0]["name"] == "scale"
+    with pytest.raises(TypeError):
+        audit("model")
+
+
+def test_cli_prints_report_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "sub" / "audit.json"
+    rc = main(["--model", "morph", "--ctx", "8", "--d-model", "16", "--n-layers", "1", "--n-heads", "2",
+               "--group-size", "8", "--json", str(out), "--require-zero-float"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "ternarised" in text and "float params                        0" in text
+    data = json.loads(out.read_text())
+    assert data["float_params"] == 0 and data["ternary_weights"] > 0
+
+
+def test_cli_float_model_with_require_zero_float_exits_1(capsys):
+    rc = main(["--model", "transformer", "--float", "--ctx", "8", "--d-model", "16", "--n-layers", "1",
+               "--n-heads", "2", "--require-zero-float"])
+    assert rc == 1
+    assert "float base model" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--model", "nope"], "unknown model"),
+    (["--d-model", "0"], "--d-model must be >= 1"),
+    (["--d-model", "30", "--n-heads", "4"], "n_heads"),
+    (["--group-size", "0"], "--group-size"),
+    (["--bogus"], "unrecognized arguments"),
+], ids=["model", "d-model", "heads", "group-size", "flag"])
+def test_cli_bad_input_is_one_line_exit_2(argv, msg, capsys):
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse errors exit from the parser
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trueternary: error:") and msg in err and err.count("\n") == 1
+
+
+def test_cli_unwritable_json_path(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc = main(["--model", "transformer", "--ctx", "8", "--d-model", "16", "--n-layers", "1", "--n-heads", "2",
+               "--json", str(blocker / "audit.json")])
+    assert rc == 2 and "cannot write" in capsys.readouterr().err
