@@ -10,6 +10,7 @@ segments), validation bits per byte on held-out text, flips per step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -20,10 +21,11 @@ from pathlib import Path
 import torch
 
 from . import memory
+from .cli import UsageError, resolve_device
 from .data import eval_windows, load_corpus, random_batch
 from .models import build_model, model_names
 from .optim import NonFiniteGradientError, resolve_backend
-from .recipes import CONFIG_NAMES, Hparams, build_recipe
+from .recipes import CONFIG_NAMES, TERNARY_CONFIGS, Hparams, build_recipe
 from .rule import FlipRule
 
 LN2 = math.log(2.0)
@@ -66,6 +68,38 @@ def segment_table(losses: list[float]) -> list[dict]:
     return out
 
 
+def parse_config_specs(text: str) -> list[tuple[str, str, dict]]:
+    """``"Adam_FP32,TrueTernary[lr=4,leak=3]"`` -> [(label, config name, overrides)].
+
+    Overrides in brackets apply to that entry only: ``lr`` (its peak learning rate / vote scale) and,
+    for ternary configs, any FlipRule field. One run can so compare rule variants side by side.
+    """
+    specs, depth, cur = [], 0, ""
+    for ch in text + ",":
+        if ch == "," and depth == 0:
+            if cur.strip():
+                specs.append(cur.strip())
+            cur = ""
+            continue
+        depth += (ch == "[") - (ch == "]")
+        if depth < 0:
+            raise ValueError(f"unbalanced ']' in --configs {text!r}")
+        cur += ch
+    if depth:
+        raise ValueError(f"unbalanced '[' in --configs {text!r}")
+    out = []
+    for spec in specs:
+        name, _, rest = spec.partition("[")
+        name = name.strip()
+        if name not in CONFIG_NAMES:
+            raise ValueError(f"unknown config {name!r}; choose from {', '.join(CONFIG_NAMES)}")
+        over = parse_overrides([rest.rstrip("]")], "config") if rest else {}
+        out.append((spec, name, over))
+    if not out:
+        raise ValueError("--configs is empty")
+    return out
+
+
 def parse_overrides(items: list[str], what: str) -> dict:
     out = {}
     for item in items:
@@ -90,7 +124,7 @@ def _parse_value(v: str):
     return v
 
 
-def run_config(name: str, base, hp: Hparams, corpus, val_windows, args, device) -> dict:
+def run_config(label: str, name: str, base, hp: Hparams, corpus, val_windows, args, device) -> dict:
     memory.reset_peak(device)
     gen = torch.Generator().manual_seed(args.seed)  # identical batches for every config
     recipe = build_recipe(name, base, hp, device=device, backend=args.update_backend, seed=args.seed)
@@ -115,13 +149,15 @@ def run_config(name: str, base, hp: Hparams, corpus, val_windows, args, device) 
             diverged = f"loss {lv:.3g} at step {step}"
             break
         if args.print_every and (step % args.print_every == 0 or step == args.steps - 1):
-            print(f"  [{name}] step {step:5d}  loss {lv:.4f}  flips {flips[-1]}", flush=True)
+            print(f"  [{label}] step {step:5d}  loss {lv:.4f}  flips {flips[-1]}", flush=True)
     timed = step_s[burn_in:] or step_s
     med = statistics.median(timed) if timed else float("nan")
     bpb = validation_bpb(recipe.model, val_windows, device, autocast) if not diverged else float("nan")
     res = {
-        "config": name,
+        "config": label,
+        "recipe": name,
         "lr": hp.lr_for(name) if name != "TrueTernary_Naive" else None,
+        "rule": hp.rule.to_dict() if name in TERNARY_CONFIGS else None,
         **recipe.state_report(),
         "peak_memory_bytes": memory.peak(device),
         "peak_memory_kind": memory.peak_kind(device),
@@ -143,8 +179,9 @@ def run_config(name: str, base, hp: Hparams, corpus, val_windows, args, device) 
 
 
 def format_table(results: list[dict]) -> str:
-    ref = next((r for r in results if r["config"] == "BitNet_QAT"), None)
-    hdr = (f"{'config':<19}{'float params':>13}{'ternary w':>11}{'weights MB':>11}{'opt MB':>8}"
+    ref = next((r for r in results if r["recipe"] == "BitNet_QAT"), None)
+    w = max(19, max(len(r["config"]) for r in results) + 1)
+    hdr = (f"{'config':<{w}}{'float params':>13}{'ternary w':>11}{'weights MB':>11}{'opt MB':>8}"
            f"{'train MB':>9}{'B/w':>6}{'peak MB':>9}{'ms/step':>9}{'tok/s':>10}{'final':>8}{'min':>8}"
            f"{'val bpb':>9}{'vs QAT':>8}{'flips/step':>11}")
     lines = [hdr, "-" * len(hdr)]
@@ -152,7 +189,7 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         rel = r["val_bpb"] / ref["val_bpb"] if ref and ref["val_bpb"] == ref["val_bpb"] else float("nan")
         lines.append(
-            f"{r['config']:<19}{r['float_params']:>13,}{r['ternary_weights']:>11,}"
+            f"{r['config']:<{w}}{r['float_params']:>13,}{r['ternary_weights']:>11,}"
             f"{r['model_weight_bytes'] * mb:>11.2f}{r['optimizer_state_bytes'] * mb:>8.2f}"
             f"{r['training_state_bytes'] * mb:>9.2f}{r['training_state_bytes_per_weight']:>6.2f}"
             f"{r['peak_memory_bytes'] * mb:>9.1f}{r['median_step_ms']:>9.2f}{r['tokens_per_s']:>10.0f}"
@@ -163,7 +200,7 @@ def format_table(results: list[dict]) -> str:
     lines.append("loss segments (mean / min / trend per quarter of the run)")
     for r in results:
         segs = "  ".join(f"Q{s['quarter']} {s['mean']:.3f}/{s['min']:.3f}/{s['trend']:+.3f}" for s in r["segments"])
-        lines.append(f"  {r['config']:<19}{segs}")
+        lines.append(f"  {r['config']:<{w}}{segs}")
     return "\n".join(lines)
 
 
@@ -194,6 +231,14 @@ def plot(results: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def _write_json(path: str, meta: dict, results: list[dict]) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    tmp.replace(p)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", default="Adam_FP32,BitNet_QAT,SignSGD_Old,TrueTernary",
                    help=f"comma list of {', '.join(CONFIG_NAMES)}")
@@ -222,14 +267,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, metavar="PATH")
 
 
+def _with_overrides(hp: Hparams, name: str, over: dict) -> Hparams:
+    over = dict(over)
+    lr = over.pop("lr", None)
+    rule = hp.rule
+    if over:
+        if name not in TERNARY_CONFIGS:
+            raise UsageError(f"{name} takes only lr=... in brackets, got {sorted(over)}")
+        try:
+            rule = FlipRule.from_dict({**rule.to_dict(), **over})
+        except (ValueError, TypeError) as e:
+            raise UsageError(str(e)) from None
+    lrs = dict(hp.lr, **({name: lr} if lr is not None else {}))
+    return dataclasses.replace(hp, rule=rule, lr=lrs)
+
+
 def run(args: argparse.Namespace) -> list[dict]:
-    from .cli import UsageError, resolve_device
+    from .cli import UsageError
 
     device = resolve_device(args.device)
-    names = [c.strip() for c in args.configs.split(",") if c.strip()]
-    bad = [c for c in names if c not in CONFIG_NAMES]
-    if bad or not names:
-        raise UsageError(f"unknown config(s) {bad or args.configs!r}; choose from {', '.join(CONFIG_NAMES)}")
+    try:
+        specs = parse_config_specs(args.configs)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     for flag in ("steps", "batch", "ctx"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1")
@@ -266,11 +326,6 @@ def run(args: argparse.Namespace) -> list[dict]:
           f"{args.steps} steps x batch {args.batch} x ctx {args.ctx}", flush=True)
     model_kw = dict(ctx=args.ctx, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads)
     shared_base = build_model(args.model, seed=args.seed, **model_kw) if args.reuse_base else None
-    results = []
-    for i, name in enumerate(names):
-        base = shared_base if shared_base is not None else build_model(args.model, seed=args.seed + i, **model_kw)
-        print(f"== {name}", flush=True)
-        results.append(run_config(name, base, hp, corpus, val_windows, args, device))
     meta = {
         "args": {k: v for k, v in vars(args).items() if k != "func"},
         "device": str(device),
@@ -279,11 +334,19 @@ def run(args: argparse.Namespace) -> list[dict]:
         "hparams": hp.to_dict(),
         "data": corpus.name,
     }
+    results = []
+    for i, (label, name, over) in enumerate(specs):
+        base = shared_base if shared_base is not None else build_model(args.model, seed=args.seed + i, **model_kw)
+        print(f"== {label}", flush=True)
+        r = run_config(label, name, base, _with_overrides(hp, name, over), corpus, val_windows, args, device)
+        results.append(r)
+        print(f"   {label}: val_bpb {r['val_bpb']:.4f}  final loss {r['final_loss']:.4f}  "
+              f"{r['median_step_ms']:.2f} ms/step  peak {r['peak_memory_bytes'] / 2**20:.1f} MB"
+              + (f"  DIVERGED ({r['diverged']})" if r["diverged"] else ""), flush=True)
+        if args.json:  # after every config, so a cut-off run keeps what it measured
+            _write_json(args.json, meta, results)
     print()
     print(format_table(results))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     if args.plot:
         plot(results, args.plot, f"{args.model} d={args.d_model} L={args.n_layers}, "
              f"batch {args.batch} x ctx {args.ctx}, {corpus.name[:40]}")

@@ -1,4 +1,12 @@
-"""The ``trueternary`` command line: one sub-command per job, one-line errors, non-zero exit codes."""
+"""The ``trueternary`` command line: one sub-command per job, one-line errors, non-zero exit codes.
+
+    train     train one model (trueternary.train)          generate  sample from a checkpoint
+    project   memory projection, checked by measurement     info      what a checkpoint holds
+    bench     compare training configurations
+
+Exit codes: 0 success; 2 bad flags, data or checkpoint (UsageError, DataError, CheckpointError);
+1 training diverged (TrainingError); 130 interrupted.
+"""
 
 from __future__ import annotations
 
@@ -32,11 +40,30 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _info(args: argparse.Namespace) -> None:
+    from .checkpoint import describe
+
+    print(describe(args.path))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench
+    from . import bench, generate, project, train
 
     p = _Parser(prog="trueternary", description="Train and ship purely ternary neural networks.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    t = sub.add_parser("train", help="train a model (default: TrueTernary on the embedded corpus)",
+                       description="Train one model; everything goes to <out_dir>/<run_name>/ (see docs/training.md).")
+    train.add_arguments(t)
+    t.set_defaults(func=train.run)
+    g = sub.add_parser("generate", help="sample text from a checkpoint (loads T_packed and E only)")
+    generate.add_arguments(g)
+    g.set_defaults(func=generate.run)
+    pr = sub.add_parser("project", help="memory to train and serve N weights, projected and measured")
+    project.add_arguments(pr)
+    pr.set_defaults(func=project.run)
+    i = sub.add_parser("info", help="what a checkpoint holds")
+    i.add_argument("path", help="checkpoint file")
+    i.set_defaults(func=_info)
     b = sub.add_parser("bench", help="compare training configurations side by side")
     bench.add_arguments(b)
     b.set_defaults(func=bench.run)
@@ -44,18 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
     from .data import DataError
+    from .train import TrainingError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already wrote its one-line error (or the help)
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         args.func(args)
-    except (UsageError, DataError) as e:
+    except (UsageError, DataError, CheckpointError) as e:
         sys.stderr.write(f"trueternary: error: {e}\n")
         return 2
+    except TrainingError as e:
+        sys.stderr.write(f"trueternary: error: {e}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("trueternary: interrupted\n")
         return 130

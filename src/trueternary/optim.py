@@ -24,6 +24,7 @@ from .rule import (
     accumulate,
     apply_flips,
     apply_scale_flips,
+    factored_ema_ms,
     factored_ms,
     leak,
     scale_gradient,
@@ -149,36 +150,45 @@ class FlipOptimizer(torch.optim.Optimizer):
         super().__init__(tensor_groups, rule.to_dict())
 
     # ------------------------------------------------------------------ votes (called in backward)
-    def _filter_finite(self, g: torch.Tensor) -> torch.Tensor | None:
+    def _finite_flag(self, g: torch.Tensor, ms_cur: torch.Tensor) -> torch.Tensor | None:
+        """Record (on device, no sync) whether this gradient was finite; ``ms_cur = mean(g**2)`` tells."""
         if not self.check_finite:
-            return g
+            return None
         if self._nonfinite is None or self._nonfinite.device != g.device:
             self._nonfinite = torch.zeros((), dtype=torch.int32, device=g.device)
-        bad = (~torch.isfinite(g)).any()
+        bad = ~torch.isfinite(ms_cur)
         self._nonfinite += bad.to(torch.int32)
-        # Zero the whole gradient of a layer that has a non-finite entry: its votes are dropped.
-        return torch.where(bad, torch.zeros_like(g), g)
+        return bad
 
     def _counter(self, m: nn.Module) -> int:
         c = self._calls.get(id(m), 0)
         self._calls[id(m)] = c + 1
         return self._step * _CALLS_PER_STEP + (c % _CALLS_PER_STEP)
 
-    def _votes(self, group, g, ms_buf, slot, lr, key_stream, counter, clip, T=None, decay=0.0, index=None):
-        """Stochastic votes normalised by the running RMS gradient held in ``ms_buf[slot]``."""
+    def _votes(self, group, g, ms_buf, slot, lr, key_stream, counter, clip, T=None, decay=0.0, index=None,
+               factored=None):
+        """Stochastic votes for gradient ``g``, normalised by running mean squares.
+
+        Normalisation uses the statistics from *before* this gradient (a first gradient bootstraps from
+        itself), so a fused kernel can vote in the same pass that measures the gradient. ``factored``
+        is ``(R, C)`` running row / column mean squares for ``normalize='factored_ema'``.
+        """
         ms_old = ms_buf[slot]
         ms_new = update_grad_ms(ms_old, g, group["grad_beta"])
-        # Normalise by the running mean square *before* this gradient (the first call bootstraps
-        # from itself), so a fused kernel can vote in the same pass that measures the gradient.
         ms_use = torch.where(ms_old <= 0, ms_new, ms_old)
-        if group["normalize"] == "factored" and g.dim() == 2:
+        mode = group["normalize"] if g.dim() == 2 else "tensor"
+        new_rc = None
+        if mode == "factored":
             # per-element RMS from the row/column structure of this gradient, at the running overall level
             ms_use = factored_ms(g) * (ms_use / g.float().square().mean().clamp_min(1e-38))
+        elif mode == "factored_ema" and factored is not None:
+            ms_use, R_new, C_new = factored_ema_ms(factored[0], factored[1], g, group["grad_beta"])
+            new_rc = (R_new, C_new)
         s = vote_multiplier(ms_use, lr, group["eps"])
         key = rng.stream_key(self.seed, key_stream, counter)
         v = stochastic_votes(g, s, key, clip, T, decay, index)
         ms_buf[slot] = ms_new
-        return v
+        return v, new_rc
 
     @torch.no_grad()
     def cast_matmul_votes(self, weight: TernaryScaleTensor, gy: torch.Tensor, x: torch.Tensor, T: torch.Tensor) -> None:
@@ -193,7 +203,10 @@ class FlipOptimizer(torch.optim.Optimizer):
     def cast_votes(self, weight: TernaryScaleTensor, g: torch.Tensor, T: torch.Tensor, rows=None) -> None:
         """Turn the weight gradient ``g`` (of ``rows``, default all) into votes in ``T_accum`` / ``E_accum``."""
         group = self.param_groups[weight._group_index]
-        g = self._filter_finite(g.float())
+        g = g.float()
+        bad = self._finite_flag(g, g.square().mean())
+        if bad is not None:  # a layer whose gradient has NaN/inf casts no votes and keeps its statistics
+            g = torch.where(bad, torch.zeros_like(g), g)
         counter = self._counter(weight)
         index = None
         if rows is not None:
@@ -202,8 +215,15 @@ class FlipOptimizer(torch.optim.Optimizer):
         if group["vote"] == "sign":
             v = sign_votes(g)
         else:
-            v = self._votes(group, g, weight.vote_ms, 0, group["lr"], 2 * weight.stream, counter,
-                            group["vote_clip"], T, group["decay"], index)
+            R = weight.vote_row_ms if rows is None else weight.vote_row_ms[rows]
+            v, new_rc = self._votes(group, g, weight.vote_ms, 0, group["lr"], 2 * weight.stream, counter,
+                                    group["vote_clip"], T, group["decay"], index, factored=(R, weight.vote_col_ms))
+            if new_rc is not None:
+                if rows is None:
+                    weight.vote_row_ms.copy_(new_rc[0])
+                else:
+                    weight.vote_row_ms[rows] = new_rc[0]
+                weight.vote_col_ms.copy_(new_rc[1])
         if self.vote_reducer is not None:
             v = self.vote_reducer(v)
         if rows is None:
@@ -222,8 +242,8 @@ class FlipOptimizer(torch.optim.Optimizer):
             if rows is not None:
                 gidx = torch.arange(weight.n_groups, device=g.device)
                 eidx = (rows.reshape(-1, 1) * weight.n_groups + gidx).reshape(-1)
-            vE = self._votes(group, gE, weight.vote_ms, 1, group["lr"] * group["scale_lr"], 2 * weight.stream + 1,
-                             counter, group["vote_clip"], index=eidx)
+            vE, _ = self._votes(group, gE, weight.vote_ms, 1, group["lr"] * group["scale_lr"],
+                                2 * weight.stream + 1, counter, group["vote_clip"], index=eidx)
         if self.vote_reducer is not None:
             vE = self.vote_reducer(vE)
         if rows is None:
@@ -235,12 +255,15 @@ class FlipOptimizer(torch.optim.Optimizer):
     def cast_bias_votes(self, bias: IntegerBias, g: torch.Tensor) -> None:
         """Votes for an integer bias go straight into its int32 ``q`` (it is its own accumulator)."""
         group = self.param_groups[bias._group_index]
-        g = self._filter_finite(g.float())
+        g = g.float()
+        bad = self._finite_flag(g, g.square().mean())
+        if bad is not None:
+            g = torch.where(bad, torch.zeros_like(g), g)
         counter = self._counter(bias)
         if group["vote"] == "sign":
             v = sign_votes(g)
         else:
-            v = self._votes(group, g, bias.vote_ms, 0, group["lr"], 2 * bias.stream, counter, _BIAS_CLIP)
+            v, _ = self._votes(group, g, bias.vote_ms, 0, group["lr"], 2 * bias.stream, counter, _BIAS_CLIP)
         if self.vote_reducer is not None:
             v = self.vote_reducer(v)
         q = bias.q.to(torch.int64) + v.to(torch.int64)
@@ -271,7 +294,7 @@ class FlipOptimizer(torch.optim.Optimizer):
                     continue
                 A = leak(m.T_accum, group["leak"]) if group["leak"] else m.T_accum
                 T, A, n = apply_flips(m.trits(), A, group["accum_threshold"], group["clip_at_bounds"])
-                m.set_trits(T)
+                m._store_trits(T)
                 m.T_accum.copy_(A)
                 flips = n if flips is None else flips + n
                 if m.scale_mode == "int" and group["scale_update_interval"]:

@@ -54,6 +54,12 @@ def pack_trits(t: torch.Tensor) -> torch.Tensor:
     if flat.numel() and not bool(((flat == -1) | (flat == 0) | (flat == 1)).all()):
         bad = flat[~((flat == -1) | (flat == 0) | (flat == 1))][0].item()
         raise ValueError(f"pack_trits: values must be in {{-1, 0, 1}}, found {bad}")
+    return pack_trits_unchecked(flat)
+
+
+def pack_trits_unchecked(t: torch.Tensor) -> torch.Tensor:
+    """:func:`pack_trits` without validation (no device sync), for state we produced ourselves."""
+    flat = t.reshape(-1)
     n = flat.numel()
     nbytes = packed_numel(n)
     digits = torch.ones(nbytes * TRITS_PER_BYTE, dtype=torch.int32, device=flat.device)

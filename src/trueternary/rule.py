@@ -41,7 +41,7 @@ from . import rng
 
 INT8_MAX = 127
 VOTE_MODES = ("sign", "stochastic")
-NORMALIZE_MODES = ("tensor", "factored")
+NORMALIZE_MODES = ("tensor", "factored", "factored_ema")
 
 
 @dataclass
@@ -49,7 +49,9 @@ class FlipRule:
     """Hyper-parameters of the flip rule. ``FlipRule.naive()`` is the seed's plain rule."""
 
     vote: str = "stochastic"
-    normalize: str = "tensor"  # 'tensor': one RMS per matrix; 'factored': row x column RMS (Adafactor-like)
+    # 'tensor': one running RMS per matrix; 'factored': row x column RMS of the current gradient;
+    # 'factored_ema': row x column running RMS (Adafactor's factored second moment)
+    normalize: str = "tensor"
     leak: int = 0  # if > 0, T_accum loses |T_accum| >> leak each step (an integer EMA, like Bop's momentum)
     accum_threshold: int = 32
     lr: float = 1.0  # votes per unit of normalised gradient (the learning-rate analogue)
@@ -124,15 +126,37 @@ class FlipRule:
 # --------------------------------------------------------------------------------------------
 
 
-def update_grad_ms(ms: torch.Tensor, g: torch.Tensor, beta: float) -> torch.Tensor:
-    """New running mean square. ``ms <= 0`` means 'not seen a gradient yet': take this one.
+def ema_ms(ms: torch.Tensor, cur: torch.Tensor, beta: float) -> torch.Tensor:
+    """Running mean square, elementwise: ``beta * ms + (1 - beta) * cur``.
 
-    A gradient that is all zero or not finite carries no scale information and leaves ``ms`` as is.
+    ``ms <= 0`` means 'not seen a gradient yet': take ``cur``. A ``cur`` that is zero or not finite
+    carries no scale information and leaves ``ms`` as is.
     """
-    cur = g.float().square().mean()
     informative = torch.isfinite(cur) & (cur > 0)
     new = torch.where(ms <= 0, cur, ms * beta + cur * (1.0 - beta))
     return torch.where(informative, new, ms)
+
+
+def update_grad_ms(ms: torch.Tensor, g: torch.Tensor, beta: float) -> torch.Tensor:
+    """New running mean square of the whole gradient ``g`` (see :func:`ema_ms`)."""
+    return ema_ms(ms, g.float().square().mean(), beta)
+
+
+def factored_ema_ms(
+    R: torch.Tensor, C: torch.Tensor, g: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adafactor-style per-element mean square from running row and column statistics.
+
+    ``R`` (rows,) and ``C`` (cols,) are running means of ``g**2`` over each row / column. The estimate
+    of ``E[g_ij**2]`` is ``R_i * C_j / mean(R)``, built from the statistics *before* this gradient
+    (a row or column seen for the first time bootstraps from this one). Returns (ms (rows, cols), R', C').
+    """
+    g2 = g.float().square()
+    r, c = g2.mean(dim=1), g2.mean(dim=0)
+    R_use = torch.where(R <= 0, r, R)
+    C_use = torch.where(C <= 0, c, C)
+    ms = R_use[:, None] * C_use[None, :] / C_use.mean().clamp_min(1e-38)
+    return ms, ema_ms(R, r, beta), ema_ms(C, c, beta)
 
 
 def vote_multiplier(ms: torch.Tensor, lr: float | torch.Tensor, eps: float) -> torch.Tensor:

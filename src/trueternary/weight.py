@@ -8,10 +8,11 @@ Buffers (all integer, all saved in ``state_dict``):
     T_accum   int8   [rows, cols]          vote accumulator per weight
     vote_ms   float32[2]                   running mean square of weight / scale gradients (vote normaliser;
                                            -1 until the first gradient is seen)
+    vote_row_ms, vote_col_ms  float32 [rows], [cols]   running row / column mean squares (factored normaliser)
 
 Groups are ``group_size`` consecutive weights along the input (column) dimension; the last group of a
 row is shorter when ``cols % group_size != 0``. Training state is therefore
-``1/5 + 1 + 2/group_size`` bytes per weight plus 8 bytes per matrix; inference needs
+``1/5 + 1 + 2/group_size`` bytes per weight plus ``4 * (rows + cols + 2)`` bytes per matrix; inference needs
 ``1/5 + 1/group_size`` bytes per weight.
 
 In the non-strict *hybrid* mode (``scale_mode="float"``) the integer ``E`` is replaced by a float
@@ -74,6 +75,9 @@ class TernaryScaleTensor(nn.Module):
         self.register_buffer("E_accum", torch.zeros(rows, self.n_groups, dtype=torch.int8, device=device))
         self.register_buffer("T_accum", torch.zeros(rows, cols, dtype=torch.int8, device=device))
         self.register_buffer("vote_ms", torch.full((2,), -1.0, dtype=torch.float32, device=device))
+        # running row / column mean squares of the gradient for normalize='factored_ema' (-1: unseen)
+        self.register_buffer("vote_row_ms", torch.full((rows,), -1.0, dtype=torch.float32, device=device))
+        self.register_buffer("vote_col_ms", torch.full((cols,), -1.0, dtype=torch.float32, device=device))
         if scale_mode == "float":
             self.log2_scale = nn.Parameter(torch.zeros(rows, self.n_groups, device=device))
         else:
@@ -106,6 +110,8 @@ class TernaryScaleTensor(nn.Module):
         self.E_accum.zero_()
         self.T_accum.zero_()
         self.vote_ms.fill_(-1.0)
+        self.vote_row_ms.fill_(-1.0)
+        self.vote_col_ms.fill_(-1.0)
         if self.log2_scale is not None:
             self.log2_scale.copy_(E.float())
 
@@ -127,6 +133,11 @@ class TernaryScaleTensor(nn.Module):
             raise ValueError(f"expected trits of shape {(self.rows, self.cols)}, got {tuple(T.shape)}")
         self.T_packed.copy_(packing.pack_trits(T.to(self.T_packed.device)))
 
+    @torch.no_grad()
+    def _store_trits(self, T: torch.Tensor) -> None:
+        """Repack trits the flip rule produced (known valid): no validation, no device sync."""
+        self.T_packed.copy_(packing.pack_trits_unchecked(T))
+
     def log2_scales(self) -> torch.Tensor:
         """Per-group log2 scale (rows, n_groups): the int8 ``E`` or, in hybrid mode, the float parameter."""
         return self.log2_scale if self.log2_scale is not None else self.E
@@ -146,7 +157,7 @@ class TernaryScaleTensor(nn.Module):
     @torch.no_grad()
     def release_training_state(self) -> None:
         """Drop the accumulators (inference only): afterwards the module holds just T_packed and E."""
-        for name in ("E_accum", "T_accum", "vote_ms"):
+        for name in ("E_accum", "T_accum", "vote_ms", "vote_row_ms", "vote_col_ms"):
             setattr(self, name, torch.empty(0, dtype=getattr(self, name).dtype, device=self.E.device))
         self.inference_only = True
 

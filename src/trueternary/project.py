@@ -1,0 +1,462 @@
+"""``trueternary project``: memory to train and to serve N ternary weights, projected and measured.
+
+Formulas (bytes), for a weight matrix of ``rows x cols`` and ``group_size`` g:
+
+    T_packed  ceil(rows*cols / 5)        5 trits per byte
+    E         rows * ceil(cols / g)      int8 log2 scale per group
+    E_accum   rows * ceil(cols / g)      int8 scale-vote accumulator
+    T_accum   rows * cols                int8 vote accumulator per weight
+    normalisers  4 * (2 + rows + cols)   float32 vote normalisers per matrix: vote_ms[2] and the
+                                         row / column mean squares (vote_row_ms, vote_col_ms)
+    training state = all of the above;  inference = T_packed + E
+
+For ``--params P`` the seed's table treats the model as P weights in groups of g: T_packed P/5,
+E and E_accum P/g each, T_accum P (the per-matrix normalisers, O(rows + cols), and the rounding of
+short groups are left out there; the measured table includes them).
+
+bf16 + AdamW, mixed precision as usually run: bf16 weights (2 B/w) used by forward and backward,
+fp32 master weights (4), fp32 Adam m and v (4 + 4); the weight gradient (bf16, 2 B/w, full size)
+is listed separately, as are activations. AdamW's per-tensor ``step`` scalars are left out.
+
+What the seed's table leaves out, for a stated model shape and batch:
+
+    weight gradient    TrueTernary: the fp32 gradient of one matrix at a time (the largest),
+                       formed in backward, turned into votes and dropped (dense-fallback backend;
+                       the fused GPU backend never writes it). AdamW: a full-size bf16 gradient.
+    dequantised weight TrueTernary dense-fallback: one matrix ``T * 2**E`` in the compute dtype at a time.
+    activations        what autograd saves for backward in one forward + loss, identical for both
+                       (same architecture). Per token it is ``n_layers*(a*d + b*h + c*H + e) + f*d + g*V + k``
+                       plus ``n_layers * m * head_dim`` per position (d = d_model, h = MLP width,
+                       H = heads, V = vocabulary); the coefficients are *fitted* on small real models
+                       by counting saved tensors (``torch.autograd.graph.saved_tensors_hooks``) and
+                       checked exactly on other shapes before they are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .vocab import VOCAB_SIZE
+from .weight import DEFAULT_GROUP_SIZE
+
+GIB = 2**30
+HEAD_DIM = 64
+
+
+# ------------------------------------------------------------------------------------ shapes
+@dataclass
+class Shape:
+    """A ByteTransformer shape plus the batch the activations are stated for."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    ctx: int = 2048
+    batch: int = 1
+    vocab_size: int = VOCAB_SIZE
+    mlp_ratio: float = 4.0
+
+    @property
+    def d_hidden(self) -> int:
+        return int(round(self.mlp_ratio * self.d_model))
+
+    def matrices(self) -> list[tuple[int, int]]:
+        """(rows, cols) of every weight matrix of ByteTransformer, in registration order."""
+        d, h, V = self.d_model, self.d_hidden, self.vocab_size
+        return [(V, d)] + [(3 * d, d), (d, d), (h, d), (d, h)] * self.n_layers + [(V, d)]
+
+    def n_weights(self) -> int:
+        return sum(r * c for r, c in self.matrices())
+
+    def model_kwargs(self) -> dict:
+        return dict(ctx=self.ctx, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
+                    mlp_ratio=self.mlp_ratio, vocab_size=self.vocab_size)
+
+    def describe(self) -> str:
+        return (f"d_model {self.d_model}, {self.n_layers} layer{'s' if self.n_layers > 1 else ''}, "
+                f"{self.n_heads} head{'s' if self.n_heads > 1 else ''}, MLP {self.d_hidden}, "
+                f"vocab {self.vocab_size}; batch {self.batch} x ctx {self.ctx}")
+
+
+def shape_for_params(params: float, ctx: int = 2048, batch: int = 1) -> Shape:
+    """A plausible ByteTransformer shape of about ``params`` weights: 12*d**2 per layer, d ~ 128 * n_layers
+    (GPT-3-like aspect ratio), d a multiple of 64, heads of 64 (at least 2 heads: with a single head
+    q, k and v stay views of one tensor and the activation formula, fitted for n_heads >= 2, overcounts)."""
+    d = max(64, 64 * round((params * 128 / 12) ** (1 / 3) / 64))
+    n_layers = max(1, round((params - 2 * VOCAB_SIZE * d) / (12 * d * d)))
+    return Shape(d_model=d, n_layers=n_layers, n_heads=max(2, d // HEAD_DIM), ctx=ctx, batch=batch)
+
+
+# ------------------------------------------------------------------------------------ formulas
+def ternary_state_bytes(matrices: list[tuple[int, int]], group_size: int) -> dict[str, int]:
+    """The formula for the TernaryScaleTensor buffers of these matrices (module docstring)."""
+    t_packed = sum(-(-(r * c) // 5) for r, c in matrices)
+    groups = sum(r * -(-c // group_size) for r, c in matrices)
+    t_accum = sum(r * c for r, c in matrices)
+    normalisers = sum(4 * (2 + r + c) for r, c in matrices)
+    return {"T_packed": t_packed, "E": groups, "E_accum": groups, "T_accum": t_accum, "normalisers": normalisers,
+            "training": t_packed + 2 * groups + t_accum + normalisers, "inference": t_packed + groups}
+
+
+def ternary_state_bytes_for_params(params: float, group_size: int) -> dict[str, float]:
+    """The seed's per-weight table: P weights in groups of ``group_size`` (no per-matrix terms)."""
+    p = float(params)
+    d = {"T_packed": p / 5, "E": p / group_size, "E_accum": p / group_size, "T_accum": p}
+    d["training"] = d["T_packed"] + d["E"] + d["E_accum"] + d["T_accum"]
+    d["inference"] = d["T_packed"] + d["E"]
+    return d
+
+
+def adamw_bytes(params: float) -> dict[str, float]:
+    """bf16 + AdamW mixed precision (module docstring); the gradient is listed separately."""
+    p = float(params)
+    d = {"bf16 weights": 2 * p, "fp32 master weights": 4 * p, "fp32 Adam m": 4 * p, "fp32 Adam v": 4 * p}
+    d["training"] = sum(d.values())
+    d["inference"] = 2 * p
+    d["gradient"] = 2 * p
+    return d
+
+
+def transient_bytes(shape: Shape, compute_bytes: int = 4) -> dict[str, int]:
+    """Largest one-matrix transients of TrueTernary's backward (dense-fallback): fp32 gradient, dense weight."""
+    d, V = shape.d_model, shape.vocab_size
+    linear = [(r, c) for r, c in shape.matrices()[1:]]  # the embedding's gradient covers only touched rows
+    biggest = max(r * c for r, c in linear)
+    emb_rows = min(V, shape.batch * shape.ctx)
+    return {"gradient": 4 * max(biggest, emb_rows * d), "dense_weight": compute_bytes * biggest}
+
+
+# ------------------------------------------------------------------------------------ activations
+def _activation_features(s: Shape) -> list[float]:
+    tokens = s.batch * s.ctx
+    L = s.n_layers
+    return [tokens * L * s.d_model, tokens * L * s.d_hidden, tokens * L * s.n_heads, tokens * L,
+            tokens * s.d_model, tokens * s.vocab_size, tokens, s.ctx * L * (s.d_model // s.n_heads), 1]
+
+
+# Per token, except the last two: per position (batch-independent) and per forward.
+ACTIVATION_TERMS = ("n_layers*d", "n_layers*h", "n_layers*H", "n_layers", "d", "V", "1",
+                    "n_layers*head_dim per position", "per forward")
+
+
+def _ternary_model(shape: Shape, group_size: int):
+    from .convert import ternarize
+    from .models import build_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ternarize(build_model("transformer", seed=0, **shape.model_kwargs()), group_size)
+
+
+def measure_activation_bytes(shape: Shape, autocast: bool, group_size: int = DEFAULT_GROUP_SIZE,
+                             model=None) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one forward + loss (CPU)."""
+    model = _ternary_model(shape, group_size) if model is None else model
+    own = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own and ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (shape.batch, shape.ctx), generator=g)
+    y = torch.randint(0, 256, (shape.batch, shape.ctx), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(x)
+            F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+    return total
+
+
+_FIT_SHAPES = [Shape(d, nl, H, ctx=L, batch=B, vocab_size=V, mlp_ratio=mr)
+               for (d, H), nl, L, B, V, mr in [
+                   ((32, 2), 1, 4, 1, 288, 4.0), ((32, 4), 1, 4, 1, 288, 4.0), ((48, 2), 1, 4, 1, 288, 4.0),
+                   ((32, 2), 2, 4, 1, 288, 4.0), ((32, 2), 1, 8, 1, 288, 4.0), ((32, 2), 1, 4, 3, 288, 4.0),
+                   ((32, 2), 1, 4, 1, 300, 4.0), ((32, 2), 1, 4, 1, 288, 2.0), ((32, 2), 2, 8, 3, 300, 2.0),
+                   ((64, 2), 2, 4, 2, 288, 4.0), ((32, 4), 3, 6, 1, 296, 3.0),
+               ]]
+_CHECK_SHAPES = [Shape(64, 3, 4, ctx=12, batch=2, vocab_size=288, mlp_ratio=4.0),
+                 Shape(96, 2, 3, ctx=6, batch=5, vocab_size=290, mlp_ratio=3.0)]
+_FITTED: dict[bool, list[int]] = {}
+
+
+def activation_coefficients(autocast: bool) -> list[int]:
+    """Integer bytes per term of ACTIVATION_TERMS, fitted on small real models and checked on others."""
+    if autocast in _FITTED:
+        return _FITTED[autocast]
+    X = torch.tensor([_activation_features(s) for s in _FIT_SHAPES], dtype=torch.float64)
+    y = torch.tensor([measure_activation_bytes(s, autocast) for s in _FIT_SHAPES], dtype=torch.float64)
+    coef = [round(v) for v in torch.linalg.lstsq(X, y[:, None]).solution[:, 0].tolist()]
+    for s in _FIT_SHAPES + _CHECK_SHAPES:
+        got, want = predict_activation_bytes(s, coef), measure_activation_bytes(s, autocast)
+        if got != want:
+            raise RuntimeError(f"activation formula does not fit this torch ({s.describe()}: {got} != {want})")
+    _FITTED[autocast] = coef
+    return coef
+
+
+def predict_activation_bytes(shape: Shape, coef: list[int]) -> int:
+    return int(sum(c * f for c, f in zip(coef, _activation_features(shape))))
+
+
+def activation_formula(coef: list[int]) -> str:
+    """The fitted formula as text: per-token terms, then the per-position and per-forward ones."""
+    per_token = " + ".join(f"{c}*{t}" if t != "1" else str(c) for c, t in zip(coef[:7], ACTIVATION_TERMS) if c)
+    text = f"tokens * ({per_token})"
+    if coef[7]:
+        text += f" + ctx * {coef[7]}*n_layers*head_dim"
+    if coef[8]:
+        text += f" + {coef[8]}"
+    return text
+
+
+# ------------------------------------------------------------------------------------ measurements
+@contextlib.contextmanager
+def _record_max(obj, name: str, size_of):
+    """Temporarily wrap ``obj.name`` to record the largest ``size_of(args, result)`` it sees."""
+    orig = getattr(obj, name)
+    box = {"max": 0}
+
+    def wrapper(*args, **kwargs):
+        out = orig(*args, **kwargs)
+        box["max"] = max(box["max"], size_of(args, out))
+        return out
+
+    setattr(obj, name, wrapper)
+    try:
+        yield box
+    finally:
+        if isinstance(obj, type):
+            setattr(obj, name, orig)
+        else:
+            delattr(obj, name)  # back to the class's method
+
+
+def measure(shape: Shape, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
+    """Every quantity of the tables, measured on real objects of this shape (CPU)."""
+    from .models import build_model
+    from .optim import FlipOptimizer
+    from .weight import TernaryScaleTensor, ternary_weights
+
+    # --- TrueTernary: the buffers, then one training step's transients
+    model = _ternary_model(shape, group_size)
+    tw = ternary_weights(model)
+    out: dict = {"weights": sum(w.numel() for w in tw)}
+    for name in ("T_packed", "E", "E_accum", "T_accum"):
+        out[name] = sum(getattr(w, name).numel() * getattr(w, name).element_size() for w in tw)
+    out["training"] = sum(w.training_state_bytes() for w in tw)
+    # every other buffer of the weights: the float vote normalisers (whatever weight.py registers)
+    out["normalisers"] = out["training"] - sum(out[k] for k in ("T_packed", "E", "E_accum", "T_accum"))
+    out["inference"] = sum(w.inference_bytes() for w in tw)
+    out["n_params_float"] = sum(p.numel() for p in model.parameters())
+    opt = FlipOptimizer(model, backend="dense-fallback")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (shape.batch, shape.ctx), generator=g)
+    with _record_max(opt, "cast_votes", lambda a, _: a[1].numel() * a[1].element_size()) as grad, \
+            _record_max(TernaryScaleTensor, "dense", lambda _, w: w.numel() * w.element_size()) as dense:
+        logits = model(x)
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1)).backward()
+        opt.step()
+    out["transient_gradient"] = grad["max"]
+    out["transient_dense_weight"] = dense["max"]
+    out["activations_fp32"] = measure_activation_bytes(shape, False, group_size)
+    out["activations_bf16"] = measure_activation_bytes(shape, True, group_size)
+    del model, opt
+    # --- bf16 + AdamW, the mixed-precision recipe: bf16 model, fp32 master copy with AdamW state
+    bf16 = build_model("transformer", seed=0, **shape.model_kwargs()).to(torch.bfloat16)
+    master = [p.detach().float().clone().requires_grad_(True) for p in bf16.parameters()]
+    logits = bf16(x)
+    F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1)).backward()
+    for m, p in zip(master, bf16.parameters()):
+        m.grad = p.grad.float()
+    adam = torch.optim.AdamW(master, lr=1e-3)
+    adam.step()
+    out["bf16 weights"] = sum(p.numel() * p.element_size() for p in bf16.parameters())
+    out["fp32 master weights"] = sum(m.numel() * m.element_size() for m in master)
+    for key, name in (("exp_avg", "fp32 Adam m"), ("exp_avg_sq", "fp32 Adam v")):
+        out[name] = sum(st[key].numel() * st[key].element_size() for st in adam.state.values())
+    out["adamw_training"] = sum(out[k] for k in ("bf16 weights", "fp32 master weights", "fp32 Adam m", "fp32 Adam v"))
+    out["adamw_gradient"] = sum(p.grad.numel() * p.grad.element_size() for p in bf16.parameters())
+    return out
+
+
+def predict(shape: Shape, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
+    """The formulas for every quantity ``measure`` reports."""
+    tern = ternary_state_bytes(shape.matrices(), group_size)
+    n = shape.n_weights()
+    adam = adamw_bytes(n)
+    trans = transient_bytes(shape, compute_bytes=4)
+    out = {"weights": n, **{k: tern[k] for k in ("T_packed", "E", "E_accum", "T_accum", "normalisers")},
+           "training": tern["training"], "inference": tern["inference"], "n_params_float": 0,
+           "transient_gradient": trans["gradient"], "transient_dense_weight": trans["dense_weight"],
+           "activations_fp32": predict_activation_bytes(shape, activation_coefficients(False)),
+           "activations_bf16": predict_activation_bytes(shape, activation_coefficients(True))}
+    for k in ("bf16 weights", "fp32 master weights", "fp32 Adam m", "fp32 Adam v"):
+        out[k] = int(adam[k])
+    out["adamw_training"] = int(adam["training"])
+    out["adamw_gradient"] = int(adam["gradient"])
+    return out
+
+
+# ------------------------------------------------------------------------------------ tables
+def _gib(b: float) -> str:
+    if b >= GIB / 10:
+        return f"{b / GIB:,.2f} GiB"
+    return f"{b / 2**20:,.1f} MiB" if b >= 2**20 / 10 else f"{b:,.0f} B"
+
+
+def projection_table(params: float, group_size: int, shape: Shape) -> str:
+    tern = ternary_state_bytes_for_params(params, group_size)
+    adam = adamw_bytes(params)
+    trans_bf16 = transient_bytes(shape, compute_bytes=2)
+    act32 = predict_activation_bytes(shape, activation_coefficients(False))
+    act16 = predict_activation_bytes(shape, activation_coefficients(True))
+    P = float(params)
+    w = 48
+
+    def row(label, t=None, a=None):
+        ts = f"{t / P:>9.4f} {_gib(t):>12}" if t is not None else f"{'-':>9} {'':>12}"
+        as_ = f"{a / P:>9.4f} {_gib(a):>12}" if a is not None else f"{'-':>9} {'':>12}"
+        return f"{label:<{w}}{ts}   {as_}"
+
+    lines = [
+        f"Projected memory for {P:.3g} weights, group_size {group_size}",
+        f"{'':<{w}}{'TrueTernary':>22}   {'bf16 + AdamW':>22}",
+        f"{'':<{w}}{'B/weight':>9} {'total':>12}   {'B/weight':>9} {'total':>12}",
+        row("T_packed (5 trits per byte)", tern["T_packed"]),
+        row(f"E (int8 per {group_size} weights)", tern["E"]),
+        row(f"E_accum (int8 per {group_size} weights)", tern["E_accum"]),
+        row("T_accum (int8 per weight)", tern["T_accum"]),
+        row("bf16 weights", None, adam["bf16 weights"]),
+        row("fp32 master weights", None, adam["fp32 master weights"]),
+        row("fp32 Adam m", None, adam["fp32 Adam m"]),
+        row("fp32 Adam v", None, adam["fp32 Adam v"]),
+        row("training state total", tern["training"], adam["training"]),
+        row("inference total (T_packed + E | bf16)", tern["inference"], adam["inference"]),
+        "",
+        f"Left out of the table above, for {shape.describe()}",
+        f"  ({shape.n_weights():.3g} weights in this shape)",
+        row("weight gradient (fp32, one matrix | bf16 all)", trans_bf16["gradient"], adam["gradient"]),
+        row("dequantised weight (bf16, one matrix)", trans_bf16["dense_weight"]),
+        row("activations saved for backward, fp32", act32, act32),
+        row("activations saved for backward, bf16 autocast", act16, act16),
+        row("training total with these (bf16 autocast)",
+            tern["training"] + trans_bf16["gradient"] + trans_bf16["dense_weight"] + act16,
+            adam["training"] + adam["gradient"] + act16),
+        "",
+        f"AdamW / TrueTernary: training state {adam['training'] / tern['training']:.1f}x, "
+        f"inference {adam['inference'] / tern['inference']:.1f}x",
+        "Assumptions: bf16+AdamW keeps bf16 weights, an fp32 master copy and fp32 m, v (14 B/weight) and a",
+        "full bf16 gradient; TrueTernary's float gradient exists for one matrix at a time (dense-fallback",
+        "backend; the fused GPU backend never writes it). Activations, without recomputation, in bytes:",
+        f"  fp32:          {activation_formula(activation_coefficients(False))}",
+        f"  bf16 autocast: {activation_formula(activation_coefficients(True))}",
+        "  (tokens = batch*ctx, d = d_model, h = MLP width, H = heads, V = vocabulary), fitted on small real",
+        "  models by counting the tensors autograd saves (CPU) and checked exactly on other shapes; the same",
+        "  architecture saves the same activations whatever its weight format. Sharding, recomputation or",
+        "  offloading shrink the AdamW state and both activation rows; the ternary state stays "
+        f"{tern['training'] / P:.3f} B/weight.",
+    ]
+    return "\n".join(lines)
+
+
+MEASURED_ROWS = [
+    ("weights", "ternary weights (count)"), ("n_params_float", "float parameters (count)"),
+    ("T_packed", "T_packed"), ("E", "E"), ("E_accum", "E_accum"), ("T_accum", "T_accum"),
+    ("normalisers", "vote normalisers (float32)"),
+    ("training", "ternary training state"), ("inference", "ternary inference"),
+    ("transient_gradient", "transient fp32 gradient (1 matrix)"),
+    ("transient_dense_weight", "transient dense weight (fp32)"),
+    ("bf16 weights", "bf16 weights"), ("fp32 master weights", "fp32 master"),
+    ("fp32 Adam m", "fp32 Adam m"), ("fp32 Adam v", "fp32 Adam v"),
+    ("adamw_training", "AdamW training state"), ("adamw_gradient", "AdamW bf16 gradient"),
+    ("activations_fp32", "activations fp32"), ("activations_bf16", "activations bf16 autocast"),
+]
+
+
+def measured_shapes(sizes: list[float], ctx: int = 64, batch: int = 1) -> list[Shape]:
+    return [shape_for_params(s, ctx=ctx, batch=batch) for s in sizes]
+
+
+def measured_table(shapes: list[Shape], group_size: int) -> tuple[str, bool]:
+    """Formula next to measurement for each shape; returns (table, every number equal)."""
+    cols = [(predict(s, group_size), measure(s, group_size)) for s in shapes]
+    w = 36
+    head = f"{'bytes':<{w}}" + "".join(f"{'formula':>13}{'measured':>13}" for _ in shapes)
+    lines = [
+        "Measured on real objects (CPU) next to the formulas, for "
+        + "; ".join(f"[{i + 1}] {s.describe()}" for i, s in enumerate(shapes)),
+        f"{'':<{w}}" + "".join(f"{f'[{i + 1}]':>26}" for i in range(len(shapes))),
+        head,
+    ]
+    all_equal = True
+    for key, label in MEASURED_ROWS:
+        cells = ""
+        for pred, meas in cols:
+            ok = pred[key] == meas[key]
+            all_equal &= ok
+            cells += f"{pred[key]:>13,}{meas[key]:>12,}{' ' if ok else '!'}"
+        lines.append(f"{label:<{w}}{cells}")
+    lines.append("every formula equals its measurement" if all_equal else "'!' marks a formula that differs")
+    return "\n".join(lines), all_equal
+
+
+# ------------------------------------------------------------------------------------ command line
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", type=float, default=3e9, help="weights to project (default 3e9)")
+    p.add_argument("--group_size", "--group-size", dest="group_size", type=int, default=DEFAULT_GROUP_SIZE)
+    p.add_argument("--batch", type=int, default=1, help="sequences, for the activation rows (default 1)")
+    p.add_argument("--ctx", type=int, default=2048, help="bytes per sequence, for the activation rows")
+    p.add_argument("--d_model", "--d-model", dest="d_model", type=int, default=None,
+                   help="model width for the gradient/activation rows (default: derived from --params)")
+    p.add_argument("--n_layers", "--n-layers", dest="n_layers", type=int, default=None)
+    p.add_argument("--n_heads", "--n-heads", dest="n_heads", type=int, default=None)
+    p.add_argument("--measure", default="1e5,1e6,1e7", metavar="SIZES",
+                   help="comma list of weight counts to measure on real objects ('' skips; default 1e5,1e6,1e7)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from .cli import UsageError
+
+    if not (args.params >= 1 and math.isfinite(args.params)):
+        raise UsageError(f"--params must be a number >= 1, got {args.params}")
+    for name in ("group_size", "batch", "ctx"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    shape = shape_for_params(args.params, ctx=args.ctx, batch=args.batch)
+    if args.d_model is not None or args.n_layers is not None or args.n_heads is not None:
+        d = args.d_model or shape.d_model
+        shape = Shape(d_model=d, n_layers=args.n_layers or shape.n_layers,
+                      n_heads=args.n_heads or max(2, d // HEAD_DIM), ctx=args.ctx, batch=args.batch)
+    for name in ("d_model", "n_layers", "n_heads"):
+        if getattr(shape, name) < 1:
+            raise UsageError(f"--{name} must be >= 1")
+    if shape.d_model % shape.n_heads or (shape.d_model // shape.n_heads) % 2:
+        raise UsageError(f"--d_model {shape.d_model} must split into --n_heads {shape.n_heads} heads of even size")
+    try:
+        sizes = [float(s) for s in args.measure.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--measure must be a comma list of numbers, got {args.measure!r}") from None
+    if any(not 1e3 <= s <= 1e8 for s in sizes):
+        raise UsageError("--measure sizes must be between 1e3 and 1e8 weights (they are built on this CPU)")
+    print(projection_table(args.params, args.group_size, shape))
+    ok = True
+    if sizes:
+        table, ok = measured_table(measured_shapes(sizes), args.group_size)
+        print()
+        print(table)
+    return {"ok": ok}

@@ -1,0 +1,126 @@
+"""The command line: bad flags and data give one line and exit 2; the console script works in a new process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _train_helpers import TINY, tiny_config, write_corpus
+from trueternary import checkpoint as ckpt_io
+from trueternary.cli import main
+from trueternary.train import train
+
+
+def _tiny_flags(tmp_path: Path) -> list[str]:
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        write_corpus(corpus)
+    flags = ["--data", str(corpus), "--out_dir", str(tmp_path / "runs")]
+    for k, v in TINY.items():
+        flags += [f"--{k}", str(v)]
+    return flags
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("trueternary: error:"), err
+    assert err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--max_steps", "-5"], "--max_steps"),
+    (["--max_steps", "0"], "--max_steps"),
+    (["--batch_size", "0"], "--batch_size"),
+    (["--ctx", "0"], "--ctx"),
+    (["--eval_every", "-1"], "--eval_every"),
+    (["--config", "Nope"], "unknown --config"),
+    (["--model", "nope"], "unknown --model"),
+    (["--device", "tpu"], "device"),
+    (["--update_backend", "warp"], "--update_backend"),
+    (["--lr", "-1"], "--lr"),
+    (["--accum_threshold", "500"], "accum_threshold"),
+    (["--d_model", "30", "--n_heads", "4"], "divisible"),
+    (["--rule", "vote_clip"], "key=value"),
+    (["--rule", "nonsense=1"], "unknown FlipRule fields"),
+    (["--no-strict_ternary", "--config", "Adam_FP32"], "contradicts"),
+    (["--strict_ternary", "--config", "TrueTernary_Hybrid"], "contradicts"),
+    (["--max_steps", "abc"], "invalid int value"),
+    (["--resume", "missing.safetensors"], "checkpoint not found"),
+    (["--resume", "auto", "--run_name", "a/b"], "--run_name"),
+])
+def test_bad_train_flags(tmp_path, capsys, flags, msg):
+    assert main(["train", *_tiny_flags(tmp_path), *flags]) == 2
+    assert msg in _one_line_error(capsys)
+    assert not list(ckpt_io.list_checkpoints(tmp_path / "runs")) and not (tmp_path / "runs").exists()
+
+
+def test_ctx_larger_than_the_model_allows(tmp_path, capsys):
+    train(tiny_config(tmp_path, max_steps=2))  # a model of context 16
+    run = str(tmp_path / "runs" / "run")
+    assert main(["train", "--resume", run, "--ctx", "64", "--out_dir", str(tmp_path / "runs")]) == 2
+    assert "exceeds the model's context 16" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "too_small_for_ctx"])
+def test_bad_data(tmp_path, capsys, case):
+    data = tmp_path / "data.txt"
+    extra = []
+    if case == "empty":
+        data.write_bytes(b"")
+    elif case == "too_small_for_ctx":
+        data.write_bytes(b"x" * 1100)  # 550 held-out bytes: no room for a 1000-byte window
+        extra = ["--ctx", "1000"]
+    flags = _tiny_flags(tmp_path)
+    flags[flags.index("--data") + 1] = str(data)
+    assert main(["train", *flags, *extra]) == 2
+    _one_line_error(capsys)
+
+
+def test_unwritable_out_dir(tmp_path, capsys):
+    flags = _tiny_flags(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    flags[flags.index("--out_dir") + 1] = str(tmp_path / "afile")  # a file where a directory must go
+    assert main(["train", *flags]) == 2
+    assert "cannot create run directory" in _one_line_error(capsys)
+
+
+def test_no_subcommand_prints_help(capsys):
+    assert main([]) == 2
+    assert "train" in capsys.readouterr().out
+
+
+def _console_script() -> str:
+    exe = Path(sys.executable).with_name("trueternary")
+    return str(exe) if exe.exists() else shutil.which("trueternary")
+
+
+def test_console_script_bad_flag_is_one_line_exit_2():
+    proc = subprocess.run([_console_script(), "train", "--batch_size", "0"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr == "trueternary: error: --batch_size must be a positive integer, got 0\n"
+    proc = subprocess.run([_console_script(), "info", "/nonexistent.safetensors"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not found" in proc.stderr
+
+
+def test_resume_in_a_new_process_is_bit_identical(tmp_path):
+    """Train 4 of 8 steps here, continue in a fresh process through the console script; compare to 8 straight."""
+    straight = train(tiny_config(tmp_path, max_steps=8, run_name="straight"))
+    train(tiny_config(tmp_path, max_steps=8, run_name="split", stop_at=4))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([_console_script(), "train", "--resume", "auto", "--run_name", "split",
+                           "--out_dir", str(tmp_path / "runs")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from step 4" in proc.stdout
+    a = ckpt_io.load_checkpoint(ckpt_io.latest_checkpoint(tmp_path / "runs" / "straight"))
+    b = ckpt_io.load_checkpoint(ckpt_io.latest_checkpoint(tmp_path / "runs" / "split"))
+    assert a.step == b.step == 8
+    assert a.meta["tensor_sha256"] == b.meta["tensor_sha256"]
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert f"{straight['losses'][-1]:.3f}" in proc.stdout  # the last loss, printed by the new process

@@ -1,0 +1,63 @@
+"""``trueternary project``: the formulas equal bytes measured on real objects at small sizes."""
+
+from __future__ import annotations
+
+import pytest
+
+from trueternary.cli import main
+from trueternary.project import (
+    MEASURED_ROWS,
+    Shape,
+    adamw_bytes,
+    measure,
+    predict,
+    shape_for_params,
+    ternary_state_bytes_for_params,
+)
+
+
+@pytest.mark.parametrize("shape, group_size", [
+    (Shape(32, 1, 2, ctx=8, batch=2), 64),
+    (Shape(64, 2, 4, ctx=16, batch=1, mlp_ratio=3.0), 24),  # 64 % 24 != 0: short last groups
+], ids=["d32-g64", "d64-g24-ragged"])
+def test_formulas_equal_measured_bytes(shape, group_size):
+    predicted, measured = predict(shape, group_size), measure(shape, group_size)
+    assert set(key for key, _ in MEASURED_ROWS) <= set(measured)
+    for key, label in MEASURED_ROWS:
+        assert predicted[key] == measured[key], label
+    assert measured["n_params_float"] == 0  # strict ternary: no nn.Parameter at all
+
+
+def test_per_weight_numbers_of_the_seed_table():
+    t = ternary_state_bytes_for_params(3e9, 64)
+    assert t["T_packed"] / 3e9 == pytest.approx(0.2)
+    assert t["E"] / 3e9 == t["E_accum"] / 3e9 == pytest.approx(1 / 64)
+    assert t["T_accum"] / 3e9 == 1.0
+    assert t["training"] / 3e9 == pytest.approx(1 + 0.2 + 2 / 64)
+    assert t["inference"] / 3e9 == pytest.approx(0.2 + 1 / 64)
+    a = adamw_bytes(3e9)
+    assert a["training"] / 3e9 == 14 and a["inference"] / 3e9 == 2 and a["gradient"] / 3e9 == 2
+
+
+def test_shape_for_params_is_close():
+    for p in (1e6, 1e8, 3e9, 7e10):
+        s = shape_for_params(p)
+        assert 0.7 < s.n_weights() / p < 1.4 and s.d_model % s.n_heads == 0
+
+
+def test_project_cli(capsys):
+    assert main(["project", "--params", "3e9", "--group_size", "64", "--measure", "2e4"]) == 0
+    out = capsys.readouterr().out
+    assert "T_packed (5 trits per byte)" in out and "0.2000" in out
+    assert "training state total" in out and "1.2312" in out and "14.0000" in out
+    assert "activations saved for backward" in out and "weight gradient" in out
+    assert "every formula equals its measurement" in out
+
+
+@pytest.mark.parametrize("flags", [["--params", "0"], ["--group_size", "0"], ["--batch", "0"],
+                                   ["--measure", "abc"], ["--measure", "1e12"],
+                                   ["--d_model", "100", "--n_heads", "3"]])
+def test_project_bad_flags(capsys, flags):
+    assert main(["project", "--measure", "", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trueternary: error:") and err.count("\n") == 1

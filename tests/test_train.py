@@ -1,0 +1,118 @@
+"""``trueternary.train``: resume bit-identity, the run directory, refusal to overwrite, divergence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from _train_helpers import tiny_config
+from trueternary import checkpoint as ckpt_io
+from trueternary.cli import UsageError
+from trueternary.recipes import Recipe
+from trueternary.train import TrainingError, read_metrics, train
+
+TIMING_KEYS = ("tokens_per_s", "elapsed_s")
+
+
+def _final_tensors(run_dir):
+    return ckpt_io.load_checkpoint(ckpt_io.latest_checkpoint(run_dir)).tensors
+
+
+def _metric_rows(run_dir):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(run_dir)]
+
+
+@pytest.mark.parametrize("config", ["TrueTernary", "TrueTernary_Hybrid", "Adam_FP32"])
+def test_resume_is_bit_identical(tmp_path, config):
+    """8 steps straight == 4 steps, save, fresh objects from the checkpoint, 4 more steps: every tensor,
+    every loss and every metrics row identical (float configs included: AdamW state is in the file)."""
+    straight = train(tiny_config(tmp_path, config=config, max_steps=8, run_name="straight", eval_every=2))
+    first = train(tiny_config(tmp_path, config=config, max_steps=8, run_name="split", eval_every=2, stop_at=4))
+    assert first["end_step"] == 4 and len(first["losses"]) == 4
+    second = train(tiny_config(tmp_path, config=config, max_steps=8, run_name="split", eval_every=2, resume="auto"))
+    assert second["start_step"] == 4 and len(second["losses"]) == 4
+    assert first["losses"] + second["losses"] == straight["losses"]
+
+    a, b = _final_tensors(tmp_path / "runs" / "straight"), _final_tensors(tmp_path / "runs" / "split")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    if config == "Adam_FP32":
+        assert any(n.startswith("optim/0/") and n.endswith("exp_avg_sq") for n in a)
+    assert _metric_rows(tmp_path / "runs" / "straight") == _metric_rows(tmp_path / "runs" / "split")
+
+
+def test_run_directory_layout(tmp_path):
+    res = train(tiny_config(tmp_path, max_steps=6, save_every=2, eval_every=3, keep_checkpoints=2))
+    run = tmp_path / "runs" / "run"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["max_steps"] == 6 and cfg["model"]["config"]["d_model"] == 32
+    assert cfg["hparams"]["rule"]["accum_threshold"] >= 1 and cfg["data"]["train_bytes"] > 0
+    rows = read_metrics(run)
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "train_bpb", "lr", "flips", "tokens_per_s", "elapsed_s"} <= set(steps[0])
+    assert [r["step"] for r in rows if "val_bpb" in r] == [0, 3, 6]
+    assert (run / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    names = [p.name for p in ckpt_io.list_checkpoints(run)]
+    assert names == ["step_0000004.safetensors", "step_0000006.safetensors"]  # keep_checkpoints=2
+    assert res["checkpoint"].endswith("step_0000006.safetensors")
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert not (run / "tensorboard").exists()  # optional dependency: skipped silently
+
+
+def test_fresh_run_never_overwrites_checkpoints(tmp_path):
+    train(tiny_config(tmp_path, max_steps=2))
+    before = ckpt_io.latest_checkpoint(tmp_path / "runs" / "run").read_bytes()
+    with pytest.raises(UsageError, match="already holds checkpoints"):
+        train(tiny_config(tmp_path, max_steps=2))
+    assert ckpt_io.latest_checkpoint(tmp_path / "runs" / "run").read_bytes() == before
+
+
+def test_resume_rejects_changed_run_defining_flags(tmp_path):
+    train(tiny_config(tmp_path, max_steps=4, stop_at=2))
+    with pytest.raises(UsageError, match="batch_size"):
+        train(tiny_config(tmp_path, max_steps=4, batch_size=8, resume="auto"))
+    with pytest.raises(UsageError, match="exceeds the model's context 16"):
+        train(tiny_config(tmp_path, max_steps=4, ctx=32, resume="auto"))
+
+
+def test_resume_from_older_checkpoint_into_same_run_is_refused(tmp_path):
+    train(tiny_config(tmp_path, max_steps=4, save_every=2, keep_checkpoints=0))
+    older = ckpt_io.checkpoint_path(tmp_path / "runs" / "run", 2)
+    with pytest.raises(UsageError, match="newer checkpoint"):
+        train(tiny_config(tmp_path, max_steps=4, resume=str(older)))
+    # branching off into another run directory is fine, and continues the same way
+    res = train(tiny_config(tmp_path, max_steps=4, resume=str(older), run_name="branch"))
+    assert res["start_step"] == 2 and res["end_step"] == 4
+
+
+def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, capsys):
+    res = train(tiny_config(tmp_path, max_steps=2, resume="auto"))
+    assert res["start_step"] == 0 and res["end_step"] == 2
+    assert "starting a fresh run" in capsys.readouterr().out
+
+
+def test_resume_needs_run_name_for_auto(tmp_path):
+    with pytest.raises(UsageError, match="--run_name"):
+        train(tiny_config(tmp_path, run_name=None, resume="auto"))
+
+
+def test_divergence_is_a_one_line_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    train(tiny_config(tmp_path, max_steps=4, stop_at=2))
+    good = ckpt_io.latest_checkpoint(tmp_path / "runs" / "run")
+    monkeypatch.setattr(Recipe, "train_step", lambda self, x, y, autocast=False: torch.tensor(float("nan")))
+    with pytest.raises(TrainingError, match="diverged at step 3"):
+        train(tiny_config(tmp_path, max_steps=4, resume="auto"))
+    assert ckpt_io.latest_checkpoint(tmp_path / "runs" / "run") == good
+    ckpt_io.load_checkpoint(good)
+
+
+def test_training_lowers_validation_bpb(tmp_path):
+    """A sanity check that the loop trains (not a learning-quality test): 40 steps on repetitive text."""
+    res = train(tiny_config(tmp_path, max_steps=40, batch_size=8, eval_every=0))
+    assert res["val_bpb"] < res["initial_val_bpb"] - 0.5
