@@ -25,7 +25,6 @@ def test_ternarised_transformer_has_zero_float_params():
     assert r["ternary_matrices"] == 6
     assert r["ternary_training_state_bytes"] == sum(
         b.numel() * b.element_size() for n, b in m.named_buffers() if n.startswith(("embed", "blocks", "head")))
-    assert r["vote_normaliser_bytes"] == 6 * 8
     assert r["float_buffers"] == m.rope_cos.numel() * 2
     text = format_audit(r, "transformer")
     assert "float params" in text and "rope_cos" in text

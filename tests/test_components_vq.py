@@ -30,8 +30,7 @@ class RecordingVoter:
 def test_embedding_table_is_the_packed_ternary_embedding():
     assert TernaryEmbeddingTable is TernaryEmbedding
     t = TernaryEmbeddingTable(10, 6)
-    assert {n for n, _ in t.named_buffers()} == {"weight.T_packed", "weight.E", "weight.E_accum", "weight.T_accum",
-                                                 "weight.vote_ms"}
+    assert {n for n, _ in t.named_buffers()} == {"weight.T_packed", "weight.E", "weight.E_accum", "weight.T_accum"}
     assert t.weight.T_accum.dtype == t.weight.E_accum.dtype == t.weight.E.dtype == torch.int8
 
 

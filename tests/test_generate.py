@@ -50,7 +50,7 @@ def test_strict_inference_holds_only_T_packed_and_E(runs):
     tw = ternary_weights(model)
     assert tw and all(w.inference_only for w in tw)
     for w in tw:
-        assert w.T_accum.numel() == w.E_accum.numel() == w.vote_ms.numel() == 0
+        assert w.T_accum.numel() == w.E_accum.numel() == 0
     held = held_bytes(model)
     assert held["training_state"] == 0
     assert held["ternary_inference"] == sum(w.T_packed.numel() + w.E.numel() for w in tw)

@@ -146,9 +146,8 @@ def test_linear_empty_batch_casts_no_votes():
     y = lin(torch.randn(0, 6))
     assert y.shape == (0, 3)
     y.sum().backward()
-    # no gradient information: the vote normaliser must stay 'unseen' and no votes land
-    assert (lin.weight.vote_ms == -1).all() and (lin.bias.vote_ms == -1).all()
-    assert (lin.weight.T_accum == 0).all()
+    # no gradient information: no votes land
+    assert (lin.weight.T_accum == 0).all() and (lin.bias.q == 0).all()
     opt.step()
 
 
@@ -202,7 +201,7 @@ def test_integer_bias():
     with pytest.raises(ValueError, match="exponent"):
         IntegerBias(3, exp=200)
     assert b.inference_bytes() == 3 * 4 + 1
-    assert b.training_state_bytes() == 3 * 4 + 1 + 4
+    assert b.training_state_bytes() == 3 * 4 + 1  # q (int32) + exp (int8): integers only
 
 
 # ------------------------------------------------------------------------------------ embedding
@@ -260,7 +259,7 @@ def test_embedding_only_padding_or_empty_batch_casts_no_votes():
     out = emb(torch.zeros(0, dtype=torch.int64))
     assert out.shape == (0, 12)
     out.sum().backward()
-    assert (emb.weight.vote_ms == -1).all() and (emb.weight.T_accum == 0).all()
+    assert (emb.weight.T_accum == 0).all()
 
 
 def test_embedding_negative_padding_idx_and_from_embedding():

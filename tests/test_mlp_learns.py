@@ -7,15 +7,18 @@ test points; chance is 25% (the majority class is 28-33% depending on the teache
 
 Student: ``nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))`` passed through
 ``ternarize`` (zero nn.Parameters: packed trits, int8 scales and accumulators, int32 biases), trained by
-``FlipOptimizer(model)`` with every hyper-parameter at its default, 600 steps of batch 128, cross-entropy.
+``FlipOptimizer(model)`` with every rule hyper-parameter at its default and the usual cosine decay of
+``lr`` (a ``torch.optim.lr_scheduler.LambdaLR``), 600 steps of batch 128, cross-entropy.
 
-Bar: >= 90% held-out accuracy for each of 3 seeds. Measured on CPU (torch 2.13) over seeds 0-7:
-92.7% .. 94.7% (float AdamW on the same network and budget: ~97.6%). Before training the ternarised
-network is near chance, which the test also checks so that the bar reflects learning.
+Bar: >= 90% held-out accuracy for each of 3 seeds. Measured on CPU (torch 2.13), seeds 0-3:
+93.4%, 95.0%, 93.5%, 92.0% (constant lr: 89.0-92.1%; float AdamW on the same network and budget: ~97.6%).
+Before training the ternarised network is near chance, which the test also checks so that the bar
+reflects learning.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -57,11 +60,13 @@ def test_strictly_ternary_mlp_learns_teacher_task(seed):
     assert acc_before < 0.6
 
     opt = FlipOptimizer(model, seed=seed)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / STEPS)))
     g = torch.Generator().manual_seed(seed)
     for _ in range(STEPS):
         i = torch.randint(0, N_TRAIN, (BATCH,), generator=g)
         F.cross_entropy(model(x_train[i]), y_train[i]).backward()
         opt.step()
+        schedule.step()
 
     acc = accuracy(model, x_test, y_test)
     assert list(model.parameters()) == []

@@ -194,7 +194,7 @@ def test_scale_update_interval():
 
 def test_bias_votes_follow_descent():
     lin = TernaryLinear(5, 3, bias=True)
-    opt = FlipOptimizer(lin)
+    opt = FlipOptimizer(lin, lr=1.0)
     q0 = lin.bias.q.clone()
     x = torch.randn(8, 5)
     for _ in range(5):
@@ -287,7 +287,7 @@ def test_zero_lr_from_a_scheduler_casts_no_trit_votes():
     [
         dict(accum_threshold=0), dict(accum_threshold=128), dict(accum_threshold=2.5), dict(scale_threshold=-1),
         dict(vote_clip=0), dict(vote="majority"), dict(lr=-1.0), dict(lr=float("nan")), dict(seed=-1),
-        dict(seed=1.5), dict(grad_beta=1.5), dict(scale_update_interval=-2), dict(no_such_option=1),
+        dict(seed=1.5), dict(norm_block=0), dict(scale_update_interval=-2), dict(no_such_option=1),
     ],
     ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()),
 )
@@ -322,15 +322,6 @@ def test_non_finite_gradient_raises_and_integer_state_is_not_poisoned(bad):
     assert states_differ(before, integer_state(model))
 
 
-def test_non_finite_gradient_leaves_vote_normaliser_alone():
-    lin = TernaryLinear(6, 3)
-    FlipOptimizer(lin)
-    x = torch.randn(4, 6)
-    x[0, 0] = float("nan")
-    lin(x).sum().backward()
-    assert (lin.weight.vote_ms == -1).all()
-
-
 # ------------------------------------------------------------------------------------ no float weight gradient
 def tensor_inventory(model: nn.Module):
     """(module, name, dtype, shape) of every tensor a module holds, as parameter, buffer or plain attribute."""
@@ -354,7 +345,7 @@ def test_float_weight_gradient_is_never_stored():
     for t in list(model.buffers()):
         assert t.grad is None
     float_buffers = {k for k, v in model.state_dict().items() if v.is_floating_point()}
-    assert float_buffers == {"emb.weight.vote_ms", "fc1.weight.vote_ms", "fc2.weight.vote_ms", "fc1.bias.vote_ms"}
+    assert float_buffers == set()  # the training state is integers only
     assert opt.state_bytes() == 0 and len(opt.state) == 0
 
 
@@ -466,11 +457,9 @@ def test_integer_bias_alone_and_ternary_scale_tensor_alone():
     assert FlipOptimizer(w).modules_trained() == [w]
 
 
-def test_zero_first_gradient_does_not_saturate_later_votes():
+def test_zero_gradient_casts_no_votes():
     lin = TernaryLinear(16, 8)
     FlipOptimizer(lin)
-    x, gy = torch.randn(4, 16), torch.randn(4, 8)
-    lin(x).backward(torch.zeros_like(gy))  # e.g. a branch that is dead on the first batch
-    lin(x).backward(gy)
-    saturated = (lin.weight.T_accum.abs() == FlipRule().vote_clip).float().mean().item()
-    assert saturated < 0.2, f"{saturated:.0%} of votes hit the clip after one gradient"
+    x = torch.randn(4, 16)
+    lin(x).backward(torch.zeros(4, 8))  # e.g. a branch that is dead on this batch
+    assert (lin.weight.T_accum == 0).all() and (lin.weight.E_accum == 0).all()

@@ -23,7 +23,6 @@ def random_state(t: TernaryScaleTensor, seed: int = 0) -> None:
     t.E.copy_(torch.randint(-20, 5, t.E.shape, generator=g, dtype=torch.int8))
     t.E_accum.copy_(torch.randint(-127, 128, t.E_accum.shape, generator=g, dtype=torch.int8))
     t.T_accum.copy_(torch.randint(-127, 128, t.T_accum.shape, generator=g, dtype=torch.int8))
-    t.vote_ms.copy_(torch.rand(2, generator=g))
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -46,14 +45,13 @@ def test_buffers_dtypes_shapes(rows, cols, gs):
         "E": (torch.int8, (rows, n_groups)),
         "E_accum": (torch.int8, (rows, n_groups)),
         "T_accum": (torch.int8, (rows, cols)),
-        "vote_ms": (torch.float32, (2,)),
     }
     got = {k: (v.dtype, tuple(v.shape)) for k, v in t.state_dict().items()}
     assert got == expected
     assert dict(t.named_buffers()).keys() == expected.keys()
     assert list(t.parameters()) == []  # strict: integer buffers only
     assert t.shape == (rows, cols) and t.numel() == rows * cols
-    assert (t.E_accum == 0).all() and (t.T_accum == 0).all() and (t.vote_ms == -1).all()
+    assert (t.E_accum == 0).all() and (t.T_accum == 0).all()
     assert t.trits().shape == (rows, cols) and t.trits().dtype == torch.int8
 
 
@@ -156,8 +154,8 @@ def test_training_and_inference_bytes_exact(rows, cols, gs):
     t = TernaryScaleTensor(rows, cols, gs)
     n_groups = math.ceil(cols / gs)
     packed = math.ceil(rows * cols / 5)
-    # T_packed + E + E_accum + T_accum + vote_ms(2 x float32)
-    assert t.training_state_bytes() == packed + rows * n_groups + rows * n_groups + rows * cols + 8
+    # T_packed + E + E_accum + T_accum: integers only
+    assert t.training_state_bytes() == packed + rows * n_groups + rows * n_groups + rows * cols
     assert t.inference_bytes() == packed + rows * n_groups
 
 
@@ -179,7 +177,7 @@ def test_release_training_state_keeps_the_weight():
     y_before = lin(x).detach()
     w.release_training_state()
     assert w.inference_only
-    assert w.T_accum.numel() == w.E_accum.numel() == w.vote_ms.numel() == 0
+    assert w.T_accum.numel() == w.E_accum.numel() == 0
     assert w.training_state_bytes() == w.inference_bytes() == packed_numel(350) + 5 * 2
     assert torch.equal(w.dense(), dense_before)
     assert torch.equal(lin(x).detach(), y_before)
@@ -220,7 +218,6 @@ def bad_state_dicts(t: TernaryScaleTensor):
     yield "T_accum-uint8", _corrupt(sd, "T_accum", sd["T_accum"].to(torch.uint8)), "int8"
     yield "T_accum-transposed", _corrupt(sd, "T_accum", sd["T_accum"].t().contiguous()), "shape"
     yield "E-one-group-short", _corrupt(sd, "E", sd["E"][:, :1].clone()), "shape"
-    yield "vote_ms-3", _corrupt(sd, "vote_ms", torch.zeros(3)), "shape"
 
 
 BAD_SD_IDS = [name for name, _, _ in bad_state_dicts(TernaryScaleTensor(3, 12, 8))]
@@ -243,7 +240,7 @@ def test_load_state_dict_through_a_parent_module():
     a, b = TernaryLinear(12, 3, group_size=8), TernaryLinear(12, 3, group_size=8)
     random_state(a.weight, seed=4)
     sd = a.state_dict()
-    assert set(sd) == {f"weight.{k}" for k in ("T_packed", "E", "E_accum", "T_accum", "vote_ms")}
+    assert set(sd) == {f"weight.{k}" for k in ("T_packed", "E", "E_accum", "T_accum")}
     b.load_state_dict(sd)
     assert_same_state(snapshot(a), snapshot(b))
     sd["weight.T_packed"] = sd["weight.T_packed"].clone().fill_(250)

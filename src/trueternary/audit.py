@@ -3,13 +3,12 @@ and float buffers -- and a printable report (``trueternary audit``, see :func:`m
 
 Categories (every registered tensor lands in exactly one):
 
-    ternary weights        TernaryScaleTensor buffers (T_packed, E, E_accum, T_accum, vote_ms) and
-                           IntegerBias buffers (q, exp, vote_ms): the state the FlipOptimizer trains
+    ternary weights        TernaryScaleTensor buffers (T_packed, E, E_accum, T_accum) and
+                           IntegerBias buffers (q, exp): the state the FlipOptimizer trains
     other integer state    integer buffers elsewhere (VQ usage/idle counters, MoE balance bias, ...)
     float parameters       trainable ``nn.Parameter`` (a strict ternary model has none)
     frozen parameters      registered parameters with ``requires_grad=False``
-    float buffers          floating-point buffers outside the ternary state (e.g. rotary tables);
-                           the ternary weights' own ``vote_ms`` normalisers are counted separately
+    float buffers          floating-point buffers outside the ternary state (e.g. rotary tables)
     frozen encoders        parameters of encoders attached with ``FrozenEncoder`` (not registered, not
                            trained, reported apart; the only float parameters MORPH allows)
 """
@@ -55,14 +54,12 @@ def audit(model: nn.Module) -> dict:
                      "numel": b.numel(), "bytes": _nbytes(b), "persistent": bname not in non_persistent}
             (float_buffers if b.is_floating_point() else int_state).append(entry)
     encoders = [m for m in model.modules() if isinstance(m, FrozenEncoder)]
-    vote_ms_bytes = sum(_nbytes(m.vote_ms) for m in (*tw, *biases))
     tern_train = sum(w.training_state_bytes() for w in tw) + sum(b.training_state_bytes() for b in biases)
     return {
         "ternary_matrices": len(tw),
         "ternary_weights": sum(w.numel() for w in tw),
         "ternary_inference_bytes": sum(w.inference_bytes() for w in tw) + sum(b.inference_bytes() for b in biases),
         "ternary_training_state_bytes": tern_train,
-        "vote_normaliser_bytes": vote_ms_bytes,
         "integer_biases": sum(b.n for b in biases),
         "other_integer_state_bytes": sum(e["bytes"] for e in int_state if e["persistent"]),
         "other_integer_state": int_state,
@@ -98,7 +95,7 @@ def format_audit(report: dict, title: str = "model") -> str:
         f"  inference bytes        {r['ternary_inference_bytes']:>14,}  ({r['ternary_inference_bytes'] * kb:,.1f} KiB:"
         " packed trits + scales)",
         f"  training-state bytes   {r['training_state_bytes']:>14,}  ({r['training_state_bytes'] * kb:,.1f} KiB:"
-        f" ternary {r['ternary_training_state_bytes']:,} incl. {r['vote_normaliser_bytes']:,} of vote normalisers,"
+        f" ternary {r['ternary_training_state_bytes']:,},"
         f" other integer {r['other_integer_state_bytes']:,}, float params {r['float_param_bytes']:,})",
         f"  float params           {r['float_params']:>14,}{_names(r['float_param_names'])}",
         f"  frozen params          {r['frozen_params']:>14,}",

@@ -5,8 +5,7 @@ File layout (format ``trueternary.checkpoint``, version ``FORMAT_VERSION``):
     tensors
         model/<state_dict key>          every entry of ``model.state_dict()``: for ternary weights
                                         ``...weight.T_packed`` (uint8), ``.E`` / ``.E_accum`` (int8 per group),
-                                        ``.T_accum`` (int8 per weight), the float32 vote normalisers
-                                        (``.vote_ms``, ``.vote_row_ms``, ``.vote_col_ms``); integer biases
+                                        ``.T_accum`` (int8 per weight); integer biases
                                         ``.q`` / ``.exp``; float parameters of float configs
         optim/<i>/<param>/<key>         tensor entries of optimiser ``i``'s ``state_dict()["state"][param]``
                                         (AdamW ``exp_avg``, ``exp_avg_sq``, ``step``); FlipOptimizer has none
@@ -401,7 +400,7 @@ def _fmt_bytes(n: int) -> str:
 
 
 _DTYPE_BYTES = {"U8": 1, "I8": 1, "BOOL": 1, "I16": 2, "F16": 2, "BF16": 2, "I32": 4, "F32": 4, "I64": 8, "F64": 8}
-# What inference needs of a ternary weight (its other buffers: accumulators, vote normalisers, ... are
+# What inference needs of a ternary weight (its other buffers: the accumulators, ... are
 # training state) and of an integer bias. Everything else in a model (float configs' weights) is needed.
 TERNARY_INFERENCE = ("T_packed", "E")
 HYBRID_SCALE = "log2_scale"  # replaces E in the hybrid configuration
@@ -412,7 +411,7 @@ def classify_tensors(names) -> dict[str, str]:
     """Map each tensor name to ``inference``, ``training`` (state only training needs) or ``optimizer``.
 
     A ternary weight is recognised by its ``<prefix>.T_packed`` tensor, an integer bias by ``<prefix>.q``;
-    any other buffer under those prefixes is training state, so new normalisers need no change here.
+    any other buffer under those prefixes is training state, so new training buffers need no change here.
     """
     names = list(names)
     have = set(names)
@@ -436,7 +435,7 @@ def classify_tensors(names) -> dict[str, str]:
 
 def inference_tensor_names(names) -> set[str]:
     """The model tensors inference needs: every ternary weight's ``T_packed`` and its scale (``E``, or the
-    hybrid's float ``log2_scale``), integer biases, float tensors; never accumulators or vote normalisers."""
+    hybrid's float ``log2_scale``), integer biases, float tensors; never accumulators."""
     kinds = classify_tensors(n for n in names if n.startswith(MODEL_PREFIX))
     return {n for n, k in kinds.items() if k == "inference"}
 

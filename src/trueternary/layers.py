@@ -33,7 +33,6 @@ class IntegerBias(nn.Module):
         self._group_index = 0
         self.register_buffer("q", torch.zeros(n, dtype=torch.int32, device=device))
         self.register_buffer("exp", torch.tensor(exp, dtype=torch.int8, device=device))
-        self.register_buffer("vote_ms", torch.full((1,), -1.0, dtype=torch.float32, device=device))
 
     def value(self) -> torch.Tensor:
         return self.q.float() * torch.exp2(self.exp.float())

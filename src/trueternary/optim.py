@@ -24,14 +24,11 @@ from .rule import (
     accumulate,
     apply_flips,
     apply_scale_flips,
-    factored_ema_ms,
-    factored_ms,
     leak,
     scale_gradient,
     sign_votes,
     stochastic_votes,
-    update_grad_ms,
-    vote_multiplier,
+    vote_scale,
 )
 from .weight import TernaryScaleTensor, ternary_weights
 
@@ -114,7 +111,9 @@ class FlipOptimizer(torch.optim.Optimizer):
         self.backend = resolve_backend(backend)
         self.seed = seed
         self.check_finite = check_finite
-        self.vote_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # Data parallelism (trueternary.distributed): an object with ``world_size``, ``rank`` and
+        # ``sum_votes(int tensor) -> int tensor`` (an integer all-reduce). None: one process.
+        self.comm = None
         self._step = 0
         self._calls: dict[int, int] = {}
         self._nonfinite: torch.Tensor | None = None
@@ -150,13 +149,13 @@ class FlipOptimizer(torch.optim.Optimizer):
         super().__init__(tensor_groups, rule.to_dict())
 
     # ------------------------------------------------------------------ votes (called in backward)
-    def _finite_flag(self, g: torch.Tensor, ms_cur: torch.Tensor) -> torch.Tensor | None:
-        """Record (on device, no sync) whether this gradient was finite; ``ms_cur = mean(g**2)`` tells."""
+    def _finite_flag(self, g: torch.Tensor) -> torch.Tensor | None:
+        """Record (on device, no sync) whether this gradient is finite; returns the 0-dim 'bad' flag."""
         if not self.check_finite:
             return None
         if self._nonfinite is None or self._nonfinite.device != g.device:
             self._nonfinite = torch.zeros((), dtype=torch.int32, device=g.device)
-        bad = ~torch.isfinite(ms_cur)
+        bad = ~torch.isfinite(g.float().square().sum())
         self._nonfinite += bad.to(torch.int32)
         return bad
 
@@ -165,107 +164,96 @@ class FlipOptimizer(torch.optim.Optimizer):
         self._calls[id(m)] = c + 1
         return self._step * _CALLS_PER_STEP + (c % _CALLS_PER_STEP)
 
-    def _votes(self, group, g, ms_buf, slot, lr, key_stream, counter, clip, T=None, decay=0.0, index=None,
-               factored=None):
-        """Stochastic votes for gradient ``g``, normalised by running mean squares.
+    def _world(self) -> int:
+        return self.comm.world_size if self.comm is not None else 1
 
-        Normalisation uses the statistics from *before* this gradient (a first gradient bootstraps from
-        itself), so a fused kernel can vote in the same pass that measures the gradient. ``factored``
-        is ``(R, C)`` running row / column mean squares for ``normalize='factored_ema'``.
+    def _votes(self, group, g, lr, stream, counter, clip, normalize, T=None, decay=0.0, index=None):
+        """Votes for one gradient: sign votes, or stochastic votes normalised per call (rule.py).
+
+        Under data parallelism each rank votes on its own gradient with ``lr / world_size`` and its own
+        random stream; :meth:`_reduce` then sums the ranks' votes, so the expected total is
+        ``s * mean(gradients)`` and every rank adds the same integers to its state.
         """
-        ms_old = ms_buf[slot]
-        ms_new = update_grad_ms(ms_old, g, group["grad_beta"])
-        ms_use = torch.where(ms_old <= 0, ms_new, ms_old)
-        mode = group["normalize"] if g.dim() == 2 else "tensor"
-        new_rc = None
-        if mode == "factored":
-            # per-element RMS from the row/column structure of this gradient, at the running overall level
-            ms_use = factored_ms(g) * (ms_use / g.float().square().mean().clamp_min(1e-38))
-        elif mode == "factored_ema" and factored is not None:
-            ms_use, R_new, C_new = factored_ema_ms(factored[0], factored[1], g, group["grad_beta"])
-            new_rc = (R_new, C_new)
-        s = vote_multiplier(ms_use, lr, group["eps"])
-        key = rng.stream_key(self.seed, key_stream, counter)
-        v = stochastic_votes(g, s, key, clip, T, decay, index)
-        ms_buf[slot] = ms_new
-        return v, new_rc
+        if group["vote"] == "sign":
+            return sign_votes(g)
+        s = vote_scale(g, lr, normalize, group["norm_block"])
+        key = rng.stream_key(self.seed, stream, counter)
+        if self._world() > 1:
+            s = s / self._world()
+            key = key ^ rng.mix32_int(0x5EED0000 + self.comm.rank) if self.comm.rank else key
+        return stochastic_votes(g, s, key, clip, T, decay, index)
+
+    def _reduce(self, v: torch.Tensor, group, clip: int) -> torch.Tensor:
+        """Sum votes over data-parallel ranks (integers: int8 votes travel as int16/int32)."""
+        if self._world() == 1:
+            return v
+        total = self.comm.sum_votes(v)
+        if group["vote"] == "sign":  # signSGD with majority vote
+            return torch.sign(total).to(v.dtype)
+        return total.clamp(-clip, clip).to(v.dtype)
 
     @torch.no_grad()
-    def cast_matmul_votes(self, weight: TernaryScaleTensor, gy: torch.Tensor, x: torch.Tensor, T: torch.Tensor) -> None:
+    def cast_matmul_votes(self, weight: TernaryScaleTensor, gy: torch.Tensor, x: torch.Tensor,
+                          T: torch.Tensor | None) -> None:
         """Votes for a linear map's weight, whose gradient is ``gy.T @ x`` (gy: (M, rows), x: (M, cols)).
 
         The dense-fallback backend forms the gradient and calls :meth:`cast_votes`; a fused backend
         computes it tile by tile inside the vote kernel so it never reaches memory.
         """
-        self.cast_votes(weight, (gy.t() @ x).float(), T)
+        self.cast_votes(weight, (gy.t() @ x).float(), weight.trits() if T is None else T)
 
     @torch.no_grad()
     def cast_votes(self, weight: TernaryScaleTensor, g: torch.Tensor, T: torch.Tensor, rows=None) -> None:
         """Turn the weight gradient ``g`` (of ``rows``, default all) into votes in ``T_accum`` / ``E_accum``."""
         group = self.param_groups[weight._group_index]
         g = g.float()
-        bad = self._finite_flag(g, g.square().mean())
-        if bad is not None:  # a layer whose gradient has NaN/inf casts no votes and keeps its statistics
+        bad = self._finite_flag(g)
+        if bad is not None:  # a layer whose gradient has NaN/inf casts no votes
             g = torch.where(bad, torch.zeros_like(g), g)
         counter = self._counter(weight)
         index = None
         if rows is not None:
             cols = torch.arange(weight.cols, device=g.device)
             index = (rows.reshape(-1, 1) * weight.cols + cols).reshape(-1)
-        if group["vote"] == "sign":
-            v = sign_votes(g)
-        else:
-            R = weight.vote_row_ms if rows is None else weight.vote_row_ms[rows]
-            v, new_rc = self._votes(group, g, weight.vote_ms, 0, group["lr"], 2 * weight.stream, counter,
-                                    group["vote_clip"], T, group["decay"], index, factored=(R, weight.vote_col_ms))
-            if new_rc is not None:
-                if rows is None:
-                    weight.vote_row_ms.copy_(new_rc[0])
-                else:
-                    weight.vote_row_ms[rows] = new_rc[0]
-                weight.vote_col_ms.copy_(new_rc[1])
-        if self.vote_reducer is not None:
-            v = self.vote_reducer(v)
-        if rows is None:
-            weight.T_accum.copy_(accumulate(weight.T_accum, v))
-        else:
-            weight.T_accum[rows] = accumulate(weight.T_accum[rows], v)
+        v = self._votes(group, g, group["lr"], 2 * weight.stream, counter, group["vote_clip"], group["normalize"],
+                        T, group["decay"], index)
+        self._accumulate(weight.T_accum, v, rows, group)
 
         interval = group["scale_update_interval"]
         if weight.scale_mode != "int" or interval == 0 or self._step % interval:
             return
         gE = scale_gradient(g, T, weight.group_size)
-        if group["scale_vote"] == "sign":
-            vE = sign_votes(gE)
-        else:
-            eidx = None
-            if rows is not None:
-                gidx = torch.arange(weight.n_groups, device=g.device)
-                eidx = (rows.reshape(-1, 1) * weight.n_groups + gidx).reshape(-1)
-            vE, _ = self._votes(group, gE, weight.vote_ms, 1, group["lr"] * group["scale_lr"],
-                                2 * weight.stream + 1, counter, group["vote_clip"], index=eidx)
-        if self.vote_reducer is not None:
-            vE = self.vote_reducer(vE)
+        eidx = None
+        if rows is not None:
+            gidx = torch.arange(weight.n_groups, device=g.device)
+            eidx = (rows.reshape(-1, 1) * weight.n_groups + gidx).reshape(-1)
+        group_e = dict(group, vote=group["scale_vote"])
+        vE = self._votes(group_e, gE, group["lr"] * group["scale_lr"], 2 * weight.stream + 1, counter,
+                         group["vote_clip"], "tensor", index=eidx)
+        self._accumulate(weight.E_accum, vE, rows, group_e)
+
+    def _accumulate(self, accum: torch.Tensor, v: torch.Tensor, rows, group) -> None:
+        if self._world() > 1 and rows is not None:
+            # ranks touch different rows: exchange dense votes (zeros for rows this rank did not touch)
+            dense = torch.zeros(accum.shape, dtype=v.dtype, device=v.device)
+            dense[rows] = v
+            v, rows = dense, None
+        v = self._reduce(v, group, group["vote_clip"])
         if rows is None:
-            weight.E_accum.copy_(accumulate(weight.E_accum, vE))
+            accum.copy_(accumulate(accum, v))
         else:
-            weight.E_accum[rows] = accumulate(weight.E_accum[rows], vE)
+            accum[rows] = accumulate(accum[rows], v)
 
     @torch.no_grad()
     def cast_bias_votes(self, bias: IntegerBias, g: torch.Tensor) -> None:
         """Votes for an integer bias go straight into its int32 ``q`` (it is its own accumulator)."""
         group = self.param_groups[bias._group_index]
         g = g.float()
-        bad = self._finite_flag(g, g.square().mean())
+        bad = self._finite_flag(g)
         if bad is not None:
             g = torch.where(bad, torch.zeros_like(g), g)
-        counter = self._counter(bias)
-        if group["vote"] == "sign":
-            v = sign_votes(g)
-        else:
-            v, _ = self._votes(group, g, bias.vote_ms, 0, group["lr"], 2 * bias.stream, counter, _BIAS_CLIP)
-        if self.vote_reducer is not None:
-            v = self.vote_reducer(v)
+        v = self._votes(group, g, group["lr"], 2 * bias.stream, self._counter(bias), _BIAS_CLIP, "tensor")
+        v = self._reduce(v, group, _BIAS_CLIP)
         q = bias.q.to(torch.int64) + v.to(torch.int64)
         bias.q.copy_(q.clamp(-(2**31) + 1, 2**31 - 1).to(torch.int32))
 

@@ -6,13 +6,11 @@ Formulas (bytes), for a weight matrix of ``rows x cols`` and ``group_size`` g:
     E         rows * ceil(cols / g)      int8 log2 scale per group
     E_accum   rows * ceil(cols / g)      int8 scale-vote accumulator
     T_accum   rows * cols                int8 vote accumulator per weight
-    normalisers  4 * (2 + rows + cols)   float32 vote normalisers per matrix: vote_ms[2] and the
-                                         row / column mean squares (vote_row_ms, vote_col_ms)
     training state = all of the above;  inference = T_packed + E
 
 For ``--params P`` the seed's table treats the model as P weights in groups of g: T_packed P/5,
-E and E_accum P/g each, T_accum P (the per-matrix normalisers, O(rows + cols), and the rounding of
-short groups are left out there; the measured table includes them).
+E and E_accum P/g each, T_accum P (the rounding of short groups and of the last packed byte of each
+matrix is left out there; the measured table includes it).
 
 bf16 + AdamW, mixed precision as usually run: bf16 weights (2 B/w) used by forward and backward,
 fp32 master weights (4), fp32 Adam m and v (4 + 4); the weight gradient (bf16, 2 B/w, full size)
@@ -101,9 +99,8 @@ def ternary_state_bytes(matrices: list[tuple[int, int]], group_size: int) -> dic
     t_packed = sum(-(-(r * c) // 5) for r, c in matrices)
     groups = sum(r * -(-c // group_size) for r, c in matrices)
     t_accum = sum(r * c for r, c in matrices)
-    normalisers = sum(4 * (2 + r + c) for r, c in matrices)
-    return {"T_packed": t_packed, "E": groups, "E_accum": groups, "T_accum": t_accum, "normalisers": normalisers,
-            "training": t_packed + 2 * groups + t_accum + normalisers, "inference": t_packed + groups}
+    return {"T_packed": t_packed, "E": groups, "E_accum": groups, "T_accum": t_accum,
+            "training": t_packed + 2 * groups + t_accum, "inference": t_packed + groups}
 
 
 def ternary_state_bytes_for_params(params: float, group_size: int) -> dict[str, float]:
@@ -259,8 +256,6 @@ def measure(shape: Shape, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
     for name in ("T_packed", "E", "E_accum", "T_accum"):
         out[name] = sum(getattr(w, name).numel() * getattr(w, name).element_size() for w in tw)
     out["training"] = sum(w.training_state_bytes() for w in tw)
-    # every other buffer of the weights: the float vote normalisers (whatever weight.py registers)
-    out["normalisers"] = out["training"] - sum(out[k] for k in ("T_packed", "E", "E_accum", "T_accum"))
     out["inference"] = sum(w.inference_bytes() for w in tw)
     out["n_params_float"] = sum(p.numel() for p in model.parameters())
     opt = FlipOptimizer(model, backend="dense-fallback")
@@ -300,7 +295,7 @@ def predict(shape: Shape, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
     n = shape.n_weights()
     adam = adamw_bytes(n)
     trans = transient_bytes(shape, compute_bytes=4)
-    out = {"weights": n, **{k: tern[k] for k in ("T_packed", "E", "E_accum", "T_accum", "normalisers")},
+    out = {"weights": n, **{k: tern[k] for k in ("T_packed", "E", "E_accum", "T_accum")},
            "training": tern["training"], "inference": tern["inference"], "n_params_float": 0,
            "transient_gradient": trans["gradient"], "transient_dense_weight": trans["dense_weight"],
            "activations_fp32": predict_activation_bytes(shape, activation_coefficients(False)),
@@ -377,7 +372,6 @@ def projection_table(params: float, group_size: int, shape: Shape) -> str:
 MEASURED_ROWS = [
     ("weights", "ternary weights (count)"), ("n_params_float", "float parameters (count)"),
     ("T_packed", "T_packed"), ("E", "E"), ("E_accum", "E_accum"), ("T_accum", "T_accum"),
-    ("normalisers", "vote normalisers (float32)"),
     ("training", "ternary training state"), ("inference", "ternary inference"),
     ("transient_gradient", "transient fp32 gradient (1 matrix)"),
     ("transient_dense_weight", "transient dense weight (fp32)"),

@@ -6,29 +6,38 @@ function of tensors (no module state), so it can be tested on hand-built cases.
 
 State per weight matrix W (rows x cols), groups of ``group_size`` consecutive weights in a row:
 
-    T        int8-valued trits in {-1, 0, +1}      (stored packed, 5 per byte)
+    T        trits in {-1, 0, +1}                   (stored packed, 5 per byte)
     T_accum  int8 per weight, the vote accumulator  in [-127, 127]
     E        int8 per group, log2 scale: W = T * 2**E
     E_accum  int8 per group, the scale-vote accumulator
-    vote_ms  float32[2], running mean of squared gradient (weights, scales) used to normalise votes
 
-One step, for each call of the layer in backward (``cast_*``) and once per optimiser step
-(``apply_*``):
+Nothing else: the normalisation below is computed from the gradient at hand, so the rule keeps no
+float statistics between steps.
 
-    votes     v = clamp(floor(s * g - decay * T + u), -vote_clip, vote_clip)       'stochastic'
-                  s = -lr / sqrt(vote_ms + eps),  u ~ U[0, 1) from trueternary.rng
-              (vote_ms: running mean of g**2; ``normalize='factored'`` refines it per element)
-              v = -sign(g)                                                         'sign' (the seed)
-    accumulate  T_accum = clamp(T_accum + v, -127, 127)                  (saturating, never wraps)
-    flip      T_accum >= +theta and T < +1:  T += 1, T_accum = 0
-              T_accum <= -theta and T > -1:  T -= 1, T_accum = 0
-              (clip_at_bounds) T_accum = clamp(T_accum, -theta, theta)  afterwards
-    scale     gE = sum over the group of g * T   (dL/dE up to the positive factor 2**E ln 2)
-              votes on gE as above (lr * scale_lr) into E_accum; |E_accum| >= scale_threshold moves E by one.
-    leak      (optional) T_accum -= sign(T_accum) * (|T_accum| >> leak) once per step, before flips.
+For each call of a layer in backward (``stochastic_votes`` ...) and once per optimiser step
+(``apply_*``), with g the weight gradient of that call:
+
+    normalise  ms_ij = r_i * c_j / m      'block_factored' (default): r_i, c_j, m the mean of g**2
+                                          over row i, column j and all of the norm_block x norm_block
+                                          tile holding (i, j) (Adafactor's factored second moment,
+                                          per tile and per call)
+               ms_ij = mean(g**2)         'tensor'
+    votes      v = clamp(floor(s * g - decay * T + u), -vote_clip, vote_clip)        'stochastic'
+                   s = -lr / sqrt(ms + 1e-30),  u ~ U[0, 1) from trueternary.rng
+               v = -sign(g)                                                          'sign' (the seed)
+    accumulate T_accum = clamp(T_accum + v, -127, 127)                (saturating, never wraps)
+    leak       (optional) T_accum -= sign(T_accum) * (|T_accum| >> leak)   once per step, before flips
+    flip       T_accum >= +theta and T < +1:  T += 1, T_accum = 0
+               T_accum <= -theta and T > -1:  T -= 1, T_accum = 0
+               (clip_at_bounds) T_accum = clamp(T_accum, -theta, theta)  afterwards
+    scale      gE = sum over the group of g * T   (dL/dE up to the positive factor 2**E ln 2), voted
+               like the weights with 'tensor' normalisation and lr * scale_lr into E_accum, on steps
+               that are multiples of scale_update_interval; |E_accum| >= scale_threshold moves E by one.
 
 A positive gradient votes toward -1 (gradient descent). ``u`` makes the expected vote equal to
 ``s * g``: the vote carries the gradient's magnitude, not just its sign, while staying an integer.
+Normalising each call's gradient makes ``lr`` the expected number of votes per weight per call for a
+weight whose gradient is typical of its row and column: the learning-rate analogue, scheduled like one.
 """
 
 from __future__ import annotations
@@ -41,7 +50,8 @@ from . import rng
 
 INT8_MAX = 127
 VOTE_MODES = ("sign", "stochastic")
-NORMALIZE_MODES = ("tensor", "factored", "factored_ema")
+NORMALIZE_MODES = ("tensor", "block_factored")
+MS_EPS = 1e-30  # keeps s finite for an all-zero gradient (whose votes are then 0)
 
 
 @dataclass
@@ -49,16 +59,13 @@ class FlipRule:
     """Hyper-parameters of the flip rule. ``FlipRule.naive()`` is the seed's plain rule."""
 
     vote: str = "stochastic"
-    # 'tensor': one running RMS per matrix; 'factored': row x column RMS of the current gradient;
-    # 'factored_ema': row x column running RMS (Adafactor's factored second moment)
-    normalize: str = "tensor"
-    leak: int = 0  # if > 0, T_accum loses |T_accum| >> leak each step (an integer EMA, like Bop's momentum)
+    normalize: str = "block_factored"
+    norm_block: int = 64  # tile edge of normalize='block_factored'
     accum_threshold: int = 32
-    lr: float = 1.0  # votes per unit of normalised gradient (the learning-rate analogue)
+    lr: float = 4.0  # expected votes per call for a typical gradient (the learning-rate analogue)
     vote_clip: int = 8
     decay: float = 0.0  # votes toward 0 for non-zero trits (weight-decay analogue)
-    grad_beta: float = 0.95  # EMA factor of the mean squared gradient used to normalise votes
-    eps: float = 1e-30
+    leak: int = 0  # if > 0, T_accum loses |T_accum| >> leak each step (an integer EMA, like Bop's momentum)
     clip_at_bounds: bool = True
     scale_vote: str = "stochastic"
     scale_threshold: int = 32
@@ -73,6 +80,8 @@ class FlipRule:
             raise ValueError(f"vote must be one of {VOTE_MODES}, got {self.vote!r}")
         if self.normalize not in NORMALIZE_MODES:
             raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {self.normalize!r}")
+        if isinstance(self.norm_block, bool) or not isinstance(self.norm_block, int) or self.norm_block < 1:
+            raise ValueError(f"norm_block must be a positive integer, got {self.norm_block!r}")
         if isinstance(self.leak, bool) or not isinstance(self.leak, int) or not 0 <= self.leak <= 7:
             raise ValueError(f"leak must be an integer shift in [0, 7], got {self.leak!r}")
         if self.scale_vote not in VOTE_MODES:
@@ -92,16 +101,13 @@ class FlipRule:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not v >= 0 or v != v or v == float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if not isinstance(self.eps, (int, float)) or not 0 < self.eps < float("inf"):
-            raise ValueError(f"eps must be a finite number > 0, got {self.eps!r}")
-        if not 0.0 <= self.grad_beta < 1.0:
-            raise ValueError(f"grad_beta must be in [0, 1), got {self.grad_beta!r}")
 
     @classmethod
     def naive(cls, accum_threshold: int = 8, scale_update_interval: int = 1) -> FlipRule:
         """The seed's rule: one sign vote per weight per step, reset on flip, E voted the same way."""
         return cls(
             vote="sign",
+            normalize="tensor",
             accum_threshold=accum_threshold,
             clip_at_bounds=False,
             scale_vote="sign",
@@ -126,42 +132,24 @@ class FlipRule:
 # --------------------------------------------------------------------------------------------
 
 
-def ema_ms(ms: torch.Tensor, cur: torch.Tensor, beta: float) -> torch.Tensor:
-    """Running mean square, elementwise: ``beta * ms + (1 - beta) * cur``.
+def tensor_ms(g: torch.Tensor) -> torch.Tensor:
+    """'tensor' normalisation: one mean square for the whole gradient (0-dim)."""
+    return g.float().square().mean()
 
-    ``ms <= 0`` means 'not seen a gradient yet': take ``cur``. A ``cur`` that is zero or not finite
-    carries no scale information and leaves ``ms`` as is.
+
+def vote_multiplier(ms: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
+    """The float32 factor ``s = -lr / sqrt(ms + 1e-30)`` that turns a gradient into expected votes.
+
+    (PyTorch computes ``scalar / t`` as ``reciprocal(t) * scalar``; the kernels do the same.)
     """
-    informative = torch.isfinite(cur) & (cur > 0)
-    new = torch.where(ms <= 0, cur, ms * beta + cur * (1.0 - beta))
-    return torch.where(informative, new, ms)
+    return (-lr / torch.sqrt(ms.float() + MS_EPS)).to(torch.float32)
 
 
-def update_grad_ms(ms: torch.Tensor, g: torch.Tensor, beta: float) -> torch.Tensor:
-    """New running mean square of the whole gradient ``g`` (see :func:`ema_ms`)."""
-    return ema_ms(ms, g.float().square().mean(), beta)
-
-
-def factored_ema_ms(
-    R: torch.Tensor, C: torch.Tensor, g: torch.Tensor, beta: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Adafactor-style per-element mean square from running row and column statistics.
-
-    ``R`` (rows,) and ``C`` (cols,) are running means of ``g**2`` over each row / column. The estimate
-    of ``E[g_ij**2]`` is ``R_i * C_j / mean(R)``, built from the statistics *before* this gradient
-    (a row or column seen for the first time bootstraps from this one). Returns (ms (rows, cols), R', C').
-    """
-    g2 = g.float().square()
-    r, c = g2.mean(dim=1), g2.mean(dim=0)
-    R_use = torch.where(R <= 0, r, R)
-    C_use = torch.where(C <= 0, c, C)
-    ms = R_use[:, None] * C_use[None, :] / C_use.mean().clamp_min(1e-38)
-    return ms, ema_ms(R, r, beta), ema_ms(C, c, beta)
-
-
-def vote_multiplier(ms: torch.Tensor, lr: float | torch.Tensor, eps: float) -> torch.Tensor:
-    """The float32 factor ``s = -lr / sqrt(ms + eps)`` that turns a gradient into expected votes."""
-    return (-lr / torch.sqrt(ms.float() + eps)).to(torch.float32)
+def vote_scale(g: torch.Tensor, lr: float | torch.Tensor, normalize: str, norm_block: int) -> torch.Tensor:
+    """``s`` for the gradient ``g`` under the given normalisation (0-dim for 'tensor', else like ``g``)."""
+    if normalize == "block_factored" and g.dim() == 2:
+        return vote_multiplier(block_factored_ms(g, norm_block), lr)
+    return vote_multiplier(tensor_ms(g), lr)
 
 
 def stochastic_votes(
@@ -191,11 +179,23 @@ def sign_votes(g: torch.Tensor) -> torch.Tensor:
     return (-torch.sign(g)).to(torch.int8)
 
 
-def factored_ms(g: torch.Tensor) -> torch.Tensor:
-    """Row x column estimate of each element's mean square: ``R_i C_j / mean(g**2)`` (Adafactor's factoring)."""
+def block_factored_ms(g: torch.Tensor, block: int) -> torch.Tensor:
+    """Per-element mean-square estimate from each ``block`` x ``block`` tile's own row/column statistics.
+
+    For the tile holding (i, j): ``r_i c_j / m`` with r, c, m the mean of ``g**2`` over the tile's part of
+    row i, of column j, and over the whole tile (edge tiles average over their real elements only).
+    Computable in the epilogue of a tiled weight-gradient kernel: no statistic of the whole matrix needed.
+    """
     g2 = g.float().square()
-    R, C = g2.mean(dim=1, keepdim=True), g2.mean(dim=0, keepdim=True)
-    return R * C / g2.mean().clamp_min(1e-38)
+    R, C = g2.shape
+    Rb, Cb = -(-R // block), -(-C // block)
+    pad = torch.nn.functional.pad(g2, (0, Cb * block - C, 0, Rb * block - R)).view(Rb, block, Cb, block)
+    ones = torch.nn.functional.pad(torch.ones_like(g2), (0, Cb * block - C, 0, Rb * block - R)).view(Rb, block, Cb, block)
+    row = pad.sum(3) / ones.sum(3).clamp_min(1)  # (Rb, block, Cb)
+    col = pad.sum(1) / ones.sum(1).clamp_min(1)  # (Rb, Cb, block)
+    tile = pad.sum((1, 3)) / ones.sum((1, 3)).clamp_min(1)  # (Rb, Cb)
+    ms = row[:, :, :, None] * col[:, None, :, :] / tile[:, None, :, None].clamp_min(1e-38)
+    return ms.reshape(Rb * block, Cb * block)[:R, :C]
 
 
 def leak(accum: torch.Tensor, shift: int) -> torch.Tensor:

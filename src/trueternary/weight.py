@@ -6,13 +6,10 @@ Buffers (all integer, all saved in ``state_dict``):
     E         int8   [rows, n_groups]      log2 scale per group: W[r, c] = T[r, c] * 2**E[r, c // group_size]
     E_accum   int8   [rows, n_groups]      scale-vote accumulator
     T_accum   int8   [rows, cols]          vote accumulator per weight
-    vote_ms   float32[2]                   running mean square of weight / scale gradients (vote normaliser;
-                                           -1 until the first gradient is seen)
-    vote_row_ms, vote_col_ms  float32 [rows], [cols]   running row / column mean squares (factored normaliser)
 
 Groups are ``group_size`` consecutive weights along the input (column) dimension; the last group of a
 row is shorter when ``cols % group_size != 0``. Training state is therefore
-``1/5 + 1 + 2/group_size`` bytes per weight plus ``4 * (rows + cols + 2)`` bytes per matrix; inference needs
+exactly ``ceil(rows*cols/5) + rows*cols + 2*rows*n_groups`` bytes (about ``1/5 + 1 + 2/group_size`` per weight); inference needs
 ``1/5 + 1/group_size`` bytes per weight.
 
 In the non-strict *hybrid* mode (``scale_mode="float"``) the integer ``E`` is replaced by a float
@@ -74,10 +71,6 @@ class TernaryScaleTensor(nn.Module):
         self.register_buffer("E", torch.zeros(rows, self.n_groups, dtype=torch.int8, device=device))
         self.register_buffer("E_accum", torch.zeros(rows, self.n_groups, dtype=torch.int8, device=device))
         self.register_buffer("T_accum", torch.zeros(rows, cols, dtype=torch.int8, device=device))
-        self.register_buffer("vote_ms", torch.full((2,), -1.0, dtype=torch.float32, device=device))
-        # running row / column mean squares of the gradient for normalize='factored_ema' (-1: unseen)
-        self.register_buffer("vote_row_ms", torch.full((rows,), -1.0, dtype=torch.float32, device=device))
-        self.register_buffer("vote_col_ms", torch.full((cols,), -1.0, dtype=torch.float32, device=device))
         if scale_mode == "float":
             self.log2_scale = nn.Parameter(torch.zeros(rows, self.n_groups, device=device))
         else:
@@ -109,9 +102,6 @@ class TernaryScaleTensor(nn.Module):
         self.E.copy_(E)
         self.E_accum.zero_()
         self.T_accum.zero_()
-        self.vote_ms.fill_(-1.0)
-        self.vote_row_ms.fill_(-1.0)
-        self.vote_col_ms.fill_(-1.0)
         if self.log2_scale is not None:
             self.log2_scale.copy_(E.float())
 
@@ -157,7 +147,7 @@ class TernaryScaleTensor(nn.Module):
     @torch.no_grad()
     def release_training_state(self) -> None:
         """Drop the accumulators (inference only): afterwards the module holds just T_packed and E."""
-        for name in ("E_accum", "T_accum", "vote_ms", "vote_row_ms", "vote_col_ms"):
+        for name in ("E_accum", "T_accum"):
             setattr(self, name, torch.empty(0, dtype=getattr(self, name).dtype, device=self.E.device))
         self.inference_only = True
 
@@ -186,14 +176,14 @@ class TernaryScaleTensor(nn.Module):
         key = prefix + "T_packed"
         if key in state_dict:
             packing.check_packed(state_dict[key], self.numel())
-        for name in ("E", "E_accum", "T_accum", "vote_ms"):
+        for name in ("E", "E_accum", "T_accum"):
             k = prefix + name
             if k not in state_dict:
                 continue
             v = state_dict[k]
             if not isinstance(v, torch.Tensor):
                 raise TypeError(f"{k} must be a tensor, got {type(v).__name__}")
-            if name != "vote_ms" and v.dtype != torch.int8:
+            if v.dtype != torch.int8:
                 raise ValueError(f"{k} must be int8, got {v.dtype}")
             # Checked here rather than left to torch, so a bad entry fails before *any* buffer of this
             # weight is overwritten (torch copies the well-shaped buffers and raises afterwards).
