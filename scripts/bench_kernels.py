@@ -8,11 +8,15 @@ bf16 and fp8), fused weight-gradient votes, fused flips, and the gpu-signcache v
 Output: a compact table on stdout (last), ``$OUT/bench_kernels.json`` (``OUT`` defaults to ./out).
 
 1. correctness on the GPU against the plain-PyTorch references, random data drawn fresh for every check,
-   NaN/inf never passes: integer state bit-exact (small-integer inputs make the gradient exact), float
-   outputs within stated relative-L2 tolerances; fp8 vs bf16 accuracy at the real shapes;
+   NaN/inf never passes: integer state bit-exact (small-integer inputs make the gradient and its per-tile
+   sums of squares exact), float outputs within stated relative-L2 tolerances; the vote kernel with the
+   block_factored epilogue (norm_block 16/64/128, sub-tiled), the scale-vote kernel ('tensor' and
+   'block_factored'), and a two-layer model trained 3 steps through FlipOptimizer with backends gpu /
+   gpu-signcache against dense-fallback (integer state bit-identical); fp8 vs bf16 accuracy at the real shapes;
 2. per-kernel median time (triton.testing.do_bench, L2 flushed between runs) vs its floor
    ``max(FLOPs / peak, bytes / HBM)`` with H100 peaks bf16 760 TFLOP/s, fp8 1270 TFLOP/s, HBM 3.0 TB/s,
-   and vs the dense-fallback path (unpack + torch.matmul; gW matmul + FlipOptimizer votes; reference flips),
+   and vs the dense-fallback path (unpack + torch.matmul; gW matmul + FlipOptimizer votes; reference flips;
+   the fused votes are timed through FlipOptimizer.cast_matmul_votes with backends gpu / gpu-signcache),
    at the linear layers of the 151M model (d=1024, 12 layers, 32x512 tokens) and the seed setting
    (d=512, 4 layers, 4x33 tokens); CUDA-graph replay times at the seed setting (launch-bound);
 3. tile-config sweeps of the fused matmul and vote kernels (best config per shape).
@@ -71,6 +75,7 @@ import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
 from trueternary import rng  # noqa: E402
+from trueternary.layers import TernaryLinear  # noqa: E402
 from trueternary.ops.flip import apply_flips_, apply_flips_naive_  # noqa: E402
 from trueternary.ops.flip.triton import flip_triton_  # noqa: E402
 from trueternary.ops.ternary_matmul import ternary_matmul, ternary_matmul_naive  # noqa: E402
@@ -80,16 +85,8 @@ from trueternary.ops.ternary_matmul.triton import (  # noqa: E402
     dequant_triton,
     ternary_matmul_triton,
 )
-from trueternary.ops.votes import (  # noqa: E402
-    VoteCache,
-    cast_matmul_votes,
-    encode_vote_cache,
-    matmul_votes_naive,
-    vote_keys,
-    vote_prep_naive,
-    weight_grad,
-)
-from trueternary.ops.votes.triton import default_votes_config, matmul_votes_, vote_prep  # noqa: E402
+from trueternary.ops.votes import VoteCache, encode_vote_cache, matmul_votes_naive, scale_votes_naive  # noqa: E402
+from trueternary.ops.votes.triton import default_votes_config, key_base, matmul_votes_, scale_votes_  # noqa: E402
 from trueternary.optim import FlipOptimizer  # noqa: E402
 from trueternary.rule import FlipRule, accumulate  # noqa: E402
 from trueternary.weight import TernaryScaleTensor  # noqa: E402
@@ -247,88 +244,126 @@ def check_accuracy(deadline: float):
                         rel_err_bf16=e16, rel_err_fp8=e8)
 
 
+CALLS = 1024  # FlipOptimizer's RNG counter slots per step
+NORM_BLOCK = FlipRule().norm_block
+
+
+def launch_votes(w, gy, x, *, vote="stochastic", lr=2.0, vote_clip=8, norm_block=NORM_BLOCK, decay=0.0, step=5,
+                 call=2, **kw) -> torch.Tensor:
+    """matmul_votes_ with keys of (seed 3, stream 1, step, call); returns the key the reference must use."""
+    matmul_votes_(gy, x, w, vote=vote, lr=lr, vote_clip=vote_clip, norm_block=norm_block, decay=decay,
+                  key_base=key_base(3, 1), call=call, step=torch.tensor(step, device=DEV), calls_per_step=CALLS, **kw)
+    return rng.stream_key(3, 1, step * CALLS + call).to(DEV)
+
+
+def ternary_ints(*shape, dtype=BF16) -> torch.Tensor:
+    """Values in {-1, 0, 1}: gW and every per-tile sum of gW**2 stay exact integers in fp32 (< 2**24)."""
+    return torch.randint(-1, 2, shape, generator=gen(fresh_seed()), device=DEV).to(dtype)
+
+
 def check_votes_kernel():
-    for rows, cols, M, gs in ((100, 203, 77, 64), (64, 96, 33, 5), (48, 64, 20, 128)):
+    # (rows, cols, M, group size, norm_block, tile): ragged edges, sub-tile statistics (64 in 128), 128, 16
+    cases = [(100, 203, 77, 64, 64, None), (300, 260, 40, 5, 64, {"BLOCK_R": 128, "BLOCK_C": 128}),
+             (64, 96, 33, 128, 16, None), (200, 300, 20, 64, 128, None), (3, 2, 1, 1, 64, None)]
+    if ARGS.smoke:
+        cases = [(20, 37, 9, 8, 16, {"BLOCK_R": 16, "BLOCK_C": 16}), (40, 70, 9, 5, 16, {"BLOCK_R": 32, "BLOCK_C": 32})]
+    for rows, cols, M, gs, nb, config in cases:
         for vote, decay in (("stochastic", 0.25), ("sign", 0.0)):
             w = random_weight(rows, cols, gs)
             A0 = w.T_accum.clone()
-            gy, x = small_ints(M, rows), small_ints(M, cols)
-            s = torch.tensor(-0.3, device=DEV)
-            key = rng.stream_key(3, 1, fresh_seed()).to(DEV)
-            sumsq = torch.zeros((), device=DEV)
+            gy, x = ternary_ints(M, rows), ternary_ints(M, cols)
             gE = torch.zeros(rows, w.n_groups, device=DEV)
-            bad = torch.zeros((), device=DEV)
-            matmul_votes_(gy, x, w, s, key, vote=vote, vote_clip=8, decay=decay, sumsq=sumsq, gE=gE, bad=bad)
-            v, ref_ss, ref_gE, _ = matmul_votes_naive(gy, x, w, s, key, vote=vote, vote_clip=8, decay=decay,
-                                                      scale_grad=True)
-            ok = (torch.equal(w.T_accum, accumulate(A0, v)) and torch.equal(gE, ref_gE)
-                  and float(sumsq) == float(ref_ss) and float(bad) == 0)
-            B.check(f"votes kernel exact {vote} {rows}x{cols} g{gs}", ok)
+            flag = torch.zeros((), device=DEV)
+            key = launch_votes(w, gy, x, vote=vote, decay=decay, norm_block=nb, gE=gE, flag=flag, config=config)
+            v, ref_gE, _ = matmul_votes_naive(gy, x, w, 2.0, key, vote=vote, vote_clip=8, norm_block=nb, decay=decay,
+                                              scale_grad=True)
+            ok = torch.equal(w.T_accum, accumulate(A0, v)) and torch.equal(gE, ref_gE) and float(flag) == 0
+            B.check(f"votes kernel exact {vote} {rows}x{cols} M{M} g{gs} nb{nb} tile {config or 'default'}", ok,
+                    differing=int((w.T_accum != accumulate(A0, v)).sum()))
     # random float inputs: agreement up to summation order
-    w = random_weight(256, 320)
+    rows, cols, M = (256, 320, 500) if not ARGS.smoke else (40, 45, 33)
+    w = random_weight(rows, cols)
     A0 = w.T_accum.clone()
-    gy, x = randn(500, 256), randn(500, 320)
-    s = torch.tensor(-0.9, device=DEV)
-    key = rng.stream_key(3, 1, 7).to(DEV)
-    matmul_votes_(gy, x, w, s, key, vote="stochastic", vote_clip=8, decay=0.1)
-    v = matmul_votes_naive(gy, x, w, s, key, vote="stochastic", vote_clip=8, decay=0.1)[0]
+    gy, x = randn(M, rows), randn(M, cols)
+    nb = NORM_BLOCK if not ARGS.smoke else 16
+    key = launch_votes(w, gy, x, lr=4.0, decay=0.1, norm_block=nb,
+                       config=None if not ARGS.smoke else {"BLOCK_R": 16, "BLOCK_C": 16})
+    v = matmul_votes_naive(gy, x, w, 4.0, key, vote="stochastic", vote_clip=8, norm_block=nb, decay=0.1)[0]
     diff = (w.T_accum.int() - accumulate(A0, v).int()).abs()
     frac = float((diff > 0).float().mean())
-    B.check("votes kernel random inputs (fraction of differing votes)", int(diff.max()) <= 1 and frac <= 1e-3,
+    B.check("votes kernel random bf16 inputs (fraction of differing votes)", int(diff.max()) <= 1 and frac <= 1e-3,
             mismatch_fraction=frac, max_abs_diff=int(diff.max()))
 
 
-def check_vote_prep():
-    ms = torch.cat([torch.rand(400, generator=gen(fresh_seed()), device=DEV) * 10.0 ** torch.randint(
-        -12, 8, (400,), generator=gen(fresh_seed()), device=DEV), torch.tensor([-1.0, 0.0], device=DEV)])
-    ok = True
-    for i in range(0, ms.numel(), 2):
-        pair = ms[i:i + 2].contiguous()
-        ref = vote_prep_naive(pair, 0.37, 0.37 * 0.25, 1e-30)
-        ok &= bool(torch.equal(vote_prep(pair, 0.37, 0.37 * 0.25, 1e-30), ref))
-    B.check("vote_prep bit-exact vs rule.vote_multiplier (CUDA sqrt/div IEEE)", ok)
+def check_scale_votes():
+    """E votes: 'tensor' (mean(gE**2): on CUDA PyTorch computes sum * float32(1/n), the kernel too) and
+    'block_factored' normalisation, bit-exact on integer gE."""
+    for normalize in ("tensor", "block_factored"):
+        for rows, ng in ((3072, 16), (300, 7), (1, 1)):
+            gE = torch.randint(-300, 301, (rows, ng), generator=gen(fresh_seed()), device=DEV).float()
+            EA = torch.randint(-127, 128, (rows, ng), generator=gen(fresh_seed()), device=DEV, dtype=torch.int8)
+            ref = scale_votes_naive(gE, EA, 1.0, rng.stream_key(3, 2, 7), vote="stochastic", vote_clip=8,
+                                    normalize=normalize, norm_block=16 if ARGS.smoke else NORM_BLOCK)
+            scale_votes_(gE, EA, vote="stochastic", lr_e=1.0, vote_clip=8, normalize=normalize,
+                         norm_block=16 if ARGS.smoke else NORM_BLOCK, key_base=key_base(3, 2), call=7,
+                         step=torch.tensor(0, device=DEV), calls_per_step=CALLS)
+            B.check(f"scale votes exact {normalize} {rows}x{ng}", torch.equal(EA, ref),
+                    differing=int((EA != ref).sum()))
 
 
-def run_training_pair(rule: dict, rows=96, cols=160, steps=3, calls=1, use_cache=False) -> dict:
-    """Dense-fallback FlipOptimizer vs fused votes + flip kernels on the same integer gradients."""
-    ref = random_weight(rows, cols)
-    w = TernaryScaleTensor(rows, cols, GROUP_SIZE, device=DEV, init=False)
-    w.load_state_dict(ref.state_dict())
-    opt = FlipOptimizer(ref, backend="dense-fallback", seed=5, **rule)
-    group = opt.param_groups[0]
-    boot = FlipOptimizer(w, backend="dense-fallback", seed=5, **rule)
-    cache = VoteCache.for_weight(w, group["vote"], group["vote_clip"]) if use_cache else None
-    interval = group["scale_update_interval"]
-    equal = {}
+class MLP(torch.nn.Module):
+    """Two ternary layers, ragged sizes, a bias, unit scales: with inputs in {-1, 0, 1} the gradients are small
+    integers, so every partial sum (gW, the per-tile sums of gW**2) is exact in float32 in any order."""
+
+    def __init__(self, d_in, d_hidden, d_out):
+        super().__init__()
+        self.a = TernaryLinear(d_in, d_hidden, bias=True, group_size=GROUP_SIZE, device=DEV)
+        self.b = TernaryLinear(d_hidden, d_out, group_size=GROUP_SIZE, device=DEV)
+        for w in (self.a.weight, self.b.weight):
+            w.E.zero_()
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def run_training_pair(rule: dict, backend: str, steps=3, calls=1) -> dict:
+    """The MLP trained through FlipOptimizer: dense-fallback vs ``backend`` (kernels: forward and backward-input
+    matmul, fused votes, fused flips) on the same exact data; returns the names of differing state entries."""
+    dims = (130, 200, 70) if not ARGS.smoke else (24, 40, 18)
+    ref = MLP(*dims)
+    ker = MLP(*dims)
+    ker.load_state_dict(ref.state_dict())
+    o_ref = FlipOptimizer(ref, backend="dense-fallback", seed=5, check_finite=False, **rule)
+    o_ker = FlipOptimizer(ker, backend="dense-fallback" if DEV.type == "cpu" else backend, seed=5, check_finite=False,
+                          **rule)
+    o_ker.backend = backend  # (on CPU, --smoke: the constructor refuses gpu backends; the interpreter runs them)
     for step in range(steps):
-        scale_step = bool(interval) and step % interval == 0
-        for call in range(calls):
-            gy, x = small_ints(40, rows), small_ints(40, cols)
-            opt.cast_votes(ref, weight_grad(gy, x), ref.trits())
-            if step == 0 and call == 0:
-                boot.cast_votes(w, weight_grad(gy, x), w.trits())  # first gradient: dense bootstrap of vote_ms
-            else:
-                keys = vote_keys(5, w.stream, step * 1024 + call, DEV)
-                cast_matmul_votes(w, gy, x, group, keys, scale_step=scale_step, cache=cache)
-        opt.step()
-        apply_flips_(w, group["accum_threshold"], group["clip_at_bounds"],
-                     group["scale_threshold"] if interval else None, cache=cache, leak=group["leak"])
-        equal = state_equal(w, ref, ("T_packed", "T_accum", "E", "E_accum", "vote_ms"))
-        if not all(equal.values()):
-            return {"step": step, **equal}
-    return equal
+        for _ in range(calls):
+            x = torch.randint(-1, 2, (3, 7, dims[0]), generator=gen(fresh_seed()), device=DEV).float()
+            c = torch.randint(-1, 2, (3, 7, dims[2]), generator=gen(fresh_seed()), device=DEV).float()
+            (ref(x) * c).sum().backward()
+            (ker(x) * c).sum().backward()
+        o_ref.step()
+        o_ker.step()
+        sr, sk = ref.state_dict(), ker.state_dict()
+        bad = [n for n in sr if not torch.equal(sr[n], sk[n])]
+        if bad or int(o_ref.last_flips) != int(o_ker.last_flips):
+            return {"step": step, "differing": bad, "flips": [int(o_ref.last_flips), int(o_ker.last_flips)]}
+    return {"differing": [], "flips_last_step": int(o_ref.last_flips)}
 
 
 def check_training_pairs():
-    rules = {"default": {}, "decay-interval2": {"decay": 0.3, "scale_update_interval": 2, "lr": 2.0},
-             "seed-naive": FlipRule.naive(accum_threshold=4).to_dict(), "leak3": {"leak": 3, "accum_threshold": 6}}
+    nb = {"norm_block": 16} if ARGS.smoke else {}
+    rules = {"default": dict(nb, accum_threshold=4), "decay-interval2-clip3": dict(nb, decay=0.3, vote_clip=3,
+                                                                                    scale_update_interval=2),
+             "seed-naive": FlipRule.naive(accum_threshold=4).to_dict(), "leak3": dict(nb, leak=3, accum_threshold=6),
+             "sign-T-stochastic-E-tensor": {"vote": "sign", "normalize": "tensor", "accum_threshold": 3}}
     for name, rule in rules.items():
-        eq = run_training_pair(rule)
-        B.check(f"fused training steps == dense-fallback ({name})", all(v for k, v in eq.items() if k != "step"), **eq)
+        r = run_training_pair(rule, "gpu")
+        B.check(f"gpu backend training steps == dense-fallback ({name})", not r["differing"], **r)
     for name in ("default", "seed-naive"):
-        eq = run_training_pair(rules[name], calls=2, use_cache=True)
-        B.check(f"gpu-signcache steps == dense-fallback ({name}, 2 calls/step)",
-                all(v for k, v in eq.items() if k != "step"), **eq)
+        r = run_training_pair(rules[name], "gpu-signcache", steps=2, calls=2)
+        B.check(f"gpu-signcache training steps == dense-fallback ({name}, 2 calls/step)", not r["differing"], **r)
 
 
 def check_flips():
@@ -426,44 +461,46 @@ def time_matmul_direction(setting, layer, op, w, W, a, transposed) -> dict:
 
 
 def time_votes(setting, layer, rows, cols, M, op_ms):
-    w = random_weight(rows, cols)
-    w.vote_ms.fill_(1.0)
     gy, x = randn(M, rows), randn(M, cols)
     flops = 2.0 * M * rows * cols
-    nbytes = 2.0 * M * (rows + cols) + 2.2 * rows * cols + 8.0 * rows * w.n_groups
+    # gy, x (bf16) read; T_accum read + write; T_packed read (decay / gE); gE written + read (fp32 per group)
+    nbytes = 2.0 * M * (rows + cols) + 2.2 * rows * cols + 8.0 * rows * (cols // GROUP_SIZE + 1)
     wd = random_weight(rows, cols)
-    opt = FlipOptimizer(wd, backend="dense-fallback")
-    T = wd.trits()
-    opt.cast_matmul_votes(wd, gy, x, T)  # bootstrap vote_ms
-    dense = record(setting, layer, "votes", "dense-fallback", lambda: opt.cast_matmul_votes(wd, gy, x, wd.trits()),
+    opt_d = FlipOptimizer(wd, backend="dense-fallback", check_finite=False)
+    dense = record(setting, layer, "votes", "dense-fallback", lambda: opt_d.cast_matmul_votes(wd, gy, x, None),
                    flops, nbytes)
     record(setting, layer, "votes", "cuBLAS gW only (bf16)", lambda: gy.t() @ x, flops,
            2.0 * M * (rows + cols) + 2.0 * rows * cols, dense_ms=dense)
-    group = rule_group()
-    keys = vote_keys(0, 0, 5, DEV)
-    nonfinite = torch.zeros((), dtype=torch.int32, device=DEV)
-    fn = lambda: cast_matmul_votes(w, gy, x, group, keys, scale_step=True, nonfinite=nonfinite)  # noqa: E731
-    fused = record(setting, layer, "votes", "fused (stochastic, +E)", fn, flops, nbytes, dense_ms=dense)
-    s = torch.tensor(-0.5, device=DEV)
-    sumsq = torch.zeros((), device=DEV)
-    gE = torch.zeros(rows, w.n_groups, device=DEV)
-    record(setting, layer, "votes", "fused kernel only", lambda: matmul_votes_(
-        gy, x, w, s, keys[0], vote="stochastic", vote_clip=8, sumsq=sumsq, gE=gE), flops, nbytes, dense_ms=dense)
-    sign_group = FlipRule.naive().to_dict()
-    record(setting, layer, "votes", "fused (sign, +E)", lambda: cast_matmul_votes(
-        w, gy, x, sign_group, keys, scale_step=True), flops, nbytes, dense_ms=dense)
-    caches = {"signcache sign (2-bit)": (sign_group, VoteCache.for_weight(w, "sign", 1)),
-              "signcache stochastic (8-bit)": (group, VoteCache.for_weight(w, "stochastic", 8))}
-    cache_ms = {}
-    for impl, (grp, cache) in caches.items():
-        def run(grp=grp, cache=cache):
-            cache.pending = False  # time the cast alone (a pending cache would be flushed first)
-            cast_matmul_votes(w, gy, x, grp, keys, scale_step=True, cache=cache)
-        cb = 2.0 * M * (rows + cols) + (0.2 + cache.bits / 8) * rows * cols + 8.0 * rows * w.n_groups
-        cache_ms[cache.bits] = record(setting, layer, "votes", impl, run, flops, cb, dense_ms=dense)
-    if DEV.type == "cuda" and setting == "seed":
-        record(setting, layer, "votes", "fused (stochastic, +E)", fn, flops, nbytes, graph=True, dense_ms=dense)
-    op_ms[(layer, "votes")] = {"dense": dense, "fused": fused, "cache2": cache_ms.get(2), "cache8": cache_ms.get(8)}
+    fused = {}
+    for backend, vote in (("gpu", "stochastic"), ("gpu", "sign"), ("gpu-signcache", "stochastic"),
+                          ("gpu-signcache", "sign")):
+        w = random_weight(rows, cols)
+        rule = FlipRule() if vote == "stochastic" else FlipRule.naive()
+        opt = FlipOptimizer(w, backend="dense-fallback" if DEV.type == "cpu" else backend, rule=rule,
+                            check_finite=False)
+        opt.backend = backend
+
+        def run(opt=opt, w=w):
+            for _, cache in opt._vote_caches.values():
+                cache.pending = False  # time the cast alone (a pending cache would be flushed first)
+            opt.cast_matmul_votes(w, gy, x, None)
+
+        run()
+        cache = next(iter(opt._vote_caches.values()), (None, None))[1]
+        cb = nbytes if cache is None else nbytes - 2.0 * rows * cols + cache.bits / 8 * rows * cols
+        impl = f"{backend} {vote} (+E{'' if cache is None else f', {cache.bits}-bit cache'})"
+        fused[(backend, vote)] = record(setting, layer, "votes", impl, run, flops, cb, dense_ms=dense)
+        if DEV.type == "cuda" and setting == "seed" and (backend, vote) == ("gpu", "stochastic"):
+            record(setting, layer, "votes", impl, run, flops, cb, graph=True, dense_ms=dense)
+    w = random_weight(rows, cols)
+    step = torch.zeros((), dtype=torch.int64, device=DEV)
+    record(setting, layer, "votes", "matmul_votes kernel only (stochastic, no E)", lambda: matmul_votes_(
+        gy, x, w, vote="stochastic", lr=4.0, vote_clip=8, norm_block=NORM_BLOCK if not ARGS.smoke else 16, decay=0.0,
+        key_base=1, call=0, step=step, calls_per_step=CALLS), flops, nbytes - 8.0 * rows * (cols // GROUP_SIZE + 1),
+        dense_ms=dense)
+    op_ms[(layer, "votes")] = {"dense": dense, "fused": fused[("gpu", "stochastic")],
+                               "cache_sign": fused[("gpu-signcache", "sign")],
+                               "cache_stochastic": fused[("gpu-signcache", "stochastic")]}
 
 
 def time_flips(setting, layer, rows, cols, op_ms):
@@ -487,7 +524,8 @@ def time_flips(setting, layer, rows, cols, op_ms):
 
 def totals(setting, op_ms, n_layers):
     """Per training step, all linear layers of the model: forward + backward-input + votes + flips."""
-    impls = ("dense-fallback", "gpu (fused matmul)", "gpu (best matmul impl)", "gpu-signcache (2-bit)")
+    impls = ("dense-fallback", "gpu (fused matmul)", "gpu (best matmul impl)", "gpu-signcache (stochastic)",
+             "gpu-signcache (sign votes, 2-bit)")
     per = dict.fromkeys(impls, 0.0)
     for layer in layer_shapes(1):
         k = 1 if layer == "head" else n_layers
@@ -499,8 +537,8 @@ def totals(setting, op_ms, n_layers):
         per["gpu (fused matmul)"] += k * (mm[0]["fused"] + mm[1]["fused"] + v["fused"] + f["fused"])
         best = sum(min(m["fused"], m["dequant"]) for m in mm)
         per["gpu (best matmul impl)"] += k * (best + v["fused"] + f["fused"])
-        if v.get("cache2") is not None:
-            per["gpu-signcache (2-bit)"] += k * (best + v["cache2"] + f["cache"])
+        per["gpu-signcache (stochastic)"] += k * (best + v["cache_stochastic"] + f["cache"])
+        per["gpu-signcache (sign votes, 2-bit)"] += k * (best + v["cache_sign"] + f["cache"])
     for impl, ms in per.items():
         B.res["totals"].append({"setting": setting, "impl": impl, "ms_per_step_linear_layers": ms})
 
@@ -533,10 +571,10 @@ MATMUL_CONFIGS_BIG = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64,
                       (64, 128, 64, 4, 4)]
 MATMUL_CONFIGS_SMALL = [(32, 64, 128, 4, 4), (64, 32, 128, 4, 4), (32, 16, 128, 4, 4), (64, 16, 64, 4, 3),
                         (128, 16, 64, 4, 3)]
-VOTES_CONFIGS_BIG = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 8, 4),
-                     (64, 128, 64, 4, 3)]
-VOTES_CONFIGS_SMALL = [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2), (64, 128, 32, 4, 2), (32, 32, 64, 4, 2),
-                       (64, 64, 64, 4, 3)]
+VOTES_CONFIGS_BIG = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+                     (128, 64, 64, 4, 3), (32, 32, 64, 4, 3)]
+VOTES_CONFIGS_SMALL = [(64, 64, 32, 4, 2), (64, 128, 32, 4, 2), (128, 128, 32, 8, 2), (64, 64, 64, 4, 3),
+                       (128, 64, 32, 4, 2), (32, 32, 64, 4, 2)]
 
 
 def sweep_one(key: str, configs: list[dict], default: dict, run) -> None:
@@ -561,9 +599,11 @@ def matmul_configs(big: bool) -> list[dict]:
             for o, m, r, nw, ns in (MATMUL_CONFIGS_BIG if big else MATMUL_CONFIGS_SMALL)]
 
 
-def votes_configs(big: bool) -> list[dict]:
+def votes_configs(big: bool, norm_block: int) -> list[dict]:
+    """Tile configs whose edges are multiples of ``norm_block`` (the epilogue's normalisation tiles)."""
     return [{"BLOCK_R": r, "BLOCK_C": c, "BLOCK_K": k, "num_warps": nw, "num_stages": ns}
-            for r, c, k, nw, ns in (VOTES_CONFIGS_BIG if big else VOTES_CONFIGS_SMALL)]
+            for r, c, k, nw, ns in (VOTES_CONFIGS_BIG if big else VOTES_CONFIGS_SMALL)
+            if r % norm_block == 0 and c % norm_block == 0]
 
 
 def sweep(setting):
@@ -573,20 +613,22 @@ def sweep(setting):
         if layer == "head" or B.out_of_time(25):
             continue
         w = random_weight(rows, cols)
-        w.vote_ms.fill_(1.0)
         for transposed in (False, True):
             a = randn(M, rows if transposed else cols)
             sweep_one(f"matmul {'bwd' if transposed else 'fwd'} {setting} {layer}", matmul_configs(big),
                       default_matmul_config(M, cols if transposed else rows, DEV),
                       lambda cfg, a=a, w=w, transposed=transposed: ternary_matmul_triton(a, w, transposed, config=cfg))
         gy, x = randn(M, rows), randn(M, cols)
-        s, key = torch.tensor(-0.5, device=DEV), rng.stream_key(0, 0, 1).to(DEV)
-        sumsq, gE = torch.zeros((), device=DEV), torch.zeros(rows, w.n_groups, device=DEV)
+        gE, flag = torch.zeros(rows, w.n_groups, device=DEV), torch.zeros((), device=DEV)
+        step = torch.zeros((), dtype=torch.int64, device=DEV)
+        nb = NORM_BLOCK if not ARGS.smoke else 16
 
-        def run_votes(cfg, gy=gy, x=x, w=w, s=s, key=key, sumsq=sumsq, gE=gE):
-            matmul_votes_(gy, x, w, s, key, vote="stochastic", vote_clip=8, sumsq=sumsq, gE=gE, config=cfg)
+        def run_votes(cfg, gy=gy, x=x, w=w, gE=gE, flag=flag, step=step, nb=nb):
+            matmul_votes_(gy, x, w, vote="stochastic", lr=4.0, vote_clip=8, norm_block=nb, decay=0.0, key_base=1,
+                          call=0, step=step, calls_per_step=CALLS, gE=gE, flag=flag, config=cfg)
 
-        sweep_one(f"votes {setting} {layer}", votes_configs(big), default_votes_config(M, rows, cols, DEV), run_votes)
+        sweep_one(f"votes {setting} {layer}", votes_configs(big, nb), default_votes_config(M, rows, cols, DEV, nb),
+                  run_votes)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -636,9 +678,8 @@ def main():
         check_matmul()
     with B.section("correctness: votes kernel"):
         check_votes_kernel()
-    if DEV.type == "cuda":
-        with B.section("correctness: vote_prep"):
-            check_vote_prep()
+    with B.section("correctness: scale votes"):
+        check_scale_votes()
     with B.section("correctness: training steps vs dense-fallback"):
         check_training_pairs()
     with B.section("correctness: flips"):

@@ -185,7 +185,12 @@ def test_empty_batch_and_shape_checks():
         kernels().ternary_matmul_triton(torch.zeros(3, 8, device=DEVICE), w)
     with pytest.raises(ValueError, match="unknown matmul impl"):
         ternary_matmul(torch.zeros(3, 12, device=DEVICE), w, impl="cublas")
-    assert resolve_impl("auto", torch.zeros(3, 12)) == "naive"  # CPU tensors: the dense path
+    # auto: the kernels wherever they can run (CUDA, or the interpreter in these tests), else the dense path
+    assert resolve_impl("auto", torch.zeros(3, 12, device=DEVICE)) == "fused"
+    assert resolve_impl("auto", torch.zeros(4096, 12, device=DEVICE)) == "dequant"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        assert resolve_impl("auto", torch.zeros(3, 12)) == "naive"  # plain CPU tensors
 
 
 def test_int32_offset_guard():
@@ -231,7 +236,7 @@ def test_kernel_linear_function_matches_reference_function(bias):
         assert torch.equal(xk.grad, xr.grad)
         opt_ref.step()
         opt_ker.step()
-        for name in ("T_packed", "T_accum", "E", "E_accum", "vote_ms"):
+        for name in ("T_packed", "T_accum", "E", "E_accum"):
             assert torch.equal(getattr(w_ker, name), getattr(w_ref, name)), name
         if bias:
             assert torch.equal(b_ker.q, b_ref.q)
@@ -246,3 +251,20 @@ def test_kernel_linear_function_input_checks():
     hybrid = TernaryScaleTensor(4, 6, 2, scale_mode="float", device=DEVICE)
     with pytest.raises(ValueError, match="integer scales"):
         ternary_linear_kernel(torch.zeros(3, 6, device=DEVICE), hybrid)
+
+
+@pytest.mark.parametrize("backend,scale_mode,kernel", [("gpu", "int", True), ("gpu-signcache", "int", True),
+                                                       ("dense-fallback", "int", False), ("gpu", "float", False)],
+                         ids=["gpu", "gpu-signcache", "dense-fallback", "gpu-hybrid-float-scale"])
+def test_ternary_linear_dispatches_to_kernels_for_gpu_backends(backend, scale_mode, kernel):
+    """ops.linear.ternary_linear runs TernaryLinearKernelFunction when the weight's voter is a gpu backend
+    (switched after construction on CPU-only machines, where the constructor needs CUDA) and its scales are
+    integers; otherwise the dense TernaryLinearFunction. Both give the same output."""
+    w = TernaryScaleTensor(12, 20, 8, scale_mode=scale_mode, device=DEVICE)
+    opt = FlipOptimizer(w, backend="dense-fallback")
+    x = torch.randint(-2, 3, (3, 20), generator=torch.Generator().manual_seed(0)).float().to(DEVICE)
+    y_dense = ternary_linear(x, w)
+    opt.backend = backend
+    y = ternary_linear(x.requires_grad_(), w)
+    assert type(y.grad_fn).__name__.startswith("TernaryLinearKernelFunction" if kernel else "TernaryLinearFunction")
+    assert torch.equal(y.detach(), y_dense)

@@ -129,7 +129,7 @@ def run_config(label: str, name: str, base, hp: Hparams, corpus, val_windows, ar
     gen = torch.Generator().manual_seed(args.seed)  # identical batches for every config
     recipe = build_recipe(name, base, hp, device=device, backend=args.update_backend, seed=args.seed)
     autocast = device.type == "cuda"
-    losses, step_s, flips = [], [], []
+    losses, step_s, flips, scale_flips = [], [], [], []
     tokens = args.batch * args.ctx
     diverged = None
     burn_in = max(2, args.steps // 10)
@@ -144,6 +144,7 @@ def run_config(label: str, name: str, base, hp: Hparams, corpus, val_windows, ar
         lv = float(loss)  # synchronises the device, so the step time is complete
         step_s.append(time.perf_counter() - t0)
         flips.append(recipe.flips_last_step())
+        scale_flips.append(int(recipe.flip.last_scale_flips) if recipe.flip is not None else 0)
         losses.append(lv)
         if not math.isfinite(lv) or lv > 4 * math.log(base.cfg.vocab_size):
             diverged = f"loss {lv:.3g} at step {step}"
@@ -167,6 +168,7 @@ def run_config(label: str, name: str, base, hp: Hparams, corpus, val_windows, ar
         "min_loss": min(losses) if losses else float("nan"),
         "val_bpb": bpb,
         "flips_per_step": statistics.fmean(flips) if flips else 0.0,
+        "scale_flips_per_step": statistics.fmean(scale_flips) if scale_flips else 0.0,
         "diverged": diverged,
         "segments": segment_table(losses),
         "losses": losses,
@@ -263,6 +265,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rule", action="append", default=[], metavar="FIELD=VALUE",
                    help="FlipRule field overrides for TrueTernary configs, e.g. vote_clip=4,decay=0.01")
     p.add_argument("--eval-windows", type=int, default=256, help="held-out windows for validation bpb")
+    p.add_argument("--warmup-frac", type=float, default=0.05, help="linear warm-up, fraction of --steps")
+    p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decay ends at this fraction of the peak")
     p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("--plot", default=None, metavar="PATH")
 
@@ -313,7 +317,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         build_model(args.model, seed=0, ctx=args.ctx, d_model=args.d_model, n_layers=1, n_heads=args.n_heads)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    hp = Hparams(steps=args.steps, rule=rule, lr=lr_over,
+    if not 0 <= args.warmup_frac < 1 or not 0 <= args.min_lr_frac <= 1:
+        raise UsageError("--warmup-frac must be in [0, 1) and --min-lr-frac in [0, 1]")
+    hp = Hparams(steps=args.steps, rule=rule, lr=lr_over, warmup_frac=args.warmup_frac, min_lr_frac=args.min_lr_frac,
                  naive_threshold=args.accum_threshold if args.accum_threshold is not None else 8)
     if args.group_size is not None:
         if args.group_size < 1:

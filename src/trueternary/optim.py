@@ -19,6 +19,7 @@ from torch import nn
 
 from . import rng
 from .layers import IntegerBias
+from .ops.linear import KERNEL_BACKENDS, KERNEL_DTYPES, kernels_can_run
 from .rule import (
     FlipRule,
     accumulate,
@@ -117,6 +118,10 @@ class FlipOptimizer(torch.optim.Optimizer):
         self._step = 0
         self._calls: dict[int, int] = {}
         self._nonfinite: torch.Tensor | None = None
+        # gpu backends: the step counter on each device the kernels run on (they derive RNG keys from it),
+        # and gpu-signcache's vote caches {id(weight): (weight, VoteCache)}
+        self._step_dev: dict[torch.device, torch.Tensor] = {}
+        self._vote_caches: dict[int, tuple] = {}
         self.last_flips: torch.Tensor = torch.zeros((), dtype=torch.int64)
         self.last_scale_flips: torch.Tensor = torch.zeros((), dtype=torch.int64)
 
@@ -176,7 +181,13 @@ class FlipOptimizer(torch.optim.Optimizer):
         """
         if group["vote"] == "sign":
             return sign_votes(g)
-        s = vote_scale(g, lr, normalize, group["norm_block"])
+        p = group["vote_power"]
+        if p != 1:  # compress (p < 1) the normalised magnitudes: g -> sign(g) |g / rms|**p, then s = -lr
+            s1 = vote_scale(g, 1.0, normalize, group["norm_block"])
+            g = torch.sign(g) * (g * s1).abs().pow(p)
+            s = torch.tensor(-float(lr), dtype=torch.float32, device=g.device)
+        else:
+            s = vote_scale(g, lr, normalize, group["norm_block"])
         key = rng.stream_key(self.seed, stream, counter)
         if self._world() > 1:
             s = s / self._world()
@@ -197,10 +208,95 @@ class FlipOptimizer(torch.optim.Optimizer):
                           T: torch.Tensor | None) -> None:
         """Votes for a linear map's weight, whose gradient is ``gy.T @ x`` (gy: (M, rows), x: (M, cols)).
 
-        The dense-fallback backend forms the gradient and calls :meth:`cast_votes`; a fused backend
-        computes it tile by tile inside the vote kernel so it never reaches memory.
+        The dense-fallback backend forms the gradient and calls :meth:`cast_votes`; the gpu backends
+        compute it tile by tile inside the vote kernel (``ops.votes``) so it never reaches memory, when the
+        rule is one the kernel implements (``ops.votes.fused_votes_supported``), else they take the dense path.
+        ``T`` may be None (the kernel path decodes trits from ``T_packed`` itself).
         """
+        group = self.param_groups[weight._group_index]
+        if self._kernel_weight(gy) and gy.dtype in KERNEL_DTYPES and x.dtype == gy.dtype:
+            from .ops.votes import fused_votes_supported
+
+            if fused_votes_supported(group):
+                self._fused_matmul_votes(weight, gy, x, group)
+                return
         self.cast_votes(weight, (gy.t() @ x).float(), weight.trits() if T is None else T)
+
+    # ------------------------------------------------------------------ gpu backends (Triton kernels)
+    def _kernel_weight(self, t: torch.Tensor) -> bool:
+        """Whether votes/flips on tensors like ``t`` run on the Triton kernels: a gpu backend, a device they
+        run on, one process (data-parallel votes take the dense path with its all-reduce)."""
+        return self.backend in KERNEL_BACKENDS and self._world() == 1 and kernels_can_run(t)
+
+    def _device_step(self, device: torch.device) -> torch.Tensor:
+        """The step counter as a 0-dim int64 tensor on ``device``, created from the host counter on first use.
+
+        ``step()`` advances it with a device op, so a captured CUDA graph replays with fresh RNG keys (the
+        host counter does not advance during replays: :meth:`state_dict` reads this one back).
+        """
+        t = self._step_dev.get(device)
+        if t is None:
+            t = self._step_dev[device] = torch.full((), self._step, dtype=torch.int64, device=device)
+        return t
+
+    def _advance_step(self) -> None:
+        self._step += 1
+        for t in self._step_dev.values():
+            t.add_(1)
+
+    def _fused_matmul_votes(self, weight: TernaryScaleTensor, gy: torch.Tensor, x: torch.Tensor, group) -> None:
+        """``ops.votes.cast_matmul_votes`` with this optimiser's keys, counters and (gpu-signcache) vote cache.
+
+        No host sync: the RNG counter is the device step plus this call's index (a host constant of the
+        step's call sequence), and the non-finite check only bumps a device counter.
+        """
+        from .ops.votes import VoteCache, cast_matmul_votes
+
+        c = self._calls.get(id(weight), 0)
+        self._calls[id(weight)] = c + 1
+        cache = None
+        if self.backend == "gpu-signcache":
+            entry = self._vote_caches.get(id(weight))
+            cache = entry[1] if entry is not None else None
+            if cache is None or cache.bits != VoteCache.bits_for(group["vote"], group["vote_clip"], weight.cols):
+                if cache is not None and cache.pending:  # the rule changed: apply the old layout's votes first
+                    from .ops.flip import flush_vote_cache_
+
+                    flush_vote_cache_(weight, cache)
+                cache = VoteCache.for_weight(weight, group["vote"], group["vote_clip"])
+                self._vote_caches[id(weight)] = (weight, cache)
+        nonfinite = None
+        if self.check_finite:
+            if self._nonfinite is None or self._nonfinite.device != gy.device:
+                self._nonfinite = torch.zeros((), dtype=torch.int32, device=gy.device)
+            nonfinite = self._nonfinite
+        cast_matmul_votes(weight, gy, x, group, seed=self.seed, step=self._device_step(gy.device),
+                          call=c % _CALLS_PER_STEP, calls_per_step=_CALLS_PER_STEP, nonfinite=nonfinite, cache=cache)
+
+    def _kernel_flips(self, m: TernaryScaleTensor, group, counts: dict) -> bool:
+        """Leak + flips + repack (+ scale flips, + pending vote cache) of one weight in one kernel launch;
+        ``counts[device]`` (int32 (2,)) receives the flip counts. Returns whether E was considered."""
+        from .ops.flip import apply_flips_
+
+        dev = m.T_accum.device
+        if dev not in counts:
+            counts[dev] = torch.zeros(2, dtype=torch.int32, device=dev)
+        scale = m.scale_mode == "int" and bool(group["scale_update_interval"])
+        entry = self._vote_caches.get(id(m))
+        apply_flips_(m, group["accum_threshold"], group["clip_at_bounds"], group["scale_threshold"] if scale else None,
+                     counts[dev], cache=entry[1] if entry is not None else None, leak=group["leak"])
+        return scale
+
+    def _flush_vote_caches(self, drop: bool = False) -> None:
+        """Apply (or, with ``drop``, discard) every pending gpu-signcache vote cache to its ``T_accum``."""
+        from .ops.flip import flush_vote_cache_
+
+        for weight, cache in self._vote_caches.values():
+            if cache.pending:
+                if drop:
+                    cache.pending = False
+                else:
+                    flush_vote_cache_(weight, cache)
 
     @torch.no_grad()
     def cast_votes(self, weight: TernaryScaleTensor, g: torch.Tensor, T: torch.Tensor, rows=None) -> None:
@@ -229,7 +325,7 @@ class FlipOptimizer(torch.optim.Optimizer):
             eidx = (rows.reshape(-1, 1) * weight.n_groups + gidx).reshape(-1)
         group_e = dict(group, vote=group["scale_vote"])
         vE = self._votes(group_e, gE, group["lr"] * group["scale_lr"], 2 * weight.stream + 1, counter,
-                         group["vote_clip"], "tensor", index=eidx)
+                         group["vote_clip"], group["normalize"], index=eidx)
         self._accumulate(weight.E_accum, vE, rows, group_e)
 
     def _accumulate(self, accum: torch.Tensor, v: torch.Tensor, rows, group) -> None:
@@ -269,16 +365,21 @@ class FlipOptimizer(torch.optim.Optimizer):
             bad = int(self._nonfinite.item())
             self._nonfinite.zero_()
             if bad:
-                self._step += 1
+                self._advance_step()
                 raise NonFiniteGradientError(
                     f"{bad} layer gradient(s) had NaN/inf at step {self._step - 1}; their votes were dropped"
                 )
         flips = scale_flips = None
+        kernel_counts: dict[torch.device, torch.Tensor] = {}  # gpu backends: (flips, scale flips) per device
+        kernel_scale = False
         for group, mods in zip(self.param_groups, self._group_modules):
             if self.backend == "none":
                 break
             for m in mods:
                 if not isinstance(m, TernaryScaleTensor):
+                    continue
+                if self._kernel_weight(m.T_accum):
+                    kernel_scale |= self._kernel_flips(m, group, kernel_counts)
                     continue
                 A = leak(m.T_accum, group["leak"]) if group["leak"] else m.T_accum
                 T, A, n = apply_flips(m.trits(), A, group["accum_threshold"], group["clip_at_bounds"])
@@ -286,15 +387,22 @@ class FlipOptimizer(torch.optim.Optimizer):
                 m.T_accum.copy_(A)
                 flips = n if flips is None else flips + n
                 if m.scale_mode == "int" and group["scale_update_interval"]:
-                    E, EA, ne = apply_scale_flips(m.E, m.E_accum, group["scale_threshold"])
+                    EA = leak(m.E_accum, group["scale_leak"]) if group["scale_leak"] else m.E_accum
+                    E, EA, ne = apply_scale_flips(m.E, EA, group["scale_threshold"])
                     m.E.copy_(E)
                     m.E_accum.copy_(EA)
                     scale_flips = ne if scale_flips is None else scale_flips + ne
+        for dev_counts in kernel_counts.values():
+            n = dev_counts[0].to(torch.int64)
+            flips = n if flips is None else flips + n.to(flips.device)
+            if kernel_scale:
+                ne = dev_counts[1].to(torch.int64)
+                scale_flips = ne if scale_flips is None else scale_flips + ne.to(scale_flips.device)
         if flips is not None:
             self.last_flips = flips
         if scale_flips is not None:
             self.last_scale_flips = scale_flips
-        self._step += 1
+        self._advance_step()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -314,6 +422,11 @@ class FlipOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self):
+        # gpu-signcache: pending votes go into T_accum now, so the modules' state is complete; gpu backends:
+        # the device step counter is authoritative (replayed CUDA graphs advance only it)
+        self._flush_vote_caches()
+        if self._step_dev:
+            self._step = int(next(iter(self._step_dev.values())).item())
         sd = super().state_dict()
         sd["trueternary"] = {"format": 1, "step": self._step, "seed": self.seed, "backend": self.backend}
         return sd
@@ -328,6 +441,9 @@ class FlipOptimizer(torch.optim.Optimizer):
         super().load_state_dict(sd)
         self._step = int(extra["step"])
         self.seed = int(extra["seed"])
+        self._flush_vote_caches(drop=True)  # votes cast on the replaced state do not apply to the loaded one
+        for t in self._step_dev.values():
+            t.fill_(self._step)
 
 
 class SignGSD(torch.optim.Optimizer):

@@ -30,8 +30,8 @@ For each call of a layer in backward (``stochastic_votes`` ...) and once per opt
     flip       T_accum >= +theta and T < +1:  T += 1, T_accum = 0
                T_accum <= -theta and T > -1:  T -= 1, T_accum = 0
                (clip_at_bounds) T_accum = clamp(T_accum, -theta, theta)  afterwards
-    scale      gE = sum over the group of g * T   (dL/dE up to the positive factor 2**E ln 2), voted
-               like the weights with 'tensor' normalisation and lr * scale_lr into E_accum, on steps
+    scale      gE = sum over the group of g * T   (dL/dE up to the positive factor 2**E ln 2), a
+               (rows, n_groups) matrix voted like the weights (same normalisation, lr * scale_lr) into E_accum, on steps
                that are multiples of scale_update_interval; |E_accum| >= scale_threshold moves E by one.
 
 A positive gradient votes toward -1 (gradient descent). ``u`` makes the expected vote equal to
@@ -64,11 +64,13 @@ class FlipRule:
     accum_threshold: int = 32
     lr: float = 4.0  # expected votes per call for a typical gradient (the learning-rate analogue)
     vote_clip: int = 8
+    vote_power: float = 1.0  # expected vote ~ sign(g) * |g / sqrt(ms)|**vote_power (1: proportional)
     decay: float = 0.0  # votes toward 0 for non-zero trits (weight-decay analogue)
     leak: int = 0  # if > 0, T_accum loses |T_accum| >> leak each step (an integer EMA, like Bop's momentum)
     clip_at_bounds: bool = True
     scale_vote: str = "stochastic"
     scale_threshold: int = 32
+    scale_leak: int = 0  # if > 0, E_accum loses |E_accum| >> scale_leak each step: only consistent votes move E
     scale_lr: float = 0.25  # scale-vote scale relative to ``lr`` (so schedules drive both)
     scale_update_interval: int = 1  # 0 disables scale updates
 
@@ -82,8 +84,10 @@ class FlipRule:
             raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {self.normalize!r}")
         if isinstance(self.norm_block, bool) or not isinstance(self.norm_block, int) or self.norm_block < 1:
             raise ValueError(f"norm_block must be a positive integer, got {self.norm_block!r}")
-        if isinstance(self.leak, bool) or not isinstance(self.leak, int) or not 0 <= self.leak <= 7:
-            raise ValueError(f"leak must be an integer shift in [0, 7], got {self.leak!r}")
+        for name in ("leak", "scale_leak"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 7:
+                raise ValueError(f"{name} must be an integer shift in [0, 7], got {v!r}")
         if self.scale_vote not in VOTE_MODES:
             raise ValueError(f"scale_vote must be one of {VOTE_MODES}, got {self.scale_vote!r}")
         for name in ("accum_threshold", "scale_threshold"):
@@ -97,6 +101,8 @@ class FlipRule:
         iv = self.scale_update_interval
         if isinstance(iv, bool) or not isinstance(iv, int) or iv < 0:
             raise ValueError(f"scale_update_interval must be an integer >= 0, got {iv!r}")
+        if not isinstance(self.vote_power, (int, float)) or not 0 < self.vote_power <= 2:
+            raise ValueError(f"vote_power must be in (0, 2], got {self.vote_power!r}")
         for name in ("lr", "scale_lr", "decay"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not v >= 0 or v != v or v == float("inf"):

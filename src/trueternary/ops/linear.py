@@ -8,6 +8,10 @@ on a module, and at most one layer's float gradient exists at a time.
 The ``anchor`` argument is a 0-dim leaf tensor that requires grad: it makes autograd call our
 backward even when ``x`` needs no gradient (the first layer of a network), because the votes are
 produced there. It never receives a gradient.
+
+When the weight is trained by a ``gpu`` / ``gpu-signcache`` FlipOptimizer and the input lives where the
+Triton kernels run, :func:`ternary_linear` dispatches to ``ops.ternary_matmul.TernaryLinearKernelFunction``
+instead (packed-weight matmul kernels forward and backward-input, fused votes): same contract.
 """
 
 from __future__ import annotations
@@ -20,6 +24,31 @@ from ..rule import group_sum
 
 LN2 = math.log(2.0)
 _ANCHOR = torch.zeros((), requires_grad=True)
+KERNEL_BACKENDS = ("gpu", "gpu-signcache")  # FlipOptimizer backends that run the Triton kernels
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # operand dtypes the kernels take (not float64)
+
+
+def kernels_can_run(t: torch.Tensor) -> bool:
+    """Triton kernels run on CUDA tensors, and on CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1)."""
+    if t.is_cuda:
+        return True
+    if t.device.type != "cpu":
+        return False
+    from . import triton_available
+
+    if not triton_available():
+        return False
+    from .triton_utils import interpreting
+
+    return interpreting()
+
+
+def uses_kernels(x: torch.Tensor, weight) -> bool:
+    """Whether :func:`ternary_linear` runs on the Triton kernels for this input and weight: the weight is
+    trained by a gpu backend, has integer scales (the hybrid float scale needs the dense weight gradient),
+    and ``x`` is on a device the kernels run on, in a dtype they take (after autocast)."""
+    return (getattr(weight._voter, "backend", None) in KERNEL_BACKENDS and weight.scale_mode == "int"
+            and compute_dtype(x) in KERNEL_DTYPES and kernels_can_run(x))
 
 
 def grad_anchor() -> torch.Tensor:
@@ -92,6 +121,10 @@ def ternary_linear(x, weight, bias_module=None):
         raise ValueError(f"input of shape {tuple(x.shape)} does not end in the layer's {weight.cols} input features")
     if not x.is_floating_point():
         raise TypeError(f"ternary linear expects a floating-point input, got {x.dtype}")
+    if uses_kernels(x, weight):
+        from .ternary_matmul import ternary_linear_kernel
+
+        return ternary_linear_kernel(x, weight, bias_module)
     anchor = _ANCHOR if torch.is_grad_enabled() else None
     bias_value = bias_module.value() if bias_module is not None else None
     return TernaryLinearFunction.apply(x, anchor, weight.log2_scale, bias_value, weight, bias_module)

@@ -8,8 +8,9 @@
     fused      Triton, W dequantised in registers from ``T_packed``/``E`` (bf16 tensor cores, fp32 accumulate)
     fused-fp8  the same with e4m3 operands (per-token activation scale; see naive.py for the exact math)
     dequant    one Triton pass writes the dense bf16 W (transient), then cuBLAS multiplies
-    auto       CPU: naive. CUDA: fused for M <= FUSED_MAX_TOKENS tokens, dequant above (large GEMMs are
-               cuBLAS-bound; the crossover is measured by scripts/bench_kernels.py)
+    auto       CPU: naive. CUDA (and CPU under TRITON_INTERPRET=1, so tests run what a GPU runs): fused for
+               M <= FUSED_MAX_TOKENS tokens, dequant above (large GEMMs are cuBLAS-bound; the crossover is
+               measured by scripts/bench_kernels.py)
 
 :class:`TernaryLinearKernelFunction` is ``ops.linear.TernaryLinearFunction`` with these kernels: the
 backward computes ``gx`` with ``transposed=True`` and hands ``gy``/``x`` to the voter's
@@ -22,11 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from ..linear import compute_dtype, grad_anchor
+from ..linear import KERNEL_BACKENDS, compute_dtype, grad_anchor, kernels_can_run
 from .naive import quantize_rows_fp8, ternary_matmul_fp8_naive, ternary_matmul_naive
 
 MATMUL_IMPLS = ("auto", "naive", "fused", "fused-fp8", "dequant")
-KERNEL_BACKENDS = ("gpu", "gpu-signcache")  # FlipOptimizer backends whose voters read T_packed themselves
 FUSED_MAX_TOKENS = 2048  # auto: fused kernel up to this many tokens, dequant + cuBLAS above
 
 
@@ -34,7 +34,7 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
     if impl not in MATMUL_IMPLS:
         raise ValueError(f"unknown matmul impl {impl!r}; choose one of {', '.join(MATMUL_IMPLS)}")
     if impl == "auto":
-        if x.device.type != "cuda":
+        if not kernels_can_run(x):
             return "naive"
         return "fused" if x.shape[0] <= FUSED_MAX_TOKENS else "dequant"
     return impl

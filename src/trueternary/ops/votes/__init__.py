@@ -1,38 +1,41 @@
 """Fused weight-gradient votes for the ``gpu`` and ``gpu-signcache`` update backends.
 
-One call per layer call in backward (``keys``/``s``/``vote_ms`` stay on the device: no host sync, so the
-sequence can be captured in a CUDA graph)::
+One call per layer call in backward (every scalar it needs stays on the device or is a constant of the
+call: no host sync, so the sequence can be captured in a CUDA graph)::
 
-    cast_matmul_votes(weight, gy, x, group, keys, scale_step=..., nonfinite=..., cache=None)
+    cast_matmul_votes(weight, gy, x, group, seed=..., step=..., call=..., calls_per_step=...,
+                      nonfinite=None, cache=None)
 
 does for a :class:`~trueternary.weight.TernaryScaleTensor` what ``FlipOptimizer.cast_votes(weight, gy.T @ x, T)``
-does (``rows=None``, no ``vote_reducer``), with the weight gradient formed tile by tile inside the vote
-kernel so it never reaches memory. Five launches::
+does (``rows=None``, one process), with the weight gradient formed tile by tile inside the vote kernel
+so it never reaches memory. Up to three launches::
 
-    scratch = zeros(4 + rows*n_groups)                 sum gW**2, sum gE**2, non-finite tiles, -, gE
-    _vote_prep_kernel      s[slot] = reciprocal(sqrt(vote_ms[slot] + eps)) * -lr[slot]
-    _matmul_votes_kernel   gW tile -> votes -> T_accum (or the vote cache); sum gW**2; gE = sum_group(gW*T)
-    _scale_votes_kernel    gE -> votes -> E_accum; sum gE**2                  (scale steps only)
-    _ms_update_kernel      vote_ms[slot] <- running mean square; nonfinite += 1 if a tile was non-finite
+    scratch = zeros(rows*n_groups + 1)       gE, then the layer's non-finite flag   (when needed)
+    _matmul_votes_kernel    gW tile -> block_factored normalisation -> votes -> T_accum (or the vote cache);
+                            gE = sum_group(gW * T)
+    _scale_votes_kernel     gE -> votes normalised like the weights' -> E_accum   (weights with integer scales)
+
+What is fused (:func:`fused_votes_supported`, rules with ``vote_power == 1``): sign votes, and stochastic
+votes with ``normalize='block_factored'`` and ``norm_block`` in :data:`FUSED_NORM_BLOCKS`: each kernel tile
+is a whole number of norm_block x norm_block normalisation tiles, so the statistics are complete in the
+epilogue. ``normalize='tensor'`` needs the whole gradient's mean square before the first vote (a second
+pass over gW, or gW in memory): not fused for the weights, the optimiser uses the dense path for it. The
+scale votes are normalised like the weights' (rule.py) over the small, complete gE: either way is fused.
 
 Differences from the dense-fallback path, all documented in docs/performance.md:
 
-* gW is the fp32 tensor-core accumulator (dense-fallback rounds it to the inputs' dtype first); votes
-  are bit-identical wherever the arithmetic is exact, statistically equal elsewhere.
-* A weight whose ``vote_ms`` slot is still <= 0 (no gradient seen yet) gets ``s = 0`` here (no votes but
-  the decay term), and the slot is initialised from this gradient; the reference instead votes with the
-  gradient's own mean square. Call the dense path for a weight's first gradient
-  (:func:`fused_votes_ready` says when the fused path is exact).
-* A non-finite gradient zeroes the kernel *tiles* holding NaN/inf (the reference zeroes the whole
-  matrix, so only the decay term votes there); either way ``vote_ms`` is left as is, ``nonfinite`` is
-  incremented once and ``FlipOptimizer.step`` raises.
-* ``normalize='factored'`` is not fused (:func:`fused_votes_supported`).
+* gW is the fp32 tensor-core accumulator (dense-fallback rounds it to the inputs' dtype first) and the
+  float sums run in another order; votes are bit-identical wherever the arithmetic is exact, statistically
+  equal elsewhere.
+* A non-finite gradient zeroes the kernel *tiles* holding NaN/inf (the reference zeroes the whole matrix
+  when ``check_finite``), the layer casts no scale votes, ``nonfinite`` is incremented once and
+  ``FlipOptimizer.step`` raises as on the dense path.
 
 gpu-signcache (:class:`VoteCache`): the backward kernel writes the votes into a compact per-layer cache
-(2 bits per weight for sign votes) instead of read-modify-writing ``T_accum``; the step kernel
-(``trueternary.ops.flip.apply_flips_(..., cache=...)``) accumulates, flips and repacks in one pass.
-A second call of the same layer within one step first flushes the pending cache into ``T_accum``
-(saturating, so the result equals sequential accumulation exactly).
+(2 bits per weight for sign votes, 4 for vote_clip <= 7, else 8) instead of read-modify-writing
+``T_accum``; the step kernel (``trueternary.ops.flip.apply_flips_(..., cache=...)``) accumulates, flips
+and repacks in one pass. A second call of the same layer within one step first flushes the pending
+cache into ``T_accum`` (saturating, so the result equals sequential accumulation exactly).
 """
 
 from __future__ import annotations
@@ -42,19 +45,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ... import rng
 from .naive import (
     cast_matmul_votes_naive,
     decode_vote_cache,
     encode_vote_cache,
     matmul_votes_naive,
-    ms_update_naive,
     scale_votes_naive,
-    vote_prep_naive,
     weight_grad,
+    zero_nonfinite_tiles,
 )
 
-SCRATCH_HEAD = 4  # scratch[0] sum gW**2, [1] sum gE**2, [2] non-finite tiles, [3] padding; gE from [4]
+FUSED_NORM_BLOCKS = (16, 32, 64, 128)  # norm_block values the kernel epilogue implements (tile edges are multiples)
 
 
 @dataclass
@@ -91,99 +92,71 @@ class VoteCache:
         return self.buf.numel()
 
 
-def vote_keys(seed: int, stream: int, counter: int | torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """int64 (2,) keys of a weight's vote streams ``2*stream`` (trits) and ``2*stream + 1`` (scales).
-
-    Equal to ``rng.stream_key`` as ``FlipOptimizer.cast_votes`` derives them. Pass ``counter`` as a device
-    tensor to compute them on the device (inside a CUDA graph); a Python int costs one host-to-device copy.
-    """
-    keys = torch.stack([rng.stream_key(seed, 2 * stream, counter), rng.stream_key(seed, 2 * stream + 1, counter)])
-    return keys.to(device)
-
-
 def fused_votes_supported(group: Mapping) -> bool:
-    """Whether the fused kernels implement this param group's rule (``normalize='factored'`` needs the
-    whole gradient's row and column statistics before the first vote: not fused, use the dense path)."""
-    return group.get("normalize", "tensor") == "tensor"
-
-
-def fused_votes_ready(weight, group: Mapping, scale_step: bool) -> bool:
-    """True when the fused path reproduces the dense path for this call: the rule is supported and every
-    ``vote_ms`` slot it uses has seen a gradient (``> 0``). Costs one host sync."""
-    if not fused_votes_supported(group):
+    """Whether the fused kernels implement this param group's vote rule (see the module docstring)."""
+    if group.get("vote_power", 1) != 1:  # compressed vote magnitudes (also on scale votes): dense path only
         return False
-    need = []
-    if group["vote"] == "stochastic":
-        need.append(0)
-    if scale_step and weight.scale_mode == "int" and group["scale_vote"] == "stochastic":
-        need.append(1)
-    return not need or bool((weight.vote_ms[need] > 0).all())
+    block_ok = group["normalize"] == "block_factored" and group["norm_block"] in FUSED_NORM_BLOCKS
+    if group["vote"] == "stochastic" and not block_ok:
+        return False
+    # scale votes are normalised like the weights' (rule.py): 'tensor' there is one more pass over the small gE
+    return group["scale_vote"] == "sign" or block_ok or group["normalize"] == "tensor"
 
 
-def cast_matmul_votes(weight, gy: torch.Tensor, x: torch.Tensor, group: Mapping, keys: torch.Tensor, *,
-                      scale_step: bool, nonfinite: torch.Tensor | None = None, cache: VoteCache | None = None,
-                      config: dict | None = None) -> None:
+def cast_matmul_votes(weight, gy: torch.Tensor, x: torch.Tensor, group: Mapping, *, seed: int,
+                      step: torch.Tensor, call: int, calls_per_step: int, nonfinite: torch.Tensor | None = None,
+                      cache: VoteCache | None = None, config: dict | None = None) -> None:
     """Votes of ``gW = gy.T @ x`` (gy: (M, rows), x: (M, cols)) into ``weight``'s accumulators, fused.
 
-    ``group``: the FlipOptimizer param group (vote, lr, eps, grad_beta, vote_clip, decay, scale_vote,
-    scale_lr; ``normalize`` must be 'tensor', see :func:`fused_votes_supported`); ``keys``: :func:`vote_keys`;
-    ``scale_step``: whether this optimiser step votes on scales
-    (``scale_update_interval and step % scale_update_interval == 0``); ``nonfinite``: the optimiser's int32
-    counter; ``cache``: write votes to this :class:`VoteCache` (gpu-signcache) instead of ``T_accum``.
+    ``group``: the FlipOptimizer param group (vote, lr, normalize, norm_block, vote_clip, decay, scale_vote,
+    scale_lr, scale_update_interval; see :func:`fused_votes_supported`); ``lr`` must be a Python number.
+    RNG keys are ``rng.stream_key(seed, 2*weight.stream (+1 for scales), step*calls_per_step + call)`` with
+    ``step`` a 0-dim int64 tensor on gy's device (read by the kernels, never by the host). Scale votes
+    happen on steps where ``scale_update_interval`` divides ``step`` (decided on the device).
+    ``nonfinite``: the optimiser's int32 counter (+1 if gW had NaN/inf); ``cache``: write the votes to this
+    :class:`VoteCache` (gpu-signcache) instead of ``T_accum``.
     """
-    from .triton import matmul_votes_, ms_update_, scale_votes_, vote_prep
+    from .triton import key_base, matmul_votes_, scale_votes_
 
     if not fused_votes_supported(group):
-        raise ValueError(f"the fused vote kernels do not implement normalize={group['normalize']!r}")
-    M = gy.shape[0]
-    if M == 0:  # an empty batch carries no gradient (as ops/linear.py): no votes, vote_ms untouched
+        raise ValueError(f"the fused vote kernels do not implement normalize={group['normalize']!r} with "
+                         f"norm_block={group['norm_block']!r} (supported: 'block_factored', {FUSED_NORM_BLOCKS})")
+    if gy.shape[0] == 0:  # an empty batch carries no gradient (as ops/linear.py): no votes
         return
-    dev = gy.device
-    if not isinstance(keys, torch.Tensor):
-        keys = torch.tensor(list(keys), dtype=torch.int64)
-    keys = keys.to(device=dev, dtype=torch.int64)
     rows, ng = weight.rows, weight.n_groups
-    vote = group["vote"]
-    scale_on = bool(scale_step) and weight.scale_mode == "int"
-    scale_stochastic = scale_on and group["scale_vote"] == "stochastic"
-    scratch = torch.zeros(SCRATCH_HEAD + (rows * ng if scale_on else 0), dtype=torch.float32, device=dev)
-    lr_e = group["lr"] * group["scale_lr"]  # scale votes are scaled relative to lr (FlipOptimizer.cast_votes)
-    if dev.type == "cpu":  # PyTorch's CPU sqrt is not correctly rounded: match FlipOptimizer on the CPU
-        s = vote_prep_naive(weight.vote_ms, group["lr"], lr_e, group["eps"])
-    else:  # CUDA sqrt/division are IEEE, as the kernel's sqrt_rn/div_rn
-        s = vote_prep(weight.vote_ms, group["lr"], lr_e, group["eps"])
+    interval = group["scale_update_interval"]
+    scale_on = weight.scale_mode == "int" and interval > 0
+    scratch = flag = gE = None
+    if scale_on or nonfinite is not None:
+        scratch = torch.zeros(rows * ng * scale_on + 1, dtype=torch.float32, device=gy.device)
+        flag = scratch[-1]
+        gE = scratch[:-1].view(rows, ng) if scale_on else None
     if cache is not None and cache.pending:
         from ..flip import flush_vote_cache_
 
         flush_vote_cache_(weight, cache)
-    matmul_votes_(
-        gy, x, weight, s[0], keys[0], vote=vote, vote_clip=group["vote_clip"], decay=group["decay"],
-        sumsq=scratch[0] if vote == "stochastic" else None,
-        gE=scratch[SCRATCH_HEAD:].view(rows, ng) if scale_on else None, bad=scratch[2], cache=cache, config=config,
-    )
+    keys = dict(step=step, call=call, calls_per_step=calls_per_step)
+    matmul_votes_(gy, x, weight, vote=group["vote"], lr=group["lr"], vote_clip=group["vote_clip"],
+                  norm_block=group["norm_block"], decay=group["decay"], key_base=key_base(seed, 2 * weight.stream),
+                  gE=gE, flag=flag, nonfinite=nonfinite, cache=cache, config=config, **keys)
     if cache is not None:
         cache.pending = True
     if scale_on:
-        scale_votes_(scratch[SCRATCH_HEAD:].view(rows, ng), weight.E_accum, s[1], keys[1],
-                     vote=group["scale_vote"], vote_clip=group["vote_clip"],
-                     sumsq=scratch[1] if scale_stochastic else None)
-    if vote == "stochastic" or scale_stochastic or nonfinite is not None:
-        ms_update_(weight.vote_ms, scratch, weight.rows * weight.cols, rows * ng, group["grad_beta"],
-                   update_w=vote == "stochastic", update_e=scale_stochastic, nonfinite=nonfinite)
+        scale_votes_(gE, weight.E_accum, vote=group["scale_vote"], lr_e=group["lr"] * group["scale_lr"],
+                     vote_clip=group["vote_clip"], normalize=group["normalize"], norm_block=group["norm_block"],
+                     key_base=key_base(seed, 2 * weight.stream + 1), interval=interval, flag=flag, **keys)
 
 
 __all__ = [
+    "FUSED_NORM_BLOCKS",
     "VoteCache",
     "cast_matmul_votes",
     "cast_matmul_votes_naive",
     "decode_vote_cache",
     "encode_vote_cache",
-    "fused_votes_ready",
     "fused_votes_supported",
     "matmul_votes_naive",
-    "ms_update_naive",
     "scale_votes_naive",
-    "vote_keys",
-    "vote_prep_naive",
     "weight_grad",
+    "zero_nonfinite_tiles",
 ]

@@ -1,10 +1,9 @@
 """Plain-PyTorch references of the vote kernels in ``triton.py``, built from rule.py / rng.py functions.
 
     weight_grad(gy, x)              gW = gy.T @ x in float32 (the kernel's fp32 accumulator, un-rounded)
-    matmul_votes_naive(...)         _matmul_votes_kernel: (votes, sum gW**2, gE, non-finite tiles)
-    scale_votes_naive(...)          _scale_votes_kernel: votes on gE into E_accum
-    vote_prep_naive(...)            _vote_prep_kernel: s per slot (rule.vote_multiplier)
-    ms_update_naive(...)            _ms_update_kernel: vote_ms from sums of squares (rule.update_grad_ms)
+    matmul_votes_naive(...)         _matmul_votes_kernel: (votes, gE, zeroed tiles) for one layer call
+    scale_votes_naive(...)          _scale_votes_kernel: votes on gE ('tensor' normalisation) into E_accum
+    zero_nonfinite_tiles(g, tile)   the kernel's NaN/inf handling (per kernel tile)
     encode/decode_vote_cache        the gpu-signcache vote cache layouts
     cast_matmul_votes_naive(...)    the dense-fallback path itself: the voter's cast_votes on gW
 
@@ -18,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ...rule import accumulate, scale_gradient, sign_votes, stochastic_votes, vote_multiplier
+from ...rule import accumulate, scale_gradient, sign_votes, stochastic_votes, vote_scale
 
 # Vote cache layouts (gpu-signcache), flat row-major like T_accum:
 #   bits 2: 4 votes per byte, field (v + 1) in 2 bits   (|v| <= 1: sign votes, or vote_clip == 1)
@@ -50,37 +49,34 @@ def zero_nonfinite_tiles(g: torch.Tensor, tile: tuple[int, int] | None) -> tuple
     return torch.where(mask, torch.zeros_like(g), g), tiles.sum()
 
 
-def matmul_votes_naive(gy, x, weight, s, key, *, vote: str, vote_clip: int, decay: float = 0.0,
-                       scale_grad: bool = False, tile: tuple[int, int] | None = None):
-    """``(votes int8 (rows, cols), sum gW**2, gE (rows, n_groups) or None, zeroed tiles)`` for ``gW = gy.T @ x``."""
-    g, n_bad = zero_nonfinite_tiles(weight_grad(gy, x), tile)
-    T = weight.trits()
-    v = sign_votes(g) if vote == "sign" else stochastic_votes(g, s, key, vote_clip, T, decay)
-    gE = scale_gradient(g, T, weight.group_size) if scale_grad else None
-    return v, g.square().sum(), gE, n_bad
+def matmul_votes_naive(gy, x, weight, lr: float, key, *, vote: str, vote_clip: int, norm_block: int,
+                       decay: float = 0.0, scale_grad: bool = False, tile: tuple[int, int] | None = None):
+    """``(votes int8 (rows, cols), gE (rows, n_groups) or None, zeroed tiles)`` for ``gW = gy.T @ x``.
 
-
-def scale_votes_naive(gE, E_accum, s, key, *, vote: str, vote_clip: int):
-    """``(new E_accum, sum gE**2)``."""
-    v = sign_votes(gE) if vote == "sign" else stochastic_votes(gE, s, key, vote_clip)
-    return accumulate(E_accum, v), gE.square().sum()
-
-
-def vote_prep_naive(vote_ms: torch.Tensor, lr_w: float, lr_e: float, eps: float) -> torch.Tensor:
-    """``s`` per slot as rule.vote_multiplier computes it; 0 where the slot has seen no gradient (ms <= 0)."""
-    s = torch.stack([vote_multiplier(vote_ms[0], lr_w, eps), vote_multiplier(vote_ms[1], lr_e, eps)])
-    return torch.where(vote_ms <= 0, torch.zeros_like(s), s)
-
-
-def ms_update_naive(ms: torch.Tensor, sumsq: torch.Tensor, numel: int, beta: float) -> torch.Tensor:
-    """rule.update_grad_ms with ``cur = sumsq / numel`` (the mean square the kernel summed atomically).
-
-    Mirrors rule.update_grad_ms line by line (which takes the gradient itself, not its sum of squares).
+    Stochastic votes use ``normalize='block_factored'`` with ``norm_block`` (rule.block_factored_ms), as the
+    kernel's epilogue does; ``tile``: the kernel tile that NaN/inf zeroes (None: no non-finite handling).
     """
-    cur = sumsq.float() / numel
-    informative = torch.isfinite(cur) & (cur > 0)
-    new = torch.where(ms <= 0, cur, ms * beta + cur * (1.0 - beta))
-    return torch.where(informative, new, ms)
+    g = weight_grad(gy, x)
+    n_bad = torch.zeros((), dtype=torch.int64)
+    if tile is not None:
+        g, n_bad = zero_nonfinite_tiles(g, tile)
+    T = weight.trits()
+    if vote == "sign":
+        v = sign_votes(g)
+    else:
+        v = stochastic_votes(g, vote_scale(g, lr, "block_factored", norm_block), key, vote_clip, T, decay)
+    gE = scale_gradient(g, T, weight.group_size) if scale_grad else None
+    return v, gE, n_bad
+
+
+def scale_votes_naive(gE, E_accum, lr_e: float, key, *, vote: str, vote_clip: int, normalize: str,
+                      norm_block: int) -> torch.Tensor:
+    """New ``E_accum`` after the votes on ``gE`` (normalised like FlipOptimizer.cast_votes does: rule.vote_scale)."""
+    if vote == "sign":
+        v = sign_votes(gE)
+    else:
+        v = stochastic_votes(gE, vote_scale(gE, lr_e, normalize, norm_block), key, vote_clip)
+    return accumulate(E_accum, v)
 
 
 def encode_vote_cache(votes: torch.Tensor, bits: int) -> torch.Tensor:

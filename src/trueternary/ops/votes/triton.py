@@ -1,38 +1,53 @@
 """Triton kernels of the fused weight-gradient votes (references in ``naive.py``).
 
-``_matmul_votes_kernel``: one program owns a (BLOCK_R, BLOCK_C) tile of the weight. It forms the
-weight-gradient tile ``g = gy[:, rows].T @ x[:, cols]`` in registers (tensor cores, fp32 accumulation,
-reduction over the M tokens) and, in the epilogue, without ever writing ``g`` to memory:
+``_matmul_votes_kernel``: one program owns a (BLOCK_R, BLOCK_C) tile of the weight, a whole number of
+``NB x NB`` normalisation tiles (``NB = norm_block``, tiles aligned at 0 like rule.block_factored_ms). It
+forms the weight-gradient tile ``g = gy[:, rows].T @ x[:, cols]`` in registers (tensor cores, fp32
+accumulation, reduction over the M tokens: no split-K, the epilogue needs the complete tile) and, in the
+epilogue, without ever writing ``g`` to memory:
 
-    non-finite   a tile holding NaN/inf is zeroed and counted in ``bad`` (one atomic)
-    sum g**2     one float32 atomic per program into ``sumsq`` (for the vote_ms running mean square;
-                 atomics make the float sum order nondeterministic at the last bit: documented)
+    non-finite   a tile holding NaN/inf is zeroed; the first such tile of the call sets ``flag`` and adds 1
+                 to the optimiser's ``nonfinite`` counter (so a layer counts once)
+    normalise    per NB x NB sub-tile: r_i, c_j, m = means of g**2 over the sub-tile's part of row i, of
+                 column j, and over the sub-tile (edge sub-tiles: over their real elements), then
+                 ms = (r_i * c_j) / max(m, 1e-38)                                 (rule.block_factored_ms)
+                 s  = reciprocal(sqrt(ms + 1e-30)) * -lr                          (rule.vote_multiplier)
     trits        T decoded from ``T_packed`` only when needed (decay term, scale gradient)
     votes        'stochastic': v = clamp(floor(g*s - decay*T + u), -clip, clip), u = rng.uniform at the
-                 element's flat index under ``key`` (s, key loaded from device pointers)
-                 'sign':       v = -sign(g)
+                 element's flat index under the key of this call (derived on the device, see below)
+                 'sign':       v = -sign(g)                                        (no normalisation)
     accumulate   T_accum = clamp(T_accum + v, -127, 127)                   (CACHE_BITS == 0)
                  or the votes are written to a compact vote cache            (CACHE_BITS 2/4/8, gpu-signcache)
-    scale grad   gE[r, group] += sum over the tile's columns of the group of g * T     (float32 buffer)
+    scale grad   gE[r, group] (+)= sum over the tile's columns of the group of g * T     (float32 buffer)
 
-Kernels are launched with ``enable_fp_fusion=False`` so ``g*s - decay*T + u`` is rounded op by op like
-PyTorch (no FMA contraction): for the same ``g`` the votes are bit-identical to rule.stochastic_votes.
-``g`` itself is a tensor-core sum whose order differs from cuBLAS', so on arbitrary inputs votes agree
-statistically (a vote differs only where ``g*s + u`` lies within rounding of an integer).
+``_scale_votes_kernel`` votes on gE (rows x n_groups, small, complete once the first kernel is done) into
+``E_accum``, normalised like the weights' votes (rule.vote_scale with ``lr * scale_lr``): 'block_factored'
+(one program per norm_block x norm_block tile of gE, the same epilogue statistics) or 'tensor' (one program:
+``ms = mean(gE**2)`` in a first pass); it skips the votes when ``step % scale_update_interval != 0`` or the
+layer had a non-finite tile.
 
-``_scale_votes_kernel`` turns the per-group ``gE`` into E votes into ``E_accum`` (same vote formula,
-no decay), ``_vote_prep_kernel`` computes ``s`` for both slots from ``vote_ms`` (op for op like
-rule.vote_multiplier: ``reciprocal(sqrt(ms + eps)) * -lr``, IEEE sqrt_rn/div_rn like PyTorch's CUDA
-ops), and ``_ms_update_kernel`` folds the sums of squares into ``vote_ms`` (rule.update_grad_ms) and
-reports a non-finite layer once.
+Exactness. Kernels are launched with ``enable_fp_fusion=False`` (no FMA contraction), divisions and square
+roots are IEEE (``div_rn``/``sqrt_rn``, like PyTorch's CUDA ``/``, ``reciprocal`` and ``sqrt``), and the op
+order is rule.py's, so for the same gradient the votes are bit-identical to the dense-fallback path.
+The float sums (row/column/tile sums of g**2, gE, sum of gE**2) are taken in a different order than
+PyTorch's: exact for integer-valued gradients (every partial sum < 2**24), last-bit different otherwise,
+so on arbitrary inputs votes agree statistically. ``mean(gE**2)`` is ``sum * float32(1/n)`` on CUDA (as
+PyTorch's CUDA mean) and ``sum / n`` on the CPU (as PyTorch's CPU mean, interpreter runs).
+
+RNG keys without the host: ``key = rng.stream_key(seed, stream, step * calls_per_step + call)`` is
+``mix32((counter * K_STEP + key_base) mod 2**32)``; the kernels read ``step`` from a device int64 tensor
+(the optimiser's step counter) and get ``key_base(seed, stream)`` and ``call`` as constant arguments, so a
+captured CUDA graph replays with fresh keys every step.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from ... import rng
 from ..triton_utils import (
     check_kernel_numel,
     check_kernel_offsets,
@@ -43,34 +58,82 @@ from ..triton_utils import (
     uniform01,
     upcast_dot,
 )
+from . import FUSED_NORM_BLOCKS
 
 MODE_STOCHASTIC, MODE_SIGN = 0, 1
 GE_NONE, GE_ALIGNED, GE_ATOMIC = 0, 1, 2
 
 
+def key_base(seed: int, stream: int) -> int:
+    """``(seed*K_SEED + stream*K_STREAM + 1) mod 2**32`` of rng.stream_key, as a signed int32 bit pattern
+    (so Triton always types the argument int32; the kernel bitcasts it back to uint32)."""
+    base = (seed * rng._K_SEED + stream * rng._K_STREAM + 1) & rng.MASK32
+    return base - (1 << 32) if base >= 1 << 31 else base
+
+
 @triton.jit
-def _votes_from_grad(g, flat, t, s_ptr, key_ptr, decay, vote_clip, MODE: tl.constexpr, USE_DECAY: tl.constexpr):
-    """int32 votes of float32 gradients ``g`` at flat indices ``flat`` (t: trits, used for decay)."""
-    if MODE == 0:
-        s = tl.load(s_ptr)
-        key = tl.load(key_ptr).to(tl.uint32)
-        xv = g * s
-        if USE_DECAY:
-            xv = xv - decay * t.to(tl.float32)
-        v = tl.floor(xv + uniform01(flat, key))
-        v = tl.minimum(tl.maximum(v, -vote_clip), vote_clip).to(tl.int32)
+def _mix32(x):
+    """rng.mix32 on uint32 (multiplications wrap mod 2**32)."""
+    x = x ^ (x >> 16)
+    x = x * 0x45D9F3B
+    x = x ^ (x >> 16)
+    x = x * 0x45D9F3B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _device_key(step_ptr, call, key_base, CALLS_PER_STEP: tl.constexpr, K_STEP: tl.constexpr):
+    """uint32 ``rng.stream_key(seed, stream, step * CALLS_PER_STEP + call)`` with ``step`` read from the device."""
+    counter = (tl.load(step_ptr) * CALLS_PER_STEP + call).to(tl.uint32)  # int64 -> uint32 keeps it mod 2**32
+    return _mix32(counter * K_STEP + key_base.to(tl.uint32, bitcast=True))
+
+
+@triton.jit
+def _block_factored_scale(g, r0, c0, R, C, neg_lr, NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``s = reciprocal(sqrt(r_i * c_j / m + 1e-30)) * -lr`` for a (BLOCK_R, BLOCK_C) gradient tile at (r0, c0),
+    statistics per NB x NB sub-tile (rule.block_factored_ms); lanes outside the matrix hold g = 0."""
+    SR: tl.constexpr = BLOCK_R // NB
+    SC: tl.constexpr = BLOCK_C // NB
+    g2 = g * g
+    if SR == 1 and SC == 1:
+        n_rows = tl.minimum(tl.maximum(R - r0, 1), NB).to(tl.float32)  # real rows of the sub-tile (>= 1 as the
+        n_cols = tl.minimum(tl.maximum(C - c0, 1), NB).to(tl.float32)  # reference's clamp_min(1))
+        row_sum = tl.sum(g2, axis=1)
+        col_sum = tl.sum(g2, axis=0)
+        tile_sum = tl.sum(col_sum, axis=0)
+        r_full = tl.broadcast_to(tl.div_rn(row_sum, tl.full((BLOCK_R,), 1.0, tl.float32) * n_cols)[:, None],
+                                 (BLOCK_R, BLOCK_C))
+        c_full = tl.broadcast_to(tl.div_rn(col_sum, tl.full((BLOCK_C,), 1.0, tl.float32) * n_rows)[None, :],
+                                 (BLOCK_R, BLOCK_C))
+        m_full = tl.full((BLOCK_R, BLOCK_C), 1.0, tl.float32) * tl.div_rn(tile_sum, n_rows * n_cols)
     else:
-        v = tl.where(g > 0, -1, tl.where(g < 0, 1, 0))
-    return v
+        n_rows = tl.minimum(tl.maximum(R - (r0 + tl.arange(0, SR) * NB), 1), NB).to(tl.float32)  # (SR,)
+        n_cols = tl.minimum(tl.maximum(C - (c0 + tl.arange(0, SC) * NB), 1), NB).to(tl.float32)  # (SC,)
+        row_sum = tl.sum(tl.reshape(g2, (BLOCK_R, SC, NB)), axis=2)  # (BLOCK_R, SC): row i within sub-tile column
+        col_sum = tl.sum(tl.reshape(g2, (SR, NB, BLOCK_C)), axis=1)  # (SR, BLOCK_C): column j within sub-tile row
+        tile_sum = tl.sum(tl.reshape(col_sum, (SR, SC, NB)), axis=2)  # (SR, SC)
+        r_mean = tl.div_rn(row_sum, tl.broadcast_to(n_cols[None, :], (BLOCK_R, SC)))
+        c_mean = tl.div_rn(col_sum, tl.broadcast_to(n_rows[:, None], (SR, BLOCK_C)))
+        m = tl.div_rn(tile_sum, n_rows[:, None] * n_cols[None, :])
+        # back to (BLOCK_R, BLOCK_C); reshapes keep row-major order: (i, jb, k) -> (i, jb*NB + k) etc.
+        r_full = tl.reshape(tl.broadcast_to(r_mean[:, :, None], (BLOCK_R, SC, NB)), (BLOCK_R, BLOCK_C))
+        c_full = tl.reshape(tl.broadcast_to(c_mean[:, None, :], (SR, NB, BLOCK_C)), (BLOCK_R, BLOCK_C))
+        m_cols = tl.reshape(tl.broadcast_to(m[:, :, None], (SR, SC, NB)), (SR, BLOCK_C))
+        m_full = tl.reshape(tl.broadcast_to(m_cols[:, None, :], (SR, NB, BLOCK_C)), (BLOCK_R, BLOCK_C))
+    # rule: ms = r*c / clamp_min(m, 1e-38); m == 0 means an all-zero sub-tile (ms = 0 there either way, and
+    # the where() keeps that true even if the 1e-38 subnormal were flushed to zero)
+    ms = tl.where(m_full > 0, tl.div_rn(r_full * c_full, tl.maximum(m_full, 1e-38)), 0.0)
+    return tl.div_rn(tl.full((BLOCK_R, BLOCK_C), 1.0, tl.float32), tl.sqrt_rn(ms + 1e-30)) * neg_lr
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key_base", "call"])
 def _matmul_votes_kernel(
-    gy_ptr, x_ptr, packed_ptr, accum_ptr, cache_ptr, s_ptr, key_ptr, sumsq_ptr, gE_ptr, bad_ptr,
-    M, R, C, n_groups, group_size, decay, vote_clip,
+    gy_ptr, x_ptr, packed_ptr, accum_ptr, cache_ptr, gE_ptr, flag_ptr, nonfinite_ptr, step_ptr,
+    M, R, C, n_groups, group_size, neg_lr, decay, vote_clip, key_base, call,
     stride_gm, stride_gr, stride_xm, stride_xc,
-    MODE: tl.constexpr, USE_DECAY: tl.constexpr, SUMSQ: tl.constexpr, GE_MODE: tl.constexpr,
-    GE_GROUP: tl.constexpr, CACHE_BITS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MODE: tl.constexpr, NB: tl.constexpr, USE_DECAY: tl.constexpr, GE_MODE: tl.constexpr, GE_GROUP: tl.constexpr,
+    CACHE_BITS: tl.constexpr, HAS_FLAG: tl.constexpr, HAS_NONFINITE: tl.constexpr,
+    CALLS_PER_STEP: tl.constexpr, K_STEP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     pid_r, pid_c = swizzle_tile(tl.program_id(0), tl.cdiv(R, BLOCK_R), tl.cdiv(C, BLOCK_C), GROUP)
@@ -95,19 +158,30 @@ def _matmul_votes_kernel(
     mask = mask_r[:, None] & mask_c[None, :]
     n_bad = tl.sum(tl.sum(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32), axis=1), axis=0)
     g = tl.where(n_bad > 0, 0.0, acc)  # out-of-range lanes are 0 already (masked loads)
-    tl.atomic_add(bad_ptr, 1.0, mask=n_bad > 0)
-    if SUMSQ:
-        tl.atomic_add(sumsq_ptr, tl.sum(tl.sum(g * g, axis=1), axis=0))
+    if HAS_FLAG:
+        old = tl.atomic_add(flag_ptr, 1.0, mask=n_bad > 0)
+        if HAS_NONFINITE:  # the first non-finite tile of this call counts the layer once
+            tl.atomic_add(nonfinite_ptr, 1, mask=(n_bad > 0) & (old == 0.0))
     flat = offs_r[:, None] * C + offs_c[None, :]
     if USE_DECAY or GE_MODE > 0:
         t = load_trits(packed_ptr, flat, mask)
     else:
         t = flat  # unused
-    v = _votes_from_grad(g, flat, t, s_ptr, key_ptr, decay, vote_clip, MODE, USE_DECAY)
+    if MODE == 0:
+        s = _block_factored_scale(g, pid_r * BLOCK_R, pid_c * BLOCK_C, R, C, neg_lr, NB, BLOCK_R, BLOCK_C)
+        key = _device_key(step_ptr, call, key_base, CALLS_PER_STEP, K_STEP)
+        xv = g * s
+        if USE_DECAY:
+            xv = xv - decay * t.to(tl.float32)
+        v = tl.floor(xv + uniform01(flat, key))
+        v = tl.minimum(tl.maximum(v, -vote_clip), vote_clip).to(tl.int32)
+    else:
+        v = tl.where(g > 0, -1, tl.where(g < 0, 1, 0))
+    v = tl.where(mask, v, 0)
 
     if CACHE_BITS == 0:
-        old = tl.load(accum_ptr + flat, mask=mask, other=0).to(tl.int32)
-        tl.store(accum_ptr + flat, tl.minimum(tl.maximum(old + v, -127), 127).to(tl.int8), mask=mask)
+        old_a = tl.load(accum_ptr + flat, mask=mask, other=0).to(tl.int32)
+        tl.store(accum_ptr + flat, tl.minimum(tl.maximum(old_a + v, -127), 127).to(tl.int8), mask=mask)
     elif CACHE_BITS == 8:
         tl.store(cache_ptr + flat, v.to(tl.int8), mask=mask)
     else:
@@ -135,72 +209,94 @@ def _matmul_votes_kernel(
             tl.atomic_add(gE_ptr + offs_r * n_groups + gi, part, mask=mask_r)
 
 
-@triton.jit
-def _scale_votes_kernel(gE_ptr, E_accum_ptr, s_ptr, key_ptr, sumsq_ptr, n, vote_clip,
-                        MODE: tl.constexpr, SUMSQ: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(gE_ptr + offs, mask=mask, other=0.0)
-    if SUMSQ:
-        tl.atomic_add(sumsq_ptr, tl.sum(g * g, axis=0))
-    v = _votes_from_grad(g, offs, offs, s_ptr, key_ptr, 0.0, vote_clip, MODE, False)
-    old = tl.load(E_accum_ptr + offs, mask=mask, other=0).to(tl.int32)
-    tl.store(E_accum_ptr + offs, tl.minimum(tl.maximum(old + v, -127), 127).to(tl.int8), mask=mask)
-
-
-@triton.jit
-def _vote_prep_kernel(ms_ptr, s_ptr, neg_lr_w, neg_lr_e, eps):
-    """s[slot] = reciprocal(sqrt(ms[slot] + eps)) * -lr[slot]; 0 while ms <= 0 (no gradient seen yet)."""
-    idx = tl.arange(0, 2)
-    ms = tl.load(ms_ptr + idx)
-    neg_lr = tl.where(idx == 0, neg_lr_w, neg_lr_e)
-    s = tl.div_rn(tl.full((2,), 1.0, tl.float32), tl.sqrt_rn(ms + eps)) * neg_lr
-    tl.store(s_ptr + idx, tl.where(ms <= 0, 0.0, s))
-
-
-@triton.jit
-def _ms_update_kernel(ms_ptr, scratch_ptr, nonfinite_ptr, numel_w, numel_e, beta, one_minus_beta,
-                      UPDATE_W: tl.constexpr, UPDATE_E: tl.constexpr, HAS_NONFINITE: tl.constexpr):
-    """rule.update_grad_ms with cur = sumsq[slot] / numel[slot]: ``ms <= 0 ? cur : ms*beta + cur*(1-beta)``,
-    kept as is when cur is 0 / not finite or the layer had a non-finite tile (the reference zeroes it)."""
-    idx = tl.arange(0, 2)
-    ms = tl.load(ms_ptr + idx)
-    bad = tl.load(scratch_ptr + 2)
-    cur = tl.div_rn(tl.load(scratch_ptr + idx), tl.where(idx == 0, numel_w, numel_e).to(tl.float32))
-    informative = (cur > 0) & (cur < float("inf"))
-    new = tl.where(ms <= 0, cur, ms * beta + cur * one_minus_beta)
-    new = tl.where(bad > 0, ms, tl.where(informative, new, ms))
-    tl.store(ms_ptr + idx, new, mask=tl.where(idx == 0, UPDATE_W, UPDATE_E) != 0)
-    if HAS_NONFINITE:
-        tl.atomic_add(nonfinite_ptr, (bad > 0).to(tl.int32))
+@triton.jit(do_not_specialize=["rows", "n_groups", "interval", "key_base", "call"])
+def _scale_votes_kernel(gE_ptr, E_accum_ptr, flag_ptr, step_ptr, rows, n_groups, interval, neg_lr, inv_n, vote_clip,
+                        key_base, call, MODE: tl.constexpr, BLOCK_NORM: tl.constexpr, NB: tl.constexpr,
+                        MEAN_BY_RECIPROCAL: tl.constexpr, HAS_FLAG: tl.constexpr, CALLS_PER_STEP: tl.constexpr,
+                        K_STEP: tl.constexpr, BLOCK: tl.constexpr):
+    """Votes on gE (rows, n_groups) into E_accum. ``BLOCK_NORM``: one program per NB x NB tile of gE, 'block_factored'
+    normalisation; otherwise one program for all of gE: 'tensor' normalisation (ms = mean(gE**2), first pass)
+    or sign votes."""
+    active = (tl.load(step_ptr) % interval) == 0
+    if HAS_FLAG:  # a non-finite tile in this call: its gE is not the layer's gradient, cast no scale votes
+        active = active & (tl.load(flag_ptr) == 0.0)
+    if BLOCK_NORM:
+        pid = tl.program_id(0)
+        n_col_tiles = tl.cdiv(n_groups, NB)
+        offs_r = (pid // n_col_tiles) * NB + tl.arange(0, NB)
+        offs_c = (pid % n_col_tiles) * NB + tl.arange(0, NB)
+        mask = (offs_r < rows)[:, None] & (offs_c < n_groups)[None, :]
+        flat = offs_r[:, None] * n_groups + offs_c[None, :]
+        g = tl.load(gE_ptr + flat, mask=mask, other=0.0)
+        s = _block_factored_scale(g, (pid // n_col_tiles) * NB, (pid % n_col_tiles) * NB, rows, n_groups, neg_lr,
+                                  NB, NB, NB)
+        key = _device_key(step_ptr, call, key_base, CALLS_PER_STEP, K_STEP)
+        v = tl.floor(g * s + uniform01(flat, key))
+        v = tl.minimum(tl.maximum(v, -vote_clip), vote_clip).to(tl.int32)
+        old = tl.load(E_accum_ptr + flat, mask=mask, other=0).to(tl.int32)
+        new = tl.where(active, tl.minimum(tl.maximum(old + v, -127), 127), old)  # (a scalar store mask is
+        tl.store(E_accum_ptr + flat, new.to(tl.int8), mask=mask)                  # not portable to the interpreter)
+    else:
+        n = rows * n_groups
+        if MODE == 0:
+            acc = tl.zeros((BLOCK,), dtype=tl.float32)
+            for i0 in range(0, n, BLOCK):
+                offs = i0 + tl.arange(0, BLOCK)
+                g = tl.load(gE_ptr + offs, mask=offs < n, other=0.0)
+                acc += g * g
+            total = tl.sum(acc, axis=0)
+            if MEAN_BY_RECIPROCAL:  # PyTorch's CUDA mean: sum * float32(1 / n)
+                ms = total * inv_n
+            else:  # PyTorch's CPU mean: sum / n
+                ms = tl.div_rn(total, n.to(tl.float32))
+            s = tl.div_rn(tl.full([], 1.0, tl.float32), tl.sqrt_rn(ms + 1e-30)) * neg_lr
+            key = _device_key(step_ptr, call, key_base, CALLS_PER_STEP, K_STEP)
+        for i0 in range(0, n, BLOCK):
+            offs = i0 + tl.arange(0, BLOCK)
+            mask = offs < n
+            g = tl.load(gE_ptr + offs, mask=mask, other=0.0)
+            if MODE == 0:
+                v = tl.floor(g * s + uniform01(offs, key))
+                v = tl.minimum(tl.maximum(v, -vote_clip), vote_clip).to(tl.int32)
+            else:
+                v = tl.where(g > 0, -1, tl.where(g < 0, 1, 0))
+            old = tl.load(E_accum_ptr + offs, mask=mask, other=0).to(tl.int32)
+            new = tl.where(active, tl.minimum(tl.maximum(old + v, -127), 127), old)
+            tl.store(E_accum_ptr + offs, new.to(tl.int8), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------ launchers
 
 
-def default_votes_config(M: int, R: int, C: int, device: torch.device) -> dict:
-    """Largest tile that still gives every SM a tile (the reduction runs over the M tokens, no split-K:
-    the epilogue needs the complete gradient tile)."""
+def default_votes_config(M: int, R: int, C: int, device: torch.device, norm_block: int | None = None) -> dict:
+    """Largest square tile that still gives every SM a tile and is a whole number of normalisation tiles.
+
+    The reduction runs over the M tokens with no split-K (the epilogue needs the complete gradient tile).
+    """
     sms = sm_count(device)
-    for br, bc in ((128, 128), (128, 64), (64, 64)):
-        if triton.cdiv(R, br) * triton.cdiv(C, bc) >= sms:
+    sizes = [b for b in (128, 64, 32) if norm_block is None or b % norm_block == 0]
+    block = sizes[-1]
+    for b in sizes:
+        if triton.cdiv(R, b) * triton.cdiv(C, b) >= sms:
+            block = b
             break
     big = M >= 1024
-    return {"BLOCK_R": br, "BLOCK_C": bc, "BLOCK_K": 64 if big else 32,
-            "num_warps": 8 if br * bc >= 128 * 128 else 4, "num_stages": 3 if big else 2}
+    return {"BLOCK_R": block, "BLOCK_C": block, "BLOCK_K": 64 if big else 32,
+            "num_warps": 8 if block >= 128 else 4, "num_stages": 3 if big else 2}
 
 
-def matmul_votes_(gy: torch.Tensor, x: torch.Tensor, weight, s: torch.Tensor, key: torch.Tensor, *,
-                  vote: str, vote_clip: int, decay: float = 0.0, sumsq: torch.Tensor | None = None,
-                  gE: torch.Tensor | None = None, bad: torch.Tensor | None = None, cache=None,
-                  config: dict | None = None) -> None:
+def matmul_votes_(gy: torch.Tensor, x: torch.Tensor, weight, *, vote: str, lr: float, vote_clip: int,
+                  norm_block: int, decay: float, key_base: int, call: int, step: torch.Tensor, calls_per_step: int,
+                  gE: torch.Tensor | None = None, flag: torch.Tensor | None = None,
+                  nonfinite: torch.Tensor | None = None, cache=None, config: dict | None = None) -> None:
     """Fused ``gW = gy.T @ x`` -> votes into ``weight.T_accum`` (or ``cache``), in place.
 
-    ``s``: 0-dim float32 device tensor (unused for 'sign'); ``key``: 0-dim int64 device tensor;
-    ``sumsq``: float32 scalar buffer that receives ``+= sum(gW**2)`` (or None); ``gE``: zeroed float32
-    (rows, n_groups) buffer that receives ``sum_group(gW * T)`` (or None); ``bad``: float32 scalar that
-    receives ``+1`` per non-finite tile (or None); ``cache``: a ``VoteCache`` to write instead of
-    accumulating.
+    ``step``: 0-dim int64 device tensor, the optimiser's step counter (keys are derived from it on the
+    device); ``key_base``/``call``: see :func:`key_base` and rng.stream_key; ``gE``: float32
+    (rows, n_groups) buffer (zeroed) that receives ``sum_group(gW * T)``, or None; ``flag``: float32 scalar
+    (zeroed) set > 0 when a tile was non-finite (required with ``gE`` or ``nonfinite``); ``nonfinite``:
+    int32 counter that receives +1 if any tile was non-finite; ``cache``: a ``VoteCache`` to write instead
+    of accumulating. ``norm_block`` must divide the tile edges (stochastic votes).
     """
     R, C = weight.rows, weight.cols
     M = gy.shape[0]
@@ -208,11 +304,17 @@ def matmul_votes_(gy: torch.Tensor, x: torch.Tensor, weight, s: torch.Tensor, ke
         f"expected gy (M, {R}) and x (M, {C}), got {tuple(gy.shape)} and {tuple(x.shape)}")
     assert vote in ("stochastic", "sign"), vote
     assert gy.dtype == x.dtype, f"gy and x must share a dtype, got {gy.dtype} and {x.dtype}"
-    assert gy.device == x.device == weight.T_accum.device, "gy, x and the weight must be on one device"
+    assert gy.device == x.device == weight.T_accum.device == step.device, "operands must be on one device"
+    assert step.dtype == torch.int64 and step.numel() == 1
+    assert (gE is None and nonfinite is None) or flag is not None, "gE / nonfinite need the flag scalar"
     check_kernel_numel(R * C)
     check_kernel_offsets(gy, x)
     dev = gy.device
-    cfg = dict(default_votes_config(M, R, C, dev), **(config or {}))
+    nb = norm_block if vote == "stochastic" else None
+    cfg = dict(default_votes_config(M, R, C, dev, nb), **(config or {}))
+    if nb is not None:
+        assert nb in FUSED_NORM_BLOCKS, f"norm_block {nb} is not fused (supported: {FUSED_NORM_BLOCKS})"
+        assert cfg["BLOCK_R"] % nb == 0 and cfg["BLOCK_C"] % nb == 0, f"tile {cfg} is not a multiple of {nb}"
     gs = weight.group_size
     if gE is None:
         ge_mode, ge_group = GE_NONE, 1
@@ -224,48 +326,44 @@ def matmul_votes_(gy: torch.Tensor, x: torch.Tensor, weight, s: torch.Tensor, ke
     if cache_bits in (2, 4):
         assert C % (8 // cache_bits) == 0 and cfg["BLOCK_C"] % (8 // cache_bits) == 0
     use_decay = vote == "stochastic" and decay != 0.0
-    dummy_f = torch.zeros(1, dtype=torch.float32, device=dev) if None in (sumsq, gE, bad) else None
+    dummy = step  # any device pointer for unused arguments
     grid = (triton.cdiv(R, cfg["BLOCK_R"]) * triton.cdiv(C, cfg["BLOCK_C"]),)
     _matmul_votes_kernel[grid](
         gy, x, weight.T_packed, weight.T_accum,
         weight.T_accum if cache is None else (cache.buf.view(torch.int8) if cache_bits == 8 else cache.buf),
-        s, key, dummy_f if sumsq is None else sumsq, dummy_f if gE is None else gE, dummy_f if bad is None else bad,
-        M, R, C, weight.n_groups, gs, float(decay), float(vote_clip),
+        dummy if gE is None else gE, dummy if flag is None else flag, dummy if nonfinite is None else nonfinite, step,
+        M, R, C, weight.n_groups, gs, -float(lr), float(decay), float(vote_clip), int(key_base), int(call),
         gy.stride(0), gy.stride(1), x.stride(0), x.stride(1),
-        MODE=MODE_SIGN if vote == "sign" else MODE_STOCHASTIC, USE_DECAY=use_decay, SUMSQ=sumsq is not None,
-        GE_MODE=ge_mode, GE_GROUP=ge_group, CACHE_BITS=cache_bits, UPCAST=upcast_dot(gy),
-        DOT_PRECISION=dot_precision(gy),
+        MODE=MODE_SIGN if vote == "sign" else MODE_STOCHASTIC, NB=nb or 16, USE_DECAY=use_decay,
+        GE_MODE=ge_mode, GE_GROUP=ge_group, CACHE_BITS=cache_bits, HAS_FLAG=flag is not None,
+        HAS_NONFINITE=nonfinite is not None, CALLS_PER_STEP=int(calls_per_step), K_STEP=rng._K_STEP,
+        UPCAST=upcast_dot(gy), DOT_PRECISION=dot_precision(gy),
         BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], GROUP=8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False,
     )
 
 
-def scale_votes_(gE: torch.Tensor, E_accum: torch.Tensor, s: torch.Tensor, key: torch.Tensor, *, vote: str,
-                 vote_clip: int, sumsq: torch.Tensor | None = None, block: int = 1024) -> None:
-    """Votes on the per-group scale gradient ``gE`` into ``E_accum`` (int8, same shape), in place."""
-    assert gE.shape == E_accum.shape and gE.dtype == torch.float32 and E_accum.dtype == torch.int8
-    assert gE.is_contiguous() and E_accum.is_contiguous()
-    n = gE.numel()
-    _scale_votes_kernel[(triton.cdiv(n, block),)](
-        gE, E_accum, s, key, gE if sumsq is None else sumsq, n, float(vote_clip),
-        MODE=MODE_SIGN if vote == "sign" else MODE_STOCHASTIC, SUMSQ=sumsq is not None, BLOCK=block,
-        enable_fp_fusion=False,
-    )
-
-
-def vote_prep(vote_ms: torch.Tensor, lr_w: float, lr_e: float, eps: float) -> torch.Tensor:
-    """float32 (2,) vote multipliers ``s`` for the weight (``lr_w``) and scale (``lr_e``) slots of ``vote_ms``."""
-    s = torch.empty(2, dtype=torch.float32, device=vote_ms.device)
-    _vote_prep_kernel[(1,)](vote_ms, s, -float(lr_w), -float(lr_e), float(eps), enable_fp_fusion=False)
-    return s
-
-
-def ms_update_(vote_ms: torch.Tensor, scratch: torch.Tensor, numel_w: int, numel_e: int, beta: float, *,
-               update_w: bool, update_e: bool, nonfinite: torch.Tensor | None = None) -> None:
-    """Fold ``scratch[0:2]`` (sums of squares) into ``vote_ms``; add 1 to ``nonfinite`` if ``scratch[2] > 0``
-    (a non-finite tile: then ``vote_ms`` is left as is, as the reference's zeroed gradient leaves it)."""
-    _ms_update_kernel[(1,)](
-        vote_ms, scratch, scratch if nonfinite is None else nonfinite, numel_w, numel_e, float(beta),
-        1.0 - float(beta), UPDATE_W=int(update_w), UPDATE_E=int(update_e), HAS_NONFINITE=nonfinite is not None,
-        enable_fp_fusion=False,
+def scale_votes_(gE: torch.Tensor, E_accum: torch.Tensor, *, vote: str, lr_e: float, vote_clip: int, normalize: str,
+                 norm_block: int, key_base: int, call: int, step: torch.Tensor, calls_per_step: int, interval: int = 1,
+                 flag: torch.Tensor | None = None, block: int = 1024) -> None:
+    """Votes on the per-group scale gradient ``gE`` (rows, n_groups) into ``E_accum`` (int8, same shape), in
+    place, normalised like rule.vote_scale(gE, lr_e, normalize, norm_block), on steps with
+    ``step % interval == 0`` and unless ``flag`` (the layer had a non-finite tile) is set."""
+    assert gE.dim() == 2 and gE.shape == E_accum.shape and gE.dtype == torch.float32 and E_accum.dtype == torch.int8
+    assert gE.is_contiguous() and E_accum.is_contiguous() and interval >= 1
+    assert normalize in ("tensor", "block_factored"), normalize
+    rows, ng = gE.shape
+    block_norm = vote == "stochastic" and normalize == "block_factored"
+    if block_norm:
+        assert norm_block in FUSED_NORM_BLOCKS, f"norm_block {norm_block} is not fused (supported: {FUSED_NORM_BLOCKS})"
+        grid = (triton.cdiv(rows, norm_block) * triton.cdiv(ng, norm_block),)
+    else:
+        grid = (1,)
+    inv_n = float(np.float32(1.0) / np.float32(rows * ng))  # PyTorch's CUDA mean factor: float(1) / numel
+    _scale_votes_kernel[grid](
+        gE, E_accum, step if flag is None else flag, step, rows, ng, int(interval), -float(lr_e), inv_n,
+        float(vote_clip), int(key_base), int(call), MODE=MODE_SIGN if vote == "sign" else MODE_STOCHASTIC,
+        BLOCK_NORM=block_norm, NB=norm_block if block_norm else 16, MEAN_BY_RECIPROCAL=gE.device.type == "cuda",
+        HAS_FLAG=flag is not None, CALLS_PER_STEP=int(calls_per_step), K_STEP=rng._K_STEP, BLOCK=block,
+        num_warps=4, enable_fp_fusion=False,
     )
