@@ -259,6 +259,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--n-layers", type=int, default=4)
     p.add_argument("--n-heads", type=int, default=8)
+    p.add_argument("--model-config", action="append", default=[], metavar="FIELD=VALUE",
+                   help="extra model config fields, e.g. head_std=0.088,mlp_ratio=3")
     p.add_argument("--group-size", type=int, default=None)
     p.add_argument("--lr", action="append", default=[], metavar="CONFIG=LR",
                    help="peak learning rate (vote scale for TrueTernary) of a config, e.g. Adam_FP32=1e-3")
@@ -331,6 +333,11 @@ def run(args: argparse.Namespace) -> list[dict]:
           f"device {device}, model {args.model} d={args.d_model} L={args.n_layers}, "
           f"{args.steps} steps x batch {args.batch} x ctx {args.ctx}", flush=True)
     model_kw = dict(ctx=args.ctx, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads)
+    try:
+        model_kw.update(parse_overrides(args.model_config, "model config"))
+        build_model(args.model, seed=0, **dict(model_kw, n_layers=1))
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"bad --model-config: {e}") from None
     shared_base = build_model(args.model, seed=args.seed, **model_kw) if args.reuse_base else None
     meta = {
         "args": {k: v for k, v in vars(args).items() if k != "func"},

@@ -91,6 +91,9 @@ class Recipe:
     def __init__(self, name: str, model: nn.Module, optimizers: list, hp: Hparams,
                  flip: FlipOptimizer | None = None, float_clip: bool = True) -> None:
         self.name, self.model, self.optimizers, self.hp, self.flip = name, model, optimizers, hp, flip
+        # The module train_step calls: the model, or its DistributedDataParallel wrapper under data
+        # parallelism (trueternary.distributed.prepare_recipe); state and evaluation always use ``model``.
+        self.forward_model: nn.Module = model
         self.float_clip = float_clip
         self.base_lrs = [[g["lr"] for g in o.param_groups] for o in optimizers]
         self.step_count = 0
@@ -104,7 +107,7 @@ class Recipe:
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, autocast: bool) -> torch.Tensor:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = self.model(x)
+            logits = self.forward_model(x)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, autocast: bool = False) -> torch.Tensor:

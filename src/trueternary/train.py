@@ -15,6 +15,12 @@ produces goes to ``<out_dir>/<run_name>/``:
 ``step`` always counts completed optimiser steps. Resuming (``--resume PATH|auto``) restores model,
 optimiser, RNG and data position, so the continued run is bit-identical to one that never stopped
 (on CPU; see docs/training.md for GPU).
+
+Under ``torchrun --nproc_per_node N`` (see trueternary.distributed and docs/distributed.md) the same loop
+trains data-parallel: ``--batch_size`` is the global batch, split evenly over the ranks, each rank
+draws its own windows; ternary votes are summed over the ranks as integers and float parameters go
+through DDP. Rank 0 alone prints and writes the run directory; a checkpoint holds every rank's data
+position and resumes on any world size.
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt_io
+from . import distributed
 from .bench import parse_overrides, validation_bpb
 from .checkpoint import CheckpointError
 from .data import Corpus, RandomWindows, eval_windows, load_corpus
@@ -63,9 +71,10 @@ class TrainConfig:
     scale_update_interval: int = 1
     rule: dict = field(default_factory=dict)  # further FlipRule field overrides
     update_backend: str = "auto"
+    ddp_grad_dtype: str = "fp32"  # data parallelism: dtype of the float gradients DDP all-reduces (fp32, bf16)
     # run
     max_steps: int = 300
-    batch_size: int = 16
+    batch_size: int = 16  # the global batch: split evenly over data-parallel ranks
     ctx: int = 64
     seed: int = 0
     device: str = "auto"
@@ -88,6 +97,12 @@ _FIELDS = {f.name for f in fields(TrainConfig)}
 
 
 # ------------------------------------------------------------------------------------ configuration
+def _say(*args) -> None:
+    """print on rank 0 only (every line of a data-parallel run would otherwise appear once per rank)."""
+    if distributed.is_main_process():
+        print(*args, flush=True)
+
+
 def hparams_for(cfg: TrainConfig) -> Hparams:
     """The recipe hyper-parameters: recipe defaults, FlipRule defaults, and the run's overrides."""
     rule_over = dict(cfg.rule)
@@ -127,6 +142,16 @@ def validate(cfg: TrainConfig) -> Hparams:
         raise UsageError(f"--lr must be a finite number > 0, got {cfg.lr}")
     if cfg.run_name is not None and (not cfg.run_name or "/" in cfg.run_name or cfg.run_name in (".", "..")):
         raise UsageError(f"--run_name must be a plain directory name, got {cfg.run_name!r}")
+    if cfg.ddp_grad_dtype not in distributed.GRAD_DTYPES:
+        raise UsageError(f"--ddp_grad_dtype must be one of {', '.join(distributed.GRAD_DTYPES)}, "
+                         f"got {cfg.ddp_grad_dtype!r}")
+    try:
+        world = distributed.requested_world_size()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if cfg.batch_size % world:
+        raise UsageError(f"--batch_size {cfg.batch_size} is the global batch and must be divisible by the "
+                         f"{world} data-parallel ranks (each rank trains on batch_size / {world} sequences)")
     try:
         hp = hparams_for(cfg)
         model_config(cfg)
@@ -168,7 +193,7 @@ def _resume_source(cfg: TrainConfig) -> Path | None:
             raise UsageError("--resume auto needs --run_name (the run to continue)")
         found = ckpt_io.latest_checkpoint(Path(cfg.out_dir) / cfg.run_name)
         if found is None:
-            print(f"resume auto: no checkpoint in {Path(cfg.out_dir) / cfg.run_name}, starting a fresh run")
+            _say(f"resume auto: no checkpoint in {Path(cfg.out_dir) / cfg.run_name}, starting a fresh run")
         return found
     p = Path(cfg.resume)
     if p.is_dir():
@@ -201,7 +226,7 @@ def merge_resumed(ckpt: ckpt_io.Checkpoint, cfg: TrainConfig, explicit: set[str]
     if "out_dir" not in explicit:
         merged.out_dir = cfg.out_dir
     if merged.max_steps != saved.get("max_steps"):
-        print(f"note: --max_steps {merged.max_steps} differs from the checkpoint's {saved.get('max_steps')}: "
+        _say(f"note: --max_steps {merged.max_steps} differs from the checkpoint's {saved.get('max_steps')}: "
               "the learning-rate schedule changes from here on")
     return merged
 
@@ -320,19 +345,71 @@ def _write_json(path: Path, obj: dict) -> None:
 
 # ------------------------------------------------------------------------------------ checkpoints
 def save(run_dir: Path, recipe, batches: RandomWindows, cfg: TrainConfig, hp: Hparams, corpus: Corpus,
-         fingerprint: str, device: torch.device) -> Path:
+         fingerprint: str, device: torch.device, positions: list[dict] | None = None) -> Path:
+    """Write a checkpoint. ``positions``: every data-parallel rank's data position (rank order), saved
+    next to rank 0's so a resume on the same world size continues every rank's window stream."""
     tensors, meta = ckpt_io.recipe_state(recipe)
+    data = {"name": corpus.name, "fingerprint": fingerprint, "position": batches.state_dict()}
+    if positions is not None:
+        data.update(position=positions[0], positions=positions, world_size=len(positions))
     meta.update(
         model={"name": cfg.model, "config": recipe.model.cfg.to_dict()},
         train_config=asdict(cfg),
         hparams=hp.to_dict(),
         rng=ckpt_io.rng_state(device),
-        data={"name": corpus.name, "fingerprint": fingerprint, "position": batches.state_dict()},
+        data=data,
     )
     ckpt_io.remove_stale_temporaries(run_dir)
     path = ckpt_io.save_checkpoint(ckpt_io.checkpoint_path(run_dir, recipe.step_count), tensors, meta)
     ckpt_io.prune_checkpoints(run_dir, cfg.keep_checkpoints)
     return path
+
+
+def _declared_errors() -> tuple[type[BaseException], ...]:
+    from .cli import UsageError
+    from .data import DataError
+
+    return (UsageError, DataError, CheckpointError, TrainingError)
+
+
+def _on_all_ranks(ctx: distributed.DistContext | None, fn, run_here: bool = True):
+    """``fn()`` where ``run_here``; under data parallelism every rank then learns whether any rank failed
+    with a declared error, and all raise it together (instead of the others waiting in a collective)."""
+    if ctx is None:
+        return fn() if run_here else None
+    out, err = None, None
+    try:
+        out = fn() if run_here else None
+    except _declared_errors() as e:
+        err = e
+    ctx.agree(err, _declared_errors())
+    return out
+
+
+def _restore_data_position(batches: RandomWindows, data_meta: dict, cfg: TrainConfig, rank: int, world: int,
+                           start_step: int, ckpt_path: Path) -> RandomWindows:
+    """Continue this rank's window stream when the checkpoint was written by as many ranks; otherwise
+    start a fresh, deterministic stream per (seed, rank, world size, step) and say so."""
+    saved_world = int(data_meta.get("world_size", 1))
+    try:
+        if saved_world == world:
+            positions = data_meta.get("positions") or [data_meta["position"]]
+            batches.load_state_dict(positions[rank])
+            return batches
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{ckpt_path}: {e}") from None
+    fresh = RandomWindows(batches.data, batches.batch, batches.ctx,
+                          seed=distributed.rank_data_seed(cfg.seed, rank, world, start_step))
+    fresh.batches_drawn = start_step
+    _say(f"note: {ckpt_path.name} was written by {saved_world} rank(s), this run has {world}: model, optimiser "
+         f"and schedule continue exactly, but each rank draws a new window stream from step {start_step}, so "
+         "the data order differs from an uninterrupted run")
+    return fresh
+
+
+def _load_data(cfg: TrainConfig):
+    corpus = load_corpus(cfg.data, cache_dir=cfg.data_dir)
+    return corpus, eval_windows(corpus.val, cfg.ctx, cfg.eval_windows)
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -341,6 +418,9 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
 
     ``explicit`` names the fields the user set (the CLI knows); by default, the fields that differ
     from ``TrainConfig()``. On resume, the checkpoint's config is used with these fields on top.
+    Under torchrun (``WORLD_SIZE`` in the environment) or inside an initialised process group, the run
+    is data-parallel (trueternary.distributed); the process group is created here if needed and
+    destroyed at the end if it was.
     """
     from .cli import UsageError, resolve_device
 
@@ -352,31 +432,71 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
         cfg = merge_resumed(ckpt, cfg, explicit)
     hp = validate(cfg)
     device = resolve_device(cfg.device)
+    ctx = None
+    if distributed.launched():
+        try:
+            ctx = distributed.setup("auto" if cfg.device == "auto" else device)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        device = ctx.device
+    loaded = [ckpt]  # handed over so _train can drop the checkpoint's tensors once they are restored
+    del ckpt
+    try:
+        return _train(cfg, hp, loaded, device, ctx)
+    except _declared_errors() as e:
+        # Past setup every declared error is raised by all ranks together (agreed through a collective,
+        # or deterministic in data every rank reads): rank 0 reports it for all of them.
+        if ctx is not None and ctx.has_group:
+            e.raised_on_all_ranks = True
+        raise
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+def _train(cfg: TrainConfig, hp: Hparams, loaded: list, device: torch.device,
+           ctx: distributed.DistContext | None) -> dict:
+    from .cli import UsageError
+
+    ckpt: ckpt_io.Checkpoint | None = loaded.pop()
+
+    main = ctx is None or ctx.is_main
+    world, rank = (ctx.world_size, ctx.rank) if ctx is not None else (1, 0)
     autocast = device.type == "cuda"  # bf16 autocast on GPU, as in bench
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg))
 
-    # ---- data
-    corpus = load_corpus(cfg.data, cache_dir=cfg.data_dir)
-    val_windows = eval_windows(corpus.val, cfg.ctx, cfg.eval_windows)
-    batches = RandomWindows(corpus.train, cfg.batch_size, cfg.ctx, seed=cfg.seed)
+    # ---- data (one download per node: local rank 0 first, the others then read the cache)
+    if ctx is None:
+        corpus, val_windows = _load_data(cfg)
+    else:
+        node_first = _on_all_ranks(ctx, lambda: _load_data(cfg), run_here=ctx.local_rank == 0)
+        the_rest = _on_all_ranks(ctx, lambda: _load_data(cfg), run_here=ctx.local_rank != 0)
+        corpus, val_windows = node_first if ctx.local_rank == 0 else the_rest
+    batches = RandomWindows(corpus.train, cfg.batch_size // world, cfg.ctx,
+                            seed=distributed.rank_data_seed(cfg.seed, rank))
     fingerprint = corpus.fingerprint()
 
-    # ---- run directory
+    # ---- run directory (rank 0 decides the name and writes; every rank learns of a failure)
     if cfg.run_name is None:
-        cfg.run_name = _unique_run_name(cfg.out_dir, cfg.config)
+        name = _unique_run_name(cfg.out_dir, cfg.config) if main else None
+        cfg.run_name = ctx.broadcast_object(name) if ctx is not None else name
     run_dir = Path(cfg.out_dir) / cfg.run_name
-    newest = ckpt_io.latest_checkpoint(run_dir)
-    if ckpt is None and newest is not None:
-        raise UsageError(f"{run_dir} already holds checkpoints; continue it with --resume auto "
-                         "or choose another --run_name")
-    if ckpt is not None and newest is not None and ckpt_io.checkpoint_step(newest) > ckpt.step:
-        raise UsageError(f"{run_dir} has a newer checkpoint ({newest.name}) than the one resumed "
-                         f"(step {ckpt.step}); resume into another --run_name to branch off")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
+
+    def make_run_dir() -> None:
+        newest = ckpt_io.latest_checkpoint(run_dir)
+        if ckpt is None and newest is not None:
+            raise UsageError(f"{run_dir} already holds checkpoints; continue it with --resume auto "
+                             "or choose another --run_name")
+        if ckpt is not None and newest is not None and ckpt_io.checkpoint_step(newest) > ckpt.step:
+            raise UsageError(f"{run_dir} has a newer checkpoint ({newest.name}) than the one resumed "
+                             f"(step {ckpt.step}); resume into another --run_name to branch off")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
+
+    _on_all_ranks(ctx, make_run_dir, run_here=main)
 
     # ---- model, optimisers, and the state to continue from
     if ckpt is not None:
@@ -393,72 +513,113 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
     if ckpt is not None:
         ckpt_io.restore_recipe(recipe, ckpt)
         try:
-            batches.load_state_dict(ckpt.meta["data"]["position"])
+            data_meta = dict(ckpt.meta["data"])
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{ckpt.path}: {e}") from None
+            raise CheckpointError(f"{ckpt.path}: bad data position ({e})") from None
+        batches = _restore_data_position(batches, data_meta, cfg, rank, world, ckpt.step, ckpt.path)
         ckpt_io.restore_rng(ckpt.meta.get("rng", {}), device)
         start_step = ckpt.step
-        if ckpt.meta["data"].get("fingerprint") != fingerprint:
-            print(f"warning: the data differs from the data {ckpt.path.name} was trained on "
-                  f"({ckpt.meta['data'].get('name')}); the run will not match an uninterrupted one")
-        del ckpt  # drop the loaded tensors
+        if data_meta.get("fingerprint") != fingerprint:
+            _say(f"warning: the data differs from the data {ckpt.path.name} was trained on "
+                 f"({data_meta.get('name')}); the run will not match an uninterrupted one")
+        ckpt = None  # drop the loaded tensors
+    meter = distributed.prepare_recipe(recipe, ctx, cfg.ddp_grad_dtype) if ctx is not None else None
+    comm_model = distributed.recipe_comm(recipe, world, cfg.ddp_grad_dtype) if ctx is not None else None
     end_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at is not None else cfg.max_steps
-    _write_json(run_dir / "config.json", {
-        "train": asdict(cfg), "model": {"name": cfg.model, "config": recipe.model.cfg.to_dict()},
-        "hparams": hp.to_dict(), "device": str(device), "torch": torch.__version__,
-        "data": {"name": corpus.name, "fingerprint": fingerprint, "train_bytes": len(corpus.train),
-                 "val_bytes": len(corpus.val)},
-        "started_at_step": start_step,
-    })
-    log = RunLog(run_dir, start_step)
+
+    def open_log() -> RunLog:
+        info = {
+            "train": asdict(cfg), "model": {"name": cfg.model, "config": recipe.model.cfg.to_dict()},
+            "hparams": hp.to_dict(), "device": str(device), "torch": torch.__version__,
+            "data": {"name": corpus.name, "fingerprint": fingerprint, "train_bytes": len(corpus.train),
+                     "val_bytes": len(corpus.val)},
+            "started_at_step": start_step,
+        }
+        if ctx is not None:
+            info["distributed"] = {"world_size": world, "backend": ctx.backend, "batch_per_rank": batches.batch,
+                                   "comm_model": {k: str(v) if isinstance(v, torch.dtype) else v
+                                                  for k, v in comm_model.items()}}
+        _write_json(run_dir / "config.json", info)
+        return RunLog(run_dir, start_step)
+
+    log = _on_all_ranks(ctx, open_log, run_here=main)
     report = recipe.state_report()
     n_weights = report["ternary_weights"] or report["float_params"]
-    print(f"train: {cfg.config} on {corpus.name} ({len(corpus.train):,} train / {len(corpus.val):,} held-out "
-          f"bytes), {cfg.model} d={cfg.d_model} L={cfg.n_layers} ({n_weights:,} weights), "
-          f"batch {cfg.batch_size} x ctx {cfg.ctx}, {_device_text(device)}, run dir {run_dir}", flush=True)
+    _say(f"train: {cfg.config} on {corpus.name} ({len(corpus.train):,} train / {len(corpus.val):,} held-out "
+         f"bytes), {cfg.model} d={cfg.d_model} L={cfg.n_layers} ({n_weights:,} weights), "
+         f"batch {cfg.batch_size} x ctx {cfg.ctx}, {_device_text(device)}, run dir {run_dir}")
+    if ctx is not None:
+        sent = [f"votes as {str(comm_model['vote_dtype']).removeprefix('torch.')}"] if comm_model["vote_dtype"] \
+            else []
+        sent += [f"{comm_model['grad_dtype']} gradients by DDP"] if comm_model["grad_dtype"] else []
+        _say(f"data parallel: {world} rank(s) ({ctx.backend}), {batches.batch} sequences per rank; "
+             f"{' + '.join(sent) or 'only the step sync'}: {comm_model['payload']:,} bytes all-reduced per step "
+             f"({comm_model['per_weight']:.4f} B/weight)")
     if start_step:
-        print(f"resumed from step {start_step}", flush=True)
+        _say(f"resumed from step {start_step}")
+
+    def write_checkpoint(positions: list[dict] | None, plot_now: bool) -> Path:
+        path = save(run_dir, recipe, batches, cfg, hp, corpus, fingerprint, device, positions)
+        if plot_now:  # the final plot is drawn after the loop
+            plot_run(run_dir, title)
+        return path
 
     # ---- the loop
     from tqdm.auto import tqdm
 
     title = f"{cfg.config}, {cfg.model} d={cfg.d_model} L={cfg.n_layers}, batch {cfg.batch_size} x ctx {cfg.ctx}"
+    if world > 1:
+        title += f", {world} ranks"
     tokens_per_step = cfg.batch_size * cfg.ctx
     losses: list[float] = []
+    comm_bytes: list[int] = []
     val_bpb = initial_val_bpb = None
     last_saved = None
     t_start = time.perf_counter()
     tok_s_ema = None
-    if start_step == 0:
+    if start_step == 0 and main:
         initial_val_bpb = validation_bpb(recipe.model, val_windows, device, autocast)
         log.write({"step": 0, "val_bpb": initial_val_bpb})
     bar = tqdm(total=end_step, initial=start_step, desc=cfg.run_name, unit="step", dynamic_ncols=True,
-               disable=None, leave=True)
+               disable=None if main else True, leave=True)
     try:
         for step in range(start_step, end_step):
             x, y = batches.next(device)
             t0 = time.perf_counter()
+            done = step + 1
             try:
                 loss = recipe.train_step(x, y, autocast)
+                bad = None
             except NonFiniteGradientError as e:
-                raise TrainingError(f"training diverged at step {step + 1}: {e}") from None
-            lv = float(loss)  # synchronises the device, so the step time is complete
+                if ctx is None:
+                    raise TrainingError(f"training diverged at step {done}: {e}") from None
+                loss, bad = torch.full((), float("nan")), e
+            if ctx is not None:  # the global batch's loss, and one verdict for every rank
+                lv, any_bad = ctx.sync_step(loss, bad is not None)
+                if any_bad:
+                    why = str(bad) if bad is not None else "another rank's gradients had NaN/inf"
+                    raise TrainingError(f"training diverged at step {done}: {why}")
+            else:
+                lv = float(loss)  # synchronises the device, so the step time is complete
             dt = time.perf_counter() - t0
-            done = step + 1
             if not math.isfinite(lv) or lv > 4 * math.log(recipe.model.cfg.vocab_size):
                 raise TrainingError(f"training diverged at step {done}: loss {lv:.4g}")
             losses.append(lv)
             flips = recipe.flips_last_step()
             tok_s = tokens_per_step / dt if dt > 0 else float("nan")
             tok_s_ema = tok_s if tok_s_ema is None else 0.9 * tok_s_ema + 0.1 * tok_s
-            if done % cfg.log_every == 0 or done == end_step:
+            comm = meter.take_step() if meter is not None else {}
+            if comm:
+                comm_bytes.append(comm["comm_bytes"])
+            if main and (done % cfg.log_every == 0 or done == end_step):
                 log.write({"step": done, "loss": lv, "train_bpb": lv / LN2,
                            "lr": hp.lr_for(cfg.config) * lr_factor(step, hp.steps, hp.warmup_frac, hp.min_lr_frac),
-                           "flips": flips, "tokens_per_s": tok_s, "elapsed_s": time.perf_counter() - t_start})
+                           "flips": flips, "tokens_per_s": tok_s, "elapsed_s": time.perf_counter() - t_start,
+                           **comm})
             bar.set_postfix_str(f"loss {lv:.3f} bpb {lv / LN2:.3f} {tok_s_ema:,.0f} tok/s flips/step {flips:,}",
                                 refresh=False)
             bar.update(1)
-            if (cfg.eval_every and done % cfg.eval_every == 0) or done == end_step:
+            if main and ((cfg.eval_every and done % cfg.eval_every == 0) or done == end_step):
                 val_bpb = validation_bpb(recipe.model, val_windows, device, autocast)
                 log.write({"step": done, "val_bpb": val_bpb})
                 el = time.perf_counter() - t_start
@@ -467,29 +628,46 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
                           f"val {val_bpb:.3f} bpb | {tok_s_ema:,.0f} tok/s | flips/step {flips:,} | "
                           f"{el:.0f}s elapsed, ETA {eta:.0f}s")
             if (cfg.save_every and done % cfg.save_every == 0) or done == end_step:
-                last_saved = save(run_dir, recipe, batches, cfg, hp, corpus, fingerprint, device)
-                if done != end_step:  # the final plot is drawn after the loop
-                    plot_run(run_dir, title)
+                positions = None
+                if ctx is not None:
+                    positions = ctx.all_gather_objects(batches.state_dict())
+                    diverged = distributed.mismatched_replicas(ckpt_io.recipe_state(recipe)[0], ctx)
+                    if diverged:  # never save a state the ranks disagree on
+                        shown = ", ".join(diverged[:4]) + (" ..." if len(diverged) > 4 else "")
+                        raise TrainingError(f"ranks hold different training state at step {done} ({shown}): "
+                                            "some update was not applied identically on every rank")
+                last_saved = _on_all_ranks(ctx, partial(write_checkpoint, positions, done != end_step), run_here=main)
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
     seconds = time.perf_counter() - t_start
-    if last_saved is None:  # nothing left to train (resumed a finished run)
+    if last_saved is None and main:  # nothing left to train (resumed a finished run)
         last_saved = ckpt_io.latest_checkpoint(run_dir)
         print(f"nothing to do: the run is at step {start_step} of {end_step}")
-    plot = plot_run(run_dir, title)
+    plot = plot_run(run_dir, title) if main else None
     summary = {
         "run_dir": str(run_dir), "start_step": start_step, "end_step": max(start_step, end_step),
         "seconds": seconds, "losses": losses,
         "initial_val_bpb": initial_val_bpb, "val_bpb": val_bpb,
         "final_loss": losses[-1] if losses else None,
         "tokens_per_s": tokens_per_step * len(losses) / seconds if losses and seconds > 0 else None,
-        "checkpoint": str(last_saved) if last_saved else None, "plot": str(plot),
+        "checkpoint": str(last_saved) if last_saved else None, "plot": str(plot) if plot else None,
+        "world_size": world, "rank": rank,
     }
-    if losses:
+    if ctx is not None:
+        summary["comm_model"] = comm_model
+        summary["comm_bytes_per_step"] = sum(comm_bytes) / len(comm_bytes) if comm_bytes else None
+    if losses and main:
         first = f"val {initial_val_bpb:.3f} -> " if initial_val_bpb is not None else ""
+        comm_line = ""
+        if comm_bytes:
+            per_step = summary["comm_bytes_per_step"]
+            comm_line = (f"comm: {per_step:,.0f} bytes all-reduced per step, measured ({per_step / n_weights:.4f} "
+                         f"B/weight; ring all-reduce: {distributed.ring_bytes_per_rank(per_step, world):,.0f} "
+                         f"bytes sent per rank per step)\n")
         print(f"done: {len(losses)} steps in {seconds:.1f}s ({summary['tokens_per_s']:,.0f} tok/s), "
-              f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, {first}val {val_bpb:.3f} bits/byte\n"
+              f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, {first}val {val_bpb:.3f} bits/byte\n{comm_line}"
               f"checkpoint {last_saved}\nplot {plot}", flush=True)
     return summary
 
@@ -528,8 +706,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rule", action="append", default=None, metavar="FIELD=VALUE",
                    help="further FlipRule overrides, e.g. vote_clip=4,decay=0.01")
     flag("update_backend", help="vote/flip backend: " + ", ".join(BACKENDS))
+    flag("ddp_grad_dtype", help="under torchrun: dtype of the float gradients DDP all-reduces for float "
+         "parameters (fp32, or bf16 via torch's bf16_compress_hook)")
     flag("max_steps", type=int, help="optimiser steps (also the length of the lr schedule)")
-    flag("batch_size", type=int, help="sequences per step")
+    flag("batch_size", type=int, help="sequences per step, over all data-parallel ranks together")
     flag("ctx", type=int, help="bytes per sequence (the model's context)")
     flag("seed", type=int, help="seed of the model init, the data order and the vote RNG")
     flag("device", help="auto, cpu, cuda or cuda:N")
@@ -545,6 +725,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag("out_dir", help="parent of run directories")
     flag("resume", metavar="PATH|auto", help="continue from a checkpoint file, a run directory, or 'auto' "
          "(the newest checkpoint of --run_name; a fresh run if there is none)")
+    p.add_argument("--comm_report", "--comm-report", dest="comm_report", default=None, metavar="N[,N...]",
+                   help="print the bytes all-reduced per step per weight of every config for this model at "
+                        "N data-parallel ranks (see docs/distributed.md) and exit without training")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
@@ -569,6 +752,40 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
     return TrainConfig(**given), set(given)
 
 
-def run(args: argparse.Namespace) -> dict:
+def comm_report(cfg: TrainConfig, world_sizes: str) -> str:
+    """The ``--comm_report`` table for the model ``cfg`` describes (trueternary.distributed.comm_table)."""
+    from .cli import UsageError
+
+    try:
+        sizes = [int(v) for v in str(world_sizes).split(",") if v.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise UsageError(f"--comm_report takes world sizes like 2,8,64, got {world_sizes!r}")
+    saved_world = os.environ.pop("WORLD_SIZE", None)  # the report is for the sizes asked, not this launch
+    try:
+        hp = validate(cfg)
+    finally:
+        if saved_world is not None:
+            os.environ["WORLD_SIZE"] = saved_world
+    base = build_model(cfg.model, seed=cfg.seed, **model_config(cfg))
+    title = (f"\n{cfg.model} d={cfg.d_model} L={cfg.n_layers} heads={cfg.n_heads}, group_size {cfg.group_size}, "
+             f"vote_clip {hp.rule.vote_clip}, scale votes every {hp.rule.scale_update_interval or 'never'} step(s)")
+    return distributed.comm_table(base, hp, sizes, title)
+
+
+def run(args: argparse.Namespace) -> dict | None:
     cfg, explicit = config_from_args(args)
-    return train(cfg, explicit)
+    if args.comm_report is not None:
+        print(comm_report(cfg, args.comm_report))
+        return None
+    if distributed.is_main_process():
+        return train(cfg, explicit)
+    # Other ranks of a data-parallel run: an error every rank raised together is reported by rank 0, so
+    # exit with the same status without printing it once per rank; anything else is printed here.
+    try:
+        return train(cfg, explicit)
+    except _declared_errors() as e:
+        if not getattr(e, "raised_on_all_ranks", False):
+            raise
+        raise SystemExit(1 if isinstance(e, TrainingError) else 2) from None

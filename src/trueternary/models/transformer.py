@@ -39,6 +39,10 @@ class TransformerConfig:
     qk_norm: bool = True
     init_std: float = 0.02
     emb_std: float = 1.0
+    # init std of the output layer; None: 1/sqrt(d_model), so the initial logits have unit variance.
+    # Measured better for every config than init_std (docs/learning.md): a ternary head's scale E can only
+    # grow by doubling through votes, so starting it 20x too small costs TrueTernary most.
+    head_std: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "ctx", "d_model", "n_layers", "n_heads"):
@@ -134,7 +138,8 @@ class ByteTransformer(nn.Module):
             blk.up.weight.normal_(0.0, cfg.init_std, generator=generator)
             blk.proj.weight.normal_(0.0, resid_std, generator=generator)
             blk.down.weight.normal_(0.0, resid_std, generator=generator)
-        self.head.weight.normal_(0.0, cfg.init_std, generator=generator)
+        head_std = cfg.d_model**-0.5 if cfg.head_std is None else cfg.head_std
+        self.head.weight.normal_(0.0, head_std, generator=generator)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if idx.dim() != 2:
