@@ -387,8 +387,7 @@ class FlipOptimizer(torch.optim.Optimizer):
                 m.T_accum.copy_(A)
                 flips = n if flips is None else flips + n
                 if m.scale_mode == "int" and group["scale_update_interval"]:
-                    EA = leak(m.E_accum, group["scale_leak"]) if group["scale_leak"] else m.E_accum
-                    E, EA, ne = apply_scale_flips(m.E, EA, group["scale_threshold"])
+                    E, EA, ne = apply_scale_flips(m.E, m.E_accum, group["scale_threshold"])
                     m.E.copy_(E)
                     m.E_accum.copy_(EA)
                     scale_flips = ne if scale_flips is None else scale_flips + ne

@@ -70,7 +70,6 @@ class FlipRule:
     clip_at_bounds: bool = True
     scale_vote: str = "stochastic"
     scale_threshold: int = 32
-    scale_leak: int = 0  # if > 0, E_accum loses |E_accum| >> scale_leak each step: only consistent votes move E
     scale_lr: float = 0.25  # scale-vote scale relative to ``lr`` (so schedules drive both)
     scale_update_interval: int = 1  # 0 disables scale updates
 
@@ -84,10 +83,8 @@ class FlipRule:
             raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {self.normalize!r}")
         if isinstance(self.norm_block, bool) or not isinstance(self.norm_block, int) or self.norm_block < 1:
             raise ValueError(f"norm_block must be a positive integer, got {self.norm_block!r}")
-        for name in ("leak", "scale_leak"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 7:
-                raise ValueError(f"{name} must be an integer shift in [0, 7], got {v!r}")
+        if isinstance(self.leak, bool) or not isinstance(self.leak, int) or not 0 <= self.leak <= 7:
+            raise ValueError(f"leak must be an integer shift in [0, 7], got {self.leak!r}")
         if self.scale_vote not in VOTE_MODES:
             raise ValueError(f"scale_vote must be one of {VOTE_MODES}, got {self.scale_vote!r}")
         for name in ("accum_threshold", "scale_threshold"):

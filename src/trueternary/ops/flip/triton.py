@@ -84,15 +84,16 @@ def _flip_kernel(
             tl.store(packed_ptr + offs, new_byte.to(tl.uint8), mask=byte_mask)
             tl.atomic_add(counts_ptr, tl.sum(m0 + m1 + m2 + m3 + m4, axis=0))
     elif DO_E:
-        offs = (pid - n_t_progs) * BLOCK_E + tl.arange(0, BLOCK_E)
-        mask = offs < n_e
-        E = tl.load(E_ptr + offs, mask=mask, other=0).to(tl.int32)
-        EA = tl.load(E_accum_ptr + offs, mask=mask, other=0).to(tl.int32)
+        # (names differ from the branch above: Triton 3.6 rejects one name with two shapes across an if/else)
+        offs_e = (pid - n_t_progs) * BLOCK_E + tl.arange(0, BLOCK_E)
+        mask = offs_e < n_e
+        E = tl.load(E_ptr + offs_e, mask=mask, other=0).to(tl.int32)
+        EA = tl.load(E_accum_ptr + offs_e, mask=mask, other=0).to(tl.int32)
         up = (EA >= scale_threshold) & (E < 127)
         down = (EA <= -scale_threshold) & (E > -127)
         moved = up | down
-        tl.store(E_ptr + offs, (E + up.to(tl.int32) - down.to(tl.int32)).to(tl.int8), mask=mask)
-        tl.store(E_accum_ptr + offs, tl.where(moved, 0, EA).to(tl.int8), mask=mask)
+        tl.store(E_ptr + offs_e, (E + up.to(tl.int32) - down.to(tl.int32)).to(tl.int8), mask=mask)
+        tl.store(E_accum_ptr + offs_e, tl.where(moved, 0, EA).to(tl.int8), mask=mask)
         tl.atomic_add(counts_ptr + 1, tl.sum(moved.to(tl.int32), axis=0))
 
 

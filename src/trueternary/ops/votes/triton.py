@@ -122,7 +122,9 @@ def _block_factored_scale(g, r0, c0, R, C, neg_lr, NB: tl.constexpr, BLOCK_R: tl
         m_full = tl.reshape(tl.broadcast_to(m_cols[:, None, :], (SR, NB, BLOCK_C)), (BLOCK_R, BLOCK_C))
     # rule: ms = r*c / clamp_min(m, 1e-38); m == 0 means an all-zero sub-tile (ms = 0 there either way, and
     # the where() keeps that true even if the 1e-38 subnormal were flushed to zero)
-    ms = tl.where(m_full > 0, tl.div_rn(r_full * c_full, tl.maximum(m_full, 1e-38)), 0.0)
+    # (1e-38 as an explicit float32 constant: Triton 3.6 types a bare 1e-38 literal as fp64)
+    m_min = tl.full((BLOCK_R, BLOCK_C), 1e-38, tl.float32)
+    ms = tl.where(m_full > 0, tl.div_rn(r_full * c_full, tl.maximum(m_full, m_min)), 0.0)
     return tl.div_rn(tl.full((BLOCK_R, BLOCK_C), 1.0, tl.float32), tl.sqrt_rn(ms + 1e-30)) * neg_lr
 
 
