@@ -47,7 +47,7 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, generate, project, train
+    from . import audit, bench, generate, project, train
 
     p = _Parser(prog="trueternary", description="Train and ship purely ternary neural networks.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="compare training configurations side by side")
     bench.add_arguments(b)
     b.set_defaults(func=bench.run)
+    a = sub.add_parser("audit", help="what a model holds: ternary weights, integer state, float params/buffers")
+    audit.add_arguments(a)
+    a.set_defaults(func=audit.run)
     return p
 
 
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("trueternary: interrupted\n")
         return 130
-    return 0
+    return getattr(args, "_exit_code", 0)
 
 
 if __name__ == "__main__":

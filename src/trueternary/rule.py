@@ -191,14 +191,17 @@ def block_factored_ms(g: torch.Tensor, block: int) -> torch.Tensor:
     """
     g2 = g.float().square()
     R, C = g2.shape
-    Rb, Cb = -(-R // block), -(-C // block)
-    pad = torch.nn.functional.pad(g2, (0, Cb * block - C, 0, Rb * block - R)).view(Rb, block, Cb, block)
-    ones = torch.nn.functional.pad(torch.ones_like(g2), (0, Cb * block - C, 0, Rb * block - R)).view(Rb, block, Cb, block)
-    row = pad.sum(3) / ones.sum(3).clamp_min(1)  # (Rb, block, Cb)
-    col = pad.sum(1) / ones.sum(1).clamp_min(1)  # (Rb, Cb, block)
+    # a matrix no larger than one tile along an axis is one (partial) tile there: no padding needed
+    br, bc = min(block, R), min(block, C)
+    Rb, Cb = -(-R // br), -(-C // bc)
+    pads = (0, Cb * bc - C, 0, Rb * br - R)
+    pad = torch.nn.functional.pad(g2, pads).view(Rb, br, Cb, bc)
+    ones = torch.nn.functional.pad(torch.ones_like(g2), pads).view(Rb, br, Cb, bc)
+    row = pad.sum(3) / ones.sum(3).clamp_min(1)  # (Rb, br, Cb)
+    col = pad.sum(1) / ones.sum(1).clamp_min(1)  # (Rb, Cb, bc)
     tile = pad.sum((1, 3)) / ones.sum((1, 3)).clamp_min(1)  # (Rb, Cb)
     ms = row[:, :, :, None] * col[:, None, :, :] / tile[:, None, :, None].clamp_min(1e-38)
-    return ms.reshape(Rb * block, Cb * block)[:R, :C]
+    return ms.reshape(Rb * br, Cb * bc)[:R, :C]
 
 
 def leak(accum: torch.Tensor, shift: int) -> torch.Tensor:
