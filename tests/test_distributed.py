@@ -243,7 +243,15 @@ def two_ranks(tmp_path_factory):
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks before torch starts
     try:
-        mp.spawn(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
+        try:
+            mp.spawn(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
+        except Exception:
+            # the free port can be taken between probing and binding (another process on the machine):
+            # one retry on a fresh port, in a fresh output folder; a real failure fails twice
+            out = tmp_path_factory.mktemp("dist_retry")
+            write_corpus(out / "corpus.txt")
+            train(TrainConfig(**dict(_tiny_kw(out), run_name="one_to_two", max_steps=8, stop_at=4)))
+            mp.spawn(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
     finally:
         if old is None:
             os.environ.pop("OMP_NUM_THREADS", None)

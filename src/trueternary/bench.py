@@ -25,7 +25,7 @@ from .cli import UsageError, resolve_device
 from .data import eval_windows, load_corpus, random_batch
 from .models import build_model, model_names
 from .optim import NonFiniteGradientError, resolve_backend
-from .recipes import CONFIG_NAMES, TERNARY_CONFIGS, Hparams, build_recipe
+from .recipes import CONFIG_NAMES, TERNARY_CONFIGS, Hparams, build_recipe, lm_rule
 from .rule import FlipRule
 
 LN2 = math.log(2.0)
@@ -304,11 +304,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     try:
         rule_over = parse_overrides(args.rule, "rule")
         lr_over = parse_overrides(args.lr, "lr")
-        base_rule = FlipRule()
         rule_over.setdefault("scale_update_interval", args.scale_update_interval)
         if args.accum_threshold is not None:
             rule_over["accum_threshold"] = args.accum_threshold
-        rule = FlipRule.from_dict({**base_rule.to_dict(), **rule_over})
+        rule = lm_rule(**rule_over)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
     for k in lr_over:

@@ -65,7 +65,7 @@ class FlipRule:
     lr: float = 4.0  # expected votes per call for a typical gradient (the learning-rate analogue)
     vote_clip: int = 8
     vote_power: float = 1.0  # expected vote ~ sign(g) * |g / sqrt(ms)|**vote_power (1: proportional)
-    decay: float = 0.0  # votes toward 0 for non-zero trits (weight-decay analogue)
+    decay: float = 0.0  # votes toward 0 for non-zero trits per call (weight-decay analogue; docs/learning.md)
     leak: int = 0  # if > 0, T_accum loses |T_accum| >> leak each step (an integer EMA, like Bop's momentum)
     clip_at_bounds: bool = True
     scale_vote: str = "stochastic"

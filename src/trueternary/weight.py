@@ -8,9 +8,9 @@ Buffers (all integer, all saved in ``state_dict``):
     T_accum   int8   [rows, cols]          vote accumulator per weight
 
 Groups are ``group_size`` consecutive weights along the input (column) dimension; the last group of a
-row is shorter when ``cols % group_size != 0``. Training state is therefore
-exactly ``ceil(rows*cols/5) + rows*cols + 2*rows*n_groups`` bytes (about ``1/5 + 1 + 2/group_size`` per weight); inference needs
-``1/5 + 1/group_size`` bytes per weight.
+row is shorter when ``cols % group_size != 0``. Training state is therefore exactly
+``ceil(rows*cols/5) + rows*cols + 2*rows*n_groups`` bytes (about ``1/5 + 1 + 2/group_size`` per weight);
+inference needs ``1/5 + 1/group_size`` bytes per weight.
 
 In the non-strict *hybrid* mode (``scale_mode="float"``) the integer ``E`` is replaced by a float
 parameter ``log2_scale`` trained by a float optimiser (e.g. AdamW) while the trits still move by votes.
