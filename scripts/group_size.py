@@ -27,7 +27,8 @@ def rel_error(w: torch.Tensor, group_size: int) -> float:
 def main() -> None:
     g = torch.Generator().manual_seed(0)
     gaussian = torch.randn(ROWS, COLS, generator=g)
-    spread = gaussian * torch.exp(0.5 * torch.randn(ROWS, 1, generator=g)) * torch.exp(0.5 * torch.randn(1, COLS, generator=g))
+    row_scale = torch.exp(0.5 * torch.randn(ROWS, 1, generator=g))
+    spread = gaussian * row_scale * torch.exp(0.5 * torch.randn(1, COLS, generator=g))
     print(f"{'group':>7} {'train B/w':>10} {'infer B/w':>10} {'err gauss':>10} {'err spread':>11}")
     for gs in (16, 32, 64, 128, 256, 2048):
         t = TernaryScaleTensor(ROWS, COLS, gs, init=False)

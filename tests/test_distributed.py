@@ -56,7 +56,7 @@ LEARN = dict(max_steps=150, batch_size=16, eval_windows=32, lr=4.0, accum_thresh
 # Tolerance: the largest difference seen plus ~40%.
 LEARN_TOLERANCE_BPB = 0.45
 LEARNED_BITS = 2.5  # both runs must end at least this far below the untrained model's bpb
-TIMING_KEYS = ("tokens_per_s", "elapsed_s")
+TIMING_KEYS = ("tokens_per_s", "elapsed_s", "peak_memory_bytes")  # measured, not computed: differ run to run
 
 
 def _free_port() -> int:
@@ -156,7 +156,7 @@ def _job_vote_sums(ctx, out: Path) -> None:
                               (1, "sign", torch.int8), (2**20, "stochastic", torch.int32)):
         comm = VoteAllReduce(_Groups(min(clip, 127), vote), ctx.world_size, ctx.rank)
         gen = torch.Generator().manual_seed(7 + ctx.rank)
-        v = torch.randint(-clip, clip + 1, (1000,), generator=gen).to(dtype)
+        v = torch.randint(-clip, clip + 1, (1003,), generator=gen).to(dtype)  # int8: 4-byte lanes + a 3-byte tail
         v[:4] = torch.tensor([clip, -clip, clip, 0])  # the extremes: clip + clip must not wrap
         before = v.clone()
         total = comm.sum_votes(v)
@@ -189,6 +189,40 @@ def _job_lockstep(ctx, out: Path) -> None:
     res["replicas_same"] = mismatched_replicas(same, ctx)
     res["replicas_differ"] = mismatched_replicas(differ, ctx)
     (out / f"lockstep_rank{ctx.rank}.json").write_text(json.dumps(res))
+
+
+def _job_kernel_state(ctx, out: Path) -> None:
+    """The gpu backend's fused vote and flip kernels under data parallelism (Triton's CPU interpreter here):
+    each rank's kernel votes go through the integer all-reduce, and the ranks stay bit-identical."""
+    from torch import nn
+
+    from trueternary import FlipOptimizer, ternarize
+    from trueternary.distributed import attach
+    from trueternary.ops import triton_available
+
+    if not triton_available():
+        return
+    from trueternary.ops.triton_utils import interpreter_ready
+
+    if not interpreter_ready():
+        return
+    torch.manual_seed(0)
+    model = ternarize(nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16)), group_size=16)
+    opt = FlipOptimizer(model, lr=4.0, seed=3, norm_block=16, accum_threshold=4)
+    opt.backend = "gpu"  # the constructor wants CUDA for 'gpu'; on the CPU the kernels run interpreted
+    comm = attach(opt, ctx)
+    gen = torch.Generator().manual_seed(200 + ctx.rank)  # each rank its own data
+    for _ in range(3):
+        x = torch.randn(16, 32, generator=gen)
+        y = model(x)
+        assert type(y.grad_fn).__name__ == "TernaryLinearKernelFunctionBackward"
+        torch.nn.functional.mse_loss(y, torch.sin(x[:, :16])).backward()
+        opt.step()
+    tensors = {f"{n}.{b}": getattr(w, b) for n, w in ((str(i), model[i].weight) for i in (0, 2))
+               for b in ("T_packed", "E", "E_accum", "T_accum")}
+    _save_state(out / f"state_kernels_rank{ctx.rank}.safetensors", tensors)
+    (out / f"comm_kernels_rank{ctx.rank}.json").write_text(json.dumps({
+        "kernel_votes": bool(opt._step_dev), "payload": comm.payload_bytes, "flips": int(opt.last_flips)}))
 
 
 def _job_train_runs(out: Path) -> None:
@@ -225,6 +259,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         _job_lockstep(ctx, out)
         _job_library_states(ctx, out)
         _job_bias_embedding_state(ctx, out)
+        _job_kernel_state(ctx, out)
         _job_train_runs(out)
     finally:
         ctx.close()
@@ -240,8 +275,11 @@ def two_ranks(tmp_path_factory):
     # the one-process half of the 1 -> 2 checkpoint move
     first = train(TrainConfig(**dict(_tiny_kw(out), run_name="one_to_two", max_steps=8, stop_at=4)))
     assert first["end_step"] == 4
-    old = os.environ.get("OMP_NUM_THREADS")
+    old = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "TRITON_INTERPRET")}
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks before torch starts
+    # the ranks' Triton kernels run in the CPU interpreter (read when triton is first imported there); the
+    # CPU backends ('auto' is dense-fallback without CUDA) never call the kernels, so the other jobs are unaffected
+    os.environ["TRITON_INTERPRET"] = "1"
     try:
         try:
             mp.spawn(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
@@ -253,10 +291,11 @@ def two_ranks(tmp_path_factory):
             train(TrainConfig(**dict(_tiny_kw(out), run_name="one_to_two", max_steps=8, stop_at=4)))
             mp.spawn(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
     finally:
-        if old is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return out
 
 
@@ -290,6 +329,23 @@ def test_ranks_hold_bit_identical_state(two_ranks, name):
         assert any(k.endswith("exp_avg_sq") for k in a)
 
 
+def test_ranks_stay_identical_with_the_fused_gpu_kernels(two_ranks):
+    """The gpu backend under data parallelism: fused kernel votes (interpreted on the CPU) are all-reduced as
+    integers, flips run in the flip kernel, and both ranks hold the same trits, scales and accumulators."""
+    if not (two_ranks / "state_kernels_rank0.safetensors").exists():
+        pytest.skip("Triton (with its CPU interpreter) is not available")
+    a = _load(two_ranks / "state_kernels_rank0.safetensors")
+    b = _load(two_ranks / "state_kernels_rank1.safetensors")
+    assert sorted(a) == sorted(b) and len(a) == 8
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    c0 = json.loads((two_ranks / "comm_kernels_rank0.json").read_text())
+    assert c0["kernel_votes"], "the fused vote kernels did not run"
+    # per step: T votes (48*32 + 16*48) + E votes (48*2 + 16*3) as int8, integer-bias votes (48 + 16) as int32
+    assert c0["payload"] == 3 * (48 * 32 + 16 * 48 + 48 * 2 + 16 * 3 + 4 * (48 + 16))
+    assert any(a[k].count_nonzero() for k in a if k.endswith("T_accum")) or c0["flips"] > 0
+
+
 # ------------------------------------------------------------------------------------ vote sums and lock-step
 def test_vote_sum_is_exact_in_every_transport(two_ranks):
     """int8 while clip*N <= 127, float16 (exact integers) while <= 2048, int32 for bias votes; the extremes
@@ -299,7 +355,7 @@ def test_vote_sum_is_exact_in_every_transport(two_ranks):
     for r in res:
         assert r["exact"] and r["integer"] and r["input_untouched"], r
     assert res[1]["max"] == 254 and res[3]["max"] == 2**21  # would wrap in the votes' own int8 / in int8
-    assert [r["payload"] for r in res] == [1000, 2000, 1000, 4000]
+    assert [r["payload"] for r in res] == [1003, 2006, 1003, 4012]
     assert res == json.loads((two_ranks / "vote_sums_rank1.json").read_text())
 
 

@@ -445,3 +445,75 @@ def test_gpu_backend_counts_nonfinite_layers_and_raises():
     with pytest.raises(NonFiniteGradientError, match="2 layer gradient"):
         opt.step()
     assert opt.step_count == 1 and all(int(t) == 1 for t in opt._step_dev.values())
+
+
+# ------------------------------------------------------------------ data parallelism on the gpu backends
+
+
+class SilentPeerComm:
+    """A data-parallel ``comm`` of world size 2 as seen by ``rank`` when the other rank casts no votes: the
+    all-reduced sum is this rank's own votes. Records what was sent (dtype, shape)."""
+
+    world_size = 2
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.sent: list[tuple[torch.dtype, tuple]] = []
+
+    def sum_votes(self, v: torch.Tensor) -> torch.Tensor:
+        self.sent.append((v.dtype, tuple(v.shape)))
+        return v.to(torch.int32)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("rule", ["default-nb16", "decay-interval2-clip3"])
+def test_data_parallel_fused_votes_match_dense_path(rank, rule):
+    """Under data parallelism the gpu backend casts each rank's votes with the kernels into one int8 bucket,
+    all-reduced once per step, and accumulates and flips them in the flip kernel: the same integer state as
+    the dense path's per-call all-reduce and accumulate, rank by rank, with the same bytes on the wire."""
+    ref = MLP()
+    ker = copy.deepcopy(ref)
+    o_ref = FlipOptimizer(ref, backend="dense-fallback", seed=3, check_finite=False, **RULES[rule])
+    o_ker = gpu_optimizer(ker, "gpu", seed=3, check_finite=False, **RULES[rule])
+    o_ref.comm, o_ker.comm = SilentPeerComm(rank), SilentPeerComm(rank)
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x = torch.randint(-1, 2, (2, 5, 24), generator=g).float().to(DEVICE)
+        c = torch.randint(-1, 2, (2, 5, 18), generator=g).float().to(DEVICE)
+        (ref(x) * c).sum().backward()
+        yk = ker(x)
+        assert type(yk.grad_fn).__name__ == "TernaryLinearKernelFunctionBackward"
+        (yk * c).sum().backward()
+        o_ref.step()
+        o_ker.step()
+        sr, sk = ref.state_dict(), ker.state_dict()
+        assert [n for n in sr if not torch.equal(sr[n], sk[n])] == [], step
+    assert o_ker._step_dev, "the fused vote kernels did not run"
+    # the dense path all-reduces per call (trit votes, scale votes on scale steps); the kernel path sends one
+    # bucket per step holding the same votes; the integer-bias votes go per call on both
+    interval = RULES[rule].get("scale_update_interval", 1)
+    int8_numel = lambda sent: [int(torch.Size(shape).numel()) for dtype, shape in sent if dtype == torch.int8]  # noqa: E731
+    assert len(int8_numel(o_ref.comm.sent)) == 2 * 3 + 2 * len([s for s in range(3) if s % interval == 0])
+    assert len(int8_numel(o_ker.comm.sent)) == 3
+    assert sum(int8_numel(o_ker.comm.sent)) == sum(int8_numel(o_ref.comm.sent))
+    assert [x for x in o_ker.comm.sent if x[0] != torch.int8] == [x for x in o_ref.comm.sent if x[0] != torch.int8]
+
+
+@pytest.mark.parametrize("backend", ["gpu", "dense-fallback"])
+def test_data_parallel_ranks_vote_with_their_own_streams(backend):
+    """Rank 1's stochastic votes on the same gradient differ from rank 0's (its own random stream), and rank
+    0 votes exactly like one process at half the vote scale and decay (lr / world_size, decay / world_size)."""
+    states, base = {}, MLP()
+    for name, comm, lr, decay in (("rank0", SilentPeerComm(0), 6.0, 0.5), ("rank1", SilentPeerComm(1), 6.0, 0.5),
+                                  ("one", None, 3.0, 0.25)):
+        model = copy.deepcopy(base)
+        rule_kw = dict(RULES["default-nb16"], lr=lr, decay=decay)
+        opt = gpu_optimizer(model, backend, seed=3, check_finite=False, **rule_kw)
+        opt.comm = comm
+        x = torch.randn(6, 24, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+        model(x).sum().backward()
+        opt.step()
+        states[name] = torch.cat([model.a.weight.T_accum.flatten(), model.a.weight.T_packed.view(torch.int8)])
+    assert torch.equal(states["rank0"], states["one"])
+    assert not torch.equal(states["rank0"], states["rank1"])
+    assert (states["rank0"] != 0).sum() > 0

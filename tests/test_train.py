@@ -13,7 +13,7 @@ from trueternary.cli import UsageError
 from trueternary.recipes import Recipe
 from trueternary.train import TrainingError, read_metrics, train
 
-TIMING_KEYS = ("tokens_per_s", "elapsed_s")
+TIMING_KEYS = ("tokens_per_s", "elapsed_s", "peak_memory_bytes")  # measured, not computed: differ run to run
 
 
 def _final_tensors(run_dir):

@@ -38,6 +38,46 @@ _CALLS_PER_STEP = 1024  # RNG counter slots per step: a layer may be called this
 _BIAS_CLIP = 2**20
 
 
+class _VoteBuffers:
+    """A ternary weight seen by the vote kernels with other accumulators: its trits, shape and RNG stream, and
+    the given ``T_accum`` / ``E_accum`` buffers (data-parallel votes are cast into zeroed ones)."""
+
+    def __init__(self, weight: TernaryScaleTensor, T_accum: torch.Tensor, E_accum: torch.Tensor | None) -> None:
+        self.rows, self.cols, self.n_groups = weight.rows, weight.cols, weight.n_groups
+        self.group_size = weight.group_size
+        self.T_packed, self.stream, self.scale_mode = weight.T_packed, weight.stream, weight.scale_mode
+        self.T_accum, self.E_accum = T_accum, E_accum
+
+
+class _DataParallelVotes:
+    """Data-parallel vote bucket of the gpu backends on one device: one flat int8 buffer with a slice per
+    ternary weight, trit votes first, then scale votes (layout below), so one all-reduce per step carries
+    every fused vote, as DDP buckets gradients.
+
+        buf[t_off[w] : t_off[w] + rows*cols]            weight w's trit votes, row-major
+        buf[n_T + e_off[w] : n_T + e_off[w] + rows*ng]  weight w's scale votes (exchanged on scale steps only)
+
+    ``pending`` maps id(weight) -> (weight, group, scale_step) for the weights voted into it this step.
+    """
+
+    def __init__(self, weights: list[TernaryScaleTensor], device: torch.device) -> None:
+        self.t_off, self.e_off = {}, {}
+        n_t = n_e = 0
+        for w in weights:
+            self.t_off[id(w)], self.e_off[id(w)] = n_t, n_e
+            n_t += w.rows * w.cols
+            n_e += w.rows * w.n_groups
+        self.n_t, self.n_e = n_t, n_e
+        self.buf = torch.zeros(n_t + n_e, dtype=torch.int8, device=device)
+        self.pending: dict[int, tuple] = {}
+
+    def views(self, w: TernaryScaleTensor, scale_step: bool) -> _VoteBuffers:
+        t = self.buf[self.t_off[id(w)]:self.t_off[id(w)] + w.rows * w.cols].view(w.rows, w.cols)
+        e0 = self.n_t + self.e_off[id(w)]
+        e = self.buf[e0:e0 + w.rows * w.n_groups].view(w.rows, w.n_groups) if scale_step else None
+        return _VoteBuffers(w, t, e)
+
+
 class NonFiniteGradientError(FloatingPointError):
     """Raised by ``FlipOptimizer.step`` when a backward pass produced NaN or inf weight gradients."""
 
@@ -122,6 +162,10 @@ class FlipOptimizer(torch.optim.Optimizer):
         # and gpu-signcache's vote caches {id(weight): (weight, VoteCache)}
         self._step_dev: dict[torch.device, torch.Tensor] = {}
         self._vote_caches: dict[int, tuple] = {}
+        # gpu backends under data parallelism: the vote bucket per device, and the reduced votes awaiting
+        # the flip kernel {id(weight): VoteCache}
+        self._dp_buckets: dict[torch.device, _DataParallelVotes] = {}
+        self._dp_caches: dict[int, object] = {}
         self.last_flips: torch.Tensor = torch.zeros((), dtype=torch.int64)
         self.last_scale_flips: torch.Tensor = torch.zeros((), dtype=torch.int64)
 
@@ -175,9 +219,9 @@ class FlipOptimizer(torch.optim.Optimizer):
     def _votes(self, group, g, lr, stream, counter, clip, normalize, T=None, decay=0.0, index=None):
         """Votes for one gradient: sign votes, or stochastic votes normalised per call (rule.py).
 
-        Under data parallelism each rank votes on its own gradient with ``lr / world_size`` and its own
-        random stream; :meth:`_reduce` then sums the ranks' votes, so the expected total is
-        ``s * mean(gradients)`` and every rank adds the same integers to its state.
+        Under data parallelism each rank votes on its own gradient with ``lr / world_size`` and
+        ``decay / world_size`` and its own random stream; :meth:`_reduce` then sums the ranks' votes, so the
+        expected total is ``s * mean(gradients) - decay * T`` and every rank adds the same integers to its state.
         """
         if group["vote"] == "sign":
             return sign_votes(g)
@@ -188,20 +232,31 @@ class FlipOptimizer(torch.optim.Optimizer):
             s = torch.tensor(-float(lr), dtype=torch.float32, device=g.device)
         else:
             s = vote_scale(g, lr, normalize, group["norm_block"])
-        key = rng.stream_key(self.seed, stream, counter)
-        if self._world() > 1:
+        key = rng.stream_key(self._rank_seed(), stream, counter)
+        if self._world() > 1:  # both terms of the vote are split over the ranks, so their sum is one vote's
             s = s / self._world()
-            key = key ^ rng.mix32_int(0x5EED0000 + self.comm.rank) if self.comm.rank else key
+            decay = decay / self._world()
         return stochastic_votes(g, s, key, clip, T, decay, index)
+
+    def _rank_seed(self) -> int:
+        """The RNG seed of this rank's votes: ``seed`` in one process and on rank 0 (which therefore votes like
+        a single process), ``seed ^ mix32(0x5EED0000 + rank)`` on rank r > 0 (dense path and kernels alike)."""
+        rank = self.comm.rank if self.comm is not None else 0
+        return self.seed ^ rng.mix32_int(0x5EED0000 + rank) if rank else self.seed
 
     def _reduce(self, v: torch.Tensor, group, clip: int) -> torch.Tensor:
         """Sum votes over data-parallel ranks (integers: int8 votes travel as int16/int32)."""
         if self._world() == 1:
             return v
-        total = self.comm.sum_votes(v)
-        if group["vote"] == "sign":  # signSGD with majority vote
-            return torch.sign(total).to(v.dtype)
-        return total.clamp(-clip, clip).to(v.dtype)
+        return self._finish_sum(self.comm.sum_votes(v), group["vote"], clip, v.dtype)
+
+    @staticmethod
+    def _finish_sum(total: torch.Tensor, vote: str, clip: int, dtype: torch.dtype) -> torch.Tensor:
+        """The all-reduced vote sum as one vote: its sign for sign votes (signSGD with majority vote),
+        else clamped to ``+-clip`` (the saturation one rank's vote has)."""
+        if vote == "sign":
+            return torch.sign(total).to(dtype)
+        return total.clamp(-clip, clip).to(dtype)
 
     @torch.no_grad()
     def cast_matmul_votes(self, weight: TernaryScaleTensor, gy: torch.Tensor, x: torch.Tensor,
@@ -224,9 +279,9 @@ class FlipOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ gpu backends (Triton kernels)
     def _kernel_weight(self, t: torch.Tensor) -> bool:
-        """Whether votes/flips on tensors like ``t`` run on the Triton kernels: a gpu backend, a device they
-        run on, one process (data-parallel votes take the dense path with its all-reduce)."""
-        return self.backend in KERNEL_BACKENDS and self._world() == 1 and kernels_can_run(t)
+        """Whether votes/flips on tensors like ``t`` run on the Triton kernels: a gpu backend and a device they
+        run on (under data parallelism too: see :meth:`_fused_votes_data_parallel`)."""
+        return self.backend in KERNEL_BACKENDS and kernels_can_run(t)
 
     def _device_step(self, device: torch.device) -> torch.Tensor:
         """The step counter as a 0-dim int64 tensor on ``device``, created from the host counter on first use.
@@ -254,6 +309,9 @@ class FlipOptimizer(torch.optim.Optimizer):
 
         c = self._calls.get(id(weight), 0)
         self._calls[id(weight)] = c + 1
+        if self._world() > 1:
+            self._fused_votes_data_parallel(weight, gy, x, group, c)
+            return
         cache = None
         if self.backend == "gpu-signcache":
             entry = self._vote_caches.get(id(weight))
@@ -273,6 +331,86 @@ class FlipOptimizer(torch.optim.Optimizer):
         cast_matmul_votes(weight, gy, x, group, seed=self.seed, step=self._device_step(gy.device),
                           call=c % _CALLS_PER_STEP, calls_per_step=_CALLS_PER_STEP, nonfinite=nonfinite, cache=cache)
 
+    def _fused_votes_data_parallel(self, weight: TernaryScaleTensor, gy: torch.Tensor, x: torch.Tensor, group,
+                                   call: int) -> None:
+        """Fused votes under data parallelism: the vote kernel casts this rank's votes into the weight's slice
+        of the device's vote bucket (:class:`_DataParallelVotes`, zeroed at the step's first vote) instead of
+        its accumulators; :meth:`step` all-reduces the whole bucket once, clamps each weight's sum like
+        :meth:`_reduce`, adds the scale votes to ``E_accum`` and hands the trit votes to the flip kernel
+        (accumulate + flip in one pass). The resulting state equals the dense path's per-call
+        reduce-and-accumulate (:meth:`_accumulate`) exactly.
+
+        As on the dense path, each rank votes with ``lr / world_size``, ``decay / world_size`` and its own
+        random stream (:meth:`_rank_seed`), so both paths cast the same votes where the arithmetic is exact.
+        A vote starts from 0 and ``|v| <= vote_clip``, so the kernel's saturating add into the zeroed slice is
+        the vote itself. A weight called again in the same step (shared weights) takes the immediate path
+        for its further calls: zeroed buffers, all-reduce, accumulate. Scale votes follow the host step
+        counter, so this path is not for CUDA-graph capture; gpu-signcache's vote cache is not used here.
+        """
+        from .ops.votes import cast_matmul_votes
+
+        interval = group["scale_update_interval"]
+        scale_step = weight.scale_mode == "int" and interval > 0 and self._step % interval == 0
+        dev = gy.device
+        bucket = self._dp_buckets.get(dev)
+        if bucket is None:
+            mods = [m for ms in self._group_modules for m in ms
+                    if isinstance(m, TernaryScaleTensor) and m.T_accum.device == dev]
+            bucket = self._dp_buckets[dev] = _DataParallelVotes(mods, dev)
+        deferred = id(weight) in bucket.t_off and id(weight) not in bucket.pending and id(weight) not in self._dp_caches
+        if deferred:
+            if not bucket.pending:
+                bucket.buf.zero_()
+            buffers = bucket.views(weight, scale_step)
+            bucket.pending[id(weight)] = (weight, group, scale_step)
+        else:
+            buffers = _VoteBuffers(weight, torch.zeros_like(weight.T_accum),
+                                   torch.zeros_like(weight.E_accum) if scale_step else None)
+        nonfinite = None
+        if self.check_finite:
+            if self._nonfinite is None or self._nonfinite.device != dev:
+                self._nonfinite = torch.zeros((), dtype=torch.int32, device=dev)
+            nonfinite = self._nonfinite
+        g = dict(group, lr=group["lr"] / self._world(), decay=group["decay"] / self._world(),
+                 scale_update_interval=interval if scale_step else 0)
+        cast_matmul_votes(buffers, gy, x, g, seed=self._rank_seed(), step=self._device_step(dev),
+                          call=call % _CALLS_PER_STEP, calls_per_step=_CALLS_PER_STEP, nonfinite=nonfinite)
+        if not deferred:
+            self._accumulate(weight.T_accum, buffers.T_accum, None, group)
+            if scale_step:
+                self._accumulate(weight.E_accum, buffers.E_accum, None, dict(group, vote=group["scale_vote"]))
+
+    def _reduce_vote_buckets(self) -> None:
+        """Collective (every rank, every step, before anything can raise): all-reduce each device's vote
+        bucket in one call, add the clamped scale-vote sums to ``E_accum`` and keep the clamped trit-vote
+        sums as 8-bit vote caches for the flip kernel (``_dp_caches``)."""
+        from .ops.votes import VoteCache
+
+        for bucket in self._dp_buckets.values():
+            if not bucket.pending:
+                continue
+            scale = any(sc for _, _, sc in bucket.pending.values())
+            total = self.comm.sum_votes(bucket.buf[:bucket.n_t + (bucket.n_e if scale else 0)])
+            for key, (w, group, scale_step) in bucket.pending.items():
+                t0 = bucket.t_off[key]
+                v = self._finish_sum(total[t0:t0 + w.rows * w.cols], group["vote"], group["vote_clip"], torch.int8)
+                self._dp_caches[key] = VoteCache(v.view(torch.uint8), 8, v.numel(), pending=True)
+                if scale_step:
+                    e0 = bucket.n_t + bucket.e_off[key]
+                    vE = self._finish_sum(total[e0:e0 + w.rows * w.n_groups], group["scale_vote"],
+                                          group["vote_clip"], torch.int8)
+                    w.E_accum.copy_(accumulate(w.E_accum, vE.view_as(w.E_accum)))
+            bucket.pending.clear()
+
+    def _flush_dp_caches(self) -> None:
+        """Accumulate reduced data-parallel votes into ``T_accum`` without flipping (a step that raises)."""
+        from .ops.flip import flush_vote_cache_
+
+        for key, cache in self._dp_caches.items():
+            w = next(m for ms in self._group_modules for m in ms if id(m) == key)
+            flush_vote_cache_(w, cache)
+        self._dp_caches.clear()
+
     def _kernel_flips(self, m: TernaryScaleTensor, group, counts: dict) -> bool:
         """Leak + flips + repack (+ scale flips, + pending vote cache) of one weight in one kernel launch;
         ``counts[device]`` (int32 (2,)) receives the flip counts. Returns whether E was considered."""
@@ -283,8 +421,9 @@ class FlipOptimizer(torch.optim.Optimizer):
             counts[dev] = torch.zeros(2, dtype=torch.int32, device=dev)
         scale = m.scale_mode == "int" and bool(group["scale_update_interval"])
         entry = self._vote_caches.get(id(m))
+        cache = self._dp_caches.pop(id(m), None) or (entry[1] if entry is not None else None)
         apply_flips_(m, group["accum_threshold"], group["clip_at_bounds"], group["scale_threshold"] if scale else None,
-                     counts[dev], cache=entry[1] if entry is not None else None, leak=group["leak"])
+                     counts[dev], cache=cache, leak=group["leak"])
         return scale
 
     def _flush_vote_caches(self, drop: bool = False) -> None:
@@ -361,10 +500,13 @@ class FlipOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._calls.clear()
+        if self._dp_buckets:
+            self._reduce_vote_buckets()
         if self._nonfinite is not None and self.check_finite:
             bad = int(self._nonfinite.item())
             self._nonfinite.zero_()
             if bad:
+                self._flush_dp_caches()  # as on the dense path, the votes stay accumulated; no flips
                 self._advance_step()
                 raise NonFiniteGradientError(
                     f"{bad} layer gradient(s) had NaN/inf at step {self._step - 1}; their votes were dropped"
@@ -441,6 +583,9 @@ class FlipOptimizer(torch.optim.Optimizer):
         self._step = int(extra["step"])
         self.seed = int(extra["seed"])
         self._flush_vote_caches(drop=True)  # votes cast on the replaced state do not apply to the loaded one
+        for bucket in self._dp_buckets.values():
+            bucket.pending.clear()
+        self._dp_caches.clear()
         for t in self._step_dev.values():
             t.fill_(self._step)
 

@@ -6,7 +6,8 @@ produces goes to ``<out_dir>/<run_name>/``:
 
     config.json          the run's TrainConfig, model config, hyper-parameters, data and device
     metrics.jsonl        one JSON object per logged step ({"step", "loss", "train_bpb", "lr", "flips",
-                         "tokens_per_s", "elapsed_s"}) and per evaluation ({"step", "val_bpb"})
+                         "tokens_per_s", "elapsed_s"}) and per evaluation ({"step", "val_bpb",
+                         "peak_memory_bytes"}: this rank's CUDA allocator peak, or the process RSS peak on CPU)
     plot.png             training loss and validation bits per byte against step
     checkpoints/         step_<NNNNNNN>.safetensors (see trueternary.checkpoint); the newest
                          ``keep_checkpoints`` are kept
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_io
-from . import distributed
+from . import distributed, memory
 from .bench import parse_overrides, validation_bpb
 from .checkpoint import CheckpointError
 from .data import Corpus, RandomWindows, eval_windows, load_corpus
@@ -576,6 +577,7 @@ def _train(cfg: TrainConfig, hp: Hparams, loaded: list, device: torch.device,
     last_saved = None
     t_start = time.perf_counter()
     tok_s_ema = None
+    memory.reset_peak(device)
     if start_step == 0 and main:
         initial_val_bpb = validation_bpb(recipe.model, val_windows, device, autocast)
         log.write({"step": 0, "val_bpb": initial_val_bpb})
@@ -620,7 +622,7 @@ def _train(cfg: TrainConfig, hp: Hparams, loaded: list, device: torch.device,
             bar.update(1)
             if main and ((cfg.eval_every and done % cfg.eval_every == 0) or done == end_step):
                 val_bpb = validation_bpb(recipe.model, val_windows, device, autocast)
-                log.write({"step": done, "val_bpb": val_bpb})
+                log.write({"step": done, "val_bpb": val_bpb, "peak_memory_bytes": memory.peak(device)})
                 el = time.perf_counter() - t_start
                 eta = el / (done - start_step) * (end_step - done)
                 bar.write(f"step {done:>6}/{cfg.max_steps} | loss {lv:.4f} | train {lv / LN2:.3f} bpb | "
@@ -652,7 +654,8 @@ def _train(cfg: TrainConfig, hp: Hparams, loaded: list, device: torch.device,
         "final_loss": losses[-1] if losses else None,
         "tokens_per_s": tokens_per_step * len(losses) / seconds if losses and seconds > 0 else None,
         "checkpoint": str(last_saved) if last_saved else None, "plot": str(plot) if plot else None,
-        "world_size": world, "rank": rank,
+        "world_size": world, "rank": rank, "peak_memory_bytes": memory.peak(device),
+        "peak_memory_kind": memory.peak_kind(device),
     }
     if ctx is not None:
         summary["comm_model"] = comm_model
