@@ -489,12 +489,13 @@ def test_data_parallel_fused_votes_match_dense_path(rank, rule):
         sr, sk = ref.state_dict(), ker.state_dict()
         assert [n for n in sr if not torch.equal(sr[n], sk[n])] == [], step
     assert o_ker._step_dev, "the fused vote kernels did not run"
-    # the dense path all-reduces per call (trit votes, scale votes on scale steps); the kernel path sends one
-    # bucket per step holding the same votes; the integer-bias votes go per call on both
+    # the dense path all-reduces per call (trit votes, scale votes on scale steps); the kernel path does so
+    # in the first step, then sends one bucket per step holding the same votes; integer-bias votes go per call
     interval = RULES[rule].get("scale_update_interval", 1)
     int8_numel = lambda sent: [int(torch.Size(shape).numel()) for dtype, shape in sent if dtype == torch.int8]  # noqa: E731
     assert len(int8_numel(o_ref.comm.sent)) == 2 * 3 + 2 * len([s for s in range(3) if s % interval == 0])
-    assert len(int8_numel(o_ker.comm.sent)) == 3
+    assert len(int8_numel(o_ker.comm.sent)) == 2 + 2 + 2  # step 0: T and E of both weights; then one bucket
+    assert list(o_ker._dp_buckets.values())[0].n_t == 40 * 24 + 18 * 40
     assert sum(int8_numel(o_ker.comm.sent)) == sum(int8_numel(o_ref.comm.sent))
     assert [x for x in o_ker.comm.sent if x[0] != torch.int8] == [x for x in o_ref.comm.sent if x[0] != torch.int8]
 

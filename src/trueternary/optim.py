@@ -165,6 +165,7 @@ class FlipOptimizer(torch.optim.Optimizer):
         # gpu backends under data parallelism: the vote bucket per device, and the reduced votes awaiting
         # the flip kernel {id(weight): VoteCache}
         self._dp_buckets: dict[torch.device, _DataParallelVotes] = {}
+        self._dp_seen: dict[torch.device, dict[int, TernaryScaleTensor]] = {}  # fused-voted weights, first step
         self._dp_caches: dict[int, object] = {}
         self.last_flips: torch.Tensor = torch.zeros((), dtype=torch.int64)
         self.last_scale_flips: torch.Tensor = torch.zeros((), dtype=torch.int64)
@@ -343,8 +344,10 @@ class FlipOptimizer(torch.optim.Optimizer):
         As on the dense path, each rank votes with ``lr / world_size``, ``decay / world_size`` and its own
         random stream (:meth:`_rank_seed`), so both paths cast the same votes where the arithmetic is exact.
         A vote starts from 0 and ``|v| <= vote_clip``, so the kernel's saturating add into the zeroed slice is
-        the vote itself. A weight called again in the same step (shared weights) takes the immediate path
-        for its further calls: zeroed buffers, all-reduce, accumulate. Scale votes follow the host step
+        the vote itself. The bucket holds the weights that voted here in the first step (so it carries no
+        slice for weights voted elsewhere, e.g. embeddings); until it exists, and for a weight called again
+        in the same step (shared weights) or not in it, votes take the immediate path: zeroed buffers,
+        all-reduce, accumulate. Scale votes follow the host step
         counter, so this path is not for CUDA-graph capture; gpu-signcache's vote cache is not used here.
         """
         from .ops.votes import cast_matmul_votes
@@ -353,11 +356,10 @@ class FlipOptimizer(torch.optim.Optimizer):
         scale_step = weight.scale_mode == "int" and interval > 0 and self._step % interval == 0
         dev = gy.device
         bucket = self._dp_buckets.get(dev)
-        if bucket is None:
-            mods = [m for ms in self._group_modules for m in ms
-                    if isinstance(m, TernaryScaleTensor) and m.T_accum.device == dev]
-            bucket = self._dp_buckets[dev] = _DataParallelVotes(mods, dev)
-        deferred = id(weight) in bucket.t_off and id(weight) not in bucket.pending and id(weight) not in self._dp_caches
+        if bucket is None:  # the first step learns which weights vote here; step() then builds the bucket
+            self._dp_seen.setdefault(dev, {})[id(weight)] = weight
+        deferred = (bucket is not None and id(weight) in bucket.t_off and id(weight) not in bucket.pending
+                    and id(weight) not in self._dp_caches)
         if deferred:
             if not bucket.pending:
                 bucket.buf.zero_()
@@ -539,6 +541,10 @@ class FlipOptimizer(torch.optim.Optimizer):
             if kernel_scale:
                 ne = dev_counts[1].to(torch.int64)
                 scale_flips = ne if scale_flips is None else scale_flips + ne.to(scale_flips.device)
+        for dev, seen in self._dp_seen.items():  # after the first data-parallel step: the vote buckets
+            if dev not in self._dp_buckets:
+                self._dp_buckets[dev] = _DataParallelVotes(list(seen.values()), dev)
+        self._dp_seen.clear()
         if flips is not None:
             self.last_flips = flips
         if scale_flips is not None:
