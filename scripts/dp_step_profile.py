@@ -53,7 +53,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=30)
     a = p.parse_args()
-    ctx = distributed.setup("cuda")
+    if not torch.cuda.is_available():
+        p.error("needs CUDA (it times GPU steps under torchrun)")
+    if a.batch % int(os.environ.get("WORLD_SIZE", "1")):
+        p.error(f"--batch {a.batch} does not split evenly over {os.environ['WORLD_SIZE']} ranks")
+    try:
+        ctx = distributed.setup("cuda")
+    except ValueError as e:
+        p.error(str(e))
     dev = ctx.device
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,11 @@ def main() -> int:
     p.add_argument("--eval-windows", type=int, default=128)
     p.add_argument("--timeout", type=int, default=600, help="seconds per run")
     a = p.parse_args()
+    if a.data != "enwik8" and not Path(a.data).exists():
+        p.error(f"--data {a.data}: no such file or directory")
+    unknown = [m for m in a.models.split(",") if m not in MODELS]
+    if unknown:
+        p.error(f"unknown --models {','.join(unknown)}; choose from {', '.join(MODELS)}")
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
     meta = {"argv": sys.argv[1:]}

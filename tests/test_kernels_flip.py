@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +20,9 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when kernels are decorated: before `import triton`
 
 pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).parent))
 
+from _kernel_env import interpreter_fallback  # noqa: E402
 from trueternary import packing  # noqa: E402
 from trueternary.ops.flip import apply_flips_, apply_flips_naive_, flush_vote_cache_  # noqa: E402
 from trueternary.ops.triton_utils import interpreter_ready  # noqa: E402
@@ -32,18 +34,7 @@ IN_PROCESS = DEVICE == "cuda" or interpreter_ready()
 STATE = ("T_packed", "T_accum", "E", "E_accum")
 
 
-@pytest.fixture(autouse=True)
-def _kernels_runnable(request):
-    if request.node.name != "test_in_subprocess" and not IN_PROCESS:
-        pytest.skip("Triton was imported before TRITON_INTERPRET was set: covered by test_in_subprocess")
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the kernels run in this process")
-def test_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+_kernels_runnable, test_in_subprocess = interpreter_fallback(__file__, IN_PROCESS)
 
 
 def random_weight(rows, cols, group_size=8, accum_range=127, e_range=127):

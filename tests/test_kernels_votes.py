@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,11 +28,13 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when kernels are decorated: before `import triton`
 
 pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).parent))
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 import trueternary.rule as rule  # noqa: E402
+from _kernel_env import interpreter_fallback  # noqa: E402
 from trueternary import rng  # noqa: E402
 from trueternary.layers import TernaryLinear  # noqa: E402
 from trueternary.ops.triton_utils import interpreter_ready  # noqa: E402
@@ -53,10 +55,7 @@ IN_PROCESS = DEVICE == "cuda" or interpreter_ready()
 CALLS = 1024  # FlipOptimizer's RNG counter slots per step
 
 
-@pytest.fixture(autouse=True)
-def _kernels_runnable(request):
-    if request.node.name != "test_in_subprocess" and not IN_PROCESS:
-        pytest.skip("Triton was imported before TRITON_INTERPRET was set: covered by test_in_subprocess")
+_kernels_runnable, test_in_subprocess = interpreter_fallback(__file__, IN_PROCESS)
 
 
 @pytest.fixture(autouse=True)
@@ -70,14 +69,6 @@ def ieee_vote_multiplier(monkeypatch):
         return (-lr / root).to(torch.float32)
 
     monkeypatch.setattr(rule, "vote_multiplier", vote_multiplier)
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the kernels run in this process")
-def test_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
 
 
 def kernels():

@@ -201,13 +201,20 @@ class FlipOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ votes (called in backward)
     def _finite_flag(self, g: torch.Tensor) -> torch.Tensor | None:
         """Record (on device, no sync) whether this gradient is finite; returns the 0-dim 'bad' flag."""
+        counter = self._nonfinite_counter(g.device)
+        if counter is None:
+            return None
+        bad = ~torch.isfinite(g.float().square().sum())
+        counter += bad.to(torch.int32)
+        return bad
+
+    def _nonfinite_counter(self, device: torch.device) -> torch.Tensor | None:
+        """The int32 count of non-finite layer gradients this step, on ``device`` (None without check_finite)."""
         if not self.check_finite:
             return None
-        if self._nonfinite is None or self._nonfinite.device != g.device:
-            self._nonfinite = torch.zeros((), dtype=torch.int32, device=g.device)
-        bad = ~torch.isfinite(g.float().square().sum())
-        self._nonfinite += bad.to(torch.int32)
-        return bad
+        if self._nonfinite is None or self._nonfinite.device != device:
+            self._nonfinite = torch.zeros((), dtype=torch.int32, device=device)
+        return self._nonfinite
 
     def _counter(self, m: nn.Module) -> int:
         c = self._calls.get(id(m), 0)
@@ -324,11 +331,7 @@ class FlipOptimizer(torch.optim.Optimizer):
                     flush_vote_cache_(weight, cache)
                 cache = VoteCache.for_weight(weight, group["vote"], group["vote_clip"])
                 self._vote_caches[id(weight)] = (weight, cache)
-        nonfinite = None
-        if self.check_finite:
-            if self._nonfinite is None or self._nonfinite.device != gy.device:
-                self._nonfinite = torch.zeros((), dtype=torch.int32, device=gy.device)
-            nonfinite = self._nonfinite
+        nonfinite = self._nonfinite_counter(gy.device)
         cast_matmul_votes(weight, gy, x, group, seed=self.seed, step=self._device_step(gy.device),
                           call=c % _CALLS_PER_STEP, calls_per_step=_CALLS_PER_STEP, nonfinite=nonfinite, cache=cache)
 
@@ -368,11 +371,7 @@ class FlipOptimizer(torch.optim.Optimizer):
         else:
             buffers = _VoteBuffers(weight, torch.zeros_like(weight.T_accum),
                                    torch.zeros_like(weight.E_accum) if scale_step else None)
-        nonfinite = None
-        if self.check_finite:
-            if self._nonfinite is None or self._nonfinite.device != dev:
-                self._nonfinite = torch.zeros((), dtype=torch.int32, device=dev)
-            nonfinite = self._nonfinite
+        nonfinite = self._nonfinite_counter(dev)
         g = dict(group, lr=group["lr"] / self._world(), decay=group["decay"] / self._world(),
                  scale_update_interval=interval if scale_step else 0)
         cast_matmul_votes(buffers, gy, x, g, seed=self._rank_seed(), step=self._device_step(dev),
