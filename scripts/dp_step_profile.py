@@ -26,7 +26,7 @@ import torch
 from trueternary import distributed
 from trueternary.data import RandomWindows, load_corpus
 from trueternary.models import build_model
-from trueternary.recipes import Hparams, build_recipe, lm_rule
+from trueternary.recipes import Hparams, build_recipe
 
 
 def timed_steps(recipe, batches, device, n: int) -> list[float]:
@@ -66,7 +66,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     corpus = load_corpus(a.data)
     base = build_model("transformer", seed=0, ctx=a.ctx, d_model=a.d_model, n_layers=a.n_layers, n_heads=a.n_heads)
-    hp = Hparams(steps=10_000, rule=lm_rule())
+    hp = Hparams(steps=10_000)
     recipe = build_recipe(a.config, base, hp, device=dev, backend=a.backend, seed=0)
     meter = distributed.prepare_recipe(recipe, ctx)
     batches = RandomWindows(corpus.train, a.batch // ctx.world_size, a.ctx,

@@ -48,14 +48,14 @@ CONFIGS = ("TrueTernary", "TrueTernary_Naive", "TrueTernary_Hybrid", "Adam_FP32"
 # The rule's main knobs are pinned to the values measured below, so tuning FlipRule's defaults cannot move
 # this comparison into another regime unnoticed.
 LEARN = dict(max_steps=150, batch_size=16, eval_windows=32, lr=4.0, accum_threshold=32, rule={"vote_clip": 8})
-# Measured with `python tests/test_distributed.py --measure 0-9` (this CPU, LM recipe rule with decay 0.1):
-# 1 rank reached 0.29-0.58 bits/byte (from ~8.4), 2 ranks 0.40-0.54; 2 ranks minus 1 rank was -0.04 to +0.16
-# (mean +0.09): each rank normalises its own half-batch gradient, which lowers the effective vote scale a
-# little (docs/distributed.md). Tolerance: the largest difference seen plus ~50%. On this memorisable corpus
-# the vote scale barely matters any more (--measure 0-0 8: 0.24 / 0.26), so a wrong data-parallel vote scale
-# or decay is caught exactly instead, by tests/test_kernels_votes.py::test_data_parallel_ranks_vote_with_their_
-# own_streams (rank 0 of 2 votes bit for bit like one process at lr/2 and decay/2, dense and kernel paths).
-LEARN_TOLERANCE_BPB = 0.25
+# Measured with `python tests/test_distributed.py --measure 0-9` (this CPU, the recipes' rule FlipRule.for_run(150):
+# scale_lr 0.25, no decay): 1 rank reached 0.31-0.48 bits/byte (from ~8.4), 2 ranks 0.35-0.61; 2 ranks minus
+# 1 rank was +0.02 to +0.20 (mean +0.10): each rank normalises its own half-batch gradient, which lowers the
+# effective vote scale a little (docs/distributed.md). Tolerance: the largest difference seen plus ~50%. A
+# wrong data-parallel vote scale or decay is caught exactly instead, by tests/test_kernels_votes.py::
+# test_data_parallel_ranks_vote_with_their_own_streams (rank 0 of 2 votes bit for bit like one process at
+# lr/2 and decay/2, dense and kernel paths).
+LEARN_TOLERANCE_BPB = 0.3
 LEARNED_BITS = 2.5  # both runs must end at least this far below the untrained model's bpb
 TIMING_KEYS = ("tokens_per_s", "elapsed_s", "peak_memory_bytes")  # measured, not computed: differ run to run
 

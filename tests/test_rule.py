@@ -298,3 +298,27 @@ def test_positive_weight_gradient_walks_trits_to_minus_one(rule):
         assert (T <= T0).all()  # never moves up
         T0 = T.clone()
     assert (lin.weight.trits() == -1).all()
+
+
+def test_for_run_ties_the_scale_rate_to_the_run_length():
+    # scale_lr = min(0.25, 75 / steps): short runs keep fast scales, long runs slow ones (docs/learning.md)
+    assert FlipRule.for_run(150).scale_lr == 0.25
+    assert FlipRule.for_run(300).scale_lr == 0.25
+    assert FlipRule.for_run(1500).scale_lr == 0.05
+    assert FlipRule.for_run(7500).scale_lr == 0.01
+    r = FlipRule.for_run(1500, scale_lr=0.3, lr=5.0)  # explicit fields win
+    assert (r.scale_lr, r.lr) == (0.3, 5.0)
+    assert FlipRule.for_run(1500, decay=0.1).to_dict() == {**FlipRule().to_dict(), "decay": 0.1}
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(ValueError, match="steps"):
+            FlipRule.for_run(bad)
+    with pytest.raises(ValueError, match="unknown"):
+        FlipRule.for_run(100, bogus=1)
+
+
+def test_recipe_hparams_use_the_rule_for_their_run_length():
+    from trueternary.recipes import Hparams
+
+    assert Hparams(steps=200).rule == FlipRule.for_run(200)
+    assert Hparams(steps=3000).rule.scale_lr == 0.025
+    assert Hparams(steps=3000, rule=FlipRule()).rule == FlipRule()  # an explicit rule is kept

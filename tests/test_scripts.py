@@ -31,3 +31,24 @@ def test_multi_gpu_scaling_bad_input(args, message):
 def test_dp_step_profile_refuses_without_cuda():
     r = _run("dp_step_profile.py")
     assert r.returncode == 2 and "needs CUDA" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_learning_benchmark_parallel_tuning_then_final(tmp_path):
+    """The two stages on a tiny model: parallel tuning processes merged into tune.json, best rates chosen
+    per config (lowest validation bpb), then one final bench run with those rates and the seed's rule."""
+    import json
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    grid = '{"Adam_FP32": ["1e-3", "3e-3"], "TrueTernary": ["4", "lr=4,decay=0.2"]}'
+    r = _run("learning_benchmark.py", "--data", str(corpus), "--device", "cpu", "--steps", "3", "--batch", "2",
+             "--ctx", "16", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--parallel", "2",
+             "--grid", grid, "--extra", "--eval-windows 4", "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    tune = json.loads((tmp_path / "out" / "tune.json").read_text())["results"]
+    assert sorted(x["config"] for x in tune) == sorted(
+        ["Adam_FP32[lr=1e-3]", "Adam_FP32[lr=3e-3]", "TrueTernary[lr=4]", "TrueTernary[lr=4,decay=0.2]"])
+    final = [x["config"] for x in json.loads((tmp_path / "out" / "final.json").read_text())["results"]]
+    best = {name: min((x for x in tune if x["recipe"] == name), key=lambda x: x["val_bpb"])["config"]
+            for name in ("Adam_FP32", "TrueTernary")}
+    assert final == [best["Adam_FP32"], best["TrueTernary"], "TrueTernary_Naive"]

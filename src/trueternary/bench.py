@@ -4,7 +4,8 @@ Every config sees the same batches in the same order (one data generator seeded 
 with ``--reuse-base`` they also start from the same base model (float configs from its float
 weights, ternary configs from its absmean ternarisation). Reported per config: parameter and state
 bytes, peak memory, median step time after warm-up, tokens/s, training loss (final, min, per-quarter
-segments), validation bits per byte on held-out text, flips per step.
+segments), validation bits per byte on held-out text and the same measure on training text (the
+generalisation gap), flips per step.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .cli import UsageError, resolve_device
 from .data import eval_windows, load_corpus, random_batch
 from .models import build_model, model_names
 from .optim import NonFiniteGradientError, resolve_backend
-from .recipes import CONFIG_NAMES, TERNARY_CONFIGS, Hparams, build_recipe, lm_rule
+from .recipes import CONFIG_NAMES, TERNARY_CONFIGS, Hparams, build_recipe
 from .rule import FlipRule
 
 LN2 = math.log(2.0)
@@ -124,7 +125,8 @@ def _parse_value(v: str):
     return v
 
 
-def run_config(label: str, name: str, base, hp: Hparams, corpus, val_windows, args, device) -> dict:
+def run_config(label: str, name: str, base, hp: Hparams, corpus, val_windows, args, device,
+               train_windows: torch.Tensor | None = None) -> dict:
     memory.reset_peak(device)
     gen = torch.Generator().manual_seed(args.seed)  # identical batches for every config
     recipe = build_recipe(name, base, hp, device=device, backend=args.update_backend, seed=args.seed)
@@ -154,6 +156,9 @@ def run_config(label: str, name: str, base, hp: Hparams, corpus, val_windows, ar
     timed = step_s[burn_in:] or step_s
     med = statistics.median(timed) if timed else float("nan")
     bpb = validation_bpb(recipe.model, val_windows, device, autocast) if not diverged else float("nan")
+    # the same measure on training text (mostly seen): val_bpb - train_bpb is the generalisation gap
+    train_bpb = (validation_bpb(recipe.model, train_windows, device, autocast)
+                 if train_windows is not None and not diverged else float("nan"))
     res = {
         "config": label,
         "recipe": name,
@@ -167,6 +172,7 @@ def run_config(label: str, name: str, base, hp: Hparams, corpus, val_windows, ar
         "final_loss": losses[-1] if losses else float("nan"),
         "min_loss": min(losses) if losses else float("nan"),
         "val_bpb": bpb,
+        "train_bpb": train_bpb,
         "flips_per_step": statistics.fmean(flips) if flips else 0.0,
         "scale_flips_per_step": statistics.fmean(scale_flips) if scale_flips else 0.0,
         "diverged": diverged,
@@ -207,29 +213,42 @@ def format_table(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: str, title: str) -> None:
+    """Smoothed training-loss curves: the whole run (clipped at 1.2x uniform, so a diverging curve leaves the
+    frame instead of flattening the others) beside its second half on a scale fitted to the finite curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    uniform = math.log2(288)
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13, 5))
+    tails = []
     for r in results:
         ls = r["losses"]
         if not ls:
             continue
         k = max(1, len(ls) // 50)
-        sm = [sum(ls[max(0, i - k + 1) : i + 1]) / len(ls[max(0, i - k + 1) : i + 1]) for i in range(len(ls))]
+        sm = [sum(ls[max(0, i - k + 1) : i + 1]) / len(ls[max(0, i - k + 1) : i + 1]) / LN2 for i in range(len(ls))]
         lab = f"{r['config']} (val {r['val_bpb']:.3f} bpb)" if r["val_bpb"] == r["val_bpb"] else r["config"]
-        ax.plot([v / LN2 for v in sm], label=lab)
-    ax.axhline(math.log2(288), color="grey", ls=":", label="uniform (8.17 bits)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (bits/byte, smoothed)")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
+        line = ax.plot(sm, label=lab)[0]
+        half = len(sm) // 2
+        if not r.get("diverged"):
+            zoom.plot(range(half, len(sm)), sm[half:], color=line.get_color())
+            tails.extend(v for v in sm[half:] if math.isfinite(v))
+    ax.axhline(uniform, color="grey", ls=":", label=f"uniform ({uniform:.2f} bits)")
+    ax.set_ylim(0, 1.2 * uniform)
+    if tails:
+        lo, hi = min(tails), max(tails)
+        zoom.set_ylim(lo - 0.05 * (hi - lo + 1e-3), hi + 0.05 * (hi - lo + 1e-3))
+    for a, t in ((ax, title), (zoom, "second half (configs that did not diverge)")):
+        a.set_xlabel("step")
+        a.set_ylabel("training loss (bits/byte, smoothed)")
+        a.set_title(t, fontsize=10)
+        a.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -266,7 +285,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="peak learning rate (vote scale for TrueTernary) of a config, e.g. Adam_FP32=1e-3")
     p.add_argument("--rule", action="append", default=[], metavar="FIELD=VALUE",
                    help="FlipRule field overrides for TrueTernary configs, e.g. vote_clip=4,decay=0.01")
-    p.add_argument("--eval-windows", type=int, default=256, help="held-out windows for validation bpb")
+    p.add_argument("--eval-windows", type=int, default=256,
+                   help="windows for validation bpb (and as many training windows for train_bpb)")
     p.add_argument("--warmup-frac", type=float, default=0.05, help="linear warm-up, fraction of --steps")
     p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decay ends at this fraction of the peak")
     p.add_argument("--json", default=None, metavar="PATH")
@@ -307,7 +327,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         rule_over.setdefault("scale_update_interval", args.scale_update_interval)
         if args.accum_threshold is not None:
             rule_over["accum_threshold"] = args.accum_threshold
-        rule = lm_rule(**rule_over)
+        rule = FlipRule.for_run(args.steps, **rule_over)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
     for k in lr_over:
@@ -328,6 +348,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         hp.group_size = args.group_size
     corpus = load_corpus(args.data)
     val_windows = eval_windows(corpus.val, args.ctx, args.eval_windows)
+    train_windows = eval_windows(corpus.train, args.ctx, args.eval_windows)
     print(f"bench: data {corpus.name} ({len(corpus.train):,} train / {len(corpus.val):,} held-out bytes), "
           f"device {device}, model {args.model} d={args.d_model} L={args.n_layers}, "
           f"{args.steps} steps x batch {args.batch} x ctx {args.ctx}", flush=True)
@@ -350,10 +371,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     for i, (label, name, over) in enumerate(specs):
         base = shared_base if shared_base is not None else build_model(args.model, seed=args.seed + i, **model_kw)
         print(f"== {label}", flush=True)
-        r = run_config(label, name, base, _with_overrides(hp, name, over), corpus, val_windows, args, device)
+        r = run_config(label, name, base, _with_overrides(hp, name, over), corpus, val_windows, args, device,
+                       train_windows)
         results.append(r)
-        print(f"   {label}: val_bpb {r['val_bpb']:.4f}  final loss {r['final_loss']:.4f}  "
-              f"{r['median_step_ms']:.2f} ms/step  peak {r['peak_memory_bytes'] / 2**20:.1f} MB"
+        print(f"   {label}: val_bpb {r['val_bpb']:.4f}  train_bpb {r['train_bpb']:.4f}  "
+              f"final loss {r['final_loss']:.4f}  {r['median_step_ms']:.2f} ms/step  "
+              f"peak {r['peak_memory_bytes'] / 2**20:.1f} MB"
               + (f"  DIVERGED ({r['diverged']})" if r["diverged"] else ""), flush=True)
         if args.json:  # after every config, so a cut-off run keeps what it measured
             _write_json(args.json, meta, results)

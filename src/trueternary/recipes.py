@@ -51,16 +51,6 @@ DEFAULT_LR = {
 }
 
 
-def lm_rule(**overrides) -> FlipRule:
-    """The flip rule of the language-model recipes: FlipRule's defaults plus decay 0.1.
-
-    decay is the weight-decay analogue (votes toward 0 for non-zero trits); like AdamW's weight decay of 0.1
-    in the float recipes it is a choice for this task, not a library default (docs/learning.md: 0.1 helps
-    the byte LM on three seeds, and hurts a small MLP whose every weight matters).
-    """
-    return FlipRule.from_dict({**FlipRule(decay=0.1).to_dict(), **overrides})
-
-
 @dataclass
 class Hparams:
     steps: int = 200
@@ -70,9 +60,13 @@ class Hparams:
     grad_clip: float = 1.0
     group_size: int = DEFAULT_GROUP_SIZE
     lr: dict = field(default_factory=dict)  # per-config overrides
-    rule: FlipRule = field(default_factory=lm_rule)
+    rule: FlipRule | None = None  # None: FlipRule.for_run(steps)
     naive_threshold: int = 8
     hybrid_scale_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.rule is None:
+            self.rule = FlipRule.for_run(self.steps)
 
     def lr_for(self, name: str) -> float:
         if name in self.lr:

@@ -44,7 +44,8 @@ from .checkpoint import CheckpointError
 from .data import Corpus, RandomWindows, eval_windows, load_corpus
 from .models import build_model, model_names
 from .optim import BACKENDS, NonFiniteGradientError
-from .recipes import CONFIG_NAMES, Hparams, build_recipe, lm_rule, lr_factor
+from .recipes import CONFIG_NAMES, Hparams, build_recipe, lr_factor
+from .rule import FlipRule
 
 LN2 = math.log(2.0)
 
@@ -109,7 +110,7 @@ def hparams_for(cfg: TrainConfig) -> Hparams:
     rule_over["scale_update_interval"] = cfg.scale_update_interval
     if cfg.accum_threshold is not None:
         rule_over["accum_threshold"] = cfg.accum_threshold
-    rule = lm_rule(**rule_over)
+    rule = FlipRule.for_run(cfg.max_steps, **rule_over)
     hp = Hparams(steps=cfg.max_steps, group_size=cfg.group_size, rule=rule,
                  lr={cfg.config: cfg.lr} if cfg.lr is not None else {})
     if cfg.accum_threshold is not None:
