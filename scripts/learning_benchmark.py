@@ -54,8 +54,8 @@ def entry_spec(name: str, entry: str) -> str:
 def bench_parallel(common: list[str], specs: list[str], out: Path, n_parallel: int) -> list[dict]:
     """Run each config spec as its own ``trueternary bench`` process, ``n_parallel`` at a time."""
     pending = list(enumerate(specs))
-    running: list[tuple[subprocess.Popen, Path]] = []
-    files = []
+    running: list[tuple[subprocess.Popen, Path, object]] = []
+    files, failed = [], []
     while pending or running:
         while pending and len(running) < n_parallel:
             i, spec = pending.pop(0)
@@ -64,13 +64,17 @@ def bench_parallel(common: list[str], specs: list[str], out: Path, n_parallel: i
             print("$ trueternary " + " ".join(shlex.quote(a) for a in argv), flush=True)
             log = open(out / f"tune_{i:02d}.log", "w")
             proc = subprocess.Popen([sys.executable, "-c", CLI, *argv], stdout=log, stderr=subprocess.STDOUT)
-            running.append((proc, path))
+            running.append((proc, path, log))
             files.append(path)
         time.sleep(1.0)
-        for proc, path in list(running):
+        for item in list(running):
+            proc, path, log = item
             if proc.poll() is not None:
-                running.remove((proc, path))
+                running.remove(item)
+                log.close()
                 print(f"  done ({proc.returncode}): {path.name}", flush=True)
+                if proc.returncode:
+                    failed.append(path.with_suffix(".log").name)
     results, meta = [], None
     for path in files:
         if path.exists():
@@ -78,6 +82,8 @@ def bench_parallel(common: list[str], specs: list[str], out: Path, n_parallel: i
             meta = meta or d["meta"]
             results.extend(d["results"])
     (out / "tune.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    if failed:
+        sys.exit(f"learning_benchmark: {len(failed)} tuning run(s) failed, see {', '.join(failed)} in {out}")
     return results
 
 
@@ -108,7 +114,14 @@ def main() -> None:
     common = ["--data", a.data, "--device", a.device, "--reuse-base", "--batch", str(a.batch), "--ctx", str(a.ctx),
               "--d-model", str(a.d_model), "--n-layers", str(a.n_layers), "--n-heads", str(a.n_heads),
               "--update-backend", a.update_backend, "--print-every", "0", *shlex.split(a.extra)]
-    grid = json.loads(a.grid) if a.grid else GRID
+    try:
+        grid = json.loads(a.grid) if a.grid else GRID
+        if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+            raise ValueError("expected an object of non-empty lists")
+    except ValueError as e:
+        p.error(f"--grid: {e}")
+    if a.parallel < 1:
+        p.error("--parallel must be >= 1")
     best = {}  # config name -> its final spec, e.g. "Adam_FP32[lr=1e-3]"
     for item in a.lr:
         name, lr = item.split("=", 1)

@@ -52,3 +52,24 @@ def test_learning_benchmark_parallel_tuning_then_final(tmp_path):
     best = {name: min((x for x in tune if x["recipe"] == name), key=lambda x: x["val_bpb"])["config"]
             for name in ("Adam_FP32", "TrueTernary")}
     assert final == [best["Adam_FP32"], best["TrueTernary"], "TrueTernary_Naive"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--grid", "{not json"], "--grid:"),
+    (["--grid", '{"Adam_FP32": []}'], "--grid: expected an object of non-empty lists"),
+    (["--parallel", "0"], "--parallel must be >= 1"),
+], ids=["bad-json", "empty-grid", "parallel-0"])
+def test_learning_benchmark_bad_input(tmp_path, args, message):
+    r = _run("learning_benchmark.py", "--data", "README.md", "--out", str(tmp_path), *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_learning_benchmark_reports_failed_tuning_runs(tmp_path):
+    """A tuning process that fails (here: an unknown rule field) ends the script with a one-line error."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    r = _run("learning_benchmark.py", "--data", str(corpus), "--device", "cpu", "--steps", "2", "--batch", "2",
+             "--ctx", "16", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--parallel", "2",
+             "--grid", '{"TrueTernary": ["4", "lr=4,bogus=1"]}', "--extra", "--eval-windows 4",
+             "--out", str(tmp_path / "out"))
+    assert r.returncode == 1 and "1 tuning run(s) failed" in r.stderr and "Traceback" not in r.stderr, r.stderr

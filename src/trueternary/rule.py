@@ -112,8 +112,9 @@ class FlipRule:
         Scale votes are normalised to a fixed rate, so noise alone moves a group's ``E`` after about
         ``(scale_threshold / (lr * scale_lr))**2`` steps while a consistent gradient needs the square root of
         that. Tying the rate to the run length keeps both right: the scales can move a few doublings over any
-        run, and noise flips a group's scale about ``50 / steps`` times. Measured (docs/learning.md): 0.05 at
-        1500 steps beat 0.25 by 0.11 bits/byte on the d=512 model; 0.25 beat 0.05 on runs of 150-300 steps.
+        run, and noise flips a group's scale of the order of ``50 / steps`` times. Measured (docs/learning.md):
+        0.05 at 1500 steps beat 0.25 by 0.11 bits/byte on the d=512 model; 0.25 beat 0.05 on runs of 150-300
+        steps.
         Fields in ``overrides`` win (an explicit ``scale_lr`` included).
         """
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
