@@ -147,7 +147,7 @@ def test_short_cpu_training_run_falls_well_below_uniform():
     Uniform over the 288-token vocabulary is ln 288 = 5.66 nats; the mean loss of the last 10 steps must
     be at least 1.5 nats lower (measured: 3.01 nats, i.e. 2.65 below uniform, in ~15 s). A run this short
     and small needs its scales to move: the recipe's rule for 150 steps has scale_lr 0.25
-    (FlipRule.for_run); with the long-run 0.05 it ends at 4.33 nats.
+    (FlipRule.for_run), not the long-run 0.05.
     """
     torch.manual_seed(0)
     base = build_model("morph", 0, ctx=32, d_model=64, n_layers=1, n_heads=2, n_codes=32, code_dim=16,
