@@ -52,6 +52,8 @@ def parse_args():
     p.add_argument("--budget", type=float, default=None,
                    help="seconds (default 270 on CUDA); sections still to run are skipped once exceeded")
     p.add_argument("--settings", default="seed,151M", help="comma-separated: seed, 151M")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile Adam_FP32 and TrueTernary[gpu] at each setting: GPU time per kernel class")
     return p.parse_args()
 
 
@@ -154,6 +156,13 @@ def peak_bytes() -> int | None:
     return int(torch.cuda.max_memory_allocated()) if DEV.type == "cuda" else None
 
 
+def allocated_bytes() -> int | None:
+    return int(torch.cuda.memory_allocated()) if DEV.type == "cuda" else None
+
+
+MEM: dict[str, int | None] = {}  # allocator readings at the stages of the graphed TrueTernary step
+
+
 def model_config(setting: str) -> TransformerConfig:
     return TransformerConfig(**SETTINGS[setting][0])
 
@@ -254,6 +263,58 @@ def run_eager(setting: str, name: str, backend: str | None) -> dict:
     return row
 
 
+# Kernel classes of the profile, by kernel name (first match wins).
+KERNEL_CLASSES = [
+    ("ternary kernels (ours)", ("_ternary_matmul", "_matmul_votes", "_scale_votes", "_flip", "_dequant")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("GEMM (cuBLAS)", ("gemm", "cutlass", "nvjet", "sm90_xmma", "sm80_xmma", "splitk")),
+    ("optimizer (foreach/fused)", ("multi_tensor", "foreach", "adam", "fused_")),
+    ("reductions", ("reduce", "norm")),
+]
+
+
+def profile_step(setting: str, name: str, backend: str | None, steps: int = 2) -> dict:
+    """GPU time per step by kernel class (torch.profiler, after warm-up): where a step's time goes."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    _, _, warm, _ = SETTINGS[setting]
+    x, y = batch(setting)
+    r = make_recipe(setting, name, backend)
+    for _ in range(warm):
+        float(r.train_step(x, y, AUTOCAST))
+    sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV.type == "cuda" else [])
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            float(r.train_step(x, y, AUTOCAST))
+        sync()
+    wall = (time.perf_counter() - t) * 1e3 / steps
+    per_kernel: dict[str, list] = {}
+    for e in prof.events():
+        # '#' marks record_function ranges mirrored on the GPU timeline (Optimizer.step#AdamW.step): spans
+        # over kernels counted on their own, not kernels
+        if e.device_type == DeviceType.CUDA and "#" not in e.name:
+            k = per_kernel.setdefault(e.name, [0.0, 0])
+            k[0] += e.time_range.elapsed_us() / 1e3 / steps
+            k[1] += 1
+    classes: dict[str, float] = {}
+    for kname, (ms, _) in per_kernel.items():
+        low = kname.lower()
+        cls = next((c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)), "elementwise and other")
+        classes[cls] = classes.get(cls, 0.0) + ms
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:25]
+    row = {"setting": setting, "config": label(name, backend), "profiled_wall_ms_per_step": wall,
+           "gpu_busy_ms_per_step": sum(classes.values()), "ms_per_step_by_class": classes,
+           "top_kernels": [{"kernel": k[:120], "ms_per_step": v[0], "launches_per_step": v[1] / steps}
+                           for k, v in top]}
+    B.res.setdefault("profiles", []).append(row)
+    print(f"  profile {setting} {row['config']}: busy {row['gpu_busy_ms_per_step']:.1f} ms of {wall:.1f} ms/step "
+          + ", ".join(f"{c} {v:.1f}" for c, v in sorted(classes.items(), key=lambda kv: -kv[1])), file=sys.stderr)
+    return row
+
+
 # ------------------------------------------------------------------------------------------------ 2. graphs
 
 
@@ -266,11 +327,13 @@ def autocast():
     return torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=AUTOCAST, cache_enabled=False)
 
 
-def capture(fn, warm_on_side_stream: int = 3, before_capture=None):
+def capture(fn, warm_on_side_stream: int = 3, before_capture=None, pool=None):
     """CUDA graph of ``fn()`` after warm-up calls on a side stream (torch.cuda.graphs recipe), then
-    ``before_capture()``; on CPU (--smoke) ``fn`` itself (run eagerly)."""
+    ``before_capture()``. Returns ``(replay, pool)``: on CPU (--smoke) ``(fn, None)``, ``fn`` run eagerly.
+    ``pool``: a memory pool (the ``pool`` another capture returned) to share instead of a private one: graphs
+    that never run concurrently can reuse each other's blocks."""
     if DEV.type != "cuda":
-        return fn
+        return fn, None
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -280,9 +343,9 @@ def capture(fn, warm_on_side_stream: int = 3, before_capture=None):
     if before_capture is not None:
         before_capture()
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, pool=pool):
         fn()
-    return g.replay
+    return g.replay, g.pool()
 
 
 def graph_adam(setting: str) -> dict:
@@ -293,6 +356,8 @@ def graph_adam(setting: str) -> dict:
     model = copy.deepcopy(base_model(setting)).to(DEV)
     opt = torch.optim.AdamW(model.parameters(), lr=hp.lr_for("Adam_FP32"), betas=(0.9, 0.95),
                             weight_decay=hp.weight_decay, capturable=DEV.type == "cuda")
+    cleanup()
+    start = allocated_bytes()
     reset_peak()
     params = list(model.parameters())
 
@@ -304,13 +369,15 @@ def graph_adam(setting: str) -> dict:
         torch.nn.utils.clip_grad_norm_(params, hp.grad_clip)
         opt.step()
 
-    replay = capture(step)
+    replay, _ = capture(step)
     for _ in range(warm):
         replay()
     ms = timed_steps(replay, n)
     med = statistics.median(ms)
+    peak = peak_bytes()
     return {"setting": setting, "config": "Adam_FP32 [CUDA graph]", "median_ms": med, "min_ms": min(ms),
-            "tokens_per_s": B_ * x.shape[1] / med * 1e3, "steps_per_s": 1e3 / med, "peak_bytes": peak_bytes()}
+            "tokens_per_s": B_ * x.shape[1] / med * 1e3, "steps_per_s": 1e3 / med, "peak_bytes": peak,
+            "memory_timeline_bytes": {"after the model and optimiser are built": start}}
 
 
 def ternary_graph_steps(r, x, y):
@@ -322,6 +389,7 @@ def ternary_graph_steps(r, x, y):
     for g in flip.param_groups:  # constant lr: a captured kernel keeps the lr it was captured with
         g["lr"] = r.hp.lr_for("TrueTernary")
     d = model.cfg.d_model
+    MEM["before capture"] = allocated_bytes()
     static_e = torch.zeros(x.shape[0], x.shape[1], d, device=DEV, requires_grad=True)
 
     def body():
@@ -340,10 +408,13 @@ def ternary_graph_steps(r, x, y):
         static_e.grad = None  # the captured backward allocates it; replays rewrite it
         flip._calls.clear()
 
-    body_replay = capture(body, before_capture=restore)
+    body_replay, pool = capture(body, before_capture=restore)
+    MEM["after body capture"] = allocated_bytes()
     flip._calls.clear()
     if DEV.type == "cuda":
-        step_replay = capture(flip.step, warm_on_side_stream=0)
+        # the step's graph shares the body's pool: they run one after the other, never at once
+        step_replay, _ = capture(flip.step, warm_on_side_stream=0, pool=pool)
+        MEM["after step capture"] = allocated_bytes()
         flip._step -= 1  # the capture ran step()'s host code (step counter + 1) but executed nothing
     else:
         step_replay = flip.step
@@ -366,6 +437,9 @@ def ternary_graph_steps(r, x, y):
 
 def graph_ternary(setting: str) -> dict:
     _, B_, warm, n = SETTINGS[setting]
+    cleanup()
+    MEM.clear()
+    MEM["section start (earlier sections' leftovers, cuBLAS workspaces)"] = allocated_bytes()
     x, y = batch(setting)
     r = make_recipe(setting, "TrueTernary", "gpu")
     ref = make_recipe(setting, "TrueTernary", "gpu")  # eager twin from the same state, for the check
@@ -397,13 +471,16 @@ def graph_ternary(setting: str) -> dict:
     del ref, sg, se
     cleanup()
     reset_peak()  # from here: the graphed model alone (its graph pools included)
+    MEM["at peak reset"] = allocated_bytes()
     for _ in range(warm):
         step()
+    MEM["peak over the warm-up steps"] = peak_bytes()
     ms = timed_steps(step, n)
     med = statistics.median(ms)
     return {"setting": setting, "config": "TrueTernary[gpu] [CUDA graphs, embedding eager]", "median_ms": med,
             "min_ms": min(ms), "tokens_per_s": B_ * x.shape[1] / med * 1e3, "steps_per_s": 1e3 / med,
-            "peak_bytes": peak_bytes(), "step_count_device": int(next(iter(r.flip._step_dev.values()))),
+            "peak_bytes": peak_bytes(), "memory_timeline_bytes": dict(MEM),
+            "step_count_device": int(next(iter(r.flip._step_dev.values()))),
             "step_count_host": r.flip._step}
 
 
@@ -506,14 +583,21 @@ def main() -> int:
             with B.section(f"eager {s} {label(name, backend)}") as go:
                 if go:
                     run_eager(s, name, backend)
+        if ARGS.profile:
+            for name, backend in (("Adam_FP32", None), ("TrueTernary", "gpu")):
+                with B.section(f"profile {s} {label(name, backend)}") as go:
+                    if go:
+                        profile_step(s, name, backend)
         if s != "seed":
             continue
-        with B.section("graph seed Adam_FP32") as go:
-            if go:
-                B.res["graphs"].append(graph_adam("seed"))
+        # TrueTernary's graphs first: memory the Adam graph section leaves allocated (measured: ~134 MB that
+        # survive del + gc, not traced) would otherwise count in TrueTernary's peak
         with B.section("graph seed TrueTernary[gpu]") as go:
             if go:
                 B.res["graphs"].append(graph_ternary("seed"))
+        with B.section("graph seed Adam_FP32") as go:
+            if go:
+                B.res["graphs"].append(graph_adam("seed"))
     if "seed" in settings and DEV.type == "cuda":
         B.save()  # a failed capture can leave the device unusable: keep everything measured so far
         with B.section("full-step capture attempt") as go:

@@ -38,6 +38,23 @@ def test_bench_all_configs_end_to_end(tmp_path, capsys):
     assert res["SignSGD_Old"]["optimizer_state_bytes"] == 0
     assert res["TrueTernary_Hybrid"]["float_params"] > 0
     assert png.stat().st_size > 1000
+    # trit changes per step for every ternary-forward config (latent configs: their forward trits), none for Adam
+    for name in ("BitNet_QAT", "SignSGD_Old", "TrueTernary"):
+        assert len(res[name]["flips"]) == 6 and sum(res[name]["flips"]) > 0, name
+        assert 0 < res[name]["zero_trit_fraction"] < 1, name
+    assert not any(res["Adam_FP32"]["flips"]) and res["Adam_FP32"]["zero_trit_fraction"] is None
+    assert res["BitNet_QAT"]["quantizer"] == "absmean" and res["TrueTernary"]["quantizer"] is None
+
+
+def test_bench_latent_config_with_the_ternary_weight_format(tmp_path):
+    """BitNet_QAT[quantizer=group_pow2]: AdamW behind TrueTernary's weight format (per-group trits x 2**E)."""
+    js = tmp_path / "b.json"
+    rc = main(["bench", "--configs", "BitNet_QAT[quantizer=group_pow2,lr=3e-3],SignSGD_Old[quantizer=group_pow2]",
+               "--reuse-base", "--json", str(js), *TINY])
+    assert rc == 0
+    res = json.loads(js.read_text())["results"]
+    assert [r["quantizer"] for r in res] == ["group_pow2", "group_pow2"]
+    assert all(math.isfinite(r["val_bpb"]) for r in res)
 
 
 @pytest.mark.parametrize(
@@ -55,6 +72,10 @@ def test_bench_all_configs_end_to_end(tmp_path, capsys):
         ["--data", "/definitely/not/here.txt"],
         ["--update-backend", "warp-drive"],
         ["--model", "nope"],
+        ["--configs", "BitNet_QAT[quantizer=fp4]"],
+        ["--configs", "Adam_FP32[quantizer=group_pow2]"],
+        ["--configs", "TrueTernary[flip_reset=40]"],
+        ["--configs", "TrueTernary[accum_init=random]"],
     ],
     ids=lambda a: "_".join(a).strip("-"),
 )

@@ -184,6 +184,32 @@ def test_ternarized_state_dict_round_trip():
         assert torch.equal(a(IDX), b(IDX))
 
 
+def test_accum_threshold_starts_every_layer_at_its_residual():
+    """``ternarize(..., accum_threshold=)`` (what the recipes pass for the default rule) fills T_accum in every
+    replaced layer from that layer's own float weight; without it the accumulators are empty."""
+    from trueternary.quant import residual_accum
+    from trueternary.recipes import Hparams, build_recipe
+    from trueternary.rule import FlipRule
+
+    original = Foreign()
+    tern = ternarize_quietly(copy.deepcopy(original), group_size=8, accum_threshold=16)
+    floats = {n: m.weight for n, m in original.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    layers = {n: m for n, m in tern.named_modules() if isinstance(m, (TernaryLinear, TernaryEmbedding))}
+    assert set(layers) <= set(floats) and len(layers) == 5
+    for n, m in layers.items():
+        assert torch.equal(m.weight.T_accum, residual_accum(floats[n], m.weight.trits(), 8, 16)), n
+        assert m.weight.T_accum.any() and m.weight.T_accum.abs().max() <= 15
+    plain = ternarize_quietly(copy.deepcopy(original), group_size=8)
+    assert not any(w.T_accum.any() for w in ternary_weights(plain))
+    # the recipes: TrueTernary starts from the residual, the seed's rule and accum_init='zero' from empty ones
+    hp = Hparams(steps=10, group_size=8)
+    tt = build_recipe("TrueTernary", nn.Sequential(nn.Linear(16, 8)), hp)
+    assert all(w.T_accum.any() for w in ternary_weights(tt.model))
+    for name, rule in (("TrueTernary_Naive", hp.rule), ("TrueTernary", FlipRule(accum_init="zero"))):
+        r = build_recipe(name, nn.Sequential(nn.Linear(16, 8)), Hparams(steps=10, group_size=8, rule=rule))
+        assert not any(w.T_accum.any() for w in ternary_weights(r.model)), name
+
+
 @pytest.mark.parametrize(
     "args,kwargs,err",
     [

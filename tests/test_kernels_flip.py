@@ -82,6 +82,20 @@ def test_leak_then_flip_bit_exact(leak):
     assert counts.tolist() == ref_counts.tolist()
 
 
+@pytest.mark.parametrize("reset", [1, 8, 19])
+@pytest.mark.parametrize("clip", [True, False], ids=["clip", "noclip"])
+def test_flip_reset_bit_exact(reset, clip):
+    """rule.flip_reset: a moved trit's T_accum restarts at -reset (up) / +reset (down), kernel = reference."""
+    w = random_weight(9, 301)
+    ref, T0 = copy.deepcopy(w), w.trits().clone()
+    counts = apply_flips_(w, 20, clip, 30, reset=reset)
+    ref_counts = apply_flips_naive_(ref, 20, clip, 30, reset=reset)
+    assert_same_state(w, ref)
+    assert counts.tolist() == ref_counts.tolist() and counts[0] > 0
+    T1 = w.trits()
+    assert (w.T_accum[T1 > T0] == -reset).all() and (w.T_accum[T1 < T0] == reset).all()
+
+
 def test_flips_at_bounds_and_counts_accumulate():
     """Saturated trits/scales do not move; counts add up across weights sharing one buffer."""
     w = random_weight(6, 10)

@@ -100,6 +100,15 @@ def test_walk_minus1_to_plus1_one_step_at_a_time(clip):
     assert steps_down == expected
 
 
+def test_flip_reset_points_the_accumulator_back():
+    T = torch.tensor([0, 0, 1, -1, 0], dtype=torch.int8)
+    A = torch.tensor([32, -40, -32, 33, 5], dtype=torch.int8)
+    T2, A2, n = apply_flips(T, A, 32, clip_at_bounds=True, reset=8)
+    assert T2.tolist() == [1, -1, 0, 0, 0] and A2.tolist() == [-8, 8, 8, -8, 5] and int(n) == 4
+    # reset 0 is the plain rule
+    assert apply_flips(T, A, 32, True, 0)[1].tolist() == [0, 0, 0, 0, 5]
+
+
 def test_big_accumulator_moves_only_one_step_per_flip():
     T, A, n = apply_flips(i8(-1), i8(127), 1, clip_at_bounds=False)
     assert T.tolist() == [0] and A.tolist() == [0] and int(n) == 1
@@ -265,6 +274,7 @@ def test_group_sum_and_scale_gradient_ragged():
         dict(accum_threshold=1.5), dict(accum_threshold=True), dict(scale_threshold=0), dict(vote_clip=0),
         dict(vote_clip=128), dict(scale_update_interval=-1), dict(lr=-1.0), dict(lr=float("nan")),
         dict(lr=float("inf")), dict(scale_lr=-0.1), dict(decay=-1.0), dict(normalize="bogus"), dict(norm_block=0),
+        dict(accum_init="latent"), dict(flip_reset=-1), dict(flip_reset=32), dict(flip_reset=4, accum_threshold=4),
     ],
     ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()),
 )
@@ -280,6 +290,10 @@ def test_flip_rule_dict_round_trip_and_naive():
         FlipRule.from_dict({**r.to_dict(), "momentum": 0.9})
     n = FlipRule.naive(accum_threshold=8)
     assert n.vote == "sign" and n.scale_vote == "sign" and n.accum_threshold == 8 and not n.clip_at_bounds
+    # the seed's rule starts from empty accumulators; the default from the rounding residual
+    assert n.init_accum_threshold() is None
+    assert FlipRule(accum_threshold=12).init_accum_threshold() == 12
+    assert FlipRule(accum_init="zero").init_accum_threshold() is None
 
 
 # ------------------------------------------------------------------------------------ whole stack

@@ -73,3 +73,34 @@ def test_learning_benchmark_reports_failed_tuning_runs(tmp_path):
              "--grid", '{"TrueTernary": ["4", "lr=4,bogus=1"]}', "--extra", "--eval-windows 4",
              "--out", str(tmp_path / "out"))
     assert r.returncode == 1 and "1 tuning run(s) failed" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def _smoke(script: str, tmp_path, *args: str) -> dict:
+    import json
+
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--smoke", "--out", str(tmp_path), *args],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads((tmp_path / script.replace(".py", ".json")).read_text())
+
+
+def test_bench_kernels_smoke_timings_only(tmp_path):
+    """The kernel benchmark's timing path on CPU (Triton interpreter, tiny shapes), checks skipped."""
+    res = _smoke("bench_kernels.py", tmp_path, "--skip-checks", "--settings", "seed", "--no-sweep")
+    assert not res["correctness"] and not res["errors"]
+    ops = {(t["layer"], t["op"]) for t in res["timings"]}
+    assert {"fwd", "bwd-input", "votes", "flips"} <= {op for _, op in ops}
+    assert [t["setting"] for t in res["totals"]] and all(t["setting"] == "seed" for t in res["totals"])
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_kernels.py"), "--smoke", "--settings", "huge"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "--settings" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_e2e_smoke_with_profile_and_graph_memory(tmp_path):
+    """The end-to-end benchmark on CPU: every config, the profile section, the graphed steps and their
+    memory timeline (readings are None without CUDA), the checks."""
+    res = _smoke("bench_e2e.py", tmp_path, "--settings", "seed", "--profile")
+    assert not res["errors"] and all(c["ok"] for c in res["checks"])
+    assert {p["config"] for p in res["profiles"]} == {"Adam_FP32", "TrueTernary[gpu]"}
+    graphed = {g["config"]: g for g in res["graphs"]}
+    assert "memory_timeline_bytes" in graphed["TrueTernary[gpu] [CUDA graphs, embedding eager]"]

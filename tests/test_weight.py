@@ -300,3 +300,48 @@ def test_ternary_weights_in_registration_order():
     assert ws == [model[0].weight, model[2].weight]
     assert ternary_weights(model[0].weight) == [model[0].weight]
     assert ternary_weights(torch.nn.ReLU()) == []
+
+
+# ------------------------------------------------------------------------------------ T_accum from the residual
+def test_residual_accum_hand_built():
+    # one group whose mean |w| is 1, so w is its own w / s: T = round(w) clamped, r = w - T,
+    # T_accum = clamp(round(2 * 32 * r), -31, 31)
+    w = torch.tensor([[1.4, -0.6, 0.2, -1.8, 0.9, -1.05, 0.0, 2.05]])
+    t = TernaryScaleTensor.from_float(w, group_size=8, accum_threshold=32)
+    assert t.trits().tolist() == [[1, -1, 0, -1, 1, -1, 0, 1]]
+    assert t.T_accum.tolist() == [[26, 26, 13, -31, -6, -3, 0, 31]]
+    assert not t.E_accum.any()
+    assert not TernaryScaleTensor.from_float(w, group_size=8).T_accum.any()  # default: empty accumulators
+    with pytest.raises(ValueError, match="accum_threshold"):
+        TernaryScaleTensor.from_float(w, group_size=8, accum_threshold=0)
+
+
+@pytest.mark.parametrize("rows,cols,gs", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("theta", [1, 8, 32, 127])
+def test_residual_accum_stays_inside_the_band_and_leans_toward_the_nearer_trit(rows, cols, gs, theta):
+    from trueternary.quant import group_sum
+
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows * cols + theta))
+    t = TernaryScaleTensor.from_float(w, group_size=gs, accum_threshold=theta)
+    A, T = t.T_accum.long(), t.trits().long()
+    assert A.abs().max() <= theta - 1  # no trit can move before the first vote
+    mean_abs = group_sum(w.abs(), gs) / group_sum(torch.ones(1, cols), gs)
+    r = w / t.expand_groups(mean_abs) - T
+    assert ((A > 0) <= (r > 0)).all() and ((A < 0) <= (r < 0)).all()  # leans up only from above, down from below
+
+
+def test_residual_accum_flips_near_boundary_weights_first():
+    """Weights next to a rounding boundary cross it after a vote or two; centred ones after ~theta votes."""
+    from trueternary import rule
+
+    w = torch.tensor([[0.49, 0.05, -0.49, 1.0, 1.5, -1.5, -1.5, -1.47]])  # mean |w| = 1
+    t = TernaryScaleTensor.from_float(w, group_size=8, accum_threshold=32)
+    T, A = t.trits(), t.T_accum
+    assert T[0, :3].tolist() == [0, 0, 0] and A[0, :3].tolist() == [31, 3, -31]
+    first_flip = torch.full(A.shape, -1)
+    for k in range(1, 40):  # two votes toward +1 per step for every weight
+        A = rule.accumulate(A, torch.full_like(A, 2))
+        T2, A, _ = rule.apply_flips(T, A, 32, clip_at_bounds=True)
+        first_flip[(T2 != T) & (first_flip < 0)] = k
+        T = T2
+    assert first_flip[0, :3].tolist() == [1, 15, 32]

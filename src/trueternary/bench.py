@@ -26,8 +26,10 @@ from .cli import UsageError, resolve_device
 from .data import eval_windows, load_corpus, random_batch
 from .models import build_model, model_names
 from .optim import NonFiniteGradientError, resolve_backend
-from .recipes import CONFIG_NAMES, TERNARY_CONFIGS, Hparams, build_recipe
+from .qat import QUANTIZERS, forward_trits
+from .recipes import CONFIG_NAMES, LATENT_CONFIGS, TERNARY_CONFIGS, Hparams, build_recipe
 from .rule import FlipRule
+from .weight import ternary_weights
 
 LN2 = math.log(2.0)
 
@@ -125,6 +127,17 @@ def _parse_value(v: str):
     return v
 
 
+def zero_trit_fraction(recipe) -> float | None:
+    """Fraction of the trained trits that are 0 (the flip engine's, or a latent config's forward trits)."""
+    if recipe.name in LATENT_CONFIGS:
+        trits = list(forward_trits(recipe.model).values())
+    elif recipe.name in TERNARY_CONFIGS:
+        trits = [w.trits() for w in ternary_weights(recipe.model)]
+    else:
+        return None
+    return sum(int((t == 0).sum()) for t in trits) / max(1, sum(t.numel() for t in trits))
+
+
 def run_config(label: str, name: str, base, hp: Hparams, corpus, val_windows, args, device,
                train_windows: torch.Tensor | None = None) -> dict:
     memory.reset_peak(device)
@@ -164,6 +177,8 @@ def run_config(label: str, name: str, base, hp: Hparams, corpus, val_windows, ar
         "recipe": name,
         "lr": hp.lr_for(name) if name != "TrueTernary_Naive" else None,
         "rule": hp.rule.to_dict() if name in TERNARY_CONFIGS else None,
+        "quantizer": hp.qat_quantizer if name in LATENT_CONFIGS else None,
+        "zero_trit_fraction": zero_trit_fraction(recipe),
         **recipe.state_report(),
         "peak_memory_bytes": memory.peak(device),
         "peak_memory_kind": memory.peak_kind(device),
@@ -178,6 +193,7 @@ def run_config(label: str, name: str, base, hp: Hparams, corpus, val_windows, ar
         "diverged": diverged,
         "segments": segment_table(losses),
         "losses": losses,
+        "flips": flips,  # per step: trit changes (latent configs: changes of their forward trits)
     }
     del recipe
     gc.collect()
@@ -297,15 +313,19 @@ def _with_overrides(hp: Hparams, name: str, over: dict) -> Hparams:
     over = dict(over)
     lr = over.pop("lr", None)
     rule = hp.rule
+    quantizer = over.pop("quantizer", hp.qat_quantizer) if name in LATENT_CONFIGS else hp.qat_quantizer
+    if quantizer not in QUANTIZERS:
+        raise UsageError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {quantizer!r}")
     if over:
         if name not in TERNARY_CONFIGS:
-            raise UsageError(f"{name} takes only lr=... in brackets, got {sorted(over)}")
+            extra = " and quantizer=..." if name in LATENT_CONFIGS else ""
+            raise UsageError(f"{name} takes only lr=...{extra} in brackets, got {sorted(over)}")
         try:
             rule = FlipRule.from_dict({**rule.to_dict(), **over})
         except (ValueError, TypeError) as e:
             raise UsageError(str(e)) from None
     lrs = dict(hp.lr, **({name: lr} if lr is not None else {}))
-    return dataclasses.replace(hp, rule=rule, lr=lrs)
+    return dataclasses.replace(hp, rule=rule, lr=lrs, qat_quantizer=quantizer)
 
 
 def run(args: argparse.Namespace) -> list[dict]:

@@ -21,13 +21,16 @@ def ternarize(
     strict: bool = True,
     scale_mode: str = "int",
     skip: tuple[str, ...] = (),
+    accum_threshold: int | None = None,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` and ``nn.Embedding`` inside ``module`` (in place) and return it.
 
     Weights are absmean-ternarised per group of ``group_size`` input weights. With ``strict=True``
     every remaining ``nn.Parameter`` (norm gains, convolutions, ...) is frozen into a buffer, so the
     model has zero parameters; a warning names them. ``skip`` lists qualified child names to keep.
-    ``scale_mode="float"`` gives the hybrid model (float log2 scales for AdamW).
+    ``scale_mode="float"`` gives the hybrid model (float log2 scales for AdamW). ``accum_threshold`` (the
+    flip rule's, ``FlipRule.init_accum_threshold()``) starts each ``T_accum`` at its weight's rounding
+    residual (``quant.residual_accum``) instead of 0.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"ternarize expects an nn.Module, got {type(module).__name__}")
@@ -36,7 +39,7 @@ def ternarize(
         raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
     if isinstance(module, (nn.Linear, nn.Embedding)):
         raise TypeError("ternarize replaces layers inside a model; wrap a bare layer or use TernaryLinear.from_linear")
-    _replace(module, "", group_size, scale_mode, set(skip))
+    _replace(module, "", group_size, scale_mode, set(skip), accum_threshold)
     _disable_fused_fastpaths(module)
     if strict:
         frozen = _freeze_parameters(module, scale_mode)
@@ -49,7 +52,8 @@ def ternarize(
     return module
 
 
-def _replace(module: nn.Module, prefix: str, group_size: int, scale_mode: str, skip: set[str]) -> None:
+def _replace(module: nn.Module, prefix: str, group_size: int, scale_mode: str, skip: set[str],
+             accum_threshold: int | None) -> None:
     for name, child in list(module.named_children()):
         qual = f"{prefix}{name}"
         if qual in skip:
@@ -57,11 +61,11 @@ def _replace(module: nn.Module, prefix: str, group_size: int, scale_mode: str, s
         if isinstance(child, _OPAQUE):
             continue
         if isinstance(child, nn.Linear):
-            setattr(module, name, TernaryLinear.from_linear(child, group_size, scale_mode))
+            setattr(module, name, TernaryLinear.from_linear(child, group_size, scale_mode, accum_threshold))
         elif isinstance(child, nn.Embedding):
-            setattr(module, name, TernaryEmbedding.from_embedding(child, group_size, scale_mode))
+            setattr(module, name, TernaryEmbedding.from_embedding(child, group_size, scale_mode, accum_threshold))
         else:
-            _replace(child, qual + ".", group_size, scale_mode, skip)
+            _replace(child, qual + ".", group_size, scale_mode, skip, accum_threshold)
 
 
 def _disable_fused_fastpaths(module: nn.Module) -> None:

@@ -76,12 +76,14 @@ class TernaryLinear(nn.Module):
         self.bias = IntegerBias(out_features, device=device) if bias else None
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE, scale_mode: str = "int"):
-        """Ternarise an existing ``nn.Linear`` (absmean per group; bias rounded to the int grid)."""
+    def from_linear(cls, lin: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE, scale_mode: str = "int",
+                    accum_threshold: int | None = None):
+        """Ternarise an existing ``nn.Linear`` (absmean per group; bias rounded to the int grid;
+        ``accum_threshold``: see ``TernaryScaleTensor.load_float_``)."""
         w = lin.weight.detach()
         m = cls(lin.in_features, lin.out_features, bias=lin.bias is not None, group_size=group_size,
                 scale_mode=scale_mode, device=w.device, init=False)
-        m.weight.load_float_(w)
+        m.weight.load_float_(w, accum_threshold)
         if lin.bias is not None:
             m.bias.load_float_(lin.bias.detach())
         return m
@@ -126,13 +128,14 @@ class TernaryEmbedding(nn.Module):
             self.weight.set_trits(T)
 
     @classmethod
-    def from_embedding(cls, emb: nn.Embedding, group_size: int = DEFAULT_GROUP_SIZE, scale_mode: str = "int"):
+    def from_embedding(cls, emb: nn.Embedding, group_size: int = DEFAULT_GROUP_SIZE, scale_mode: str = "int",
+                       accum_threshold: int | None = None):
         if emb.max_norm is not None:
             raise ValueError("TernaryEmbedding does not support max_norm (weights are fixed trits)")
         w = emb.weight.detach()
         m = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, group_size,
                 scale_mode=scale_mode, device=w.device, init=False)
-        m.weight.load_float_(w)
+        m.weight.load_float_(w, accum_threshold)
         return m
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

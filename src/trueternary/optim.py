@@ -424,7 +424,7 @@ class FlipOptimizer(torch.optim.Optimizer):
         entry = self._vote_caches.get(id(m))
         cache = self._dp_caches.pop(id(m), None) or (entry[1] if entry is not None else None)
         apply_flips_(m, group["accum_threshold"], group["clip_at_bounds"], group["scale_threshold"] if scale else None,
-                     counts[dev], cache=cache, leak=group["leak"])
+                     counts[dev], cache=cache, leak=group["leak"], reset=group.get("flip_reset", 0))
         return scale
 
     def _flush_vote_caches(self, drop: bool = False) -> None:
@@ -525,7 +525,8 @@ class FlipOptimizer(torch.optim.Optimizer):
                     kernel_scale |= self._kernel_flips(m, group, kernel_counts)
                     continue
                 A = leak(m.T_accum, group["leak"]) if group["leak"] else m.T_accum
-                T, A, n = apply_flips(m.trits(), A, group["accum_threshold"], group["clip_at_bounds"])
+                T, A, n = apply_flips(m.trits(), A, group["accum_threshold"], group["clip_at_bounds"],
+                                      group.get("flip_reset", 0))
                 m._store_trits(T)
                 m.T_accum.copy_(A)
                 flips = n if flips is None else flips + n

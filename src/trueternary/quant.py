@@ -30,6 +30,15 @@ def absmean_ternary_ste(w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return w + (wq - w).detach()
 
 
+def group_pow2_ternary_ste(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """TrueTernary's quantiser as a fake-quant forward with a straight-through gradient: the trits of
+    ``group_absmean_log2`` times ``2**E`` per group (the ``BitNet_QAT[quantizer=group_pow2]`` diagnostic:
+    AdamW on latent weights behind exactly the weight format the flip engine trains)."""
+    T, E = group_absmean_log2(w, group_size)
+    scale = torch.exp2(E.float()).repeat_interleave(group_size, dim=1)[:, : w.shape[1]]
+    return w + (T.float() * scale - w).detach().to(w.dtype)
+
+
 def group_absmean_log2(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Ternarise a (rows, cols) float weight with one power-of-two scale per group.
 
@@ -53,3 +62,28 @@ def group_absmean_log2(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     scale = mean_abs.repeat_interleave(group_size, dim=1)[:, :cols]
     T = ternary_levels(w, scale)
     return T, E.to(torch.int8)
+
+
+def residual_accum(w: torch.Tensor, T: torch.Tensor, group_size: int, accum_threshold: int) -> torch.Tensor:
+    """Where each weight sits inside its rounding interval, as a starting ``T_accum`` (int8).
+
+    The absmean ternarisation above rounds ``w / s`` (s the group's mean |w|) to ``T``; the residual
+    ``r = w / s - T`` lies in [-1/2, 1/2] (beyond it for clipped trits). A latent-weight method (BitNet QAT)
+    keeps ``r``: a weight with ``r`` near +1/2 changes its trit after a small push. Mapping the rounding
+    boundary ``r = +-1/2`` onto the flip threshold does the same for the flip rule:
+
+        T_accum = clamp(round(2 * accum_threshold * r), -(accum_threshold - 1), accum_threshold - 1)
+
+    (never at the threshold itself, so no trit moves before a vote). Zero accumulators instead put every
+    weight in the middle of its hysteresis band: no trit can move until ``accum_threshold`` votes agree.
+    """
+    if not 1 <= accum_threshold <= 127:
+        raise ValueError(f"accum_threshold must be in [1, 127], got {accum_threshold!r}")
+    w = w.detach().float()
+    cols = w.shape[1]
+    counts = group_sum(torch.ones(1, cols, device=w.device), group_size)
+    mean_abs = group_sum(w.abs(), group_size) / counts
+    scale = mean_abs.repeat_interleave(group_size, dim=1)[:, :cols]
+    r = torch.where(scale > 0, w / scale.clamp_min(torch.finfo(torch.float32).tiny), 0.0) - T.float()
+    lim = accum_threshold - 1
+    return torch.round(2 * accum_threshold * r).clamp(-lim, lim).to(torch.int8)

@@ -26,7 +26,7 @@ from torch import nn
 from .convert import ternarize
 from .layers import IntegerBias
 from .optim import FlipOptimizer, SignGSD, hybrid_optimizers
-from .qat import fake_ternarize
+from .qat import fake_ternarize, forward_trits
 from .rule import FlipRule
 from .weight import DEFAULT_GROUP_SIZE, ternary_weights
 
@@ -39,6 +39,7 @@ CONFIG_NAMES = (
     "TrueTernary_Hybrid",
 )
 TERNARY_CONFIGS = ("TrueTernary", "TrueTernary_Naive", "TrueTernary_Hybrid")
+LATENT_CONFIGS = ("BitNet_QAT", "SignSGD_Old")  # float latent weights behind a ternary forward
 
 # Peak learning rates (vote scale for TrueTernary), tuned on the development corpus; see docs/learning.md.
 DEFAULT_LR = {
@@ -62,6 +63,7 @@ class Hparams:
     lr: dict = field(default_factory=dict)  # per-config overrides
     rule: FlipRule | None = None  # None: FlipRule.for_run(steps)
     naive_threshold: int = 8
+    qat_quantizer: str = "absmean"  # the latent configs' forward: BitNet's, or "group_pow2" (diagnostic)
     hybrid_scale_lr: float = 1e-3
 
     def __post_init__(self) -> None:
@@ -101,6 +103,8 @@ class Recipe:
         self.float_clip = float_clip
         self.base_lrs = [[g["lr"] for g in o.param_groups] for o in optimizers]
         self.step_count = 0
+        # latent-weight configs: the forward trits at the last flips_last_step() call (a bench diagnostic)
+        self._trits = forward_trits(model) if name in LATENT_CONFIGS else None
 
     def set_lr(self, step: int) -> float:
         f = lr_factor(step, self.hp.steps, self.hp.warmup_frac, self.hp.min_lr_frac)
@@ -129,7 +133,16 @@ class Recipe:
         return loss.detach()
 
     def flips_last_step(self) -> int:
-        return int(self.flip.last_flips) if self.flip is not None else 0
+        """Trits that changed in the last step: the flip engine's count, or for the latent-weight configs
+        the forward trits that differ from the previous call's (the first call compares with the start)."""
+        if self.flip is not None:
+            return int(self.flip.last_flips)
+        if self._trits is None:
+            return 0
+        now = forward_trits(self.model)
+        n = sum(int((now[k] != self._trits[k]).sum()) for k in now)
+        self._trits = now
+        return n
 
     # ------------------------------------------------------------------ memory accounting
     def state_report(self) -> dict:
@@ -179,15 +192,15 @@ def build_recipe(name: str, base_model: nn.Module, hp: Hparams, device: torch.de
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=hp.weight_decay)
         return Recipe(name, model, [opt], hp)
     if name == "BitNet_QAT":
-        fake_ternarize(model)
+        fake_ternarize(model, hp.qat_quantizer, hp.group_size)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=hp.weight_decay)
         return Recipe(name, model, [opt], hp)
     if name == "SignSGD_Old":
-        fake_ternarize(model)
+        fake_ternarize(model, hp.qat_quantizer, hp.group_size)
         opt = SignGSD(model.parameters(), lr=lr, weight_decay=0.0)
         return Recipe(name, model, [opt], hp, float_clip=False)
     if name == "TrueTernary":
-        ternarize(model, hp.group_size)
+        ternarize(model, hp.group_size, accum_threshold=hp.rule.init_accum_threshold())
         flip = FlipOptimizer(model, lr=lr, rule=hp.rule, backend=backend, seed=seed)
         return Recipe(name, model, [flip], hp, flip=flip)
     if name == "TrueTernary_Naive":
@@ -196,7 +209,7 @@ def build_recipe(name: str, base_model: nn.Module, hp: Hparams, device: torch.de
         flip = FlipOptimizer(model, rule=rule, backend=backend, seed=seed)
         return Recipe(name, model, [flip], hp, flip=flip)
     # TrueTernary_Hybrid
-    ternarize(model, hp.group_size, scale_mode="float")
+    ternarize(model, hp.group_size, scale_mode="float", accum_threshold=hp.rule.init_accum_threshold())
     flip, adam = hybrid_optimizers(model, scale_lr=hp.hybrid_scale_lr, lr=lr, rule=hp.rule,
                                    backend=backend, seed=seed)
     return Recipe(name, model, [flip, adam], hp, flip=flip)

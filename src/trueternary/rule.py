@@ -27,8 +27,10 @@ For each call of a layer in backward (``stochastic_votes`` ...) and once per opt
                v = -sign(g)                                                          'sign' (the seed)
     accumulate T_accum = clamp(T_accum + v, -127, 127)                (saturating, never wraps)
     leak       (optional) T_accum -= sign(T_accum) * (|T_accum| >> leak)   once per step, before flips
-    flip       T_accum >= +theta and T < +1:  T += 1, T_accum = 0
-               T_accum <= -theta and T > -1:  T -= 1, T_accum = 0
+    flip       T_accum >= +theta and T < +1:  T += 1, T_accum = -flip_reset
+               T_accum <= -theta and T > -1:  T -= 1, T_accum = +flip_reset
+               (flip_reset 0: the middle of the new trit's band; > 0: that many votes back toward the
+               trit it left, a narrower hysteresis)
                (clip_at_bounds) T_accum = clamp(T_accum, -theta, theta)  afterwards
     scale      gE = sum over the group of g * T   (dL/dE up to the positive factor 2**E ln 2), a
                (rows, n_groups) matrix voted like the weights (same normalisation, lr * scale_lr) into E_accum, on steps
@@ -51,6 +53,7 @@ from . import rng
 INT8_MAX = 127
 VOTE_MODES = ("sign", "stochastic")
 NORMALIZE_MODES = ("tensor", "block_factored")
+ACCUM_INITS = ("residual", "zero")
 MS_EPS = 1e-30  # keeps s finite for an all-zero gradient (whose votes are then 0)
 
 
@@ -68,10 +71,12 @@ class FlipRule:
     decay: float = 0.0  # votes toward 0 for non-zero trits per call (weight-decay analogue; docs/learning.md)
     leak: int = 0  # if > 0, T_accum loses |T_accum| >> leak each step (an integer EMA, like Bop's momentum)
     clip_at_bounds: bool = True
+    flip_reset: int = 0  # T_accum after a flip points back by this many votes (0 <= flip_reset < accum_threshold)
     scale_vote: str = "stochastic"
     scale_threshold: int = 32
     scale_lr: float = 0.05  # scale-vote scale relative to ``lr`` (so schedules drive both); see for_run()
     scale_update_interval: int = 1  # 0 disables scale updates
+    accum_init: str = "residual"  # T_accum when a float weight is ternarised: its rounding residual, or "zero"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -85,12 +90,17 @@ class FlipRule:
             raise ValueError(f"norm_block must be a positive integer, got {self.norm_block!r}")
         if isinstance(self.leak, bool) or not isinstance(self.leak, int) or not 0 <= self.leak <= 7:
             raise ValueError(f"leak must be an integer shift in [0, 7], got {self.leak!r}")
+        if self.accum_init not in ACCUM_INITS:
+            raise ValueError(f"accum_init must be one of {ACCUM_INITS}, got {self.accum_init!r}")
         if self.scale_vote not in VOTE_MODES:
             raise ValueError(f"scale_vote must be one of {VOTE_MODES}, got {self.scale_vote!r}")
         for name in ("accum_threshold", "scale_threshold"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= INT8_MAX:
                 raise ValueError(f"{name} must be an integer in [1, {INT8_MAX}], got {v!r}")
+        fr = self.flip_reset
+        if isinstance(fr, bool) or not isinstance(fr, int) or not 0 <= fr < self.accum_threshold:
+            raise ValueError(f"flip_reset must be an integer in [0, accum_threshold), got {fr!r}")
         if isinstance(self.vote_clip, bool) or not isinstance(self.vote_clip, int) or not (
             1 <= self.vote_clip <= INT8_MAX
         ):
@@ -132,7 +142,13 @@ class FlipRule:
             scale_vote="sign",
             scale_threshold=accum_threshold,
             scale_update_interval=scale_update_interval,
+            accum_init="zero",
         )
+
+    def init_accum_threshold(self) -> int | None:
+        """What ``ternarize(..., accum_threshold=)`` takes for this rule: ``accum_threshold`` when the
+        accumulators start at the rounding residual (``accum_init='residual'``), else None (zeros)."""
+        return self.accum_threshold if self.accum_init == "residual" else None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -237,14 +253,16 @@ def accumulate(accum: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:
 
 
 def apply_flips(
-    T: torch.Tensor, accum: torch.Tensor, threshold: int, clip_at_bounds: bool
+    T: torch.Tensor, accum: torch.Tensor, threshold: int, clip_at_bounds: bool, reset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Move trits one step where the accumulator reached +/-threshold; returns (T, accum, n_flips)."""
+    """Move trits one step where the accumulator reached +/-threshold; returns (T, accum, n_flips).
+
+    A moved trit's accumulator restarts at ``-reset`` after a move up, ``+reset`` after a move down."""
     up = (accum >= threshold) & (T < 1)
     down = (accum <= -threshold) & (T > -1)
     moved = up | down
     T = (T.to(torch.int16) + up.to(torch.int16) - down.to(torch.int16)).to(torch.int8)
-    accum = torch.where(moved, torch.zeros_like(accum), accum)
+    accum = torch.where(up, torch.full_like(accum, -reset), torch.where(down, torch.full_like(accum, reset), accum))
     if clip_at_bounds:
         accum = accum.clamp(-threshold, threshold)
     return T, accum, moved.sum()

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import packing
-from .quant import group_absmean_log2
+from .quant import group_absmean_log2, residual_accum
 
 DEFAULT_GROUP_SIZE = 64
 SCALE_MODES = ("int", "float")
@@ -83,25 +83,35 @@ class TernaryScaleTensor(nn.Module):
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_float(
-        cls, w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE, scale_mode: str = "int"
+        cls, w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE, scale_mode: str = "int",
+        accum_threshold: int | None = None,
     ) -> TernaryScaleTensor:
-        """Absmean-ternarise a float (rows, cols) weight: ``E = round(log2(mean|w| per group))``."""
+        """Absmean-ternarise a float (rows, cols) weight: ``E = round(log2(mean|w| per group))``
+        (``accum_threshold``: see ``load_float_``)."""
         if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
             raise ValueError(f"from_float expects a 2-D float tensor, got {getattr(w, 'shape', type(w))}")
         t = cls(w.shape[0], w.shape[1], group_size, scale_mode=scale_mode, device=w.device, init=False)
-        t.load_float_(w)
+        t.load_float_(w, accum_threshold)
         return t
 
     @torch.no_grad()
-    def load_float_(self, w: torch.Tensor) -> None:
-        """Overwrite T and E with the absmean ternarisation of ``w``; accumulators are reset."""
+    def load_float_(self, w: torch.Tensor, accum_threshold: int | None = None) -> None:
+        """Overwrite T and E with the absmean ternarisation of ``w``.
+
+        ``E_accum`` is reset. ``T_accum`` is reset too, or, given the flip rule's ``accum_threshold``,
+        starts at each weight's rounding residual (``quant.residual_accum``), so trits that were close to
+        rounding the other way are close to flipping.
+        """
         if tuple(w.shape) != (self.rows, self.cols):
             raise ValueError(f"expected weight of shape {(self.rows, self.cols)}, got {tuple(w.shape)}")
         T, E = group_absmean_log2(w, self.group_size)
         self.set_trits(T)
         self.E.copy_(E)
         self.E_accum.zero_()
-        self.T_accum.zero_()
+        if accum_threshold is None:
+            self.T_accum.zero_()
+        else:
+            self.T_accum.copy_(residual_accum(w.to(T.device), T, self.group_size, accum_threshold))
         if self.log2_scale is not None:
             self.log2_scale.copy_(E.float())
 

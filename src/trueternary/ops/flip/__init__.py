@@ -2,7 +2,7 @@
 
 One call per weight per optimiser step::
 
-    apply_flips_(weight, threshold, clip_at_bounds, scale_threshold=None, counts=None, cache=None, leak=0)
+    apply_flips_(weight, threshold, clip_at_bounds, scale_threshold=None, counts=None, cache=None, leak=0, reset=0)
 
 is ``FlipOptimizer.step``'s per-weight body (rule.leak if the rule has one, rule.apply_flips on the
 unpacked trits, repack, and rule.apply_scale_flips) in a single launch that reads and writes
@@ -20,13 +20,13 @@ from .naive import accumulate_cache_naive, flip_naive
 
 
 def apply_flips_(weight, threshold: int, clip_at_bounds: bool, scale_threshold: int | None = None,
-                 counts: torch.Tensor | None = None, cache=None, leak: int = 0) -> torch.Tensor:
+                 counts: torch.Tensor | None = None, cache=None, leak: int = 0, reset: int = 0) -> torch.Tensor:
     """Flip ``weight`` in place (Triton); returns ``counts``. ``scale_threshold=None`` leaves E alone;
-    ``leak`` is the rule's leak shift (0: off)."""
+    ``leak`` is the rule's leak shift (0: off), ``reset`` its ``flip_reset``."""
     from .triton import flip_triton_
 
     pending = cache if cache is not None and cache.pending else None
-    counts = flip_triton_(weight, threshold, clip_at_bounds, scale_threshold, counts, pending, leak=leak)
+    counts = flip_triton_(weight, threshold, clip_at_bounds, scale_threshold, counts, pending, leak=leak, reset=reset)
     if pending is not None:
         pending.pending = False
     return counts
@@ -43,7 +43,7 @@ def flush_vote_cache_(weight, cache) -> None:
 
 @torch.no_grad()
 def apply_flips_naive_(weight, threshold: int, clip_at_bounds: bool, scale_threshold: int | None = None,
-                       counts: torch.Tensor | None = None, cache=None, leak: int = 0) -> torch.Tensor:
+                       counts: torch.Tensor | None = None, cache=None, leak: int = 0, reset: int = 0) -> torch.Tensor:
     """The same as :func:`apply_flips_` in plain PyTorch (reference; works on any device)."""
     from ..votes.naive import decode_vote_cache
 
@@ -51,7 +51,7 @@ def apply_flips_naive_(weight, threshold: int, clip_at_bounds: bool, scale_thres
     if cache is not None and cache.pending:
         votes = decode_vote_cache(cache.buf, cache.bits, cache.numel)
         cache.pending = False
-    P, A, E, EA, n, ne = flip_naive(weight, threshold, clip_at_bounds, scale_threshold, votes, leak)
+    P, A, E, EA, n, ne = flip_naive(weight, threshold, clip_at_bounds, scale_threshold, votes, leak, reset)
     weight.T_packed.copy_(P)
     weight.T_accum.copy_(A)
     weight.E.copy_(E)

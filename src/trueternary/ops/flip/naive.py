@@ -13,7 +13,7 @@ from ..votes.naive import decode_vote_cache
 
 
 def flip_naive(weight, threshold: int, clip_at_bounds: bool, scale_threshold: int | None = None,
-               votes: torch.Tensor | None = None, leak_shift: int = 0):
+               votes: torch.Tensor | None = None, leak_shift: int = 0, reset: int = 0):
     """One optimiser step's flips of ``weight`` (FlipOptimizer.step's body), optionally after accumulating
     pending ``votes`` (int8, the gpu-signcache cache) and leaking ``T_accum`` (``leak_shift`` > 0).
 
@@ -25,7 +25,7 @@ def flip_naive(weight, threshold: int, clip_at_bounds: bool, scale_threshold: in
         A = accumulate(A, votes.view_as(A))
     if leak_shift:
         A = leak(A, leak_shift)
-    T, A, n = apply_flips(weight.trits(), A, threshold, clip_at_bounds)
+    T, A, n = apply_flips(weight.trits(), A, threshold, clip_at_bounds, reset)
     E, EA, ne = weight.E, weight.E_accum, torch.zeros((), dtype=torch.int64, device=A.device)
     if scale_threshold is not None:
         E, EA, ne = apply_scale_flips(E, EA, scale_threshold)

@@ -5,8 +5,8 @@ trits (digit d of byte b is ``b // 3**d % 3 - 1``; flat index ``5*j + d``), load
 optionally add pending votes from a vote cache (gpu-signcache, saturating), optionally leak
 (rule.leak: ``A -= sign(A) * (|A| >> leak)``), apply the flip rule
 
-    up   = A >= +theta and T < +1          T += 1, A = 0
-    down = A <= -theta and T > -1          T -= 1, A = 0
+    up   = A >= +theta and T < +1          T += 1, A = -reset
+    down = A <= -theta and T > -1          T -= 1, A = +reset
     (clip_at_bounds)  A = clamp(A, -theta, theta)
 
 store ``T_accum`` and the repacked byte, and add their flip count to ``counts[0]`` (one atomic per
@@ -29,7 +29,7 @@ from ..triton_utils import check_kernel_numel
 
 
 @triton.jit
-def _flip_digit(accum_ptr, cache_ptr, t, i, m, threshold, leak,
+def _flip_digit(accum_ptr, cache_ptr, t, i, m, threshold, leak, reset,
                 FLIP: tl.constexpr, CLIP: tl.constexpr, CACHE_BITS: tl.constexpr, LEAK: tl.constexpr):
     """One trit per lane (flat index ``i``): add cached votes, leak, flip, store T_accum; returns (t, moved)."""
     a = tl.load(accum_ptr + i, mask=m, other=0).to(tl.int32)
@@ -49,7 +49,7 @@ def _flip_digit(accum_ptr, cache_ptr, t, i, m, threshold, leak,
         down = (a <= -threshold) & (t > -1)
         t = t + up.to(tl.int32) - down.to(tl.int32)
         moved = (up | down).to(tl.int32)
-        a = tl.where(moved != 0, 0, a)
+        a = tl.where(up, -reset, tl.where(down, reset, a))
         if CLIP:
             a = tl.minimum(tl.maximum(a, -threshold), threshold)
     tl.store(accum_ptr + i, a.to(tl.int8), mask=m)
@@ -59,7 +59,7 @@ def _flip_digit(accum_ptr, cache_ptr, t, i, m, threshold, leak,
 @triton.jit
 def _flip_kernel(
     packed_ptr, accum_ptr, E_ptr, E_accum_ptr, cache_ptr, counts_ptr,
-    numel, n_bytes, n_e, n_t_progs, threshold, scale_threshold, leak,
+    numel, n_bytes, n_e, n_t_progs, threshold, scale_threshold, leak, reset,
     FLIP: tl.constexpr, CLIP: tl.constexpr, DO_E: tl.constexpr, CACHE_BITS: tl.constexpr, LEAK: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
@@ -70,15 +70,15 @@ def _flip_kernel(
         b = tl.load(packed_ptr + offs, mask=byte_mask, other=121).to(tl.int32)
         i = offs * 5  # flat index of digit 0
         t0, m0 = _flip_digit(accum_ptr, cache_ptr, b % 3 - 1, i, byte_mask & (i < numel),
-                             threshold, leak, FLIP, CLIP, CACHE_BITS, LEAK)
+                             threshold, leak, reset, FLIP, CLIP, CACHE_BITS, LEAK)
         t1, m1 = _flip_digit(accum_ptr, cache_ptr, b // 3 % 3 - 1, i + 1, byte_mask & (i + 1 < numel),
-                             threshold, leak, FLIP, CLIP, CACHE_BITS, LEAK)
+                             threshold, leak, reset, FLIP, CLIP, CACHE_BITS, LEAK)
         t2, m2 = _flip_digit(accum_ptr, cache_ptr, b // 9 % 3 - 1, i + 2, byte_mask & (i + 2 < numel),
-                             threshold, leak, FLIP, CLIP, CACHE_BITS, LEAK)
+                             threshold, leak, reset, FLIP, CLIP, CACHE_BITS, LEAK)
         t3, m3 = _flip_digit(accum_ptr, cache_ptr, b // 27 % 3 - 1, i + 3, byte_mask & (i + 3 < numel),
-                             threshold, leak, FLIP, CLIP, CACHE_BITS, LEAK)
+                             threshold, leak, reset, FLIP, CLIP, CACHE_BITS, LEAK)
         t4, m4 = _flip_digit(accum_ptr, cache_ptr, b // 81 - 1, i + 4, byte_mask & (i + 4 < numel),
-                             threshold, leak, FLIP, CLIP, CACHE_BITS, LEAK)
+                             threshold, leak, reset, FLIP, CLIP, CACHE_BITS, LEAK)
         if FLIP:
             new_byte = (t0 + 1) + 3 * (t1 + 1) + 9 * (t2 + 1) + 27 * (t3 + 1) + 81 * (t4 + 1)
             tl.store(packed_ptr + offs, new_byte.to(tl.uint8), mask=byte_mask)
@@ -99,10 +99,11 @@ def _flip_kernel(
 
 def flip_triton_(weight, threshold: int, clip_at_bounds: bool, scale_threshold: int | None = None,
                  counts: torch.Tensor | None = None, cache=None, flip: bool = True, leak: int = 0,
-                 block: int = 512, block_e: int = 1024) -> torch.Tensor:
+                 reset: int = 0, block: int = 512, block_e: int = 1024) -> torch.Tensor:
     """Apply one step's flips to ``weight`` in place (after adding a pending vote ``cache``, if given).
 
-    ``leak`` > 0 first applies rule.leak (``A -= sign(A) * (|A| >> leak)``) to ``T_accum``.
+    ``leak`` > 0 first applies rule.leak (``A -= sign(A) * (|A| >> leak)``) to ``T_accum``; a moved trit's
+    ``T_accum`` restarts at ``-reset`` (moved up) or ``+reset`` (moved down).
     ``counts``: int32 (2,) device buffer that receives ``+= (trit flips, scale flips)`` (allocated zeroed
     when None); returned. ``flip=False`` only adds the cache into ``T_accum`` (no flips, no E).
     """
@@ -121,7 +122,7 @@ def flip_triton_(weight, threshold: int, clip_at_bounds: bool, scale_threshold: 
     cache_buf = weight.T_packed if cache is None else (cache.buf.view(torch.int8) if cache_bits == 8 else cache.buf)
     _flip_kernel[grid](
         weight.T_packed, weight.T_accum, weight.E, weight.E_accum, cache_buf, counts,
-        numel, n_bytes, n_e, n_t_progs, int(threshold), int(scale_threshold or 0), int(leak),
+        numel, n_bytes, n_e, n_t_progs, int(threshold), int(scale_threshold or 0), int(leak), int(reset),
         FLIP=flip, CLIP=bool(clip_at_bounds), DO_E=do_e, CACHE_BITS=cache_bits, LEAK=flip and leak > 0,
         BLOCK=block, BLOCK_E=block_e,
     )
