@@ -49,11 +49,13 @@ def test_bench_all_configs_end_to_end(tmp_path, capsys):
 def test_bench_latent_config_with_the_ternary_weight_format(tmp_path):
     """BitNet_QAT[quantizer=group_pow2]: AdamW behind TrueTernary's weight format (per-group trits x 2**E)."""
     js = tmp_path / "b.json"
-    rc = main(["bench", "--configs", "BitNet_QAT[quantizer=group_pow2,lr=3e-3],SignSGD_Old[quantizer=group_pow2]",
-               "--reuse-base", "--json", str(js), *TINY])
+    rc = main(["bench", "--configs", "BitNet_QAT[quantizer=group_pow2,lr=3e-3],SignSGD_Old[quantizer=group_pow2],"
+               "BitNet_QAT[optimizer=tile_sgd,quantizer=group_pow2,lr=5e-3]", "--reuse-base", "--json", str(js), *TINY])
     assert rc == 0
     res = json.loads(js.read_text())["results"]
-    assert [r["quantizer"] for r in res] == ["group_pow2", "group_pow2"]
+    assert [r["quantizer"] for r in res] == ["group_pow2"] * 3
+    assert [r["qat_optimizer"] for r in res] == ["adamw", None, "tile_sgd"]
+    assert res[2]["optimizer_state_bytes"] == 0
     assert all(math.isfinite(r["val_bpb"]) for r in res)
 
 
@@ -73,6 +75,8 @@ def test_bench_latent_config_with_the_ternary_weight_format(tmp_path):
         ["--update-backend", "warp-drive"],
         ["--model", "nope"],
         ["--configs", "BitNet_QAT[quantizer=fp4]"],
+        ["--configs", "BitNet_QAT[optimizer=lion]"],
+        ["--configs", "SignSGD_Old[optimizer=tile_sgd]"],
         ["--configs", "Adam_FP32[quantizer=group_pow2]"],
         ["--configs", "TrueTernary[flip_reset=40]"],
         ["--configs", "TrueTernary[accum_init=random]"],

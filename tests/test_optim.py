@@ -412,6 +412,39 @@ def test_signgsd_validation(kwargs):
         SignGSD([nn.Parameter(torch.ones(2))], **kwargs)
 
 
+# ------------------------------------------------------------------------------------ TileNormSGD
+def test_tile_norm_sgd_is_the_vote_without_integers():
+    """p -= lr * g / sqrt(ms), ms the rule's block_factored estimate: the float twin of a vote's expectation."""
+    from trueternary.optim import TileNormSGD
+    from trueternary.rule import block_factored_ms
+
+    w, v = nn.Parameter(torch.randn(70, 130)), nn.Parameter(torch.randn(9))
+    opt = TileNormSGD([w, v], lr=0.01)
+    gw, gv = torch.randn(70, 130) * torch.rand(70, 1), torch.randn(9)
+    w.grad, v.grad = gw, gv
+    ew = w.detach() - 0.01 * gw / torch.sqrt(block_factored_ms(gw, 64) + 1e-30)
+    ev = v.detach() - 0.01 * gv / torch.sqrt(gv.square().mean() + 1e-30)
+    opt.step()
+    torch.testing.assert_close(w.detach(), ew, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(v.detach(), ev, rtol=1e-6, atol=1e-7)
+    assert opt.state_dict()["state"] == {}
+    # scale-free: the same step whatever the gradient's magnitude
+    w2 = nn.Parameter(w.detach().clone())
+    w2.grad = gw * 1e3
+    before = w2.detach().clone()
+    TileNormSGD([w2], lr=0.01).step()
+    w.grad = gw
+    before_w = w.detach().clone()
+    opt.step()
+    torch.testing.assert_close(w2.detach() - before, w.detach() - before_w, rtol=1e-4, atol=1e-6)
+    w.grad = torch.full_like(gw, float("nan"))
+    with pytest.raises(NonFiniteGradientError):
+        opt.step()
+    for bad in (dict(lr=0.0), dict(lr=float("nan")), dict(norm_block=0)):
+        with pytest.raises(ValueError):
+            TileNormSGD([w], **bad)
+
+
 # ------------------------------------------------------------------------------------ hybrid
 def test_hybrid_trains_float_scales_with_adamw_while_trits_flip():
     torch.manual_seed(0)

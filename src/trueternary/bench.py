@@ -27,7 +27,7 @@ from .data import eval_windows, load_corpus, random_batch
 from .models import build_model, model_names
 from .optim import NonFiniteGradientError, resolve_backend
 from .qat import QUANTIZERS, forward_trits
-from .recipes import CONFIG_NAMES, LATENT_CONFIGS, TERNARY_CONFIGS, Hparams, build_recipe
+from .recipes import CONFIG_NAMES, LATENT_CONFIGS, QAT_OPTIMIZERS, TERNARY_CONFIGS, Hparams, build_recipe
 from .rule import FlipRule
 from .weight import ternary_weights
 
@@ -178,6 +178,7 @@ def run_config(label: str, name: str, base, hp: Hparams, corpus, val_windows, ar
         "lr": hp.lr_for(name) if name != "TrueTernary_Naive" else None,
         "rule": hp.rule.to_dict() if name in TERNARY_CONFIGS else None,
         "quantizer": hp.qat_quantizer if name in LATENT_CONFIGS else None,
+        "qat_optimizer": hp.qat_optimizer if name == "BitNet_QAT" else None,
         "zero_trit_fraction": zero_trit_fraction(recipe),
         **recipe.state_report(),
         "peak_memory_bytes": memory.peak(device),
@@ -316,16 +317,19 @@ def _with_overrides(hp: Hparams, name: str, over: dict) -> Hparams:
     quantizer = over.pop("quantizer", hp.qat_quantizer) if name in LATENT_CONFIGS else hp.qat_quantizer
     if quantizer not in QUANTIZERS:
         raise UsageError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {quantizer!r}")
+    qat_optimizer = over.pop("optimizer", hp.qat_optimizer) if name == "BitNet_QAT" else hp.qat_optimizer
+    if qat_optimizer not in QAT_OPTIMIZERS:
+        raise UsageError(f"optimizer must be one of {', '.join(QAT_OPTIMIZERS)}, got {qat_optimizer!r}")
     if over:
         if name not in TERNARY_CONFIGS:
-            extra = " and quantizer=..." if name in LATENT_CONFIGS else ""
-            raise UsageError(f"{name} takes only lr=...{extra} in brackets, got {sorted(over)}")
+            extra = {"BitNet_QAT": ", quantizer=... and optimizer=...", "SignSGD_Old": " and quantizer=..."}
+            raise UsageError(f"{name} takes only lr=...{extra.get(name, '')} in brackets, got {sorted(over)}")
         try:
             rule = FlipRule.from_dict({**rule.to_dict(), **over})
         except (ValueError, TypeError) as e:
             raise UsageError(str(e)) from None
     lrs = dict(hp.lr, **({name: lr} if lr is not None else {}))
-    return dataclasses.replace(hp, rule=rule, lr=lrs, qat_quantizer=quantizer)
+    return dataclasses.replace(hp, rule=rule, lr=lrs, qat_quantizer=quantizer, qat_optimizer=qat_optimizer)
 
 
 def run(args: argparse.Namespace) -> list[dict]:

@@ -596,15 +596,17 @@ class FlipOptimizer(torch.optim.Optimizer):
             t.fill_(self._step)
 
 
-class SignGSD(torch.optim.Optimizer):
-    """Stateless sign descent: ``p -= lr * (sign(g) + weight_decay * sign(p))``. Zero optimiser state."""
+def _check_lr(lr) -> None:
+    if not isinstance(lr, (int, float)) or not lr > 0 or lr != lr or lr == float("inf"):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
-        if not isinstance(lr, (int, float)) or not lr > 0 or lr != lr or lr == float("inf"):
-            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-        if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0 or weight_decay == float("inf"):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+
+class _PerParameterOptimizer(torch.optim.Optimizer):
+    """A stateless optimiser whose ``step()`` applies ``_update(p, grad, group)`` to every parameter that has a
+    gradient (the math lives in a pure per-parameter function)."""
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        raise NotImplementedError
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -616,18 +618,58 @@ class SignGSD(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                signgsd_update_(p, p.grad, group["lr"], group["weight_decay"])
+                if not bool(torch.isfinite(p.grad).all()):
+                    raise NonFiniteGradientError(f"{type(self).__name__} got a NaN/inf gradient")
+                self._update(p, p.grad, group)
         return loss
 
 
+class SignGSD(_PerParameterOptimizer):
+    """Stateless sign descent: ``p -= lr * (sign(g) + weight_decay * sign(p))``. Zero optimiser state."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+        _check_lr(lr)
+        if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0 or weight_decay == float("inf"):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        signgsd_update_(p, grad, group["lr"], group["weight_decay"])
+
+
 def signgsd_update_(p: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float) -> None:
-    """The per-parameter SignGSD math (pure, in place). Non-finite gradients raise."""
-    if not bool(torch.isfinite(grad).all()):
-        raise NonFiniteGradientError("SignGSD got a NaN/inf gradient")
+    """The per-parameter SignGSD math (pure, in place; ``step()`` has checked that ``grad`` is finite)."""
     upd = torch.sign(grad)
     if weight_decay:
         upd = upd + weight_decay * torch.sign(p)
     p.add_(upd, alpha=-lr)
+
+
+class TileNormSGD(_PerParameterOptimizer):
+    """Stateless normalised descent on float weights with the flip rule's normaliser (a diagnostic baseline):
+    ``p -= lr * g / sqrt(ms)``, ``ms`` the rule's estimate of ``g**2`` from this step's gradient alone
+    (``rule.vote_scale``: 'block_factored' per ``norm_block`` tile for matrices, the mean for vectors).
+
+    It is TrueTernary's vote without the integers: no stochastic rounding, no accumulator clip, no
+    hysteresis, no history. Behind BitNet_QAT's ternary forward (``BitNet_QAT[optimizer=tile_sgd]`` in
+    ``bench``) it tells what the normaliser costs against AdamW and what the integer mechanics cost against
+    it. Zero optimiser state.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, norm_block: int = 64) -> None:
+        _check_lr(lr)
+        if isinstance(norm_block, bool) or not isinstance(norm_block, int) or norm_block < 1:
+            raise ValueError(f"norm_block must be a positive integer, got {norm_block!r}")
+        super().__init__(params, {"lr": lr, "norm_block": norm_block})
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        tile_norm_update_(p, grad, group["lr"], group["norm_block"])
+
+
+def tile_norm_update_(p: torch.Tensor, grad: torch.Tensor, lr: float, norm_block: int) -> None:
+    """The per-parameter TileNormSGD math (pure, in place; ``step()`` has checked that ``grad`` is finite)."""
+    s = vote_scale(grad, 1.0, "block_factored", norm_block)  # -1 / sqrt(ms + 1e-30), like the votes'
+    p.add_(grad.float() * s * lr)
 
 
 def hybrid_optimizers(

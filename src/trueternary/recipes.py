@@ -25,7 +25,7 @@ from torch import nn
 
 from .convert import ternarize
 from .layers import IntegerBias
-from .optim import FlipOptimizer, SignGSD, hybrid_optimizers
+from .optim import FlipOptimizer, SignGSD, TileNormSGD, hybrid_optimizers
 from .qat import fake_ternarize, forward_trits
 from .rule import FlipRule
 from .weight import DEFAULT_GROUP_SIZE, ternary_weights
@@ -39,6 +39,7 @@ CONFIG_NAMES = (
     "TrueTernary_Hybrid",
 )
 TERNARY_CONFIGS = ("TrueTernary", "TrueTernary_Naive", "TrueTernary_Hybrid")
+QAT_OPTIMIZERS = ("adamw", "tile_sgd")
 LATENT_CONFIGS = ("BitNet_QAT", "SignSGD_Old")  # float latent weights behind a ternary forward
 
 # Peak learning rates (vote scale for TrueTernary), tuned on the development corpus; see docs/learning.md.
@@ -64,6 +65,7 @@ class Hparams:
     rule: FlipRule | None = None  # None: FlipRule.for_run(steps)
     naive_threshold: int = 8
     qat_quantizer: str = "absmean"  # the latent configs' forward: BitNet's, or "group_pow2" (diagnostic)
+    qat_optimizer: str = "adamw"  # BitNet_QAT's optimiser: AdamW, or "tile_sgd" (TileNormSGD, diagnostic)
     hybrid_scale_lr: float = 1e-3
 
     def __post_init__(self) -> None:
@@ -193,6 +195,10 @@ def build_recipe(name: str, base_model: nn.Module, hp: Hparams, device: torch.de
         return Recipe(name, model, [opt], hp)
     if name == "BitNet_QAT":
         fake_ternarize(model, hp.qat_quantizer, hp.group_size)
+        if hp.qat_optimizer == "tile_sgd":
+            return Recipe(name, model, [TileNormSGD(model.parameters(), lr=lr)], hp, float_clip=False)
+        if hp.qat_optimizer != "adamw":
+            raise ValueError(f"qat_optimizer must be one of {QAT_OPTIMIZERS}, got {hp.qat_optimizer!r}")
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=hp.weight_decay)
         return Recipe(name, model, [opt], hp)
     if name == "SignSGD_Old":
