@@ -219,16 +219,20 @@ def test_accum_threshold_starts_every_layer_at_its_residual():
         ((nn.Sequential(nn.Linear(4, 3)),), dict(group_size=0), ValueError),
         ((nn.Sequential(nn.ReLU()),), dict(scale_mode="half"), ValueError),
         ((nn.Sequential(nn.Linear(4, 3)),), dict(scale_mode="half"), ValueError),
+        ((nn.Sequential(nn.Linear(4, 3)),), dict(accum_threshold=0), ValueError),
+        ((nn.Sequential(nn.Linear(4, 3)),), dict(accum_threshold=1.5), ValueError),
     ],
-    ids=["tensor", "bare-linear", "bare-embedding", "group0", "scale-mode-no-layers", "scale-mode"],
+    ids=["tensor", "bare-linear", "bare-embedding", "group0", "scale-mode-no-layers", "scale-mode", "accum-threshold0",
+         "accum-threshold-float"],
 )
 def test_bad_arguments(args, kwargs, err):
     with pytest.raises(err):
         ternarize(*args, **kwargs)
 
 
-def test_bad_scale_mode_leaves_model_untouched():
+@pytest.mark.parametrize("kwargs", [dict(scale_mode="bf16"), dict(accum_threshold=300)], ids=["scale", "threshold"])
+def test_bad_arguments_leave_model_untouched(kwargs):
     model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
     with pytest.raises(ValueError):
-        ternarize(model, scale_mode="bf16")
+        ternarize(model, **kwargs)
     assert type(model[0]) is nn.Linear and len(list(model.parameters())) == 4

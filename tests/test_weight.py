@@ -312,8 +312,12 @@ def test_residual_accum_hand_built():
     assert t.T_accum.tolist() == [[26, 26, 13, -31, -6, -3, 0, 31]]
     assert not t.E_accum.any()
     assert not TernaryScaleTensor.from_float(w, group_size=8).T_accum.any()  # default: empty accumulators
-    with pytest.raises(ValueError, match="accum_threshold"):
-        TernaryScaleTensor.from_float(w, group_size=8, accum_threshold=0)
+    for bad in (0, 128, 2.5, True):
+        with pytest.raises(ValueError, match="accum_threshold"):
+            TernaryScaleTensor.from_float(w, group_size=8, accum_threshold=bad)
+    # an all-zero group: residual 0 everywhere
+    z = TernaryScaleTensor.from_float(torch.zeros(2, 8), group_size=4, accum_threshold=32)
+    assert not z.T_accum.any()
 
 
 @pytest.mark.parametrize("rows,cols,gs", SHAPES, ids=SHAPE_IDS)

@@ -7,6 +7,7 @@ import warnings
 from torch import nn
 
 from .layers import TernaryEmbedding, TernaryLinear
+from .quant import check_accum_threshold
 from .weight import DEFAULT_GROUP_SIZE, SCALE_MODES, check_group_size
 
 # Containers whose forward reads their child Linear's ``.weight`` tensor directly: replacing the
@@ -37,6 +38,8 @@ def ternarize(
     check_group_size(group_size)
     if scale_mode not in SCALE_MODES:
         raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+    if accum_threshold is not None:
+        check_accum_threshold(accum_threshold)  # before any layer is replaced
     if isinstance(module, (nn.Linear, nn.Embedding)):
         raise TypeError("ternarize replaces layers inside a model; wrap a bare layer or use TernaryLinear.from_linear")
     _replace(module, "", group_size, scale_mode, set(skip), accum_threshold)

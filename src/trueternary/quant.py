@@ -64,6 +64,11 @@ def group_absmean_log2(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     return T, E.to(torch.int8)
 
 
+def check_accum_threshold(accum_threshold) -> None:
+    if isinstance(accum_threshold, bool) or not isinstance(accum_threshold, int) or not 1 <= accum_threshold <= 127:
+        raise ValueError(f"accum_threshold must be an integer in [1, 127], got {accum_threshold!r}")
+
+
 def residual_accum(w: torch.Tensor, T: torch.Tensor, group_size: int, accum_threshold: int) -> torch.Tensor:
     """Where each weight sits inside its rounding interval, as a starting ``T_accum`` (int8).
 
@@ -77,8 +82,7 @@ def residual_accum(w: torch.Tensor, T: torch.Tensor, group_size: int, accum_thre
     (never at the threshold itself, so no trit moves before a vote). Zero accumulators instead put every
     weight in the middle of its hysteresis band: no trit can move until ``accum_threshold`` votes agree.
     """
-    if not 1 <= accum_threshold <= 127:
-        raise ValueError(f"accum_threshold must be in [1, 127], got {accum_threshold!r}")
+    check_accum_threshold(accum_threshold)
     w = w.detach().float()
     cols = w.shape[1]
     counts = group_sum(torch.ones(1, cols, device=w.device), group_size)
