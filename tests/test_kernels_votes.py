@@ -329,6 +329,7 @@ RULES = {
     "sign-T-stochastic-E-tensor": {"vote": "sign", "normalize": "tensor", "scale_vote": "stochastic",
                                    "accum_threshold": 3, "scale_threshold": 3},
     "leak3-noclip-nb32": {"norm_block": 32, "leak": 3, "clip_at_bounds": False, "accum_threshold": 6},
+    "flip-reset2": {"norm_block": 16, "lr": 3.0, "accum_threshold": 4, "flip_reset": 2},
     "dense-path-tensor-norm": {"normalize": "tensor", "accum_threshold": 4},  # not fused: the gpu path falls back
 }
 
@@ -379,7 +380,7 @@ def test_gpu_backend_trains_like_dense_fallback(rule, monkeypatch):
         assert not o_ker._step_dev
 
 
-@pytest.mark.parametrize("rule", ["default-nb16", "seed-naive"])
+@pytest.mark.parametrize("rule", ["default-nb16", "seed-naive", "flip-reset2"])
 def test_gpu_signcache_trains_like_dense_fallback(rule):
     """gpu-signcache with two calls per step: the second call flushes the pending cache (sequential saturation)."""
     train_pair(RULES[rule], "gpu-signcache", steps=2, calls_per_step=2)
