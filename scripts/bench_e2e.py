@@ -591,7 +591,7 @@ def main() -> int:
         if s != "seed":
             continue
         # TrueTernary's graphs first: memory the Adam graph section leaves allocated (measured: ~134 MB that
-        # survive del + gc, not traced) would otherwise count in TrueTernary's peak
+        # outlive the section and a gc.collect, not traced) would otherwise count in TrueTernary's peak
         with B.section("graph seed TrueTernary[gpu]") as go:
             if go:
                 B.res["graphs"].append(graph_ternary("seed"))

@@ -85,6 +85,7 @@ def test_bench_latent_config_with_the_ternary_weight_format(tmp_path):
 )
 def test_bench_bad_flags_one_line_error(argv, capsys):
     rc = main(["bench", *TINY, *argv])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert rc == 2 and "== " not in captured.out  # refused before any config ran
     assert err.startswith("trueternary: error:") and "\n" not in err and "Traceback" not in err

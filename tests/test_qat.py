@@ -44,3 +44,18 @@ def test_absmean_forward_trits_and_bad_quantizer():
     assert set(forward_trits(m)) == {"0", "1"}
     with pytest.raises(ValueError, match="quantizer"):
         fake_ternarize(_model(), "fp4")
+
+
+def test_recipe_counts_forward_trit_changes_only_when_watched():
+    from trueternary.models import build_model
+    from trueternary.recipes import Hparams, build_recipe
+
+    base = build_model("transformer", seed=0, ctx=16, d_model=32, n_layers=1, n_heads=2)
+    x, y = torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16))
+    plain, watched = (build_recipe("BitNet_QAT", base, Hparams(steps=3, lr={"BitNet_QAT": 3e-2})) for _ in range(2))
+    watched.watch_forward_trits()
+    counts = []
+    for r in (plain, watched):
+        r.train_step(x, y, False)
+        counts.append(r.flips_last_step())
+    assert counts[0] == 0 and counts[1] > 0  # training loops pay nothing; the benchmark sees the changes

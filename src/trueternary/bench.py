@@ -143,6 +143,7 @@ def run_config(label: str, name: str, base, hp: Hparams, corpus, val_windows, ar
     memory.reset_peak(device)
     gen = torch.Generator().manual_seed(args.seed)  # identical batches for every config
     recipe = build_recipe(name, base, hp, device=device, backend=args.update_backend, seed=args.seed)
+    recipe.watch_forward_trits()  # latent configs report their trit changes per step like TrueTernary
     autocast = device.type == "cuda"
     losses, step_s, flips, scale_flips = [], [], [], []
     tokens = args.batch * args.ctx
@@ -370,6 +371,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         if args.group_size < 1:
             raise UsageError("--group-size must be >= 1")
         hp.group_size = args.group_size
+    hps = [_with_overrides(hp, name, over) for _, name, over in specs]  # bad brackets fail before any work
     corpus = load_corpus(args.data)
     val_windows = eval_windows(corpus.val, args.ctx, args.eval_windows)
     train_windows = eval_windows(corpus.train, args.ctx, args.eval_windows)
@@ -392,11 +394,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         "data": corpus.name,
     }
     results = []
-    for i, (label, name, over) in enumerate(specs):
+    for i, ((label, name, _), spec_hp) in enumerate(zip(specs, hps)):
         base = shared_base if shared_base is not None else build_model(args.model, seed=args.seed + i, **model_kw)
         print(f"== {label}", flush=True)
-        r = run_config(label, name, base, _with_overrides(hp, name, over), corpus, val_windows, args, device,
-                       train_windows)
+        r = run_config(label, name, base, spec_hp, corpus, val_windows, args, device, train_windows)
         results.append(r)
         print(f"   {label}: val_bpb {r['val_bpb']:.4f}  train_bpb {r['train_bpb']:.4f}  "
               f"final loss {r['final_loss']:.4f}  {r['median_step_ms']:.2f} ms/step  "

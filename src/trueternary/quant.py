@@ -33,10 +33,24 @@ def absmean_ternary_ste(w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 def group_pow2_ternary_ste(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """TrueTernary's quantiser as a fake-quant forward with a straight-through gradient: the trits of
     ``group_absmean_log2`` times ``2**E`` per group (the ``BitNet_QAT[quantizer=group_pow2]`` diagnostic:
-    AdamW on latent weights behind exactly the weight format the flip engine trains)."""
-    T, E = group_absmean_log2(w, group_size)
-    scale = torch.exp2(E.float()).repeat_interleave(group_size, dim=1)[:, : w.shape[1]]
-    return w + (T.float() * scale - w).detach().to(w.dtype)
+    AdamW on latent weights behind exactly the weight format the flip engine trains). No host sync: an
+    all-zero group gets any scale (its trits are 0 whatever it is)."""
+    mean_abs = group_mean_abs(w.detach().float(), group_size).clamp_min(torch.finfo(torch.float32).tiny)
+    E = torch.round(torch.log2(mean_abs)).clamp(E_MIN, E_MAX)
+    T = ternary_levels(w.detach().float(), expand_groups(mean_abs, group_size, w.shape[1]))
+    return w + (T.float() * expand_groups(torch.exp2(E), group_size, w.shape[1]) - w).detach().to(w.dtype)
+
+
+def group_mean_abs(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """mean |w| of each group of ``group_size`` consecutive weights in a row: (rows, n_groups), ragged last group
+    averaged over its real weights."""
+    counts = group_sum(torch.ones(1, w.shape[1], device=w.device), group_size)  # (1, n_groups)
+    return group_sum(w.abs(), group_size) / counts
+
+
+def expand_groups(per_group: torch.Tensor, group_size: int, cols: int) -> torch.Tensor:
+    """Broadcast a (rows, n_groups) tensor to (rows, cols)."""
+    return per_group.repeat_interleave(group_size, dim=1)[:, :cols]
 
 
 def group_absmean_log2(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,17 +64,14 @@ def group_absmean_log2(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     if not torch.isfinite(w).all():
         raise ValueError("cannot ternarise a weight with NaN or inf entries")
     w = w.detach().float()
-    rows, cols = w.shape
-    counts = group_sum(torch.ones(1, cols, device=w.device), group_size)  # (1, n_groups)
-    mean_abs = group_sum(w.abs(), group_size) / counts
+    mean_abs = group_mean_abs(w, group_size)
     nz = mean_abs > 0
     floor = mean_abs[nz].min() if bool(nz.any()) else torch.tensor(1.0, device=w.device)
     mean_abs = torch.where(nz, mean_abs, floor)
     E = torch.round(torch.log2(mean_abs)).clamp(E_MIN, E_MAX)
     # Quantise against the group's absmean (not the rounded power of two) so the trit pattern is
     # exactly BitNet's; E then only carries the magnitude.
-    scale = mean_abs.repeat_interleave(group_size, dim=1)[:, :cols]
-    T = ternary_levels(w, scale)
+    T = ternary_levels(w, expand_groups(mean_abs, group_size, w.shape[1]))
     return T, E.to(torch.int8)
 
 
@@ -84,10 +95,8 @@ def residual_accum(w: torch.Tensor, T: torch.Tensor, group_size: int, accum_thre
     """
     check_accum_threshold(accum_threshold)
     w = w.detach().float()
-    cols = w.shape[1]
-    counts = group_sum(torch.ones(1, cols, device=w.device), group_size)
-    mean_abs = group_sum(w.abs(), group_size) / counts
-    scale = mean_abs.repeat_interleave(group_size, dim=1)[:, :cols]
-    r = torch.where(scale > 0, w / scale.clamp_min(torch.finfo(torch.float32).tiny), 0.0) - T.float()
+    scale = expand_groups(group_mean_abs(w, group_size), group_size, w.shape[1])
+    # an all-zero group: w = 0 and T = 0, so r = 0 (any positive divisor gives that)
+    r = w / scale.clamp_min(torch.finfo(torch.float32).tiny) - T.float()
     lim = accum_threshold - 1
     return torch.round(2 * accum_threshold * r).clamp(-lim, lim).to(torch.int8)

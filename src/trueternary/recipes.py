@@ -105,8 +105,7 @@ class Recipe:
         self.float_clip = float_clip
         self.base_lrs = [[g["lr"] for g in o.param_groups] for o in optimizers]
         self.step_count = 0
-        # latent-weight configs: the forward trits at the last flips_last_step() call (a bench diagnostic)
-        self._trits = forward_trits(model) if name in LATENT_CONFIGS else None
+        self._trits: dict | None = None  # latent configs, after watch_forward_trits(): the last snapshot
 
     def set_lr(self, step: int) -> float:
         f = lr_factor(step, self.hp.steps, self.hp.warmup_frac, self.hp.min_lr_frac)
@@ -134,9 +133,15 @@ class Recipe:
         self.step_count += 1
         return loss.detach()
 
+    def watch_forward_trits(self) -> None:
+        """Make ``flips_last_step`` count a latent config's forward-trit changes (a benchmark diagnostic: it
+        snapshots every forward trit to the host once per step, so training loops leave it off)."""
+        if self.name in LATENT_CONFIGS:
+            self._trits = forward_trits(self.model)
+
     def flips_last_step(self) -> int:
-        """Trits that changed in the last step: the flip engine's count, or for the latent-weight configs
-        the forward trits that differ from the previous call's (the first call compares with the start)."""
+        """Trits that changed in the last step: the flip engine's count; for a latent-weight config watched
+        with ``watch_forward_trits`` the forward trits that differ from the previous call's; else 0."""
         if self.flip is not None:
             return int(self.flip.last_flips)
         if self._trits is None:
@@ -194,11 +199,11 @@ def build_recipe(name: str, base_model: nn.Module, hp: Hparams, device: torch.de
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=hp.weight_decay)
         return Recipe(name, model, [opt], hp)
     if name == "BitNet_QAT":
+        if hp.qat_optimizer not in QAT_OPTIMIZERS:
+            raise ValueError(f"qat_optimizer must be one of {QAT_OPTIMIZERS}, got {hp.qat_optimizer!r}")
         fake_ternarize(model, hp.qat_quantizer, hp.group_size)
         if hp.qat_optimizer == "tile_sgd":
             return Recipe(name, model, [TileNormSGD(model.parameters(), lr=lr)], hp, float_clip=False)
-        if hp.qat_optimizer != "adamw":
-            raise ValueError(f"qat_optimizer must be one of {QAT_OPTIMIZERS}, got {hp.qat_optimizer!r}")
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=hp.weight_decay)
         return Recipe(name, model, [opt], hp)
     if name == "SignSGD_Old":

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import packing
-from .quant import group_absmean_log2, residual_accum
+from .quant import expand_groups, group_absmean_log2, residual_accum
 
 DEFAULT_GROUP_SIZE = 64
 SCALE_MODES = ("int", "float")
@@ -144,7 +144,7 @@ class TernaryScaleTensor(nn.Module):
 
     def expand_groups(self, per_group: torch.Tensor) -> torch.Tensor:
         """Broadcast a (rows, n_groups) tensor to (rows, cols)."""
-        return per_group.repeat_interleave(self.group_size, dim=1)[:, : self.cols]
+        return expand_groups(per_group, self.group_size, self.cols)
 
     def scale(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """2**E per group as ``dtype`` (exact for powers of two in every float format we use)."""
