@@ -269,10 +269,10 @@ def test_scale_votes_bit_exact_and_interval(vote, normalize):
 
 
 def test_fused_votes_supported():
-    ok = [FlipRule(), FlipRule(norm_block=128), FlipRule.naive(), FlipRule(vote="sign", normalize="tensor"),
-          FlipRule(vote="sign", scale_vote="sign", norm_block=7)]
-    not_fused = [FlipRule(normalize="tensor"), FlipRule(norm_block=8), FlipRule(norm_block=48),
-                 FlipRule(vote="sign", norm_block=8), FlipRule(vote_power=0.5)]
+    ok = [FlipRule(norm_beta=0), FlipRule(norm_beta=0, norm_block=64), FlipRule.naive(),
+          FlipRule(vote="sign", normalize="tensor"), FlipRule(vote="sign", scale_vote="sign", norm_block=7)]
+    not_fused = [FlipRule(), FlipRule(normalize="tensor", norm_beta=0), FlipRule(norm_block=8, norm_beta=0),
+                 FlipRule(norm_block=48, norm_beta=0), FlipRule(vote="sign", norm_block=8), FlipRule(vote_power=0.5)]
     assert all(fused_votes_supported(r.to_dict()) for r in ok)
     assert not any(fused_votes_supported(r.to_dict()) for r in not_fused)
     w = random_weight(4, 6, 2)
@@ -285,8 +285,8 @@ def test_composite_empty_batch_is_noop():
     w = random_weight(20, 36, 8)
     before = copy.deepcopy(w)
     gy, x = int_inputs(5, 20, 36)
-    cast_matmul_votes(w, gy[:0], x[:0], FlipRule(norm_block=16).to_dict(), seed=0, step=step_tensor(0), call=0,
-                      calls_per_step=CALLS, nonfinite=torch.zeros((), dtype=torch.int32, device=DEVICE))
+    cast_matmul_votes(w, gy[:0], x[:0], FlipRule(norm_block=16, norm_beta=0).to_dict(), seed=0, step=step_tensor(0),
+                      call=0, calls_per_step=CALLS, nonfinite=torch.zeros((), dtype=torch.int32, device=DEVICE))
     for name in ("T_accum", "E_accum", "T_packed", "E"):
         assert torch.equal(getattr(w, name), getattr(before, name))
 
@@ -322,15 +322,17 @@ def gpu_optimizer(model, backend, **kw):
 
 
 RULES = {
-    "default-nb16": {"norm_block": 16, "lr": 3.0, "accum_threshold": 4},
-    "decay-interval2-clip3": {"norm_block": 16, "decay": 0.25, "scale_update_interval": 2, "vote_clip": 3,
-                              "accum_threshold": 5},
+    "historyless-nb16": {"norm_block": 16, "norm_beta": 0.0, "lr": 3.0, "accum_threshold": 4},
+    "decay-interval2-clip3": {"norm_block": 16, "norm_beta": 0.0, "decay": 0.25, "scale_update_interval": 2,
+                              "vote_clip": 3, "accum_threshold": 5},
     "seed-naive": FlipRule.naive(accum_threshold=3).to_dict(),
     "sign-T-stochastic-E-tensor": {"vote": "sign", "normalize": "tensor", "scale_vote": "stochastic",
                                    "accum_threshold": 3, "scale_threshold": 3},
-    "leak3-noclip-nb32": {"norm_block": 32, "leak": 3, "clip_at_bounds": False, "accum_threshold": 6},
-    "flip-reset2": {"norm_block": 16, "lr": 3.0, "accum_threshold": 4, "flip_reset": 2},
-    "dense-path-tensor-norm": {"normalize": "tensor", "accum_threshold": 4},  # not fused: the gpu path falls back
+    "leak3-noclip-nb32": {"norm_block": 32, "norm_beta": 0.0, "leak": 3, "clip_at_bounds": False, "accum_threshold": 6},
+    "flip-reset2": {"norm_block": 16, "norm_beta": 0.0, "lr": 3.0, "accum_threshold": 4, "flip_reset": 2},
+    # not fused: the gpu path casts these votes on the dense path (its flips still run in the flip kernel)
+    "dense-path-tensor-norm": {"normalize": "tensor", "accum_threshold": 4},
+    "dense-path-norm-beta-nb16": {"norm_block": 16, "lr": 3.0, "accum_threshold": 4},
 }
 
 
@@ -380,15 +382,15 @@ def test_gpu_backend_trains_like_dense_fallback(rule, monkeypatch):
         assert not o_ker._step_dev
 
 
-@pytest.mark.parametrize("rule", ["default-nb16", "seed-naive", "flip-reset2"])
+@pytest.mark.parametrize("rule", ["historyless-nb16", "seed-naive", "flip-reset2"])
 def test_gpu_signcache_trains_like_dense_fallback(rule):
     """gpu-signcache with two calls per step: the second call flushes the pending cache (sequential saturation)."""
     train_pair(RULES[rule], "gpu-signcache", steps=2, calls_per_step=2)
 
 
 def test_signcache_state_dict_flushes_pending_votes_and_load_drops_them():
-    ref, _, ker, o_ker = train_pair(RULES["default-nb16"], "gpu-signcache", steps=1)
-    ref_opt = FlipOptimizer(ref, backend="dense-fallback", seed=3, check_finite=False, **RULES["default-nb16"])
+    ref, _, ker, o_ker = train_pair(RULES["historyless-nb16"], "gpu-signcache", steps=1)
+    ref_opt = FlipOptimizer(ref, backend="dense-fallback", seed=3, check_finite=False, **RULES["historyless-nb16"])
     ref_opt._step = o_ker._step
     x = torch.randint(-2, 3, (3, 24), generator=torch.Generator().manual_seed(7)).float().to(DEVICE)
     ref(x).sum().backward()
@@ -409,7 +411,7 @@ def test_gpu_path_has_no_host_sync(monkeypatch):
     """With check_finite=False the gpu backend's backward and step() never read a tensor on the host (the
     CUDA-graph requirement): every way Python can do so raises here."""
     model = MLP()
-    opt = gpu_optimizer(model, "gpu", seed=1, check_finite=False, norm_block=16)
+    opt = gpu_optimizer(model, "gpu", seed=1, check_finite=False, norm_block=16, norm_beta=0.0)
     x = torch.randint(-2, 3, (4, 24), generator=torch.Generator().manual_seed(2)).float().to(DEVICE)
     model(x).sum().backward()  # warm-up: creates the device step counter
     opt.step()
@@ -430,7 +432,7 @@ def test_gpu_backend_counts_nonfinite_layers_and_raises():
     from trueternary.optim import NonFiniteGradientError
 
     model = MLP()
-    opt = gpu_optimizer(model, "gpu", seed=1, norm_block=16)
+    opt = gpu_optimizer(model, "gpu", seed=1, norm_block=16, norm_beta=0.0)
     x = torch.randint(-2, 3, (4, 24), generator=torch.Generator().manual_seed(2)).float().to(DEVICE)
     x[1, 3] = float("inf")
     model(x).sum().backward()
@@ -458,7 +460,7 @@ class SilentPeerComm:
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-@pytest.mark.parametrize("rule", ["default-nb16", "decay-interval2-clip3"])
+@pytest.mark.parametrize("rule", ["historyless-nb16", "decay-interval2-clip3"])
 def test_data_parallel_fused_votes_match_dense_path(rank, rule):
     """Under data parallelism the gpu backend casts each rank's votes with the kernels into one int8 bucket,
     all-reduced once per step, and accumulates and flips them in the flip kernel: the same integer state as
@@ -500,7 +502,7 @@ def test_data_parallel_ranks_vote_with_their_own_streams(backend):
     for name, comm, lr, decay in (("rank0", SilentPeerComm(0), 6.0, 0.5), ("rank1", SilentPeerComm(1), 6.0, 0.5),
                                   ("one", None, 3.0, 0.25)):
         model = copy.deepcopy(base)
-        rule_kw = dict(RULES["default-nb16"], lr=lr, decay=decay)
+        rule_kw = dict(RULES["historyless-nb16"], lr=lr, decay=decay)
         opt = gpu_optimizer(model, backend, seed=3, check_finite=False, **rule_kw)
         opt.comm = comm
         x = torch.randn(6, 24, generator=torch.Generator().manual_seed(5)).to(DEVICE)

@@ -219,7 +219,9 @@ def test_state_dict_round_trip_and_identical_continuation():
     train(model_a, opt_a, 3, data_seed=1)
     model_sd = copy.deepcopy(model_a.state_dict())
     opt_sd = copy.deepcopy(opt_a.state_dict())
-    assert opt_sd["trueternary"]["step"] == 3 and opt_sd["state"] == {}
+    assert opt_sd["trueternary"]["step"] == 3
+    if opt_a.param_groups[0]["norm_beta"]:  # the integer codes of the normaliser's moving averages
+        assert {k for st in opt_sd["state"].values() for k in st} == {"norm_tile", "norm_row", "norm_col"}
     train(model_a, opt_a, 4, data_seed=2)
 
     model_b = TinyNet(seed=1)
@@ -346,7 +348,15 @@ def test_float_weight_gradient_is_never_stored():
         assert t.grad is None
     float_buffers = {k for k, v in model.state_dict().items() if v.is_floating_point()}
     assert float_buffers == set()  # the training state is integers only
-    assert opt.state_bytes() == 0 and len(opt.state) == 0
+    # the optimiser's own state: only the normaliser's integer codes (norm_beta), none with norm_beta=0
+    assert all(not t.is_floating_point() for st in opt.state.values() for t in st.values())
+    from trueternary.weight import ternary_weights
+
+    assert 0 < opt.state_bytes() <= 0.2 * sum(w.numel() for w in ternary_weights(model))
+    model0 = TinyNet()
+    opt0 = FlipOptimizer(model0, norm_beta=0.0)
+    train(model0, opt0, 3, 0)
+    assert opt0.state_bytes() == 0 and len(opt0.state) == 0
 
 
 def test_at_most_one_layer_gradient_alive_during_backward():
@@ -443,6 +453,59 @@ def test_tile_norm_sgd_is_the_vote_without_integers():
     for bad in (dict(lr=0.0), dict(lr=float("nan")), dict(norm_block=0)):
         with pytest.raises(ValueError):
             TileNormSGD([w], **bad)
+
+
+def test_tile_norm_sgd_moving_averages():
+    """beta2: the factored statistics averaged over steps (a constant gradient keeps the history-less step; a
+    step after a 10x smaller gradient moves less); beta1: momentum; normalize_first: momentum of the normalised
+    step."""
+    from trueternary.optim import TileNormSGD
+
+    g = torch.randn(20, 30, generator=torch.Generator().manual_seed(1))
+
+    def steps(grads, **kw):
+        w = nn.Parameter(torch.zeros(20, 30))
+        opt = TileNormSGD([w], lr=0.1, norm_block=8, **kw)
+        for gi in grads:
+            before = w.detach().clone()
+            w.grad = gi
+            opt.step()
+        return w.detach() - before, opt
+
+    plain, _ = steps([g, g])
+    avg, opt = steps([g, g], beta2=0.9)
+    torch.testing.assert_close(avg, plain)
+    assert set(opt.state_dict()["state"][0]) == {"row_sq", "col_sq", "tile_sq"}
+    small, _ = steps([g, g * 0.1], beta2=0.9)  # the averages still remember the larger gradient
+    plain_small, _ = steps([g, g * 0.1])
+    assert small.abs().mean() < 0.5 * plain_small.abs().mean()
+    mom, opt = steps([g, -g], beta1=0.5)
+    torch.testing.assert_close(mom, plain * 0.0)  # 0.5 g + 0.5 (-g) = 0
+    assert set(opt.state_dict()["state"][0]) == {"exp_avg"}
+    first, _ = steps([g * 10, -g], beta1=0.5, normalize_first=True)  # normalised: scale 10 forgotten
+    torch.testing.assert_close(first, plain * 0.0, atol=1e-6, rtol=0)
+    for bad in (dict(beta1=1.0), dict(beta2=-0.1)):
+        with pytest.raises(ValueError):
+            TileNormSGD([nn.Parameter(g)], **bad)
+
+
+def test_norm_beta_state_is_integer_codes_counted_and_changes_the_votes():
+    from trueternary.ops.votes import fused_votes_supported
+
+    model = TinyNet()
+    opt = FlipOptimizer(model, norm_beta=0.9, norm_block=16, seed=1)
+    train(model, opt, 2, 0)
+    st = [opt.state[p] for p in opt.param_groups[0]["params"] if p in opt.state]
+    assert st and all(s["norm_tile"].dtype == torch.int16 and s["norm_row"].dtype == torch.int8 for s in st)
+    assert opt.state_bytes() == sum(t.numel() * t.element_size() for s in st for t in s.values())
+    assert not fused_votes_supported(opt.param_groups[0])  # the gpu backends take the dense path for it
+    other = TinyNet()
+    train(other, FlipOptimizer(other, norm_beta=0.0, norm_block=16, seed=1), 2, 0)
+    assert states_differ(integer_state(model), integer_state(other))
+    none = TinyNet()
+    opt0 = FlipOptimizer(none, norm_beta=0.0, seed=1)
+    train(none, opt0, 1, 0)
+    assert opt0.state_bytes() == 0 and opt0.state_dict()["state"] == {}
 
 
 # ------------------------------------------------------------------------------------ hybrid

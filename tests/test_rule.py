@@ -336,3 +336,74 @@ def test_recipe_hparams_use_the_rule_for_their_run_length():
     assert Hparams(steps=200).rule == FlipRule.for_run(200)
     assert Hparams(steps=3000).rule.scale_lr == 0.025
     assert Hparams(steps=3000, rule=FlipRule()).rule == FlipRule()  # an explicit rule is kept
+
+
+# ------------------------------------------------------------------------------------ norm_beta codes
+def test_log2_codes_round_trip_and_clamp():
+    from trueternary.rule import code_value, log2_code
+
+    x = torch.tensor([1.0, 2.0**1.5, 2.0**-20, 0.0, 3.0])
+    c = log2_code(x, 8, -32767, 32767)
+    assert c.tolist() == [0, 384, -5120, -32767, round(256 * 1.584962500721156)]
+    torch.testing.assert_close(code_value(c[:3], 8), x[:3])
+    assert log2_code(torch.tensor([2.0**9, 2.0**-9]), 4, -128, 127).tolist() == [127, -128]
+    # stochastic rounding: floor(y + u)
+    y = torch.full((4,), 2.0 ** (1 / 32))  # log2 code 0.5 at 1/16 octave
+    assert log2_code(y, 4, -128, 127, torch.tensor([0.0, 0.49, 0.51, 0.99])).tolist() == [0, 0, 1, 1]
+
+
+def _codes_after(stats_seq, beta, shape, block):
+    from trueternary.rule import block_factored_stats, ema_block_factored_ms, empty_norm_codes
+
+    codes = empty_norm_codes(shape, block, "cpu")
+    out = []
+    for i, g in enumerate(stats_seq):
+        ms, codes = ema_block_factored_ms(block_factored_stats(g, block), codes, beta, shape, rng.stream_key(3, 0, i))
+        out.append(ms)
+    return out, codes
+
+
+@pytest.mark.parametrize("shape", [(70, 130), (5, 3), (128, 64)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_ema_norm_first_call_is_block_factored_to_code_precision(shape):
+    """An empty tile takes the call's statistics: ms = block_factored_ms up to the codes' rounding (tile mean
+    1/512 octave, each ratio 1/8 octave with stochastic rounding)."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(shape, generator=gen) * (torch.rand(shape[0], 1, generator=gen) + 0.01) * 1e-3
+    (ms,), codes = _codes_after([g], 0.95, shape, 64)
+    ref = block_factored_ms(g, 64)
+    ratio = torch.log2(ms / ref).abs()
+    assert ratio.max() <= 2 / 8 + 1 / 512 + 1e-4
+    assert ratio.mean() < 0.1  # stochastic rounding: most codes land near the value
+    assert codes["norm_tile"].dtype == torch.int16 and codes["norm_row"].dtype == torch.int8
+    assert codes["norm_col"].dtype == torch.int8
+
+
+def test_ema_norm_moves_one_minus_beta_of_the_way():
+    """Constant statistics stay put; a gradient 4x larger (mean square 16x) moves the tile mean by
+    (1 - beta) of the difference: m = 1 + 0.1 * 15 = 2.5 times the old one, ratios unchanged."""
+    from trueternary.rule import NORM_TILE_EMPTY
+
+    g = torch.ones(8, 8)
+    (ms0, ms1, ms2), codes = _codes_after([g, g, 4 * g], 0.9, (8, 8), 8)
+    torch.testing.assert_close(ms0, torch.ones(8, 8))
+    torch.testing.assert_close(ms1, torch.ones(8, 8))
+    torch.testing.assert_close(ms2, torch.full((8, 8), 2.5), rtol=2e-3, atol=0)
+    assert (codes["norm_tile"] != NORM_TILE_EMPTY).all()
+    assert (codes["norm_row"] == 0).all() and (codes["norm_col"] == 0).all()  # ratios 1: code 0
+
+
+def test_ema_norm_zero_gradient_is_finite():
+    (ms0, ms1), codes = _codes_after([torch.zeros(4, 6), torch.ones(4, 6)], 0.5, (4, 6), 64)
+    assert torch.isfinite(ms0).all() and (ms0 >= 0).all()
+    torch.testing.assert_close(ms1, torch.full((4, 6), 0.5), rtol=3e-3, atol=0)
+
+
+def test_norm_beta_validation_and_state_budget():
+    from trueternary.rule import empty_norm_codes
+
+    for bad in (-0.1, 1.0, float("nan"), "0.9"):
+        with pytest.raises(ValueError, match="norm_beta"):
+            FlipRule(norm_beta=bad)
+    codes = empty_norm_codes((512, 2048), 128, "cpu")
+    per_weight = sum(t.numel() * t.element_size() for t in codes.values()) / (512 * 2048)
+    assert per_weight == pytest.approx(2 / 128 + 2 / 128**2)

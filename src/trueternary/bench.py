@@ -180,6 +180,8 @@ def run_config(label: str, name: str, base, hp: Hparams, corpus, val_windows, ar
         "rule": hp.rule.to_dict() if name in TERNARY_CONFIGS else None,
         "quantizer": hp.qat_quantizer if name in LATENT_CONFIGS else None,
         "qat_optimizer": hp.qat_optimizer if name == "BitNet_QAT" else None,
+        "qat_betas": list(hp.qat_betas) if name == "BitNet_QAT" and hp.qat_betas else None,
+        "weight_decay": hp.weight_decay if name in ("Adam_FP32", "BitNet_QAT") else None,
         "zero_trit_fraction": zero_trit_fraction(recipe),
         **recipe.state_report(),
         "peak_memory_bytes": memory.peak(device),
@@ -307,6 +309,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="windows for validation bpb (and as many training windows for train_bpb)")
     p.add_argument("--warmup-frac", type=float, default=0.05, help="linear warm-up, fraction of --steps")
     p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decay ends at this fraction of the peak")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="run this many configs at once, each in its own process on --device (needs --reuse-base; "
+                        "step times and peak memory are then measured beside the other jobs)")
     p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("--plot", default=None, metavar="PATH")
 
@@ -321,16 +326,36 @@ def _with_overrides(hp: Hparams, name: str, over: dict) -> Hparams:
     qat_optimizer = over.pop("optimizer", hp.qat_optimizer) if name == "BitNet_QAT" else hp.qat_optimizer
     if qat_optimizer not in QAT_OPTIMIZERS:
         raise UsageError(f"optimizer must be one of {', '.join(QAT_OPTIMIZERS)}, got {qat_optimizer!r}")
+    qat_betas, weight_decay = hp.qat_betas, hp.weight_decay
+    if name == "BitNet_QAT":
+        default = (0.0, 0.0) if qat_optimizer == "tile_sgd" else (0.9, 0.95)
+        betas = [over.pop(k, d) for k, d in zip(("beta1", "beta2"), hp.qat_betas or default)]
+        if not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise UsageError(f"beta1 and beta2 must be numbers in [0, 1), got {betas}")
+        qat_betas = tuple(float(b) for b in betas)
+        weight_decay = over.pop("wd", weight_decay)
+        normalize_first = bool(over.pop("normalize_first", hp.qat_normalize_first))
+        if qat_optimizer == "tile_sgd" and "norm_block" in over:  # TileNormSGD normalises like the rule
+            try:
+                rule = FlipRule.from_dict({**rule.to_dict(), "norm_block": over.pop("norm_block")})
+            except (ValueError, TypeError) as e:
+                raise UsageError(str(e)) from None
+        if not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < float("inf"):
+            raise UsageError(f"wd must be a finite number >= 0, got {weight_decay!r}")
     if over:
         if name not in TERNARY_CONFIGS:
-            extra = {"BitNet_QAT": ", quantizer=... and optimizer=...", "SignSGD_Old": " and quantizer=..."}
+            extra = {"BitNet_QAT": ", quantizer=..., optimizer=..., beta1=..., beta2=..., wd=... (and norm_block=... "
+                                   "with optimizer=tile_sgd)",
+                     "SignSGD_Old": " and quantizer=..."}
             raise UsageError(f"{name} takes only lr=...{extra.get(name, '')} in brackets, got {sorted(over)}")
         try:
             rule = FlipRule.from_dict({**rule.to_dict(), **over})
         except (ValueError, TypeError) as e:
             raise UsageError(str(e)) from None
     lrs = dict(hp.lr, **({name: lr} if lr is not None else {}))
-    return dataclasses.replace(hp, rule=rule, lr=lrs, qat_quantizer=quantizer, qat_optimizer=qat_optimizer)
+    return dataclasses.replace(hp, rule=rule, lr=lrs, qat_quantizer=quantizer, qat_optimizer=qat_optimizer,
+                               qat_betas=qat_betas, weight_decay=weight_decay,
+                               qat_normalize_first=normalize_first if name == "BitNet_QAT" else hp.qat_normalize_first)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -393,6 +418,54 @@ def run(args: argparse.Namespace) -> list[dict]:
         "hparams": hp.to_dict(),
         "data": corpus.name,
     }
+    jobs = getattr(args, "jobs", 1)
+    if jobs < 1:
+        raise UsageError("--jobs must be >= 1")
+    if jobs > 1 and len(specs) > 1:
+        if not args.reuse_base:
+            raise UsageError("--jobs needs --reuse-base (every job must start from the same base model)")
+        meta["jobs"] = jobs
+        results = _run_jobs(args, [label for label, _, _ in specs], jobs, meta)
+    else:
+        results = _run_configs(args, specs, hps, shared_base, model_kw, corpus, val_windows, train_windows, device,
+                               meta)
+    print()
+    print(format_table(results))
+    if args.plot:
+        plot(results, args.plot, f"{args.model} d={args.d_model} L={args.n_layers}, "
+             f"batch {args.batch} x ctx {args.ctx}, {corpus.name[:40]}")
+    return results
+
+
+def _run_jobs(args: argparse.Namespace, labels: list[str], jobs: int, meta: dict) -> list[dict]:
+    """Each config in a child process (spawned: CUDA cannot fork), ``jobs`` at once; results in ``labels`` order.
+    Every child builds the same base model (--reuse-base) and data, so the runs are those of one process.
+    The JSON is rewritten as each job ends, so a cut-off run keeps what finished."""
+    import multiprocessing
+
+    children = [dict(vars(args), configs=label, jobs=1, json=None, plot=None) for label in labels]
+    done: dict[str, dict] = {}
+    with multiprocessing.get_context("spawn").Pool(min(jobs, len(labels))) as pool:
+        for out in pool.imap_unordered(_run_job, children):
+            done[out[0]["config"]] = out[0]
+            if args.json:
+                _write_json(args.json, meta, [done[k] for k in labels if k in done])
+    return [done[k] for k in labels]
+
+
+def _run_job(child_args: dict) -> list[dict]:
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the parent prints the table; children stay quiet
+        results = run(argparse.Namespace(**child_args))
+    r = results[0]
+    print(f"   {r['config']}: val_bpb {r['val_bpb']:.4f}  ({r['median_step_ms']:.2f} ms/step beside other jobs)",
+          flush=True)
+    return results
+
+
+def _run_configs(args, specs, hps, shared_base, model_kw, corpus, val_windows, train_windows, device, meta):
     results = []
     for i, ((label, name, _), spec_hp) in enumerate(zip(specs, hps)):
         base = shared_base if shared_base is not None else build_model(args.model, seed=args.seed + i, **model_kw)
@@ -405,9 +478,4 @@ def run(args: argparse.Namespace) -> list[dict]:
               + (f"  DIVERGED ({r['diverged']})" if r["diverged"] else ""), flush=True)
         if args.json:  # after every config, so a cut-off run keeps what it measured
             _write_json(args.json, meta, results)
-    print()
-    print(format_table(results))
-    if args.plot:
-        plot(results, args.plot, f"{args.model} d={args.d_model} L={args.n_layers}, "
-             f"batch {args.batch} x ctx {args.ctx}, {corpus.name[:40]}")
     return results

@@ -53,6 +53,7 @@ from torch import nn
 
 from .layers import IntegerBias
 from .optim import _BIAS_CLIP, FlipOptimizer
+from .rule import uses_norm_memory
 from .weight import ternary_weights
 
 BACKEND_ENV = "TRUETERNARY_DIST_BACKEND"  # force 'gloo' or 'nccl' (default: nccl on CUDA, gloo on CPU)
@@ -454,27 +455,38 @@ def mismatched_replicas(tensors: dict[str, torch.Tensor], ctx: DistContext) -> l
 
 
 # ------------------------------------------------------------------------------------ communication model
-def vote_payload(model: nn.Module, bound: int, world_size: int, scale_votes: bool) -> dict:
+def vote_payload(model: nn.Module, bound: int, world_size: int, scale_votes: bool,
+                 norm_block: int | None = None) -> dict:
     """Bytes all-reduced per step when every ternary weight (and integer bias) is called once per step.
 
     Per call of a (rows x cols) weight: rows*cols T votes, plus rows*n_groups E votes on scale-vote steps
     (integer scales only), each of ``vote_transport_dtype(bound, N)``; sparse embedding votes are densified
-    to the full matrix first. Integer biases: n votes of ``vote_transport_dtype(2**20, N)``.
+    to the full matrix first. Integer biases: n votes of ``vote_transport_dtype(2**20, N)``. With
+    ``norm_block`` (a rule with ``norm_beta > 0``): the normaliser's statistics of every weight voted whole
+    (not the embeddings' row votes), one int32 log2 code per tile-row, tile-column and tile, in three calls.
     """
+    from .layers import TernaryEmbedding
+    from .rule import empty_norm_codes
+
     dt = vote_transport_dtype(bound, world_size)
     b = torch.tensor([], dtype=dt).element_size()
     bias_b = torch.tensor([], dtype=vote_transport_dtype(_BIAS_CLIP, world_size)).element_size()
-    t_votes = e_votes = calls = 0
+    row_voted = {id(m.weight) for m in model.modules() if isinstance(m, TernaryEmbedding)}
+    t_votes = e_votes = norm_codes = calls = 0
     for w in ternary_weights(model):
         t_votes += w.numel()
         calls += 1
         if scale_votes and w.scale_mode == "int":
             e_votes += w.rows * w.n_groups
             calls += 1
+        if norm_block and id(w) not in row_voted:
+            norm_codes += sum(t.numel() for t in empty_norm_codes((w.rows, w.cols), norm_block, "meta").values())
+            calls += 3
     biases = [m for m in model.modules() if isinstance(m, IntegerBias)]
     bias_votes = sum(m.n for m in biases)
-    return {"dtype": dt, "bytes": b * (t_votes + e_votes) + bias_b * bias_votes, "calls": calls + len(biases),
-            "T_votes": t_votes, "E_votes": e_votes, "bias_votes": bias_votes}
+    return {"dtype": dt, "bytes": b * (t_votes + e_votes) + bias_b * bias_votes + 4 * norm_codes,
+            "calls": calls + len(biases), "T_votes": t_votes, "E_votes": e_votes, "bias_votes": bias_votes,
+            "norm_codes": norm_codes}
 
 
 def ring_bytes_per_rank(payload: int, world_size: int) -> float:
@@ -484,17 +496,19 @@ def ring_bytes_per_rank(payload: int, world_size: int) -> float:
 
 def recipe_comm(recipe, world_size: int, grad_dtype: str = "fp32") -> dict:
     """The model of one step's all-reduce payload for a built Recipe at ``world_size`` ranks."""
-    votes = {"dtype": None, "bytes": 0, "calls": 0}
+    votes = {"dtype": None, "bytes": 0, "calls": 0, "norm_codes": 0}
     for o in recipe.optimizers:
         if isinstance(o, FlipOptimizer) and world_size > 1:  # one rank: FlipOptimizer never calls sum_votes
             g = o.param_groups[0]
             bound = max(vote_bound(gr) for gr in o.param_groups)
-            votes = vote_payload(recipe.model, bound, world_size, scale_votes=g["scale_update_interval"] > 0)
+            votes = vote_payload(recipe.model, bound, world_size, scale_votes=g["scale_update_interval"] > 0,
+                                 norm_block=g["norm_block"] if uses_norm_memory(g) else None)
     params = trainable_float_parameters(recipe.model)
     grad_bytes = sum(p.numel() for p in params) * (2 if grad_dtype == "bf16" else 4)
     n_weights = sum(w.numel() for w in ternary_weights(recipe.model)) or sum(p.numel() for p in params)
     payload = votes["bytes"] + grad_bytes + STEP_SYNC_BYTES
     return {"vote_dtype": votes["dtype"], "vote_bytes": votes["bytes"], "vote_calls": votes["calls"],
+            "norm_codes": votes["norm_codes"],
             "grad_bytes": grad_bytes, "grad_dtype": grad_dtype if params else None, "payload": payload,
             "weights": n_weights, "per_weight": payload / n_weights,
             "ring_per_rank": ring_bytes_per_rank(payload, world_size)}

@@ -21,19 +21,29 @@ from . import rng
 from .layers import IntegerBias
 from .ops.linear import KERNEL_BACKENDS, KERNEL_DTYPES, kernels_can_run
 from .rule import (
+    NORM_TILE_FRAC,
     FlipRule,
     accumulate,
     apply_flips,
     apply_scale_flips,
+    block_factored_stats,
+    code_value,
+    ema_block_factored_ms,
+    empty_norm_codes,
+    factored_ms,
     leak,
+    log2_code,
     scale_gradient,
     sign_votes,
     stochastic_votes,
+    uses_norm_memory,
+    vote_multiplier,
     vote_scale,
 )
 from .weight import TernaryScaleTensor, ternary_weights
 
 BACKENDS = ("auto", "dense-fallback", "none", "gpu", "gpu-signcache")
+_NORM_SALT = 0x4E4F524D  # RNG key salt of the norm_beta codes' rounding (one stream for all ranks)
 _CALLS_PER_STEP = 1024  # RNG counter slots per step: a layer may be called this often per step
 _BIAS_CLIP = 2**20
 
@@ -224,7 +234,7 @@ class FlipOptimizer(torch.optim.Optimizer):
     def _world(self) -> int:
         return self.comm.world_size if self.comm is not None else 1
 
-    def _votes(self, group, g, lr, stream, counter, clip, normalize, T=None, decay=0.0, index=None):
+    def _votes(self, group, g, lr, stream, counter, clip, normalize, T=None, decay=0.0, index=None, s=None):
         """Votes for one gradient: sign votes, or stochastic votes normalised per call (rule.py).
 
         Under data parallelism each rank votes on its own gradient with ``lr / world_size`` and
@@ -234,7 +244,9 @@ class FlipOptimizer(torch.optim.Optimizer):
         if group["vote"] == "sign":
             return sign_votes(g)
         p = group["vote_power"]
-        if p != 1:  # compress (p < 1) the normalised magnitudes: g -> sign(g) |g / rms|**p, then s = -lr
+        if s is not None:  # given: from the statistics' moving averages (norm_beta, _ema_scale)
+            pass
+        elif p != 1:  # compress (p < 1) the normalised magnitudes: g -> sign(g) |g / rms|**p, then s = -lr
             s1 = vote_scale(g, 1.0, normalize, group["norm_block"])
             g = torch.sign(g) * (g * s1).abs().pow(p)
             s = torch.tensor(-float(lr), dtype=torch.float32, device=g.device)
@@ -451,8 +463,11 @@ class FlipOptimizer(torch.optim.Optimizer):
         if rows is not None:
             cols = torch.arange(weight.cols, device=g.device)
             index = (rows.reshape(-1, 1) * weight.cols + cols).reshape(-1)
+        s = None
+        if uses_norm_memory(group) and rows is None and g.dim() == 2:  # (embedding rows: per call, no memory)
+            s = self._ema_scale(weight, group, g, counter)
         v = self._votes(group, g, group["lr"], 2 * weight.stream, counter, group["vote_clip"], group["normalize"],
-                        T, group["decay"], index)
+                        T, group["decay"], index, s=s)
         self._accumulate(weight.T_accum, v, rows, group)
 
         interval = group["scale_update_interval"]
@@ -467,6 +482,31 @@ class FlipOptimizer(torch.optim.Optimizer):
         vE = self._votes(group_e, gE, group["lr"] * group["scale_lr"], 2 * weight.stream + 1, counter,
                          group["vote_clip"], group["normalize"], index=eidx)
         self._accumulate(weight.E_accum, vE, rows, group_e)
+
+    def _ema_scale(self, weight: TernaryScaleTensor, group, g: torch.Tensor, counter: int) -> torch.Tensor:
+        """``s`` of the votes under ``norm_beta > 0``: the 'block_factored' statistics as moving averages kept in
+        integer codes in this optimiser's state of the weight (rule.ema_block_factored_ms). Under data
+        parallelism every rank averages the ranks' statistics (geometric mean, exact integer all-reduce) and
+        rounds with the same random numbers, so all ranks keep the same codes."""
+        st = self.state[weight.T_accum]
+        block = group["norm_block"]
+        if "norm_tile" not in st:
+            st.update(empty_norm_codes(tuple(g.shape), block, g.device))
+        stats = block_factored_stats(g, block)
+        if self._world() > 1:
+            stats = tuple(self._rank_mean(t) for t in stats)
+        key = rng.stream_key(self.seed ^ _NORM_SALT, weight.stream, counter)
+        codes = {k: st[k] for k in ("norm_tile", "norm_row", "norm_col")}
+        ms, codes = ema_block_factored_ms(stats, codes, group["norm_beta"], tuple(g.shape), key)
+        for k, v in codes.items():
+            st[k].copy_(v)
+        return vote_multiplier(ms, group["lr"])
+
+    def _rank_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The ranks' geometric mean of the non-negative ``t``, through log2 codes summed exactly."""
+        code = log2_code(t, NORM_TILE_FRAC, -32767, 32767).to(torch.int32)
+        total = self.comm.sum_votes(code).to(torch.int64)
+        return code_value(torch.div(total, self._world(), rounding_mode="floor"), NORM_TILE_FRAC)
 
     def _accumulate(self, accum: torch.Tensor, v: torch.Tensor, rows, group) -> None:
         if self._world() > 1 and rows is not None:
@@ -564,8 +604,8 @@ class FlipOptimizer(torch.optim.Optimizer):
         return [m for mods in self._group_modules for m in mods]
 
     def state_bytes(self) -> int:
-        """Float/int bytes this optimiser holds beyond the modules' own buffers (always ~0)."""
-        return 0
+        """Bytes this optimiser holds beyond the modules' own buffers: the integer codes of ``norm_beta``."""
+        return sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values())
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self):
@@ -646,30 +686,63 @@ def signgsd_update_(p: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay
 
 
 class TileNormSGD(_PerParameterOptimizer):
-    """Stateless normalised descent on float weights with the flip rule's normaliser (a diagnostic baseline):
-    ``p -= lr * g / sqrt(ms)``, ``ms`` the rule's estimate of ``g**2`` from this step's gradient alone
-    (``rule.vote_scale``: 'block_factored' per ``norm_block`` tile for matrices, the mean for vectors).
+    """Normalised descent on float weights with the flip rule's normaliser (a diagnostic baseline):
+    ``p -= lr * m / sqrt(ms)``, ``ms`` the rule's factored estimate of ``g**2`` (``rule.block_factored_ms``
+    per ``norm_block`` tile for matrices, the mean for vectors) and ``m`` the gradient.
 
-    It is TrueTernary's vote without the integers: no stochastic rounding, no accumulator clip, no
-    hysteresis, no history. Behind BitNet_QAT's ternary forward (``BitNet_QAT[optimizer=tile_sgd]`` in
-    ``bench``) it tells what the normaliser costs against AdamW and what the integer mechanics cost against
-    it. Zero optimiser state.
+    With the defaults (``beta1 = beta2 = 0``) it is TrueTernary's vote without the integers: no stochastic
+    rounding, no accumulator clip, no hysteresis, no history, zero optimiser state. ``beta2 > 0`` replaces
+    the factored statistics of the current gradient by their exponential moving average over steps (state:
+    per tile-row, tile-column and tile means, ~2/norm_block floats per weight: Adafactor's second moment,
+    per tile); ``beta1 > 0`` makes ``m`` a moving average of the gradient (momentum, one float per weight),
+    or with ``normalize_first`` a moving average of the normalised step ``g / sqrt(ms)``.
+    Behind BitNet_QAT's ternary forward (``BitNet_QAT[optimizer=tile_sgd,beta1=..,beta2=..]`` in ``bench``)
+    it says which part of AdamW's history TrueTernary's history-less vote lacks.
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, norm_block: int = 64) -> None:
+    def __init__(self, params: Iterable, lr: float = 1e-3, norm_block: int = 64, beta1: float = 0.0,
+                 beta2: float = 0.0, normalize_first: bool = False) -> None:
         _check_lr(lr)
         if isinstance(norm_block, bool) or not isinstance(norm_block, int) or norm_block < 1:
             raise ValueError(f"norm_block must be a positive integer, got {norm_block!r}")
-        super().__init__(params, {"lr": lr, "norm_block": norm_block})
+        for name, b in (("beta1", beta1), ("beta2", beta2)):
+            if not isinstance(b, (int, float)) or not 0 <= b < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {b!r}")
+        super().__init__(params, {"lr": lr, "norm_block": norm_block, "beta1": beta1, "beta2": beta2,
+                                  "normalize_first": bool(normalize_first)})
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
-        tile_norm_update_(p, grad, group["lr"], group["norm_block"])
+        state = self.state[p] if group["beta1"] or group["beta2"] else {}  # history-less: no state entry
+        tile_norm_update_(p, grad, state, group["lr"], group["norm_block"], group["beta1"], group["beta2"],
+                          group["normalize_first"])
 
 
-def tile_norm_update_(p: torch.Tensor, grad: torch.Tensor, lr: float, norm_block: int) -> None:
-    """The per-parameter TileNormSGD math (pure, in place; ``step()`` has checked that ``grad`` is finite)."""
-    s = vote_scale(grad, 1.0, "block_factored", norm_block)  # -1 / sqrt(ms + 1e-30), like the votes'
-    p.add_(grad.float() * s * lr)
+def tile_norm_update_(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, norm_block: int,
+                      beta1: float = 0.0, beta2: float = 0.0, normalize_first: bool = False) -> None:
+    """The per-parameter TileNormSGD math (pure, in place on ``p`` and its ``state``; ``step()`` has checked
+    that ``grad`` is finite). Moving averages start at the first step's value (no bias correction needed)."""
+    g = grad.float()
+    if p.dim() == 2:
+        stats = block_factored_stats(g, norm_block)
+    else:
+        stats = (g.square().mean(),)
+    if beta2:
+        names = ("row_sq", "col_sq", "tile_sq")[: len(stats)]
+        for name, t in zip(names, stats):
+            if name not in state:
+                state[name] = t.clone()
+            state[name].lerp_(t, 1 - beta2)
+        stats = tuple(state[name] for name in names)
+    ms = factored_ms(*stats, g.shape) if p.dim() == 2 else stats[0]
+    s = vote_multiplier(ms, lr)  # -lr / sqrt(ms + 1e-30), like the votes'
+    if normalize_first:  # momentum of the normalised step (bounded however small a later ms is)
+        g = g * s
+        s = 1.0
+    if beta1:
+        if "exp_avg" not in state:
+            state["exp_avg"] = g.clone()
+        g = state["exp_avg"].lerp_(g, 1 - beta1)
+    p.add_(g * s)
 
 
 def hybrid_optimizers(

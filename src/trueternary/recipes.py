@@ -66,6 +66,8 @@ class Hparams:
     naive_threshold: int = 8
     qat_quantizer: str = "absmean"  # the latent configs' forward: BitNet's, or "group_pow2" (diagnostic)
     qat_optimizer: str = "adamw"  # BitNet_QAT's optimiser: AdamW, or "tile_sgd" (TileNormSGD, diagnostic)
+    qat_betas: tuple | None = None  # BitNet_QAT's (beta1, beta2); None: AdamW (0.9, 0.95), tile_sgd (0, 0)
+    qat_normalize_first: bool = False  # tile_sgd: momentum of the normalised step (not of the gradient)
     hybrid_scale_lr: float = 1e-3
 
     def __post_init__(self) -> None:
@@ -203,8 +205,12 @@ def build_recipe(name: str, base_model: nn.Module, hp: Hparams, device: torch.de
             raise ValueError(f"qat_optimizer must be one of {QAT_OPTIMIZERS}, got {hp.qat_optimizer!r}")
         fake_ternarize(model, hp.qat_quantizer, hp.group_size)
         if hp.qat_optimizer == "tile_sgd":
-            return Recipe(name, model, [TileNormSGD(model.parameters(), lr=lr)], hp, float_clip=False)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=hp.weight_decay)
+            beta1, beta2 = hp.qat_betas or (0.0, 0.0)
+            opt = TileNormSGD(model.parameters(), lr=lr, norm_block=hp.rule.norm_block, beta1=beta1, beta2=beta2,
+                              normalize_first=hp.qat_normalize_first)
+            return Recipe(name, model, [opt], hp, float_clip=False)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=hp.qat_betas or (0.9, 0.95),
+                                weight_decay=hp.weight_decay)
         return Recipe(name, model, [opt], hp)
     if name == "SignSGD_Old":
         fake_ternarize(model, hp.qat_quantizer, hp.group_size)

@@ -11,8 +11,9 @@ State per weight matrix W (rows x cols), groups of ``group_size`` consecutive we
     E        int8 per group, log2 scale: W = T * 2**E
     E_accum  int8 per group, the scale-vote accumulator
 
-Nothing else: the normalisation below is computed from the gradient at hand, so the rule keeps no
-float statistics between steps.
+and, with ``norm_beta > 0`` (the default), the normaliser's moving averages as integer log2 codes per
+``norm_block`` tile (an int16 per tile, an int8 per tile-row and tile-column; ``ema_block_factored_ms``), held
+by the optimiser. No float survives a step.
 
 For each call of a layer in backward (``stochastic_votes`` ...) and once per optimiser step
 (``apply_*``), with g the weight gradient of that call:
@@ -21,6 +22,8 @@ For each call of a layer in backward (``stochastic_votes`` ...) and once per opt
                                           over row i, column j and all of the norm_block x norm_block
                                           tile holding (i, j) (Adafactor's factored second moment,
                                           per tile and per call)
+               with norm_beta > 0, r, c and m are moving averages over calls (a += (1 - norm_beta) *
+               (stat - a)) stored as codes, and ms comes from the codes
                ms_ij = mean(g**2)         'tensor'
     votes      v = clamp(floor(s * g - decay * T + u), -vote_clip, vote_clip)        'stochastic'
                    s = -lr / sqrt(ms + 1e-30),  u ~ U[0, 1) from trueternary.rng
@@ -33,8 +36,8 @@ For each call of a layer in backward (``stochastic_votes`` ...) and once per opt
                trit it left, a narrower hysteresis)
                (clip_at_bounds) T_accum = clamp(T_accum, -theta, theta)  afterwards
     scale      gE = sum over the group of g * T   (dL/dE up to the positive factor 2**E ln 2), a
-               (rows, n_groups) matrix voted like the weights (same normalisation, lr * scale_lr) into E_accum, on steps
-               that are multiples of scale_update_interval; |E_accum| >= scale_threshold moves E by one.
+               (rows, n_groups) matrix voted like the weights (normalised per call, lr * scale_lr) into E_accum,
+               on steps that are multiples of scale_update_interval; |E_accum| >= scale_threshold moves E by one.
 
 A positive gradient votes toward -1 (gradient descent). ``u`` makes the expected vote equal to
 ``s * g``: the vote carries the gradient's magnitude, not just its sign, while staying an integer.
@@ -63,7 +66,7 @@ class FlipRule:
 
     vote: str = "stochastic"
     normalize: str = "block_factored"
-    norm_block: int = 64  # tile edge of normalize='block_factored'
+    norm_block: int = 128  # tile edge of normalize='block_factored'
     accum_threshold: int = 32
     lr: float = 4.0  # expected votes per call for a typical gradient (the learning-rate analogue)
     vote_clip: int = 8
@@ -77,6 +80,7 @@ class FlipRule:
     scale_lr: float = 0.05  # scale-vote scale relative to ``lr`` (so schedules drive both); see for_run()
     scale_update_interval: int = 1  # 0 disables scale updates
     accum_init: str = "residual"  # T_accum when a float weight is ternarised: its rounding residual, or "zero"
+    norm_beta: float = 0.95  # > 0: 'block_factored' statistics are moving averages over steps (0: this call's)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -110,6 +114,9 @@ class FlipRule:
             raise ValueError(f"scale_update_interval must be an integer >= 0, got {iv!r}")
         if not isinstance(self.vote_power, (int, float)) or not 0 < self.vote_power <= 2:
             raise ValueError(f"vote_power must be in (0, 2], got {self.vote_power!r}")
+        nb = self.norm_beta
+        if not isinstance(nb, (int, float)) or not 0 <= nb < 1:
+            raise ValueError(f"norm_beta must be in [0, 1), got {nb!r}")
         for name in ("lr", "scale_lr", "decay"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not v >= 0 or v != v or v == float("inf"):
@@ -221,6 +228,13 @@ def block_factored_ms(g: torch.Tensor, block: int) -> torch.Tensor:
     row i, of column j, and over the whole tile (edge tiles average over their real elements only).
     Computable in the epilogue of a tiled weight-gradient kernel: no statistic of the whole matrix needed.
     """
+    return factored_ms(*block_factored_stats(g, block), g.shape)
+
+
+def block_factored_stats(g: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three means behind ``block_factored_ms``: of ``g**2`` over each tile's part of every row
+    (Rb, br, Cb), of every column (Rb, Cb, bc), and over each whole tile (Rb, Cb); ``br, bc = min(block, R),
+    min(block, C)``, ``Rb, Cb`` the tile counts (edge tiles average over their real elements only)."""
     g2 = g.float().square()
     R, C = g2.shape
     # a matrix no larger than one tile along an axis is one (partial) tile there: no padding needed
@@ -232,8 +246,95 @@ def block_factored_ms(g: torch.Tensor, block: int) -> torch.Tensor:
     row = pad.sum(3) / ones.sum(3).clamp_min(1)  # (Rb, br, Cb)
     col = pad.sum(1) / ones.sum(1).clamp_min(1)  # (Rb, Cb, bc)
     tile = pad.sum((1, 3)) / ones.sum((1, 3)).clamp_min(1)  # (Rb, Cb)
+    return row, col, tile
+
+
+def factored_ms(row: torch.Tensor, col: torch.Tensor, tile: torch.Tensor, shape) -> torch.Tensor:
+    """``r_i c_j / m`` per element of a ``shape`` matrix from ``block_factored_stats``' three means."""
+    Rb, br, Cb = row.shape
+    bc = col.shape[2]
     ms = row[:, :, :, None] * col[:, None, :, :] / tile[:, None, :, None].clamp_min(1e-38)
-    return ms.reshape(Rb * br, Cb * bc)[:R, :C]
+    return ms.reshape(Rb * br, Cb * bc)[: shape[0], : shape[1]]
+
+
+# The moving averages of 'block_factored' statistics (norm_beta > 0) are integer state, log2 fixed point:
+#   tile code   int16 per tile        m = 2**(code / 256)          (NORM_TILE_EMPTY: no statistics yet)
+#   row code    int8 per tile-row     r = m * 2**(code / 8)        (the ratio r / m in [2**-16, 2**15.9])
+#   col code    int8 per tile-column  c = m * 2**(code / 8)
+# A row's mean square is at most `block` times its tile's (log2 128 = 7), so the ratios fit; a row below
+# 2**-16 of its tile (a zero row) is held as 2**-16. Codes shaped like block_factored_stats' outputs:
+# tile (Rb, Cb), row (Rb, br, Cb), col (Rb, Cb, bc): 2 / block + 2 / block**2 bytes per weight (0.0157 at block 128).
+NORM_TILE_FRAC = 8
+NORM_RATIO_FRAC = 3
+NORM_TILE_EMPTY = -32768
+_INT16_MAX = 32767
+
+
+def uses_norm_memory(group) -> bool:
+    """Whether a rule (a FlipRule's dict, or a param group) normalises votes by moving averages (norm_beta)."""
+    return bool(group.get("norm_beta", 0)) and group["vote"] == "stochastic" and (
+        group["normalize"] == "block_factored" and group.get("vote_power", 1) == 1)
+
+
+def log2_code(x: torch.Tensor, frac: int, lo: int, hi: int, u: torch.Tensor | None = None) -> torch.Tensor:
+    """``clamp(round(2**frac * log2(x)), lo, hi)`` for ``x >= 0`` (0 -> lo); stochastic ``floor(. + u)`` with ``u``."""
+    y = torch.log2(x.float()) * float(1 << frac)
+    y = torch.round(y) if u is None else torch.floor(y + u)
+    return y.clamp_(lo, hi)
+
+
+def code_value(code: torch.Tensor, frac: int) -> torch.Tensor:
+    """The float32 value ``2**(code / 2**frac)`` of a log2 fixed-point code."""
+    return torch.exp2(code.float() / float(1 << frac))
+
+
+def empty_norm_codes(shape: tuple[int, int], block: int, device) -> dict[str, torch.Tensor]:
+    """The norm_beta state of a (R, C) weight before its first gradient: every tile empty."""
+    R, C = shape
+    br, bc = min(block, R), min(block, C)
+    Rb, Cb = -(-R // br), -(-C // bc)
+    return {
+        "norm_tile": torch.full((Rb, Cb), NORM_TILE_EMPTY, dtype=torch.int16, device=device),
+        "norm_row": torch.zeros((Rb, br, Cb), dtype=torch.int8, device=device),
+        "norm_col": torch.zeros((Rb, Cb, bc), dtype=torch.int8, device=device),
+    }
+
+
+def ema_block_factored_ms(
+    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    codes: dict[str, torch.Tensor],
+    beta: float,
+    shape: tuple[int, int],
+    key: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """'block_factored' with memory: ``ms`` from moving averages of the statistics, and the new codes.
+
+    ``stats``: this call's (row, col, tile) means of g**2 (``block_factored_stats``). Each average moves
+    ``a += (1 - beta) * (stat - a)`` (an empty tile takes the statistics as they are), then is stored as a
+    code: the tile mean rounded to 1/256 octave, the row and column ratios stochastically rounded to 1/8
+    octave (``u`` from ``key``; unbiased in log2, so small moves are not lost). ``ms = r_i c_j / m`` is computed
+    from the stored codes, so a step taken from restored state repeats exactly.
+    """
+    row, col, tile = (t.float() for t in stats)
+    empty = codes["norm_tile"] == NORM_TILE_EMPTY
+    m_old = code_value(codes["norm_tile"], NORM_TILE_FRAC)
+    r_old = m_old[:, None, :] * code_value(codes["norm_row"], NORM_RATIO_FRAC)
+    c_old = m_old[:, :, None] * code_value(codes["norm_col"], NORM_RATIO_FRAC)
+    w = 1.0 - beta
+    m = torch.where(empty, tile, m_old + w * (tile - m_old))
+    r = torch.where(empty[:, None, :], row, r_old + w * (row - r_old))
+    c = torch.where(empty[:, :, None], col, c_old + w * (col - c_old))
+    tile_code = log2_code(m, NORM_TILE_FRAC, -_INT16_MAX, _INT16_MAX).to(torch.int16)
+    mq = code_value(tile_code, NORM_TILE_FRAC)
+    den = mq.clamp_min(1e-38)
+    u = rng.uniform(key, r.numel() + c.numel(), r.device)
+    row_code = log2_code(r / den[:, None, :], NORM_RATIO_FRAC, -128, 127, u[: r.numel()].view(r.shape))
+    col_code = log2_code(c / den[:, :, None], NORM_RATIO_FRAC, -128, 127, u[r.numel():].view(c.shape))
+    row_code, col_code = row_code.to(torch.int8), col_code.to(torch.int8)
+    rq = mq[:, None, :] * code_value(row_code, NORM_RATIO_FRAC)
+    cq = mq[:, :, None] * code_value(col_code, NORM_RATIO_FRAC)
+    codes = {"norm_tile": tile_code, "norm_row": row_code, "norm_col": col_code}
+    return factored_ms(rq, cq, mq, shape), codes
 
 
 def leak(accum: torch.Tensor, shift: int) -> torch.Tensor:

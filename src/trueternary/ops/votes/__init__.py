@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...rule import uses_norm_memory
 from .naive import (
     cast_matmul_votes_naive,
     decode_vote_cache,
@@ -94,6 +95,8 @@ class VoteCache:
 
 def fused_votes_supported(group: Mapping) -> bool:
     """Whether the fused kernels implement this param group's vote rule (see the module docstring)."""
+    if uses_norm_memory(group):  # moving-average statistics: the dense path only (not fused yet)
+        return False
     if group.get("vote_power", 1) != 1:  # compressed vote magnitudes (also on scale votes): dense path only
         return False
     block_ok = group["normalize"] == "block_factored" and group["norm_block"] in FUSED_NORM_BLOCKS
