@@ -407,3 +407,16 @@ def test_norm_beta_validation_and_state_budget():
     codes = empty_norm_codes((512, 2048), 128, "cpu")
     per_weight = sum(t.numel() * t.element_size() for t in codes.values()) / (512 * 2048)
     assert per_weight == pytest.approx(2 / 128 + 2 / 128**2)
+
+
+def test_block_factored_stats_whole_tiles_equal_the_padded_path():
+    """Whole tiles skip the padding (constant counts); the values are the padded computation's, bit for bit."""
+    from trueternary.rule import block_factored_stats
+
+    g = torch.randn(96, 64, generator=torch.Generator().manual_seed(4))
+    fast = block_factored_stats(g, 32)
+    padded = block_factored_stats(torch.nn.functional.pad(g, (0, 1)), 32)  # one ragged column: padded path
+    ref_row = g.square().view(3, 32, 2, 32).sum(3) / 32.0
+    assert torch.equal(fast[0], ref_row)
+    assert torch.equal(fast[1], padded[1][:, :2, :])  # the padded path's means of the same columns
+    assert torch.equal(fast[2], g.square().view(3, 32, 2, 32).sum((1, 3)) / 1024.0)
