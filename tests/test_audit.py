@@ -89,3 +89,17 @@ def test_cli_unwritable_json_path(tmp_path, capsys):
     rc = main(["--model", "transformer", "--ctx", "8", "--d-model", "16", "--n-layers", "1", "--n-heads", "2",
                "--json", str(blocker / "audit.json")])
     assert rc == 2 and "cannot write" in capsys.readouterr().err
+
+
+def test_audit_counts_the_codes_flip_optimizer_keeps():
+    """The optimiser-state line is what a FlipOptimizer with the default rule really holds after a step."""
+    from trueternary import FlipOptimizer
+
+    m = ternarize(build_model("transformer", 0, ctx=8, d_model=32, n_layers=1, n_heads=2), 8)
+    r = audit(m)
+    opt = FlipOptimizer(m)
+    idx = torch.randint(0, 256, (2, 8))
+    torch.nn.functional.cross_entropy(m(idx).flatten(0, 1), idx.flatten()).backward()
+    opt.step()
+    assert r["optimizer_state_bytes"] == opt.state_bytes() > 0
+    assert r["training_state_bytes"] >= r["ternary_training_state_bytes"] + r["optimizer_state_bytes"]

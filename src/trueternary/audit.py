@@ -5,6 +5,8 @@ Categories (every registered tensor lands in exactly one):
 
     ternary weights        TernaryScaleTensor buffers (T_packed, E, E_accum, T_accum) and
                            IntegerBias buffers (q, exp): the state the FlipOptimizer trains
+    optimiser state        not in the model: the codes FlipOptimizer keeps under the default rule
+                           (the vote normaliser's moving averages), counted in the training state
     other integer state    integer buffers elsewhere (VQ usage/idle counters, MoE balance bias, ...)
     float parameters       trainable ``nn.Parameter`` (a strict ternary model has none)
     frozen parameters      registered parameters with ``requires_grad=False``
@@ -24,6 +26,8 @@ import torch
 from torch import nn
 
 from .layers import IntegerBias
+from .optim import norm_codes_of
+from .rule import FlipRule, uses_norm_memory
 from .weight import ternary_weights
 
 
@@ -55,6 +59,10 @@ def audit(model: nn.Module) -> dict:
             (float_buffers if b.is_floating_point() else int_state).append(entry)
     encoders = [m for m in model.modules() if isinstance(m, FrozenEncoder)]
     tern_train = sum(w.training_state_bytes() for w in tw) + sum(b.training_state_bytes() for b in biases)
+    # what FlipOptimizer keeps beside the model under the default rule: the vote normaliser's codes
+    rule = FlipRule()
+    codes = norm_codes_of(model, rule.norm_block) if uses_norm_memory(rule.to_dict()) else []
+    optim_bytes = sum(_nbytes(t) for c in codes for t in c.values())
     return {
         "ternary_matrices": len(tw),
         "ternary_weights": sum(w.numel() for w in tw),
@@ -73,7 +81,8 @@ def audit(model: nn.Module) -> dict:
         "float_buffer_list": float_buffers,
         "frozen_encoder_params": sum(e.frozen_parameters() for e in encoders),
         "frozen_encoder_bytes": sum(e.frozen_bytes() for e in encoders),
-        "training_state_bytes": tern_train + sum(e["bytes"] for e in int_state if e["persistent"])
+        "optimizer_state_bytes": optim_bytes,
+        "training_state_bytes": tern_train + optim_bytes + sum(e["bytes"] for e in int_state if e["persistent"])
         + sum(_nbytes(p) for _, p in float_params),
     }
 
@@ -95,8 +104,9 @@ def format_audit(report: dict, title: str = "model") -> str:
         f"  inference bytes        {r['ternary_inference_bytes']:>14,}  ({r['ternary_inference_bytes'] * kb:,.1f} KiB:"
         " packed trits + scales)",
         f"  training-state bytes   {r['training_state_bytes']:>14,}  ({r['training_state_bytes'] * kb:,.1f} KiB:"
-        f" ternary {r['ternary_training_state_bytes']:,},"
-        f" other integer {r['other_integer_state_bytes']:,}, float params {r['float_param_bytes']:,})",
+        f" ternary {r['ternary_training_state_bytes']:,}, FlipOptimizer's normaliser codes"
+        f" {r['optimizer_state_bytes']:,}, other integer {r['other_integer_state_bytes']:,},"
+        f" float params {r['float_param_bytes']:,})",
         f"  float params           {r['float_params']:>14,}{_names(r['float_param_names'])}",
         f"  frozen params          {r['frozen_params']:>14,}",
         f"  frozen encoder params  {r['frozen_encoder_params']:>14,}  (attached frozen encoders, not trained)",

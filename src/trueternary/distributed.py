@@ -52,7 +52,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .layers import IntegerBias
-from .optim import _BIAS_CLIP, FlipOptimizer
+from .optim import _BIAS_CLIP, FlipOptimizer, norm_codes_of
 from .rule import uses_norm_memory
 from .weight import ternary_weights
 
@@ -465,23 +465,19 @@ def vote_payload(model: nn.Module, bound: int, world_size: int, scale_votes: boo
     ``norm_block`` (a rule with ``norm_beta > 0``): the normaliser's statistics of every weight voted whole
     (not the embeddings' row votes), one int32 log2 code per tile-row, tile-column and tile, in three calls.
     """
-    from .layers import TernaryEmbedding
-    from .rule import empty_norm_codes
-
     dt = vote_transport_dtype(bound, world_size)
     b = torch.tensor([], dtype=dt).element_size()
     bias_b = torch.tensor([], dtype=vote_transport_dtype(_BIAS_CLIP, world_size)).element_size()
-    row_voted = {id(m.weight) for m in model.modules() if isinstance(m, TernaryEmbedding)}
-    t_votes = e_votes = norm_codes = calls = 0
+    t_votes = e_votes = calls = 0
     for w in ternary_weights(model):
         t_votes += w.numel()
         calls += 1
         if scale_votes and w.scale_mode == "int":
             e_votes += w.rows * w.n_groups
             calls += 1
-        if norm_block and id(w) not in row_voted:
-            norm_codes += sum(t.numel() for t in empty_norm_codes((w.rows, w.cols), norm_block, "meta").values())
-            calls += 3
+    codes = norm_codes_of(model, norm_block) if norm_block else []
+    norm_codes = sum(t.numel() for c in codes for t in c.values())
+    calls += 3 * len(codes)
     biases = [m for m in model.modules() if isinstance(m, IntegerBias)]
     bias_votes = sum(m.n for m in biases)
     return {"dtype": dt, "bytes": b * (t_votes + e_votes) + bias_b * bias_votes + 4 * norm_codes,

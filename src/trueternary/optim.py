@@ -636,6 +636,16 @@ class FlipOptimizer(torch.optim.Optimizer):
             t.fill_(self._step)
 
 
+def norm_codes_of(model: nn.Module, norm_block: int) -> list[dict[str, torch.Tensor]]:
+    """The shapes (as meta tensors) of the normaliser codes a FlipOptimizer with ``norm_beta > 0`` keeps for
+    ``model``: one set per ternary weight voted whole (an embedding's row votes keep none)."""
+    from .layers import TernaryEmbedding
+
+    row_voted = {id(m.weight) for m in model.modules() if isinstance(m, TernaryEmbedding)}
+    return [empty_norm_codes((w.rows, w.cols), norm_block, "meta") for w in ternary_weights(model)
+            if id(w) not in row_voted]
+
+
 def _check_lr(lr) -> None:
     if not isinstance(lr, (int, float)) or not lr > 0 or lr != lr or lr == float("inf"):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
