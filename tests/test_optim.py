@@ -313,10 +313,14 @@ def test_non_finite_gradient_raises_and_integer_state_is_not_poisoned(bad):
     opt = FlipOptimizer(model, accum_threshold=2)
     train(model, opt, 2, 0)
     before = integer_state(model)
+    codes = copy.deepcopy(opt.state_dict()["state"])  # the normaliser's codes (norm_beta)
+    assert codes
     idx = torch.randint(1, VOCAB, (4, 5))
     out = model(idx)
     (out.sum() * bad).backward()
     assert_states_equal(before, integer_state(model))  # votes of the bad backward were dropped
+    for k, st in opt.state_dict()["state"].items():  # and the codes did not move
+        assert all(torch.equal(t, codes[k][n]) for n, t in st.items())
     with pytest.raises(NonFiniteGradientError):
         opt.step()
     assert_states_equal(before, integer_state(model))  # and nothing flipped

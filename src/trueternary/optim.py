@@ -465,7 +465,7 @@ class FlipOptimizer(torch.optim.Optimizer):
             index = (rows.reshape(-1, 1) * weight.cols + cols).reshape(-1)
         s = None
         if uses_norm_memory(group) and rows is None and g.dim() == 2:  # (embedding rows: per call, no memory)
-            s = self._ema_scale(weight, group, g, counter)
+            s = self._ema_scale(weight, group, g, counter, bad)
         v = self._votes(group, g, group["lr"], 2 * weight.stream, counter, group["vote_clip"], group["normalize"],
                         T, group["decay"], index, s=s)
         self._accumulate(weight.T_accum, v, rows, group)
@@ -483,11 +483,13 @@ class FlipOptimizer(torch.optim.Optimizer):
                          group["vote_clip"], group["normalize"], index=eidx)
         self._accumulate(weight.E_accum, vE, rows, group_e)
 
-    def _ema_scale(self, weight: TernaryScaleTensor, group, g: torch.Tensor, counter: int) -> torch.Tensor:
+    def _ema_scale(self, weight: TernaryScaleTensor, group, g: torch.Tensor, counter: int,
+                   bad: torch.Tensor | None = None) -> torch.Tensor:
         """``s`` of the votes under ``norm_beta > 0``: the 'block_factored' statistics as moving averages kept in
         integer codes in this optimiser's state of the weight (rule.ema_block_factored_ms). Under data
         parallelism every rank averages the ranks' statistics (geometric mean, exact integer all-reduce) and
-        rounds with the same random numbers, so all ranks keep the same codes."""
+        rounds with the same random numbers, so all ranks keep the same codes. A non-finite gradient (``bad``,
+        a 0-dim device flag: no host sync) leaves the codes as they were."""
         st = self.state[weight.T_accum]
         block = group["norm_block"]
         if "norm_tile" not in st:
@@ -499,7 +501,7 @@ class FlipOptimizer(torch.optim.Optimizer):
         codes = {k: st[k] for k in ("norm_tile", "norm_row", "norm_col")}
         ms, codes = ema_block_factored_ms(stats, codes, group["norm_beta"], tuple(g.shape), key)
         for k, v in codes.items():
-            st[k].copy_(v)
+            st[k].copy_(v if bad is None else torch.where(bad, st[k], v))
         return vote_multiplier(ms, group["lr"])
 
     def _rank_mean(self, t: torch.Tensor) -> torch.Tensor:
