@@ -456,14 +456,15 @@ def mismatched_replicas(tensors: dict[str, torch.Tensor], ctx: DistContext) -> l
 
 # ------------------------------------------------------------------------------------ communication model
 def vote_payload(model: nn.Module, bound: int, world_size: int, scale_votes: bool,
-                 norm_block: int | None = None) -> dict:
+                 norm_block: int | None = None, finite_flags: bool = False) -> dict:
     """Bytes all-reduced per step when every ternary weight (and integer bias) is called once per step.
 
     Per call of a (rows x cols) weight: rows*cols T votes, plus rows*n_groups E votes on scale-vote steps
     (integer scales only), each of ``vote_transport_dtype(bound, N)``; sparse embedding votes are densified
     to the full matrix first. Integer biases: n votes of ``vote_transport_dtype(2**20, N)``. With
     ``norm_block`` (a rule with ``norm_beta > 0``): the normaliser's statistics of every weight voted whole
-    (not the embeddings' row votes), one int32 log2 code per tile-row, tile-column and tile, in three calls.
+    (not the embeddings' row votes), one int32 log2 code per tile-row, tile-column and tile, in three calls,
+    and with ``finite_flags`` (check_finite) one int32 per such weight: whether any rank's gradient was bad.
     """
     dt = vote_transport_dtype(bound, world_size)
     b = torch.tensor([], dtype=dt).element_size()
@@ -476,8 +477,8 @@ def vote_payload(model: nn.Module, bound: int, world_size: int, scale_votes: boo
             e_votes += w.rows * w.n_groups
             calls += 1
     codes = norm_codes_of(model, norm_block) if norm_block else []
-    norm_codes = sum(t.numel() for c in codes for t in c.values())
-    calls += 3 * len(codes)
+    norm_codes = sum(t.numel() for c in codes for t in c.values()) + (len(codes) if finite_flags else 0)
+    calls += (4 if finite_flags else 3) * len(codes)
     biases = [m for m in model.modules() if isinstance(m, IntegerBias)]
     bias_votes = sum(m.n for m in biases)
     return {"dtype": dt, "bytes": b * (t_votes + e_votes) + bias_b * bias_votes + 4 * norm_codes,
@@ -498,7 +499,8 @@ def recipe_comm(recipe, world_size: int, grad_dtype: str = "fp32") -> dict:
             g = o.param_groups[0]
             bound = max(vote_bound(gr) for gr in o.param_groups)
             votes = vote_payload(recipe.model, bound, world_size, scale_votes=g["scale_update_interval"] > 0,
-                                 norm_block=g["norm_block"] if uses_norm_memory(g) else None)
+                                 norm_block=g["norm_block"] if uses_norm_memory(g) else None,
+                                 finite_flags=o.check_finite)
     params = trainable_float_parameters(recipe.model)
     grad_bytes = sum(p.numel() for p in params) * (2 if grad_dtype == "bf16" else 4)
     n_weights = sum(w.numel() for w in ternary_weights(recipe.model)) or sum(p.numel() for p in params)

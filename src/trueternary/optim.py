@@ -497,6 +497,8 @@ class FlipOptimizer(torch.optim.Optimizer):
         stats = block_factored_stats(g, block)
         if self._world() > 1:
             stats = tuple(self._rank_mean(t) for t in stats)
+            if bad is not None:  # one rank's bad gradient keeps every rank's codes (they must stay equal)
+                bad = self.comm.sum_votes(bad.to(torch.int32).reshape(1))[0] > 0
         key = rng.stream_key(self.seed ^ _NORM_SALT, weight.stream, counter)
         codes = {k: st[k] for k in ("norm_tile", "norm_row", "norm_col")}
         ms, codes = ema_block_factored_ms(stats, codes, group["norm_beta"], tuple(g.shape), key)
