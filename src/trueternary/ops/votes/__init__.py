@@ -19,8 +19,10 @@ What is fused (:func:`fused_votes_supported`, rules with ``vote_power == 1``): s
 votes with ``normalize='block_factored'`` and ``norm_block`` in :data:`FUSED_NORM_BLOCKS`: each kernel tile
 is a whole number of norm_block x norm_block normalisation tiles, so the statistics are complete in the
 epilogue. ``normalize='tensor'`` needs the whole gradient's mean square before the first vote (a second
-pass over gW, or gW in memory): not fused for the weights, the optimiser uses the dense path for it. The
-scale votes are normalised like the weights' (rule.py) over the small, complete gE: either way is fused.
+pass over gW, or gW in memory): not fused for the weights, the optimiser uses the dense path for it. Nor
+are the moving averages of the statistics (``norm_beta > 0``, the default rule: rule.ema_block_factored_ms),
+whose integer log2 codes the epilogue would have to compute bit for bit like the reference. The scale votes
+are normalised per call like the weights' (rule.py) over the small, complete gE: either way is fused.
 
 Differences from the dense-fallback path, all documented in docs/performance.md:
 
