@@ -86,8 +86,13 @@ if ARGS.smoke:
 # TrueTernary's default rule keeps moving averages of the vote normaliser's statistics (norm_beta), which the
 # fused vote kernel does not compute yet: its gpu backends cast those votes on the dense path. FUSED_TT is the
 # rule without them (history-less normaliser), whose votes the kernel computes; the CUDA graphs use it.
+# FUSED_NM is the default rule with its moving averages in the fused kernels' two passes (ops.votes
+# FUSE_NORM_MEMORY, off by default until a device run has checked and timed it: this script turns it on for
+# those configs only).
 FUSED_TT = "TrueTernary[norm_beta=0]"
+FUSED_NM = "TrueTernary[norm_beta fused]"
 CONFIGS = [("Adam_FP32", None), ("BitNet_QAT", None), ("TrueTernary", "dense-fallback"), ("TrueTernary", "gpu"),
+           (FUSED_NM, "gpu"), (FUSED_NM, "gpu-signcache"),
            (FUSED_TT, "dense-fallback"), (FUSED_TT, "gpu"), (FUSED_TT, "gpu-signcache")]
 GPU_BACKENDS = ("gpu", "gpu-signcache")
 
@@ -197,6 +202,8 @@ def make_recipe(setting: str, name: str, backend: str | None):
     hp = hparams()
     if name == FUSED_TT:
         name, hp.rule = "TrueTernary", FlipRule.for_run(hp.steps, norm_beta=0.0)
+    elif name == FUSED_NM:
+        name = "TrueTernary"
     r = build_recipe(name, base_model(setting), hp, device=DEV,
                      backend="dense-fallback" if gpu_on_cpu or backend is None else backend, seed=0)
     if gpu_on_cpu:
@@ -244,6 +251,17 @@ def context_bytes() -> dict:
 
 
 def run_eager(setting: str, name: str, backend: str | None) -> dict:
+    import trueternary.ops.votes as votes_ops
+
+    fuse = votes_ops.FUSE_NORM_MEMORY
+    votes_ops.FUSE_NORM_MEMORY = name == FUSED_NM
+    try:
+        return _run_eager(setting, name, backend)
+    finally:
+        votes_ops.FUSE_NORM_MEMORY = fuse
+
+
+def _run_eager(setting: str, name: str, backend: str | None) -> dict:
     _, B_, warm, n = SETTINGS[setting]
     x, y = batch(setting)
     r = make_recipe(setting, name, backend)

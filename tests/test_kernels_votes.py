@@ -407,11 +407,16 @@ def test_signcache_state_dict_flushes_pending_votes_and_load_drops_them():
     assert all(int(t) == sd["trueternary"]["step"] for t in o_ker._step_dev.values())
 
 
-def test_gpu_path_has_no_host_sync(monkeypatch):
+@pytest.mark.parametrize("norm_beta", [0.0, 0.95], ids=["historyless", "norm-memory-fused"])
+def test_gpu_path_has_no_host_sync(monkeypatch, norm_beta):
     """With check_finite=False the gpu backend's backward and step() never read a tensor on the host (the
-    CUDA-graph requirement): every way Python can do so raises here."""
+    CUDA-graph requirement): every way Python can do so raises here. With norm_beta, the fused two passes and
+    the moving averages' update between them too."""
+    import trueternary.ops.votes as votes_ops
+
+    monkeypatch.setattr(votes_ops, "FUSE_NORM_MEMORY", True)
     model = MLP()
-    opt = gpu_optimizer(model, "gpu", seed=1, check_finite=False, norm_block=16, norm_beta=0.0)
+    opt = gpu_optimizer(model, "gpu", seed=1, check_finite=False, norm_block=16, norm_beta=norm_beta)
     x = torch.randint(-2, 3, (4, 24), generator=torch.Generator().manual_seed(2)).float().to(DEVICE)
     model(x).sum().backward()  # warm-up: creates the device step counter
     opt.step()
@@ -425,6 +430,7 @@ def test_gpu_path_has_no_host_sync(monkeypatch):
     opt.step()
     monkeypatch.undo()
     assert int(opt._step_dev[torch.device(DEVICE) if DEVICE == "cpu" else x.device]) == 2
+    assert bool(opt.state) == (norm_beta > 0)  # the fused path kept the codes
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -512,3 +518,52 @@ def test_data_parallel_ranks_vote_with_their_own_streams(backend):
     assert torch.equal(states["rank0"], states["one"])
     assert not torch.equal(states["rank0"], states["rank1"])
     assert (states["rank0"] != 0).sum() > 0
+
+
+# ------------------------------------------------------------------ norm_beta: the two fused passes
+@pytest.mark.parametrize("rows,cols,nb,block", [(20, 36, 16, 16), (40, 50, 16, 32), (7, 9, 16, 16), (64, 48, 32, 64)],
+                         ids=["one-subtile", "2x2-subtiles-ragged", "smaller-than-a-subtile", "nb32-in-64"])
+def test_norm_memory_passes_store_the_statistics_and_vote_by_given_means(rows, cols, nb, block):
+    """Pass 1 (stats_out) stores exactly rule.block_factored_stats of gW and changes no state; pass 2 (stats_in)
+    given those same means votes exactly as the one-pass kernel does (which matches the reference)."""
+    from trueternary.ops.votes import weight_grad
+
+    w = random_weight(rows, cols, 8)
+    gy, x = int_inputs(6, rows, cols, seed=1)
+    g = weight_grad(gy, x).float()
+    ref_stats = rule.block_factored_stats(g, nb)
+    stats = tuple(torch.full(t.shape, -1.0, device=DEVICE) for t in ref_stats)
+    before = copy.deepcopy(w)
+    launch_votes(w, gy, x, norm_block=nb, config=cfg(block, block), stats_out=stats)
+    for got, want in zip(stats, ref_stats):
+        assert torch.equal(got.cpu(), want.cpu())
+    assert torch.equal(w.T_accum, before.T_accum)  # pass 1 casts nothing
+    one_pass = copy.deepcopy(w)
+    launch_votes(one_pass, gy, x, norm_block=nb, config=cfg(block, block))
+    launch_votes(w, gy, x, norm_block=nb, config=cfg(block, block), stats_in=tuple(t.to(DEVICE) for t in ref_stats))
+    assert torch.equal(w.T_accum, one_pass.T_accum) and not torch.equal(w.T_accum, before.T_accum)
+    # other means, other votes: pass 2 really normalises by what it is given
+    other = copy.deepcopy(before)
+    launch_votes(other, gy, x, norm_block=nb, config=cfg(block, block),
+                 stats_in=tuple((t * 16).to(DEVICE) for t in ref_stats))
+    assert not torch.equal(other.T_accum, w.T_accum)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "gpu-signcache"])
+def test_gpu_backend_with_fused_norm_memory_trains_like_dense_fallback(backend, monkeypatch):
+    """FUSE_NORM_MEMORY on: the norm_beta rule's votes run in the two passes; integer state, flips and the
+    optimiser's codes equal dense-fallback's step for step."""
+    import trueternary.ops.votes as votes_ops
+    import trueternary.ops.votes.triton as votes_triton
+
+    monkeypatch.setattr(votes_ops, "FUSE_NORM_MEMORY", True)
+    passes = []
+    launch = votes_triton.matmul_votes_
+    monkeypatch.setattr(votes_triton, "matmul_votes_",
+                        lambda *a, **k: passes.append(k.get("stats_out") is not None) or launch(*a, **k))
+    ref, o_ref, ker, o_ker = train_pair(RULES["dense-path-norm-beta-nb16"], backend, steps=3)
+    assert passes.count(True) == passes.count(False) == 3 * 2  # two passes per layer call
+    sr, sk = o_ref.state_dict()["state"], o_ker.state_dict()["state"]
+    assert sr.keys() == sk.keys() and sr
+    for k in sr:
+        assert all(torch.equal(sr[k][n].cpu(), sk[k][n].cpu()) for n in sr[k]), k

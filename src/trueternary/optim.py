@@ -12,6 +12,7 @@ Construct it after the model is on its device (like any optimiser).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -28,7 +29,7 @@ from .rule import (
     apply_scale_flips,
     block_factored_stats,
     code_value,
-    ema_block_factored_ms,
+    ema_block_factored_stats,
     empty_norm_codes,
     factored_ms,
     leak,
@@ -292,7 +293,8 @@ class FlipOptimizer(torch.optim.Optimizer):
         if self._kernel_weight(gy) and gy.dtype in KERNEL_DTYPES and x.dtype == gy.dtype:
             from .ops.votes import fused_votes_supported
 
-            if fused_votes_supported(group):
+            # (norm_beta under data parallelism: the dense path, which all-reduces the statistics)
+            if fused_votes_supported(group) and not (uses_norm_memory(group) and self._world() > 1):
                 self._fused_matmul_votes(weight, gy, x, group)
                 return
         self.cast_votes(weight, (gy.t() @ x).float(), weight.trits() if T is None else T)
@@ -344,8 +346,13 @@ class FlipOptimizer(torch.optim.Optimizer):
                 cache = VoteCache.for_weight(weight, group["vote"], group["vote_clip"])
                 self._vote_caches[id(weight)] = (weight, cache)
         nonfinite = self._nonfinite_counter(gy.device)
-        cast_matmul_votes(weight, gy, x, group, seed=self.seed, step=self._device_step(gy.device),
-                          call=c % _CALLS_PER_STEP, calls_per_step=_CALLS_PER_STEP, nonfinite=nonfinite, cache=cache)
+        step = self._device_step(gy.device)
+        norm_memory = None
+        if uses_norm_memory(group):  # the dense path's counter, as a device tensor (CUDA-graph safe)
+            counter = step * _CALLS_PER_STEP + (c % _CALLS_PER_STEP)
+            norm_memory = functools.partial(self._norm_memory, weight, group, counter)
+        cast_matmul_votes(weight, gy, x, group, seed=self.seed, step=step, call=c % _CALLS_PER_STEP,
+                          calls_per_step=_CALLS_PER_STEP, nonfinite=nonfinite, cache=cache, norm_memory=norm_memory)
 
     def _fused_votes_data_parallel(self, weight: TernaryScaleTensor, gy: torch.Tensor, x: torch.Tensor, group,
                                    call: int) -> None:
@@ -490,21 +497,27 @@ class FlipOptimizer(torch.optim.Optimizer):
         parallelism every rank averages the ranks' statistics (geometric mean, exact integer all-reduce) and
         rounds with the same random numbers, so all ranks keep the same codes. A non-finite gradient (``bad``,
         a 0-dim device flag: no host sync) leaves the codes as they were."""
-        st = self.state[weight.T_accum]
-        block = group["norm_block"]
-        if "norm_tile" not in st:
-            st.update(empty_norm_codes(tuple(g.shape), block, g.device))
-        stats = block_factored_stats(g, block)
+        stats = block_factored_stats(g, group["norm_block"])
         if self._world() > 1:
             stats = tuple(self._rank_mean(t) for t in stats)
             if bad is not None:  # one rank's bad gradient keeps every rank's codes (they must stay equal)
                 bad = self.comm.sum_votes(bad.to(torch.int32).reshape(1))[0] > 0
+        factors = self._norm_memory(weight, group, counter, stats, bad)
+        return vote_multiplier(factored_ms(*factors, g.shape), group["lr"])
+
+    def _norm_memory(self, weight: TernaryScaleTensor, group, counter, stats, bad=None):
+        """One step of the weight's moving averages from this call's ``stats`` (rule.ema_block_factored_stats):
+        stores the new codes (kept as they were where ``bad``) and returns the means they stand for. ``counter``
+        (host int, or a device tensor on the fused path) keys the codes' rounding."""
+        st = self.state[weight.T_accum]
+        if "norm_tile" not in st:
+            st.update(empty_norm_codes((weight.rows, weight.cols), group["norm_block"], weight.T_accum.device))
         key = rng.stream_key(self.seed ^ _NORM_SALT, weight.stream, counter)
         codes = {k: st[k] for k in ("norm_tile", "norm_row", "norm_col")}
-        ms, codes = ema_block_factored_ms(stats, codes, group["norm_beta"], tuple(g.shape), key)
+        factors, codes = ema_block_factored_stats(stats, codes, group["norm_beta"], key)
         for k, v in codes.items():
             st[k].copy_(v if bad is None else torch.where(bad, st[k], v))
-        return vote_multiplier(ms, group["lr"])
+        return factors
 
     def _rank_mean(self, t: torch.Tensor) -> torch.Tensor:
         """The ranks' geometric mean of the non-negative ``t``, through log2 codes summed exactly."""

@@ -310,13 +310,26 @@ def ema_block_factored_ms(
     shape: tuple[int, int],
     key: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """'block_factored' with memory: ``ms`` from moving averages of the statistics, and the new codes.
+    """'block_factored' with memory: ``ms`` from moving averages of the statistics, and the new codes
+    (``factored_ms`` of :func:`ema_block_factored_stats`' factors)."""
+    factors, codes = ema_block_factored_stats(stats, codes, beta, key)
+    return factored_ms(*factors, shape), codes
+
+
+def ema_block_factored_stats(
+    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    codes: dict[str, torch.Tensor],
+    beta: float,
+    key: torch.Tensor,
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
+    """The moving averages' step: new codes, and the (row, col, tile) means they stand for.
 
     ``stats``: this call's (row, col, tile) means of g**2 (``block_factored_stats``). Each average moves
     ``a += (1 - beta) * (stat - a)`` (an empty tile takes the statistics as they are), then is stored as a
     code: the tile mean rounded to 1/256 octave, the row and column ratios stochastically rounded to 1/8
-    octave (``u`` from ``key``; unbiased in log2, so small moves are not lost). ``ms = r_i c_j / m`` is computed
-    from the stored codes, so a step taken from restored state repeats exactly.
+    octave (``u`` from ``key``; unbiased in log2, so small moves are not lost). The returned means are decoded
+    from the stored codes, so a step taken from restored state repeats exactly (and the fused vote kernel
+    normalises by exactly these numbers).
     """
     row, col, tile = (t.float() for t in stats)
     empty = codes["norm_tile"] == NORM_TILE_EMPTY
@@ -336,8 +349,7 @@ def ema_block_factored_ms(
     row_code, col_code = row_code.to(torch.int8), col_code.to(torch.int8)
     rq = mq[:, None, :] * code_value(row_code, NORM_RATIO_FRAC)
     cq = mq[:, :, None] * code_value(col_code, NORM_RATIO_FRAC)
-    codes = {"norm_tile": tile_code, "norm_row": row_code, "norm_col": col_code}
-    return factored_ms(rq, cq, mq, shape), codes
+    return (rq, cq, mq), {"norm_tile": tile_code, "norm_row": row_code, "norm_col": col_code}
 
 
 def leak(accum: torch.Tensor, shift: int) -> torch.Tensor:

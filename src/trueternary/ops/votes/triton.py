@@ -20,6 +20,10 @@ epilogue, without ever writing ``g`` to memory:
                  or the votes are written to a compact vote cache            (CACHE_BITS 2/4/8, gpu-signcache)
     scale grad   gE[r, group] (+)= sum over the tile's columns of the group of g * T     (float32 buffer)
 
+With ``STATS=1`` (pass 1 of a ``norm_beta`` rule) the epilogue only stores the sub-tile means of g**2 to
+three small buffers shaped like rule.block_factored_stats' outputs; with ``STATS=2`` (pass 2) it normalises
+by means loaded from such buffers (the moving averages', ops.votes.cast_matmul_votes) instead of its own.
+
 ``_scale_votes_kernel`` votes on gE (rows x n_groups, small, complete once the first kernel is done) into
 ``E_accum``, normalised like the weights' votes (rule.vote_scale with ``lr * scale_lr``): 'block_factored'
 (one program per norm_block x norm_block tile of gE, the same epilogue statistics) or 'tensor' (one program:
@@ -62,6 +66,9 @@ from . import FUSED_NORM_BLOCKS
 
 MODE_STOCHASTIC, MODE_SIGN = 0, 1
 GE_NONE, GE_ALIGNED, GE_ATOMIC = 0, 1, 2
+# norm_beta's two passes: the epilogue computes the statistics (0), stores them and stops (1), or loads the
+# moving averages' means in their place (2)
+STATS_NONE, STATS_STORE, STATS_LOAD = 0, 1, 2
 
 
 def key_base(seed: int, stream: int) -> int:
@@ -89,37 +96,9 @@ def _device_key(step_ptr, call, key_base, CALLS_PER_STEP: tl.constexpr, K_STEP: 
 
 
 @triton.jit
-def _block_factored_scale(g, r0, c0, R, C, neg_lr, NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``s = reciprocal(sqrt(r_i * c_j / m + 1e-30)) * -lr`` for a (BLOCK_R, BLOCK_C) gradient tile at (r0, c0),
-    statistics per NB x NB sub-tile (rule.block_factored_ms); lanes outside the matrix hold g = 0."""
-    SR: tl.constexpr = BLOCK_R // NB
-    SC: tl.constexpr = BLOCK_C // NB
-    g2 = g * g
-    if SR == 1 and SC == 1:
-        n_rows = tl.minimum(tl.maximum(R - r0, 1), NB).to(tl.float32)  # real rows of the sub-tile (>= 1 as the
-        n_cols = tl.minimum(tl.maximum(C - c0, 1), NB).to(tl.float32)  # reference's clamp_min(1))
-        row_sum = tl.sum(g2, axis=1)
-        col_sum = tl.sum(g2, axis=0)
-        tile_sum = tl.sum(col_sum, axis=0)
-        r_full = tl.broadcast_to(tl.div_rn(row_sum, tl.full((BLOCK_R,), 1.0, tl.float32) * n_cols)[:, None],
-                                 (BLOCK_R, BLOCK_C))
-        c_full = tl.broadcast_to(tl.div_rn(col_sum, tl.full((BLOCK_C,), 1.0, tl.float32) * n_rows)[None, :],
-                                 (BLOCK_R, BLOCK_C))
-        m_full = tl.full((BLOCK_R, BLOCK_C), 1.0, tl.float32) * tl.div_rn(tile_sum, n_rows * n_cols)
-    else:
-        n_rows = tl.minimum(tl.maximum(R - (r0 + tl.arange(0, SR) * NB), 1), NB).to(tl.float32)  # (SR,)
-        n_cols = tl.minimum(tl.maximum(C - (c0 + tl.arange(0, SC) * NB), 1), NB).to(tl.float32)  # (SC,)
-        row_sum = tl.sum(tl.reshape(g2, (BLOCK_R, SC, NB)), axis=2)  # (BLOCK_R, SC): row i within sub-tile column
-        col_sum = tl.sum(tl.reshape(g2, (SR, NB, BLOCK_C)), axis=1)  # (SR, BLOCK_C): column j within sub-tile row
-        tile_sum = tl.sum(tl.reshape(col_sum, (SR, SC, NB)), axis=2)  # (SR, SC)
-        r_mean = tl.div_rn(row_sum, tl.broadcast_to(n_cols[None, :], (BLOCK_R, SC)))
-        c_mean = tl.div_rn(col_sum, tl.broadcast_to(n_rows[:, None], (SR, BLOCK_C)))
-        m = tl.div_rn(tile_sum, n_rows[:, None] * n_cols[None, :])
-        # back to (BLOCK_R, BLOCK_C); reshapes keep row-major order: (i, jb, k) -> (i, jb*NB + k) etc.
-        r_full = tl.reshape(tl.broadcast_to(r_mean[:, :, None], (BLOCK_R, SC, NB)), (BLOCK_R, BLOCK_C))
-        c_full = tl.reshape(tl.broadcast_to(c_mean[:, None, :], (SR, NB, BLOCK_C)), (BLOCK_R, BLOCK_C))
-        m_cols = tl.reshape(tl.broadcast_to(m[:, :, None], (SR, SC, NB)), (SR, BLOCK_C))
-        m_full = tl.reshape(tl.broadcast_to(m_cols[:, None, :], (SR, NB, BLOCK_C)), (BLOCK_R, BLOCK_C))
+def _scale_from_full(r_full, c_full, m_full, neg_lr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``s = reciprocal(sqrt(r * c / max(m, 1e-38) + 1e-30)) * -lr`` elementwise (rule.factored_ms,
+    rule.vote_multiplier)."""
     # rule: ms = r*c / clamp_min(m, 1e-38); m == 0 means an all-zero sub-tile (ms = 0 there either way, and
     # the where() keeps that true even if the 1e-38 subnormal were flushed to zero)
     # (1e-38 as an explicit float32 constant: Triton 3.6 types a bare 1e-38 literal as fp64)
@@ -128,12 +107,102 @@ def _block_factored_scale(g, r0, c0, R, C, neg_lr, NB: tl.constexpr, BLOCK_R: tl
     return tl.div_rn(tl.full((BLOCK_R, BLOCK_C), 1.0, tl.float32), tl.sqrt_rn(ms + 1e-30)) * neg_lr
 
 
+@triton.jit
+def _sub_tile_means(g, r0, c0, R, C, NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Means of g**2 per NB x NB sub-tile of a (BLOCK_R, BLOCK_C) tile at (r0, c0) (rule.block_factored_stats):
+    rows (BLOCK_R, SC), columns (SR, BLOCK_C), sub-tiles (SR, SC); lanes outside the matrix hold g = 0 and edge
+    sub-tiles average over their real elements. Only for SR * SC > 1 (one sub-tile: see _block_factored_scale)."""
+    SR: tl.constexpr = BLOCK_R // NB
+    SC: tl.constexpr = BLOCK_C // NB
+    g2 = g * g
+    n_rows = tl.minimum(tl.maximum(R - (r0 + tl.arange(0, SR) * NB), 1), NB).to(tl.float32)  # (SR,)
+    n_cols = tl.minimum(tl.maximum(C - (c0 + tl.arange(0, SC) * NB), 1), NB).to(tl.float32)  # (SC,)
+    row_sum = tl.sum(tl.reshape(g2, (BLOCK_R, SC, NB)), axis=2)  # (BLOCK_R, SC): row i within sub-tile column
+    col_sum = tl.sum(tl.reshape(g2, (SR, NB, BLOCK_C)), axis=1)  # (SR, BLOCK_C): column j within sub-tile row
+    tile_sum = tl.sum(tl.reshape(col_sum, (SR, SC, NB)), axis=2)  # (SR, SC)
+    r_mean = tl.div_rn(row_sum, tl.broadcast_to(n_cols[None, :], (BLOCK_R, SC)))
+    c_mean = tl.div_rn(col_sum, tl.broadcast_to(n_rows[:, None], (SR, BLOCK_C)))
+    m = tl.div_rn(tile_sum, n_rows[:, None] * n_cols[None, :])
+    return r_mean, c_mean, m
+
+
+@triton.jit
+def _one_tile_means(g, r0, c0, R, C, NB: tl.constexpr):
+    """_sub_tile_means for a tile that is one NB x NB sub-tile: rows (NB,), columns (NB,), the tile mean."""
+    g2 = g * g
+    n_rows = tl.minimum(tl.maximum(R - r0, 1), NB).to(tl.float32)  # real rows of the sub-tile (>= 1 as the
+    n_cols = tl.minimum(tl.maximum(C - c0, 1), NB).to(tl.float32)  # reference's clamp_min(1))
+    row_sum = tl.sum(g2, axis=1)
+    col_sum = tl.sum(g2, axis=0)
+    tile_sum = tl.sum(col_sum, axis=0)
+    r_mean = tl.div_rn(row_sum, tl.full((NB,), 1.0, tl.float32) * n_cols)
+    c_mean = tl.div_rn(col_sum, tl.full((NB,), 1.0, tl.float32) * n_rows)
+    return r_mean, c_mean, tl.div_rn(tile_sum, n_rows * n_cols)
+
+
+@triton.jit
+def _full_from_means(r_mean, c_mean, m, NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The per-sub-tile means of _sub_tile_means broadcast back to (BLOCK_R, BLOCK_C) (row-major reshapes:
+    (i, jb, k) -> (i, jb*NB + k) etc.)."""
+    SR: tl.constexpr = BLOCK_R // NB
+    SC: tl.constexpr = BLOCK_C // NB
+    r_full = tl.reshape(tl.broadcast_to(r_mean[:, :, None], (BLOCK_R, SC, NB)), (BLOCK_R, BLOCK_C))
+    c_full = tl.reshape(tl.broadcast_to(c_mean[:, None, :], (SR, NB, BLOCK_C)), (BLOCK_R, BLOCK_C))
+    m_cols = tl.reshape(tl.broadcast_to(m[:, :, None], (SR, SC, NB)), (SR, BLOCK_C))
+    m_full = tl.reshape(tl.broadcast_to(m_cols[:, None, :], (SR, NB, BLOCK_C)), (BLOCK_R, BLOCK_C))
+    return r_full, c_full, m_full
+
+
+@triton.jit
+def _block_factored_scale(g, r0, c0, R, C, neg_lr, NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``s = reciprocal(sqrt(r_i * c_j / m + 1e-30)) * -lr`` for a (BLOCK_R, BLOCK_C) gradient tile at (r0, c0),
+    statistics per NB x NB sub-tile (rule.block_factored_ms); lanes outside the matrix hold g = 0."""
+    SR: tl.constexpr = BLOCK_R // NB
+    SC: tl.constexpr = BLOCK_C // NB
+    if SR == 1 and SC == 1:
+        r_mean, c_mean, m = _one_tile_means(g, r0, c0, R, C, NB)
+        r_full = tl.broadcast_to(r_mean[:, None], (BLOCK_R, BLOCK_C))
+        c_full = tl.broadcast_to(c_mean[None, :], (BLOCK_R, BLOCK_C))
+        m_full = tl.full((BLOCK_R, BLOCK_C), 1.0, tl.float32) * m
+    else:
+        r_mean, c_mean, m = _sub_tile_means(g, r0, c0, R, C, NB, BLOCK_R, BLOCK_C)
+        r_full, c_full, m_full = _full_from_means(r_mean, c_mean, m, NB, BLOCK_R, BLOCK_C)
+    return _scale_from_full(r_full, c_full, m_full, neg_lr, BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def _stats_io(rows_ptr, cols_ptr, tiles_ptr, pid_r, pid_c, R, C, NB: tl.constexpr, BLOCK_R: tl.constexpr,
+              BLOCK_C: tl.constexpr):
+    """Offsets and masks of a tile's statistics in the buffers shaped like rule.block_factored_stats' outputs:
+    rows (Rb, br, Cb) -> row i, sub-tile column cb at i * Cb + cb; columns (Rb, Cb, bc) -> sub-tile row rb,
+    column j at rb * Cb * bc + j; tiles (Rb, Cb) at rb * Cb + cb (br, bc = min(NB, R), min(NB, C))."""
+    SR: tl.constexpr = BLOCK_R // NB
+    SC: tl.constexpr = BLOCK_C // NB
+    Rb = tl.cdiv(R, NB)
+    Cb = tl.cdiv(C, NB)
+    col_stride = Cb * tl.minimum(C, NB)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    rb = pid_r * SR + tl.arange(0, SR)
+    cb = pid_c * SC + tl.arange(0, SC)
+    # the buffers' padding rows/columns (past R, C up to whole sub-tiles) hold 0, as the reference's: g = 0 there
+    row_off = offs_r[:, None] * Cb + cb[None, :]
+    row_mask = (offs_r < Rb * tl.minimum(R, NB))[:, None] & (cb < Cb)[None, :]
+    col_off = rb[:, None] * col_stride + offs_c[None, :]
+    col_mask = (rb < Rb)[:, None] & (offs_c < col_stride)[None, :]
+    tile_off = rb[:, None] * Cb + cb[None, :]
+    tile_mask = (rb < Rb)[:, None] & (cb < Cb)[None, :]
+    return row_off, row_mask, col_off, col_mask, tile_off, tile_mask
+
+
 @triton.jit(do_not_specialize=["key_base", "call"])
 def _matmul_votes_kernel(
     gy_ptr, x_ptr, packed_ptr, accum_ptr, cache_ptr, gE_ptr, flag_ptr, nonfinite_ptr, step_ptr,
+    rows_ptr, cols_ptr, tiles_ptr,
     M, R, C, n_groups, group_size, neg_lr, decay, vote_clip, key_base, call,
     stride_gm, stride_gr, stride_xm, stride_xc,
-    MODE: tl.constexpr, NB: tl.constexpr, USE_DECAY: tl.constexpr, GE_MODE: tl.constexpr, GE_GROUP: tl.constexpr,
+    MODE: tl.constexpr, NB: tl.constexpr, STATS: tl.constexpr, USE_DECAY: tl.constexpr, GE_MODE: tl.constexpr,
+    GE_GROUP: tl.constexpr,
     CACHE_BITS: tl.constexpr, HAS_FLAG: tl.constexpr, HAS_NONFINITE: tl.constexpr,
     CALLS_PER_STEP: tl.constexpr, K_STEP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
@@ -157,20 +226,66 @@ def _matmul_votes_kernel(
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     # ---- epilogue: the gradient tile never leaves registers
-    mask = mask_r[:, None] & mask_c[None, :]
     n_bad = tl.sum(tl.sum(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32), axis=1), axis=0)
     g = tl.where(n_bad > 0, 0.0, acc)  # out-of-range lanes are 0 already (masked loads)
     if HAS_FLAG:
         old = tl.atomic_add(flag_ptr, 1.0, mask=n_bad > 0)
         if HAS_NONFINITE:  # the first non-finite tile of this call counts the layer once
             tl.atomic_add(nonfinite_ptr, 1, mask=(n_bad > 0) & (old == 0.0))
+    SR: tl.constexpr = BLOCK_R // NB
+    SC: tl.constexpr = BLOCK_C // NB
+    if STATS == 1:  # STATS_STORE, pass 1 of norm_beta: the tile's sub-tile means of g**2 to the buffers, no votes
+        row_off, row_mask, col_off, col_mask, tile_off, tile_mask = _stats_io(
+            rows_ptr, cols_ptr, tiles_ptr, pid_r, pid_c, R, C, NB, BLOCK_R, BLOCK_C)
+        if SR == 1 and SC == 1:
+            r_mean, c_mean, m = _one_tile_means(g, pid_r * BLOCK_R, pid_c * BLOCK_C, R, C, NB)
+            tl.store(rows_ptr + row_off, r_mean[:, None], mask=row_mask)
+            tl.store(cols_ptr + col_off, c_mean[None, :], mask=col_mask)
+            tl.store(tiles_ptr + tile_off, tl.full((1, 1), 1.0, tl.float32) * m, mask=tile_mask)
+        else:
+            r_mean, c_mean, m = _sub_tile_means(g, pid_r * BLOCK_R, pid_c * BLOCK_C, R, C, NB, BLOCK_R, BLOCK_C)
+            tl.store(rows_ptr + row_off, r_mean, mask=row_mask)
+            tl.store(cols_ptr + col_off, c_mean, mask=col_mask)
+            tl.store(tiles_ptr + tile_off, m, mask=tile_mask)
+    else:
+        _votes_epilogue(g, offs_r, offs_c, mask_r, mask_c, pid_r, pid_c, packed_ptr, accum_ptr, cache_ptr,
+                        gE_ptr, step_ptr, rows_ptr, cols_ptr, tiles_ptr, R, C, n_groups, group_size, neg_lr, decay,
+                        vote_clip, key_base, call, MODE, NB, STATS, USE_DECAY, GE_MODE, GE_GROUP, CACHE_BITS,
+                        CALLS_PER_STEP, K_STEP, BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def _votes_epilogue(g, offs_r, offs_c, mask_r, mask_c, pid_r, pid_c, packed_ptr, accum_ptr, cache_ptr, gE_ptr,
+                    step_ptr, rows_ptr, cols_ptr, tiles_ptr, R, C, n_groups, group_size, neg_lr, decay, vote_clip,
+                    key_base, call, MODE: tl.constexpr, NB: tl.constexpr, STATS: tl.constexpr,
+                    USE_DECAY: tl.constexpr, GE_MODE: tl.constexpr, GE_GROUP: tl.constexpr, CACHE_BITS: tl.constexpr,
+                    CALLS_PER_STEP: tl.constexpr, K_STEP: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    """The votes of a gradient tile ``g`` into T_accum (or the vote cache), and its share of gE."""
+    SR: tl.constexpr = BLOCK_R // NB
+    SC: tl.constexpr = BLOCK_C // NB
+    mask = mask_r[:, None] & mask_c[None, :]
     flat = offs_r[:, None] * C + offs_c[None, :]
     if USE_DECAY or GE_MODE > 0:
         t = load_trits(packed_ptr, flat, mask)
     else:
         t = flat  # unused
     if MODE == 0:
-        s = _block_factored_scale(g, pid_r * BLOCK_R, pid_c * BLOCK_C, R, C, neg_lr, NB, BLOCK_R, BLOCK_C)
+        if STATS == 2:  # STATS_LOAD, pass 2 of norm_beta: the means the moving averages stand for (rule.py)
+            row_off, row_mask, col_off, col_mask, tile_off, tile_mask = _stats_io(
+                rows_ptr, cols_ptr, tiles_ptr, pid_r, pid_c, R, C, NB, BLOCK_R, BLOCK_C)
+            r_mean = tl.load(rows_ptr + row_off, mask=row_mask, other=0.0)
+            c_mean = tl.load(cols_ptr + col_off, mask=col_mask, other=0.0)
+            m = tl.load(tiles_ptr + tile_off, mask=tile_mask, other=0.0)
+            if SR == 1 and SC == 1:
+                r_full = tl.broadcast_to(r_mean, (BLOCK_R, BLOCK_C))
+                c_full = tl.broadcast_to(c_mean, (BLOCK_R, BLOCK_C))
+                m_full = tl.broadcast_to(m, (BLOCK_R, BLOCK_C))
+            else:
+                r_full, c_full, m_full = _full_from_means(r_mean, c_mean, m, NB, BLOCK_R, BLOCK_C)
+            s = _scale_from_full(r_full, c_full, m_full, neg_lr, BLOCK_R, BLOCK_C)
+        else:
+            s = _block_factored_scale(g, pid_r * BLOCK_R, pid_c * BLOCK_C, R, C, neg_lr, NB, BLOCK_R, BLOCK_C)
         key = _device_key(step_ptr, call, key_base, CALLS_PER_STEP, K_STEP)
         xv = g * s
         if USE_DECAY:
@@ -290,8 +405,13 @@ def default_votes_config(M: int, R: int, C: int, device: torch.device, norm_bloc
 def matmul_votes_(gy: torch.Tensor, x: torch.Tensor, weight, *, vote: str, lr: float, vote_clip: int,
                   norm_block: int, decay: float, key_base: int, call: int, step: torch.Tensor, calls_per_step: int,
                   gE: torch.Tensor | None = None, flag: torch.Tensor | None = None,
-                  nonfinite: torch.Tensor | None = None, cache=None, config: dict | None = None) -> None:
+                  nonfinite: torch.Tensor | None = None, cache=None, config: dict | None = None,
+                  stats_out: tuple | None = None, stats_in: tuple | None = None) -> None:
     """Fused ``gW = gy.T @ x`` -> votes into ``weight.T_accum`` (or ``cache``), in place.
+
+    ``stats_out``: (rows, cols, tiles) float32 buffers shaped like rule.block_factored_stats' outputs: the
+    kernel fills them with gW's sub-tile means of g**2 and casts no votes (pass 1 of a ``norm_beta`` rule);
+    ``stats_in``: such buffers holding the means to normalise by instead of gW's own (pass 2).
 
     ``step``: 0-dim int64 device tensor, the optimiser's step counter (keys are derived from it on the
     device); ``key_base``/``call``: see :func:`key_base` and rng.stream_key; ``gE``: float32
@@ -329,14 +449,27 @@ def matmul_votes_(gy: torch.Tensor, x: torch.Tensor, weight, *, vote: str, lr: f
         assert C % (8 // cache_bits) == 0 and cfg["BLOCK_C"] % (8 // cache_bits) == 0
     use_decay = vote == "stochastic" and decay != 0.0
     dummy = step  # any device pointer for unused arguments
+    stats = stats_out if stats_out is not None else stats_in
+    stats_mode = STATS_STORE if stats_out is not None else STATS_LOAD if stats_in is not None else STATS_NONE
+    if stats is not None:
+        assert stats_out is None or stats_in is None, "one pass at a time"
+        assert vote == "stochastic", "norm_beta statistics are for stochastic votes"
+        br, bc = min(nb, R), min(nb, C)
+        Rb, Cb = triton.cdiv(R, nb), triton.cdiv(C, nb)
+        shapes = [(Rb, br, Cb), (Rb, Cb, bc), (Rb, Cb)]
+        assert [tuple(t.shape) for t in stats] == shapes and all(
+            t.dtype == torch.float32 and t.is_contiguous() and t.device == dev for t in stats), (
+            f"statistics buffers must be contiguous float32 {shapes} on {dev}")
+    else:
+        stats = (dummy, dummy, dummy)
     grid = (triton.cdiv(R, cfg["BLOCK_R"]) * triton.cdiv(C, cfg["BLOCK_C"]),)
     _matmul_votes_kernel[grid](
         gy, x, weight.T_packed, weight.T_accum,
         weight.T_accum if cache is None else (cache.buf.view(torch.int8) if cache_bits == 8 else cache.buf),
         dummy if gE is None else gE, dummy if flag is None else flag, dummy if nonfinite is None else nonfinite, step,
-        M, R, C, weight.n_groups, gs, -float(lr), float(decay), float(vote_clip), int(key_base), int(call),
+        *stats, M, R, C, weight.n_groups, gs, -float(lr), float(decay), float(vote_clip), int(key_base), int(call),
         gy.stride(0), gy.stride(1), x.stride(0), x.stride(1),
-        MODE=MODE_SIGN if vote == "sign" else MODE_STOCHASTIC, NB=nb or 16, USE_DECAY=use_decay,
+        MODE=MODE_SIGN if vote == "sign" else MODE_STOCHASTIC, NB=nb or 16, STATS=stats_mode, USE_DECAY=use_decay,
         GE_MODE=ge_mode, GE_GROUP=ge_group, CACHE_BITS=cache_bits, HAS_FLAG=flag is not None,
         HAS_NONFINITE=nonfinite is not None, CALLS_PER_STEP=int(calls_per_step), K_STEP=rng._K_STEP,
         UPCAST=upcast_dot(gy), DOT_PRECISION=dot_precision(gy),
