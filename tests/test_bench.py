@@ -91,6 +91,8 @@ def test_bench_qat_optimizer_options_and_jobs(tmp_path):
         ["--configs", "BitNet_QAT[wd=-1]"],
         ["--configs", "BitNet_QAT[optimizer=tile_sgd,norm_block=0]"],
         ["--configs", "TrueTernary[norm_beta=1]"],
+        ["--configs", "BitNet_QAT[optimizer=tile_sgd,normalize_first=banana]"],
+        ["--configs", "BitNet_QAT[normalize_first=1]"],  # only with optimizer=tile_sgd
         ["--configs", "TrueTernary,BitNet_QAT", "--jobs", "2"],  # --jobs needs --reuse-base
         ["--jobs", "0"],
         ["--steps", "0"],

@@ -353,13 +353,13 @@ def test_log2_codes_round_trip_and_clamp():
 
 
 def _codes_after(stats_seq, beta, shape, block):
-    from trueternary.rule import block_factored_stats, ema_block_factored_ms, empty_norm_codes
+    from trueternary.rule import block_factored_stats, ema_block_factored_stats, empty_norm_codes, factored_ms
 
     codes = empty_norm_codes(shape, block, "cpu")
     out = []
     for i, g in enumerate(stats_seq):
-        ms, codes = ema_block_factored_ms(block_factored_stats(g, block), codes, beta, shape, rng.stream_key(3, 0, i))
-        out.append(ms)
+        factors, codes = ema_block_factored_stats(block_factored_stats(g, block), codes, beta, rng.stream_key(3, 0, i))
+        out.append(factored_ms(*factors, shape))
     return out, codes
 
 

@@ -334,7 +334,11 @@ def _with_overrides(hp: Hparams, name: str, over: dict) -> Hparams:
             raise UsageError(f"beta1 and beta2 must be numbers in [0, 1), got {betas}")
         qat_betas = tuple(float(b) for b in betas)
         weight_decay = over.pop("wd", weight_decay)
-        normalize_first = bool(over.pop("normalize_first", hp.qat_normalize_first))
+        normalize_first = over.pop("normalize_first", hp.qat_normalize_first)
+        if normalize_first not in (0, 1) or (normalize_first and qat_optimizer != "tile_sgd"):
+            raise UsageError(f"normalize_first must be 0 or 1, and only with optimizer=tile_sgd, "
+                             f"got {normalize_first!r}")
+        normalize_first = bool(normalize_first)
         if qat_optimizer == "tile_sgd" and "norm_block" in over:  # TileNormSGD normalises like the rule
             try:
                 rule = FlipRule.from_dict({**rule.to_dict(), "norm_block": over.pop("norm_block")})
@@ -371,6 +375,10 @@ def run(args: argparse.Namespace) -> list[dict]:
             raise UsageError(f"--{flag} must be >= 1")
     if args.scale_update_interval < 0:
         raise UsageError("--scale-update-interval must be >= 0")
+    if getattr(args, "jobs", 1) < 1:
+        raise UsageError("--jobs must be >= 1")
+    if getattr(args, "jobs", 1) > 1 and len(specs) > 1 and not args.reuse_base:
+        raise UsageError("--jobs needs --reuse-base (every job must start from the same base model)")
     try:
         rule_over = parse_overrides(args.rule, "rule")
         lr_over = parse_overrides(args.lr, "lr")
@@ -419,11 +427,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         "data": corpus.name,
     }
     jobs = getattr(args, "jobs", 1)
-    if jobs < 1:
-        raise UsageError("--jobs must be >= 1")
     if jobs > 1 and len(specs) > 1:
-        if not args.reuse_base:
-            raise UsageError("--jobs needs --reuse-base (every job must start from the same base model)")
         meta["jobs"] = jobs
         results = _run_jobs(args, [label for label, _, _ in specs], jobs, meta)
     else:

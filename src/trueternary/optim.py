@@ -245,13 +245,11 @@ class FlipOptimizer(torch.optim.Optimizer):
         if group["vote"] == "sign":
             return sign_votes(g)
         p = group["vote_power"]
-        if s is not None:  # given: from the statistics' moving averages (norm_beta, _ema_scale)
-            pass
-        elif p != 1:  # compress (p < 1) the normalised magnitudes: g -> sign(g) |g / rms|**p, then s = -lr
+        if s is None and p != 1:  # compress (p < 1) the normalised magnitudes: g -> sign(g) |g / rms|**p, s = -lr
             s1 = vote_scale(g, 1.0, normalize, group["norm_block"])
             g = torch.sign(g) * (g * s1).abs().pow(p)
             s = torch.tensor(-float(lr), dtype=torch.float32, device=g.device)
-        else:
+        elif s is None:  # (given: from the statistics' moving averages, norm_beta's _ema_scale)
             s = vote_scale(g, lr, normalize, group["norm_block"])
         key = rng.stream_key(self._rank_seed(), stream, counter)
         if self._world() > 1:  # both terms of the vote are split over the ranks, so their sum is one vote's
@@ -493,7 +491,7 @@ class FlipOptimizer(torch.optim.Optimizer):
     def _ema_scale(self, weight: TernaryScaleTensor, group, g: torch.Tensor, counter: int,
                    bad: torch.Tensor | None = None) -> torch.Tensor:
         """``s`` of the votes under ``norm_beta > 0``: the 'block_factored' statistics as moving averages kept in
-        integer codes in this optimiser's state of the weight (rule.ema_block_factored_ms). Under data
+        integer codes in this optimiser's state of the weight (rule.ema_block_factored_stats). Under data
         parallelism every rank averages the ranks' statistics (geometric mean, exact integer all-reduce) and
         rounds with the same random numbers, so all ranks keep the same codes. A non-finite gradient (``bad``,
         a 0-dim device flag: no host sync) leaves the codes as they were."""

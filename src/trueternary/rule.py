@@ -12,7 +12,7 @@ State per weight matrix W (rows x cols), groups of ``group_size`` consecutive we
     E_accum  int8 per group, the scale-vote accumulator
 
 and, with ``norm_beta > 0`` (the default), the normaliser's moving averages as integer log2 codes per
-``norm_block`` tile (an int16 per tile, an int8 per tile-row and tile-column; ``ema_block_factored_ms``), held
+``norm_block`` tile (an int16 per tile, an int8 per tile-row and tile-column; ``ema_block_factored_stats``), held
 by the optimiser. No float survives a step.
 
 For each call of a layer in backward (``stochastic_votes`` ...) and once per optimiser step
@@ -231,15 +231,22 @@ def block_factored_ms(g: torch.Tensor, block: int) -> torch.Tensor:
     return factored_ms(*block_factored_stats(g, block), g.shape)
 
 
+def norm_tiles(shape: tuple[int, int], block: int) -> tuple[int, int, int, int]:
+    """``(Rb, br, Cb, bc)``: the 'block_factored' tiling of a (R, C) matrix, tiles of ``br x bc`` with
+    ``br, bc = min(block, R), min(block, C)`` (a matrix no larger than one tile along an axis is one partial
+    tile there), ``Rb x Cb`` of them, aligned at 0."""
+    R, C = shape
+    br, bc = min(block, R), min(block, C)
+    return -(-R // br), br, -(-C // bc), bc
+
+
 def block_factored_stats(g: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The three means behind ``block_factored_ms``: of ``g**2`` over each tile's part of every row
     (Rb, br, Cb), of every column (Rb, Cb, bc), and over each whole tile (Rb, Cb); ``br, bc = min(block, R),
     min(block, C)``, ``Rb, Cb`` the tile counts (edge tiles average over their real elements only)."""
     g2 = g.float().square()
     R, C = g2.shape
-    # a matrix no larger than one tile along an axis is one (partial) tile there: no padding needed
-    br, bc = min(block, R), min(block, C)
-    Rb, Cb = -(-R // br), -(-C // bc)
+    Rb, br, Cb, bc = norm_tiles((R, C), block)
     pads = (0, Cb * bc - C, 0, Rb * br - R)
     if not any(pads):  # whole tiles: no padding, constant counts (the same sums and quotients)
         t = g2.view(Rb, br, Cb, bc)
@@ -293,27 +300,12 @@ def code_value(code: torch.Tensor, frac: int) -> torch.Tensor:
 
 def empty_norm_codes(shape: tuple[int, int], block: int, device) -> dict[str, torch.Tensor]:
     """The norm_beta state of a (R, C) weight before its first gradient: every tile empty."""
-    R, C = shape
-    br, bc = min(block, R), min(block, C)
-    Rb, Cb = -(-R // br), -(-C // bc)
+    Rb, br, Cb, bc = norm_tiles(shape, block)
     return {
         "norm_tile": torch.full((Rb, Cb), NORM_TILE_EMPTY, dtype=torch.int16, device=device),
         "norm_row": torch.zeros((Rb, br, Cb), dtype=torch.int8, device=device),
         "norm_col": torch.zeros((Rb, Cb, bc), dtype=torch.int8, device=device),
     }
-
-
-def ema_block_factored_ms(
-    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    codes: dict[str, torch.Tensor],
-    beta: float,
-    shape: tuple[int, int],
-    key: torch.Tensor,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """'block_factored' with memory: ``ms`` from moving averages of the statistics, and the new codes
-    (``factored_ms`` of :func:`ema_block_factored_stats`' factors)."""
-    factors, codes = ema_block_factored_stats(stats, codes, beta, key)
-    return factored_ms(*factors, shape), codes
 
 
 def ema_block_factored_stats(

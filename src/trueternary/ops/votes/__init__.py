@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...rule import uses_norm_memory
+from ...rule import norm_tiles, uses_norm_memory
 from .naive import (
     cast_matmul_votes_naive,
     decode_vote_cache,
@@ -158,8 +158,7 @@ def cast_matmul_votes(weight, gy: torch.Tensor, x: torch.Tensor, group: Mapping,
     stats_in = None
     if uses_norm_memory(group):
         assert norm_memory is not None, "a norm_beta rule needs the optimiser's norm_memory"
-        nb = group["norm_block"]
-        Rb, Cb, br, bc = -(-rows // nb), -(-weight.cols // nb), min(nb, rows), min(nb, weight.cols)
+        Rb, br, Cb, bc = norm_tiles((rows, weight.cols), group["norm_block"])
         stats = tuple(torch.empty(shape, dtype=torch.float32, device=gy.device)
                       for shape in ((Rb, br, Cb), (Rb, Cb, bc), (Rb, Cb)))
         bad = torch.zeros((), dtype=torch.float32, device=gy.device)

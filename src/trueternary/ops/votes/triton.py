@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from ... import rng
+from ...rule import norm_tiles
 from ..triton_utils import (
     check_kernel_numel,
     check_kernel_offsets,
@@ -454,8 +455,7 @@ def matmul_votes_(gy: torch.Tensor, x: torch.Tensor, weight, *, vote: str, lr: f
     if stats is not None:
         assert stats_out is None or stats_in is None, "one pass at a time"
         assert vote == "stochastic", "norm_beta statistics are for stochastic votes"
-        br, bc = min(nb, R), min(nb, C)
-        Rb, Cb = triton.cdiv(R, nb), triton.cdiv(C, nb)
+        Rb, br, Cb, bc = norm_tiles((R, C), nb)
         shapes = [(Rb, br, Cb), (Rb, Cb, bc), (Rb, Cb)]
         assert [tuple(t.shape) for t in stats] == shapes and all(
             t.dtype == torch.float32 and t.is_contiguous() and t.device == dev for t in stats), (
