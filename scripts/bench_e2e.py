@@ -13,13 +13,11 @@ Sections (every one in try/except: a failure is recorded in the JSON ``errors`` 
    ctx 33, batch 4): median ms/step after warm-up (host time per step, synchronised), tokens/s, peak
    allocator memory (``torch.cuda.max_memory_allocated``, reset after each config's model is built, so it
    counts weights, training state, activations and transients of the steps), training-state bytes per weight;
-2. CUDA graphs at the seed setting: Adam_FP32 with ``AdamW(capturable=True)``, its whole step captured; and
-   TrueTernary ``gpu`` (``check_finite=False``, constant lr: a Python lr is a constant of the captured
-   kernels). The ternary embedding's backward (``torch.unique`` of the batch's rows, host RNG counter) cannot
-   be captured, so the TrueTernary step runs as: embedding lookup (eager) -> graph 1 (transformer body forward
-   + backward, all fused votes) -> embedding backward + votes (eager) -> graph 2 (``FlipOptimizer.step``: all
-   flips, device step counter). A full-step capture is attempted last and its error recorded. Graph replays
-   are checked against eager steps from the same state (integer state of every linear layer bit-identical);
+2. CUDA graphs at the seed setting, each config's whole step (forward, backward, optimiser) in one graph:
+   Adam_FP32 with ``AdamW(capturable=True)``, and TrueTernary ``gpu`` with the default rule
+   (``check_finite=False``, constant lr: a Python lr is a constant of the captured kernels; every RNG key
+   comes from the optimiser's device step counter, so each replay votes with fresh keys). Replays are checked
+   against eager steps from the same state (integer state of every ternary weight, the embedding's included);
 3. a statistical check that TrueTernary gpu and dense-fallback agree after one step from the same state.
 
 Writes ``$OUT/bench_e2e.json`` (``OUT`` defaults to ./out) and prints a compact table last. The CUDA context
@@ -68,7 +66,7 @@ if not ARGS.smoke and not torch.cuda.is_available():
     print("bench_e2e: error: no CUDA device (use --smoke for a CPU check of the script)", file=sys.stderr)
     sys.exit(2)
 
-from trueternary.models.transformer import ByteTransformer, TransformerConfig, rms_norm  # noqa: E402
+from trueternary.models.transformer import ByteTransformer, TransformerConfig  # noqa: E402
 from trueternary.recipes import Hparams, build_recipe  # noqa: E402
 from trueternary.rule import FlipRule  # noqa: E402
 from trueternary.weight import TernaryScaleTensor  # noqa: E402
@@ -83,17 +81,12 @@ SETTINGS = {
 if ARGS.smoke:
     SETTINGS = {"151M": (dict(d_model=32, n_layers=1, ctx=12, n_heads=2), 2, 1, 2),
                 "seed": (dict(d_model=32, n_layers=1, ctx=9, n_heads=2), 2, 1, 2)}
-# TrueTernary's default rule keeps moving averages of the vote normaliser's statistics (norm_beta), which the
-# fused vote kernel does not compute yet: its gpu backends cast those votes on the dense path. FUSED_TT is the
-# rule without them (history-less normaliser), whose votes the kernel computes; the CUDA graphs use it.
-# FUSED_NM is the default rule with its moving averages in the fused kernels' two passes (ops.votes
-# FUSE_NORM_MEMORY, off by default until a device run has checked and timed it: this script turns it on for
-# those configs only).
+# TrueTernary runs the default rule (its moving averages of the vote normaliser's statistics, norm_beta, fused
+# in the vote kernel's epilogue); FUSED_TT, the rule without them (history-less normaliser), is timed beside it
+# to show what the moving averages cost.
 FUSED_TT = "TrueTernary[norm_beta=0]"
-FUSED_NM = "TrueTernary[norm_beta fused]"
 CONFIGS = [("Adam_FP32", None), ("BitNet_QAT", None), ("TrueTernary", "dense-fallback"), ("TrueTernary", "gpu"),
-           (FUSED_NM, "gpu"), (FUSED_NM, "gpu-signcache"),
-           (FUSED_TT, "dense-fallback"), (FUSED_TT, "gpu"), (FUSED_TT, "gpu-signcache")]
+           ("TrueTernary", "gpu-signcache"), (FUSED_TT, "gpu")]
 GPU_BACKENDS = ("gpu", "gpu-signcache")
 
 
@@ -197,13 +190,11 @@ def hparams() -> Hparams:
 def make_recipe(setting: str, name: str, backend: str | None):
     """``build_recipe`` on the device. On CPU (--smoke) the gpu backends are refused by the constructor (they
     need CUDA), so the optimiser is built dense and switched: its kernels then run in Triton's interpreter.
-    ``TrueTernary[norm_beta=0]``: the rule with history-less normalisation, whose votes are fused."""
+    ``TrueTernary[norm_beta=0]``: the rule with history-less normalisation."""
     gpu_on_cpu = DEV.type == "cpu" and backend in GPU_BACKENDS
     hp = hparams()
     if name == FUSED_TT:
         name, hp.rule = "TrueTernary", FlipRule.for_run(hp.steps, norm_beta=0.0)
-    elif name == FUSED_NM:
-        name = "TrueTernary"
     r = build_recipe(name, base_model(setting), hp, device=DEV,
                      backend="dense-fallback" if gpu_on_cpu or backend is None else backend, seed=0)
     if gpu_on_cpu:
@@ -251,17 +242,6 @@ def context_bytes() -> dict:
 
 
 def run_eager(setting: str, name: str, backend: str | None) -> dict:
-    import trueternary.ops.votes as votes_ops
-
-    fuse = votes_ops.FUSE_NORM_MEMORY
-    votes_ops.FUSE_NORM_MEMORY = name == FUSED_NM
-    try:
-        return _run_eager(setting, name, backend)
-    finally:
-        votes_ops.FUSE_NORM_MEMORY = fuse
-
-
-def _run_eager(setting: str, name: str, backend: str | None) -> dict:
     _, B_, warm, n = SETTINGS[setting]
     x, y = batch(setting)
     r = make_recipe(setting, name, backend)
@@ -407,54 +387,36 @@ def graph_adam(setting: str) -> dict:
             "memory_timeline_bytes": {"after the model and optimiser are built": start}}
 
 
-def ternary_graph_steps(r, x, y):
-    """TrueTernary gpu as (embedding lookup eager) + graph(body fwd+bwd) + (embedding backward eager) +
-    graph(FlipOptimizer.step). Returns ``step()``; the host side of the optimiser that a replay skips
-    (step counter, per-step call counts) is advanced by hand, exactly as ``FlipOptimizer.step`` would."""
-    model, flip = r.model, r.flip
+def ternary_graph_step(r, x, y):
+    """TrueTernary gpu's whole training step (forward, backward with every vote, ``FlipOptimizer.step``) as one
+    CUDA graph. Returns ``step()``. A replay skips the optimiser's host bookkeeping (host step counter, per-step
+    call counts), which ``step()`` advances by hand as ``FlipOptimizer.step`` would; nothing else reads it."""
+    flip = r.flip
     flip.check_finite = False  # no host sync in backward/step
     for g in flip.param_groups:  # constant lr: a captured kernel keeps the lr it was captured with
         g["lr"] = r.hp.lr_for("TrueTernary")
-    d = model.cfg.d_model
     MEM["before capture"] = allocated_bytes()
-    static_e = torch.zeros(x.shape[0], x.shape[1], d, device=DEV, requires_grad=True)
 
-    def body():
-        e = static_e
-        with autocast():
-            for blk in model.blocks:
-                e = blk(e, model.rope_cos, model.rope_sin)
-            logits = model.head(rms_norm(e))
-        loss_of(logits, y).backward()
+    def whole_step():
+        r.loss(x, y, AUTOCAST).backward()
+        flip.step()
 
-    # the side-stream warm-up runs really cast votes: undo them so the graphs start from the eager state
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    # the side-stream warm-up steps really train: undo them so the graph starts from the eager state
+    saved = {k: v.clone() for k, v in r.model.state_dict().items()}
+    saved_opt = copy.deepcopy(flip.state_dict())
 
     def restore():
-        model.load_state_dict(saved)
-        static_e.grad = None  # the captured backward allocates it; replays rewrite it
+        r.model.load_state_dict(saved)
+        flip.load_state_dict(saved_opt)
         flip._calls.clear()
 
-    body_replay, pool = capture(body, before_capture=restore)
-    MEM["after body capture"] = allocated_bytes()
-    flip._calls.clear()
+    replay, _ = capture(whole_step, before_capture=restore)
+    MEM["after capture"] = allocated_bytes()
     if DEV.type == "cuda":
-        # the step's graph shares the body's pool: they run one after the other, never at once
-        step_replay, _ = capture(flip.step, warm_on_side_stream=0, pool=pool)
-        MEM["after step capture"] = allocated_bytes()
         flip._step -= 1  # the capture ran step()'s host code (step counter + 1) but executed nothing
-    else:
-        step_replay = flip.step
 
     def step():
-        e = model.embed(x)  # eager: the ternary embedding's forward (lookup of the batch's rows)
-        with torch.no_grad():
-            static_e.copy_(e)
-        if static_e.grad is not None and DEV.type == "cpu":
-            static_e.grad = None  # eager stand-in for the graph (whose backward writes a fresh grad)
-        body_replay()
-        e.backward(static_e.grad)  # eager: embedding votes (sparse rows: torch.unique syncs)
-        step_replay()
+        replay()
         if DEV.type == "cuda":  # what flip.step() does on the host, which a replay does not run
             flip._step += 1
             flip._calls.clear()
@@ -468,61 +430,46 @@ def graph_ternary(setting: str) -> dict:
     MEM.clear()
     MEM["section start (earlier sections' leftovers, cuBLAS workspaces)"] = allocated_bytes()
     x, y = batch(setting)
-    r = make_recipe(setting, FUSED_TT, "gpu")
-    ref = make_recipe(setting, FUSED_TT, "gpu")  # eager twin from the same state, for the check
-    ref.flip.check_finite = False
-    for g in ref.flip.param_groups:
-        g["lr"] = ref.hp.lr_for("TrueTernary")
+    r = make_recipe(setting, "TrueTernary", "gpu")
+    ref = make_recipe(setting, "TrueTernary", "gpu")  # eager twin from the same state, for the check
     # one eager step first so the kernels are compiled and the device step counter exists before capture
-    r.flip.check_finite = False
     for rr in (r, ref):
+        rr.flip.check_finite = False
         for g in rr.flip.param_groups:
             g["lr"] = rr.hp.lr_for("TrueTernary")
         rr.loss(x, y, AUTOCAST).backward()
         rr.flip.step()
-    step = ternary_graph_steps(r, x, y)
+    step = ternary_graph_step(r, x, y)
     k = 3
-    for _ in range(k):  # graphed vs eager from the same state: the linear layers must agree bit for bit
+    for _ in range(k):  # graphed vs eager from the same state: every ternary weight must agree
         step()
         ref.loss(x, y, AUTOCAST).backward()
         ref.flip.step()
     sg, se = linear_state(r.model), linear_state(ref.model)
-    lin = [n_ for n_ in sg if not n_.startswith("embed.")]
-    bad = [n_ for n_ in lin if not torch.equal(sg[n_], se[n_])]
-    acc = [n_ for n_ in lin if n_.endswith(".T_accum")]
+    bad = [n_ for n_ in sg if not torch.equal(sg[n_], se[n_])]
+    acc = [n_ for n_ in sg if n_.endswith(".T_accum")]
     frac = sum(int((sg[n_] != se[n_]).sum()) for n_ in acc) / max(1, sum(sg[n_].numel() for n_ in acc))
+    codes_g, codes_e = r.flip.state_dict()["state"], ref.flip.state_dict()["state"]
+    codes_equal = codes_g.keys() == codes_e.keys() and all(
+        torch.equal(codes_g[i][c], codes_e[i][c]) for i in codes_g for c in codes_g[i])
     # the same kernels with the same keys: bit-identical unless a float op between them is nondeterministic
     # (SDPA's backward may be); then votes may differ where g*s + u lies within rounding of an integer
-    B.check(f"{setting}: {k} graph-replayed TrueTernary[gpu] steps vs eager steps (linear layers)",
-            frac < 1e-3, bit_identical=not bad, differing=bad[:10], compared=len(lin), T_accum_mismatch_fraction=frac)
+    B.check(f"{setting}: {k} graph-replayed TrueTernary[gpu] steps vs eager steps (all ternary weights)",
+            frac < 1e-3, bit_identical=not bad, differing=bad[:10], compared=len(sg), T_accum_mismatch_fraction=frac,
+            norm_codes_identical=codes_equal,
+            step_count_device=int(next(iter(r.flip._step_dev.values()))), step_count_host=r.flip._step)
     del ref, sg, se
     cleanup()
-    reset_peak()  # from here: the graphed model alone (its graph pools included)
+    reset_peak()  # from here: the graphed model alone (its graph pool included)
     MEM["at peak reset"] = allocated_bytes()
     for _ in range(warm):
         step()
     MEM["peak over the warm-up steps"] = peak_bytes()
     ms = timed_steps(step, n)
     med = statistics.median(ms)
-    return {"setting": setting, "config": f"{FUSED_TT}[gpu] [CUDA graphs, embedding eager]", "median_ms": med,
+    return {"setting": setting, "config": "TrueTernary[gpu] [CUDA graph]", "median_ms": med,
             "min_ms": min(ms), "tokens_per_s": B_ * x.shape[1] / med * 1e3, "steps_per_s": 1e3 / med,
-            "peak_bytes": peak_bytes(), "memory_timeline_bytes": dict(MEM),
-            "step_count_device": int(next(iter(r.flip._step_dev.values()))),
-            "step_count_host": r.flip._step}
-
-
-def full_capture_attempt(setting: str) -> dict:
-    """Capture TrueTernary[gpu]'s whole step in one graph; expected to fail at the embedding's torch.unique."""
-    x, y = batch(setting)
-    r = make_recipe(setting, FUSED_TT, "gpu")
-    r.flip.check_finite = False
-    r.loss(x, y, AUTOCAST).backward()
-    r.flip.step()
-    try:
-        capture(lambda: (r.loss(x, y, AUTOCAST).backward(), r.flip.step()), warm_on_side_stream=1)
-        return {"setting": setting, "full_step_capture": "ok"}
-    except Exception as e:  # noqa: BLE001 - the expected outcome, recorded
-        return {"setting": setting, "full_step_capture": f"failed: {type(e).__name__}: {str(e)[:300]}"}
+            "peak_bytes": peak_bytes(), "memory_timeline_bytes": dict(MEM)}
 
 
 # ------------------------------------------------------------------------------------------------ 3. agreement
@@ -535,7 +482,7 @@ def check_gpu_vs_dense(setting: str):
     x, y = batch(setting)
     out = {}
     for backend in ("dense-fallback", "gpu"):
-        r = make_recipe(setting, FUSED_TT, backend)
+        r = make_recipe(setting, "TrueTernary", backend)
         loss = float(r.train_step(x, y, AUTOCAST))
         out[backend] = (loss, linear_state(r.model))
         del r
@@ -571,14 +518,12 @@ def print_table():
                      f"{sp:>7} {pk:>9} {st:>9}")
     for s in sorted({row["setting"] for row in r["graphs"]}):
         g = {row["config"]: row for row in rows if row["setting"] == s}
-        tt = next((v for k, v in g.items() if k.startswith(f"{FUSED_TT}[gpu] [CUDA")), None)
+        tt = g.get("TrueTernary[gpu] [CUDA graph]")
         if tt and "Adam_FP32" in g:
             ag = g.get("Adam_FP32 [CUDA graph]")
             vs_graph = f", {ag['median_ms'] / tt['median_ms']:.2f}x Adam_FP32 graphed" if ag else ""
             lines.append(f"{s}: graphed TrueTernary[gpu] steps/s = "
                          f"{g['Adam_FP32']['median_ms'] / tt['median_ms']:.2f}x Adam_FP32 eager{vs_graph}")
-    if r.get("full_capture"):
-        lines.append(f"full-step capture of TrueTernary[gpu]: {r['full_capture']['full_step_capture']}")
     for c in r["checks"]:
         lines.append(f"check {'ok  ' if c['ok'] else 'FAIL'} {c['check']}"
                      + ("" if c["ok"] else f": {({k: v for k, v in c.items() if k not in ('check', 'ok')})}"))
@@ -611,25 +556,21 @@ def main() -> int:
                 if go:
                     run_eager(s, name, backend)
         if ARGS.profile:
-            for name, backend in (("Adam_FP32", None), (FUSED_TT, "gpu")):
+            for name, backend in (("Adam_FP32", None), ("TrueTernary", "gpu")):
                 with B.section(f"profile {s} {label(name, backend)}") as go:
                     if go:
                         profile_step(s, name, backend)
         if s != "seed":
             continue
-        # TrueTernary's graphs first: memory the Adam graph section leaves allocated (measured: ~134 MB that
+        # TrueTernary's graph first: memory the Adam graph section leaves allocated (measured: ~134 MB that
         # outlive the section and a gc.collect, not traced) would otherwise count in TrueTernary's peak
+        B.save()  # a failed capture can leave the device unusable: keep everything measured so far
         with B.section("graph seed TrueTernary[gpu]") as go:
             if go:
                 B.res["graphs"].append(graph_ternary("seed"))
         with B.section("graph seed Adam_FP32") as go:
             if go:
                 B.res["graphs"].append(graph_adam("seed"))
-    if "seed" in settings and DEV.type == "cuda":
-        B.save()  # a failed capture can leave the device unusable: keep everything measured so far
-        with B.section("full-step capture attempt") as go:
-            if go:
-                B.res["full_capture"] = full_capture_attempt("seed")
     path = B.save()
     print_table()
     print(f"wrote {path}", file=sys.stderr)

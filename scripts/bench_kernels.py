@@ -495,6 +495,13 @@ def time_votes(setting, layer, rows, cols, M, op_ms):
         fused[(backend, vote)] = record(setting, layer, "votes", impl, run, flops, cb, dense_ms=dense)
         if DEV.type == "cuda" and setting == "seed" and (backend, vote) == ("gpu", "stochastic"):
             record(setting, layer, "votes", impl, run, flops, cb, graph=True, dense_ms=dense)
+    # what the default rule's moving averages (norm_beta, kept in the epilogue) cost: the history-less rule
+    w0 = random_weight(rows, cols)
+    opt0 = FlipOptimizer(w0, backend="dense-fallback" if DEV.type == "cpu" else "gpu",
+                         rule=FlipRule(norm_beta=0.0), check_finite=False)
+    opt0.backend = "gpu"
+    record(setting, layer, "votes", "gpu stochastic, norm_beta=0 (+E)", lambda: opt0.cast_matmul_votes(w0, gy, x, None),
+           flops, nbytes, dense_ms=dense)
     w = random_weight(rows, cols)
     step = torch.zeros((), dtype=torch.int64, device=DEV)
     record(setting, layer, "votes", "matmul_votes kernel only (stochastic, no E)", lambda: matmul_votes_(

@@ -19,8 +19,9 @@ class RecordingVoter:
     def __init__(self):
         self.calls = []
 
-    def cast_votes(self, weight, g, T, rows=None):
-        self.calls.append((g.clone(), T.clone(), None if rows is None else rows.clone()))
+    def cast_votes(self, weight, g, T, rows=None, n_rows=None):
+        clone = (lambda t: None if t is None else t.clone())
+        self.calls.append((g.clone(), T.clone(), clone(rows), clone(n_rows)))
 
     def cast_matmul_votes(self, weight, gy, x, T):  # linear layers hand over the factors of gy.T @ x
         self.cast_votes(weight, (gy.t() @ x).float(), T)
@@ -91,14 +92,17 @@ def test_straight_through_commitment_and_codebook_votes():
     c = vq.codebook.weight.dense()[out.indices]
     N = 10
     torch.testing.assert_close(z.grad, g + 0.25 * 2 * (z.detach() - c) / N, **TOL)  # STE + commitment
-    # the codebook gets the codebook-loss gradient, summed per used code, as a sparse row update
+    # the codebook gets the codebook-loss gradient, summed per used code, as a row update in which only the
+    # used codes vote: all codes in a static shape, the n used ones first (ops.embedding)
     assert len(voter.calls) == 1
-    gC, T, rows = voter.calls[0]
+    gC, T, rows, n = voter.calls[0]
     used = torch.unique(out.indices)
-    assert torch.equal(rows, used)
-    want = torch.zeros(16, 8).index_add_(0, out.indices, 2 * (c - z.detach()) / N)[used]
+    assert int(n) == used.numel() and torch.equal(rows[:used.numel()], used)
+    assert torch.equal(rows.sort().values, torch.arange(16))
+    want = torch.zeros(16, 8).index_add_(0, out.indices, 2 * (c - z.detach()) / N)[rows]
     torch.testing.assert_close(gC, want, **TOL)
-    assert torch.equal(T, vq.codebook.weight.trits()[used])
+    assert (gC[used.numel():] == 0).all()
+    assert torch.equal(T, vq.codebook.weight.trits()[rows])
 
 
 def test_usage_counters_are_int32_and_count_assignments():

@@ -111,7 +111,7 @@ def launch_votes(w, gy, x, *, vote="stochastic", lr=2.0, vote_clip=8, norm_block
     return rng.stream_key(seed, stream, step * CALLS + call).to(DEVICE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["call", "key_base"])  # as the kernels: 0 and 1 would become constants
 def _key_kernel(out_ptr, step_ptr, call, key_base, CALLS_PER_STEP: tl.constexpr, K_STEP: tl.constexpr):
     tl.store(out_ptr, _device_key(step_ptr, call, key_base, CALLS_PER_STEP, K_STEP).to(tl.int64))
 
@@ -269,9 +269,9 @@ def test_scale_votes_bit_exact_and_interval(vote, normalize):
 
 
 def test_fused_votes_supported():
-    ok = [FlipRule(norm_beta=0), FlipRule(norm_beta=0, norm_block=64), FlipRule.naive(),
+    ok = [FlipRule(), FlipRule(norm_beta=0), FlipRule(norm_beta=0, norm_block=64), FlipRule.naive(),
           FlipRule(vote="sign", normalize="tensor"), FlipRule(vote="sign", scale_vote="sign", norm_block=7)]
-    not_fused = [FlipRule(), FlipRule(normalize="tensor", norm_beta=0), FlipRule(norm_block=8, norm_beta=0),
+    not_fused = [FlipRule(normalize="tensor", norm_beta=0), FlipRule(norm_block=8, norm_beta=0),
                  FlipRule(norm_block=48, norm_beta=0), FlipRule(vote="sign", norm_block=8), FlipRule(vote_power=0.5)]
     assert all(fused_votes_supported(r.to_dict()) for r in ok)
     assert not any(fused_votes_supported(r.to_dict()) for r in not_fused)
@@ -330,9 +330,9 @@ RULES = {
                                    "accum_threshold": 3, "scale_threshold": 3},
     "leak3-noclip-nb32": {"norm_block": 32, "norm_beta": 0.0, "leak": 3, "clip_at_bounds": False, "accum_threshold": 6},
     "flip-reset2": {"norm_block": 16, "norm_beta": 0.0, "lr": 3.0, "accum_threshold": 4, "flip_reset": 2},
+    "norm-beta-nb16": {"norm_block": 16, "lr": 3.0, "accum_threshold": 4},  # the default rule's moving averages
     # not fused: the gpu path casts these votes on the dense path (its flips still run in the flip kernel)
     "dense-path-tensor-norm": {"normalize": "tensor", "accum_threshold": 4},
-    "dense-path-norm-beta-nb16": {"norm_block": 16, "lr": 3.0, "accum_threshold": 4},
 }
 
 
@@ -410,11 +410,8 @@ def test_signcache_state_dict_flushes_pending_votes_and_load_drops_them():
 @pytest.mark.parametrize("norm_beta", [0.0, 0.95], ids=["historyless", "norm-memory-fused"])
 def test_gpu_path_has_no_host_sync(monkeypatch, norm_beta):
     """With check_finite=False the gpu backend's backward and step() never read a tensor on the host (the
-    CUDA-graph requirement): every way Python can do so raises here. With norm_beta, the fused two passes and
-    the moving averages' update between them too."""
-    import trueternary.ops.votes as votes_ops
-
-    monkeypatch.setattr(votes_ops, "FUSE_NORM_MEMORY", True)
+    CUDA-graph requirement): every way Python can do so raises here. With norm_beta, the moving averages kept
+    in the vote kernel's epilogue too."""
     model = MLP()
     opt = gpu_optimizer(model, "gpu", seed=1, check_finite=False, norm_block=16, norm_beta=norm_beta)
     x = torch.randint(-2, 3, (4, 24), generator=torch.Generator().manual_seed(2)).float().to(DEVICE)
@@ -520,49 +517,80 @@ def test_data_parallel_ranks_vote_with_their_own_streams(backend):
     assert (states["rank0"] != 0).sum() > 0
 
 
-# ------------------------------------------------------------------ norm_beta: the two fused passes
-@pytest.mark.parametrize("rows,cols,nb,block", [(20, 36, 16, 16), (40, 50, 16, 32), (7, 9, 16, 16), (64, 48, 32, 64)],
-                         ids=["one-subtile", "2x2-subtiles-ragged", "smaller-than-a-subtile", "nb32-in-64"])
-def test_norm_memory_passes_store_the_statistics_and_vote_by_given_means(rows, cols, nb, block):
-    """Pass 1 (stats_out) stores exactly rule.block_factored_stats of gW and changes no state; pass 2 (stats_in)
-    given those same means votes exactly as the one-pass kernel does (which matches the reference)."""
+# ------------------------------------------------------------------ norm_beta: the moving averages in the epilogue
+def reference_norm_memory_votes(w, gy, x, codes, *, lr, nb, beta, key, norm_key):
+    """One call of the dense path's norm_beta votes (FlipOptimizer._ema_scale + _votes): new codes, int8 votes."""
     from trueternary.ops.votes import weight_grad
 
-    w = random_weight(rows, cols, 8)
-    gy, x = int_inputs(6, rows, cols, seed=1)
     g = weight_grad(gy, x).float()
-    ref_stats = rule.block_factored_stats(g, nb)
-    stats = tuple(torch.full(t.shape, -1.0, device=DEVICE) for t in ref_stats)
-    before = copy.deepcopy(w)
-    launch_votes(w, gy, x, norm_block=nb, config=cfg(block, block), stats_out=stats)
-    for got, want in zip(stats, ref_stats):
-        assert torch.equal(got.cpu(), want.cpu())
-    assert torch.equal(w.T_accum, before.T_accum)  # pass 1 casts nothing
-    one_pass = copy.deepcopy(w)
-    launch_votes(one_pass, gy, x, norm_block=nb, config=cfg(block, block))
-    launch_votes(w, gy, x, norm_block=nb, config=cfg(block, block), stats_in=tuple(t.to(DEVICE) for t in ref_stats))
-    assert torch.equal(w.T_accum, one_pass.T_accum) and not torch.equal(w.T_accum, before.T_accum)
-    # other means, other votes: pass 2 really normalises by what it is given
-    other = copy.deepcopy(before)
-    launch_votes(other, gy, x, norm_block=nb, config=cfg(block, block),
-                 stats_in=tuple((t * 16).to(DEVICE) for t in ref_stats))
-    assert not torch.equal(other.T_accum, w.T_accum)
+    factors, new = rule.ema_block_factored_stats(rule.block_factored_stats(g, nb), codes, beta, norm_key)
+    s = rule.vote_multiplier(rule.factored_ms(*factors, g.shape), lr)
+    return new, rule.stochastic_votes(g, s, key, 8)
+
+
+@pytest.mark.parametrize("rows,cols,nb,block", [(20, 36, 16, 16), (40, 50, 16, 32), (7, 9, 16, 16), (64, 48, 32, 64),
+                                                (130, 140, 128, 128)],
+                         ids=["one-subtile", "2x2-subtiles-ragged", "smaller-than-a-subtile", "nb32-in-64", "nb128"])
+def test_norm_memory_epilogue_keeps_the_reference_codes(rows, cols, nb, block):
+    """The kernel's moving averages (norm_codes): over calls from empty codes, the codes and the votes equal the
+    reference's (rule.ema_block_factored_stats) bit for bit on exact gradients, incl. the codes' stochastic
+    rounding; a different beta gives different codes (the averages are really kept)."""
+    kt = kernels()
+    w = random_weight(rows, cols, 8)
+    codes = {k: v.to(DEVICE) for k, v in rule.empty_norm_codes((rows, cols), nb, "cpu").items()}
+    ref_codes = {k: v.clone() for k, v in codes.items()}
+    for step in range(4):
+        gy, x = int_inputs(6, rows, cols, seed=step)
+        gy = gy * (step + 1)  # the statistics move between calls
+        A0 = w.T_accum.clone()
+        key = launch_votes(w, gy, x, norm_block=nb, step=step, config=cfg(block, block), norm_codes=codes,
+                           norm_beta=0.9, norm_key_base=kt.key_base(77, 4))
+        norm_key = rng.stream_key(77, 4, step * CALLS + 2)
+        ref_codes, v = reference_norm_memory_votes(w, gy, x, ref_codes, lr=2.0, nb=nb, beta=0.9, key=key,
+                                                   norm_key=norm_key)
+        for k in codes:
+            assert torch.equal(codes[k].cpu(), ref_codes[k].cpu()), (step, k)
+        assert torch.equal(w.T_accum, accumulate(A0, v)), step
+    assert (codes["norm_tile"] != rule.NORM_TILE_EMPTY).all() and (codes["norm_row"] != 0).any()
+    other = {k: v.to(DEVICE) for k, v in rule.empty_norm_codes((rows, cols), nb, "cpu").items()}
+    for step in range(4):
+        gy, x = int_inputs(6, rows, cols, seed=step)
+        launch_votes(random_weight(rows, cols, 8), gy * (step + 1), x, norm_block=nb, step=step,
+                     config=cfg(block, block), norm_codes=other, norm_beta=0.5, norm_key_base=kt.key_base(77, 4))
+    assert not all(torch.equal(other[k], codes[k]) for k in codes)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_norm_memory_nonfinite_tile_keeps_its_codes():
+    """A tile whose gradient holds NaN keeps its codes; the other tiles move."""
+    kt = kernels()
+    w = random_weight(32, 32, 8)
+    codes = {k: v.to(DEVICE) for k, v in rule.empty_norm_codes((32, 32), 16, "cpu").items()}
+    gy, x = int_inputs(6, 32, 32, seed=1)
+    launch_votes(w, gy, x, norm_block=16, config=cfg(16, 16), norm_codes=codes, norm_beta=0.9,
+                 norm_key_base=kt.key_base(1, 0))
+    before = {k: v.clone() for k, v in codes.items()}
+    gy = gy * 2
+    gy[0, 0] = float("nan")  # rows 0..15 of gW: the tiles (0, 0) and (0, 1)
+    launch_votes(w, gy, x, norm_block=16, step=6, config=cfg(16, 16), norm_codes=codes, norm_beta=0.9,
+                 norm_key_base=kt.key_base(1, 0), flag=torch.zeros((), device=DEVICE))
+    assert torch.equal(codes["norm_tile"][0], before["norm_tile"][0])
+    assert torch.equal(codes["norm_row"][0], before["norm_row"][0])
+    assert not torch.equal(codes["norm_tile"][1], before["norm_tile"][1])
 
 
 @pytest.mark.parametrize("backend", ["gpu", "gpu-signcache"])
 def test_gpu_backend_with_fused_norm_memory_trains_like_dense_fallback(backend, monkeypatch):
-    """FUSE_NORM_MEMORY on: the norm_beta rule's votes run in the two passes; integer state, flips and the
-    optimiser's codes equal dense-fallback's step for step."""
-    import trueternary.ops.votes as votes_ops
+    """The default rule's moving averages (norm_beta) in the vote kernel's epilogue, one launch per layer call:
+    integer state, flips and the optimiser's codes equal dense-fallback's step for step."""
     import trueternary.ops.votes.triton as votes_triton
 
-    monkeypatch.setattr(votes_ops, "FUSE_NORM_MEMORY", True)
-    passes = []
+    launches = []
     launch = votes_triton.matmul_votes_
     monkeypatch.setattr(votes_triton, "matmul_votes_",
-                        lambda *a, **k: passes.append(k.get("stats_out") is not None) or launch(*a, **k))
-    ref, o_ref, ker, o_ker = train_pair(RULES["dense-path-norm-beta-nb16"], backend, steps=3)
-    assert passes.count(True) == passes.count(False) == 3 * 2  # two passes per layer call
+                        lambda *a, **k: launches.append(k.get("norm_codes") is not None) or launch(*a, **k))
+    ref, o_ref, ker, o_ker = train_pair(RULES["norm-beta-nb16"], backend, steps=3)
+    assert launches == [True] * (3 * 2)  # one fused launch per layer call, with the codes
     sr, sk = o_ref.state_dict()["state"], o_ker.state_dict()["state"]
     assert sr.keys() == sk.keys() and sr
     for k in sr:

@@ -19,8 +19,9 @@ class RecordingVoter:
         self.calls = []
         self.bias_calls = []
 
-    def cast_votes(self, weight, g, T, rows=None):
-        self.calls.append((weight, g.clone(), T.clone(), None if rows is None else rows.clone()))
+    def cast_votes(self, weight, g, T, rows=None, n_rows=None):
+        clone = (lambda t: None if t is None else t.clone())
+        self.calls.append((weight, g.clone(), T.clone(), clone(rows), clone(n_rows)))
 
     def cast_matmul_votes(self, weight, gy, x, T):
         self.cast_votes(weight, (gy.t() @ x).float(), T)
@@ -96,8 +97,8 @@ def test_linear_gradients_equal_reference(fin, fout, gs, batch, bias, dtype, den
     torch.testing.assert_close(x.grad.double(), gy.double() @ W, **tol)
     # The voter receives the weight gradient gy^T x (float32), the trits, and nothing else keeps it.
     assert len(voter.calls) == 1
-    weight, g, T, rows = voter.calls[0]
-    assert weight is lin.weight and rows is None
+    weight, g, T, rows, n_rows = voter.calls[0]
+    assert weight is lin.weight and rows is None and n_rows is None
     assert g.dtype == torch.float32 and g.shape == (fout, fin)
     gW_ref = gy.double().reshape(-1, fout).t() @ x.detach().double().reshape(-1, fin)
     torch.testing.assert_close(g.double(), gW_ref, rtol=1e-5, atol=1e-4)
@@ -229,11 +230,15 @@ def test_embedding_backward_sparse_row_votes():
     gy = torch.randn(3, 3, 12)
     emb(idx).backward(gy)
     assert len(voter.calls) == 1
-    weight, g, T, rows = voter.calls[0]
+    weight, g, T, rows, n_rows = voter.calls[0]
     assert weight is emb.weight
-    assert rows.tolist() == [1, 4, 7]  # touched rows, padding row 2 removed
+    # all rows in a static shape: the n = 3 touched rows first (padding row 2 left out), then the others
+    assert n_rows.dim() == 0 and int(n_rows) == 3
+    assert rows.tolist() == [1, 4, 7, 0, 2, 3, 5, 6, 8, 9]
+    assert g.shape == (10, 12) and T.shape == (10, 12)
     for i, r in enumerate(rows.tolist()):
-        torch.testing.assert_close(g[i], gy[idx == r].sum(0))  # gradient summed over repeats
+        want = gy[idx == r].sum(0) if i < 3 else torch.zeros(12)  # gradient summed over repeats; others 0
+        torch.testing.assert_close(g[i], want)
         assert torch.equal(T[i], emb.weight.trits()[r])
 
 
@@ -260,6 +265,133 @@ def test_embedding_only_padding_or_empty_batch_casts_no_votes():
     assert out.shape == (0, 12)
     out.sum().backward()
     assert (emb.weight.T_accum == 0).all()
+
+
+def _reference_embedding_votes(opt, weight, idx, gy, padding_idx, call=0):
+    """The embedding's votes as cast before backward had static shapes (a copy of that algorithm, one process):
+    ``torch.unique`` compaction, the padding row dropped by boolean indexing, no call for an empty row set, the
+    host RNG counter ``step * _CALLS_PER_STEP + call`` and the host scale-interval test."""
+    from trueternary import rng
+    from trueternary.optim import _CALLS_PER_STEP
+    from trueternary.rule import accumulate, scale_gradient, sign_votes, stochastic_votes, vote_scale
+
+    group = opt.param_groups[weight._group_index]
+    rows, inverse = torch.unique(idx.reshape(-1), return_inverse=True)
+    g = torch.zeros(rows.numel(), weight.cols).index_add_(0, inverse, gy.reshape(-1, weight.cols).float())
+    if padding_idx is not None:
+        keep = rows != padding_idx
+        rows, g = rows[keep], g[keep]
+    if rows.numel() == 0:
+        return
+    T = weight.trits()[rows]
+    counter = opt.step_count * _CALLS_PER_STEP + call
+
+    def votes(group, g, lr, stream, T=None, decay=0.0, index=None):
+        if group["vote"] == "sign":
+            return sign_votes(g)
+        s = vote_scale(g, lr, group["normalize"], group["norm_block"])
+        if group["vote_power"] != 1:
+            s1 = vote_scale(g, 1.0, group["normalize"], group["norm_block"])
+            g = torch.sign(g) * (g * s1).abs().pow(group["vote_power"])
+            s = torch.tensor(-float(lr))
+        return stochastic_votes(g, s, rng.stream_key(opt.seed, stream, counter), group["vote_clip"], T, decay, index)
+
+    index = (rows[:, None] * weight.cols + torch.arange(weight.cols)).reshape(-1)
+    v = votes(group, g, group["lr"], 2 * weight.stream, T, group["decay"], index)
+    weight.T_accum[rows] = accumulate(weight.T_accum[rows], v)
+    interval = group["scale_update_interval"]
+    if weight.scale_mode != "int" or interval == 0 or opt.step_count % interval:
+        return
+    gE = scale_gradient(g, T, weight.group_size)
+    eidx = (rows[:, None] * weight.n_groups + torch.arange(weight.n_groups)).reshape(-1)
+    vE = votes(dict(group, vote=group["scale_vote"]), gE, group["lr"] * group["scale_lr"], 2 * weight.stream + 1,
+               index=eidx)
+    weight.E_accum[rows] = accumulate(weight.E_accum[rows], vE)
+
+
+# id: (rows V, norm_block, padding_idx, index range of the batch (lo, hi), batch shape, rule overrides);
+# batches repeat indices; the padding case's batches are a third padding
+EMB_VOTE_CASES = {
+    "block_factored-n_below_block": (40, 16, None, (5, 11), (3, 4), {}),
+    "block_factored-n_above_block-V_ragged": (43, 8, None, (0, 43), (6, 8), dict(scale_update_interval=2)),
+    "block_factored-all_rows_touched": (6, 4, None, (0, 6), (5, 6), {}),
+    "tensor": (43, 8, None, (0, 43), (6, 8), dict(normalize="tensor", scale_update_interval=3)),
+    "sign": (43, 8, None, (0, 43), (6, 8), dict(vote="sign", scale_vote="sign", normalize="tensor")),
+    "decay": (43, 8, None, (0, 43), (6, 8), dict(decay=0.5, scale_update_interval=2)),
+    "vote_power": (43, 8, None, (0, 43), (6, 8), dict(vote_power=0.5)),
+    "padding": (30, 8, 3, (0, 30), (4, 9), {}),
+    "only_padding": (30, 8, 7, (7, 8), (4, 5), {}),
+}
+
+
+@pytest.mark.parametrize("case", list(EMB_VOTE_CASES))
+def test_embedding_row_votes_equal_unique_compaction_reference(case):
+    """Backward's static-shape row votes (all rows, touched first, statistics over the n touched rows, device
+    RNG counter and scale interval) equal the former ``torch.unique`` compaction's bit for bit: integer-valued
+    gradients make every float sum exact, so only the order of the rows differs."""
+    import copy
+
+    V, block, pad, (lo, hi), shape, rule = EMB_VOTE_CASES[case]
+    emb = TernaryEmbedding(V, 12, padding_idx=pad, group_size=4, generator=torch.Generator().manual_seed(0))
+    ref = copy.deepcopy(emb)
+    kw = dict(backend="dense-fallback", seed=5, norm_block=block, accum_threshold=5, scale_threshold=3, **rule)
+    opt, opt_ref = FlipOptimizer(emb, **kw), FlipOptimizer(ref, **kw)
+    ref.weight._voter = None  # the reference casts its votes by hand
+    gen = torch.Generator().manual_seed(1)
+    w, w_ref = emb.weight, ref.weight
+    before = {n: getattr(w, n).clone() for n in ("T_accum", "E_accum", "T_packed", "E")}
+    for _ in range(5):
+        idx = torch.randint(lo, hi, shape, generator=gen)
+        if pad is not None and case == "padding":
+            idx[torch.rand(shape, generator=gen) < 1 / 3] = pad
+        gy = torch.randint(-3, 4, (*shape, 12), generator=gen).float()
+        emb(idx).backward(gy)
+        _reference_embedding_votes(opt_ref, w_ref, idx, gy, pad)
+        opt.step()
+        opt_ref.step()
+        for name in ("T_accum", "E_accum", "T_packed", "E"):
+            assert torch.equal(getattr(w, name), getattr(w_ref, name)), name
+    changed = [n for n in before if not torch.equal(getattr(w, n), before[n])]
+    if case == "only_padding":
+        assert changed == []  # no votes at all (decay and the random offset included)
+    else:
+        assert {"T_accum", "T_packed"} <= set(changed)  # votes and flips happened: the comparison means something
+        if rule.get("vote") != "sign":
+            assert "E_accum" in changed
+
+
+@pytest.mark.parametrize("normalize", ["block_factored", "tensor"])
+def test_embedding_backward_and_step_have_no_host_sync(monkeypatch, normalize):
+    """The embedding's backward, its row votes and ``step()`` never read a tensor on the host (the CUDA-graph
+    requirement): every way Python can do so raises here. (The forward's index range check reads the indices'
+    extremes except while a CUDA graph is being captured: the autograd function is called directly.)"""
+    from trueternary.ops.embedding import TernaryEmbeddingFunction
+    from trueternary.ops.linear import _ANCHOR
+
+    emb = TernaryEmbedding(21, 12, padding_idx=0, group_size=4, generator=torch.Generator().manual_seed(0))
+    opt = FlipOptimizer(emb, backend="dense-fallback", check_finite=False, normalize=normalize, norm_block=8,
+                        decay=0.25, scale_update_interval=2, accum_threshold=5, scale_threshold=3)
+    idx = torch.tensor([[0, 3, 3, 9], [20, 0, 5, 3]])
+    gy = torch.randint(-3, 4, (2, 4, 12), generator=torch.Generator().manual_seed(1)).float()
+    emb(idx).backward(gy)  # warm-up: creates the device step counter
+    opt.step()
+    w = emb.weight
+    before = {n: getattr(w, n).clone() for n in ("T_accum", "E_accum")}
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("host read of a tensor in the embedding's backward or step()")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    for _ in range(2):  # a scale-vote step and one without
+        TernaryEmbeddingFunction.apply(idx, _ANCHOR, w.log2_scale, w, torch.float32, 0).backward(gy)
+        opt.step()
+    monkeypatch.undo()
+    assert int(opt._step_dev[torch.device("cpu")]) == 3
+    untouched = [r for r in range(21) if r not in (3, 5, 9, 20)]
+    assert not torch.equal(w.T_accum, before["T_accum"]) and not torch.equal(w.E_accum, before["E_accum"])
+    assert torch.equal(w.T_accum[untouched], before["T_accum"][untouched])
+    assert torch.equal(w.E_accum[untouched], before["E_accum"][untouched])
 
 
 def test_embedding_negative_padding_idx_and_from_embedding():

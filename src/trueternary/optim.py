@@ -12,7 +12,6 @@ Construct it after the model is on its device (like any optimiser).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -23,6 +22,7 @@ from .layers import IntegerBias
 from .ops.linear import KERNEL_BACKENDS, KERNEL_DTYPES, kernels_can_run
 from .rule import (
     NORM_TILE_FRAC,
+    NORM_TILE_MIN,
     FlipRule,
     accumulate,
     apply_flips,
@@ -34,6 +34,7 @@ from .rule import (
     factored_ms,
     leak,
     log2_code,
+    real_rows,
     scale_gradient,
     sign_votes,
     stochastic_votes,
@@ -227,16 +228,26 @@ class FlipOptimizer(torch.optim.Optimizer):
             self._nonfinite = torch.zeros((), dtype=torch.int32, device=device)
         return self._nonfinite
 
-    def _counter(self, m: nn.Module) -> int:
+    def _call_index(self, m: nn.Module) -> int:
+        """This step's index of the vote call for ``m`` (counted on the host, modulo ``_CALLS_PER_STEP``)."""
         c = self._calls.get(id(m), 0)
         self._calls[id(m)] = c + 1
-        return self._step * _CALLS_PER_STEP + (c % _CALLS_PER_STEP)
+        return c % _CALLS_PER_STEP
+
+    def _counter(self, m: nn.Module) -> int:
+        """The RNG counter of this call for ``m`` from the host step: ``step * _CALLS_PER_STEP + call``."""
+        return self._step * _CALLS_PER_STEP + self._call_index(m)
 
     def _world(self) -> int:
         return self.comm.world_size if self.comm is not None else 1
 
-    def _votes(self, group, g, lr, stream, counter, clip, normalize, T=None, decay=0.0, index=None, s=None):
+    def _votes(self, group, g, lr, stream, counter, clip, normalize, T=None, decay=0.0, index=None, s=None,
+               n_rows=None):
         """Votes for one gradient: sign votes, or stochastic votes normalised per call (rule.py).
+
+        ``n_rows`` (0-dim tensor): only the first ``n_rows`` rows of ``g`` are real; the normalisation averages
+        over them (rule.vote_scale). The votes of the other rows are not zero (decay, the random offset):
+        the caller drops them (:meth:`_accumulate`'s ``real``).
 
         Under data parallelism each rank votes on its own gradient with ``lr / world_size`` and
         ``decay / world_size`` and its own random stream; :meth:`_reduce` then sums the ranks' votes, so the
@@ -246,11 +257,11 @@ class FlipOptimizer(torch.optim.Optimizer):
             return sign_votes(g)
         p = group["vote_power"]
         if s is None and p != 1:  # compress (p < 1) the normalised magnitudes: g -> sign(g) |g / rms|**p, s = -lr
-            s1 = vote_scale(g, 1.0, normalize, group["norm_block"])
+            s1 = vote_scale(g, 1.0, normalize, group["norm_block"], n_rows)
             g = torch.sign(g) * (g * s1).abs().pow(p)
             s = torch.tensor(-float(lr), dtype=torch.float32, device=g.device)
         elif s is None:  # (given: from the statistics' moving averages, norm_beta's _ema_scale)
-            s = vote_scale(g, lr, normalize, group["norm_block"])
+            s = vote_scale(g, lr, normalize, group["norm_block"], n_rows)
         key = rng.stream_key(self._rank_seed(), stream, counter)
         if self._world() > 1:  # both terms of the vote are split over the ranks, so their sum is one vote's
             s = s / self._world()
@@ -345,12 +356,10 @@ class FlipOptimizer(torch.optim.Optimizer):
                 self._vote_caches[id(weight)] = (weight, cache)
         nonfinite = self._nonfinite_counter(gy.device)
         step = self._device_step(gy.device)
-        norm_memory = None
-        if uses_norm_memory(group):  # the dense path's counter, as a device tensor (CUDA-graph safe)
-            counter = step * _CALLS_PER_STEP + (c % _CALLS_PER_STEP)
-            norm_memory = functools.partial(self._norm_memory, weight, group, counter)
+        codes = self._norm_codes(weight, group) if uses_norm_memory(group) else None
         cast_matmul_votes(weight, gy, x, group, seed=self.seed, step=step, call=c % _CALLS_PER_STEP,
-                          calls_per_step=_CALLS_PER_STEP, nonfinite=nonfinite, cache=cache, norm_memory=norm_memory)
+                          calls_per_step=_CALLS_PER_STEP, nonfinite=nonfinite, cache=cache, norm_codes=codes,
+                          norm_seed=self.seed ^ _NORM_SALT)
 
     def _fused_votes_data_parallel(self, weight: TernaryScaleTensor, gy: torch.Tensor, x: torch.Tensor, group,
                                    call: int) -> None:
@@ -456,37 +465,56 @@ class FlipOptimizer(torch.optim.Optimizer):
                     flush_vote_cache_(weight, cache)
 
     @torch.no_grad()
-    def cast_votes(self, weight: TernaryScaleTensor, g: torch.Tensor, T: torch.Tensor, rows=None) -> None:
-        """Turn the weight gradient ``g`` (of ``rows``, default all) into votes in ``T_accum`` / ``E_accum``."""
+    def cast_votes(self, weight: TernaryScaleTensor, g: torch.Tensor, T: torch.Tensor, rows=None,
+                   n_rows: torch.Tensor | None = None) -> None:
+        """Turn the weight gradient ``g`` (of ``rows``, default all) into votes in ``T_accum`` / ``E_accum``.
+
+        Row calls (``rows`` given: an embedding's backward, ``ops.embedding``) read no tensor on the host, so a
+        CUDA graph can capture them with the rest of the step: ``g`` and ``T`` are the weight's rows ``rows``,
+        of which only the first ``n_rows`` (a 0-dim device tensor; default all) are real. The normalisation
+        averages over the real rows, the others cast no votes and their accumulators keep their values. Their
+        RNG counter is the device step (:meth:`_device_step`) times ``_CALLS_PER_STEP`` plus the call index (the
+        host counter's value, which a replayed graph would not advance), and the scale-vote interval is tested
+        on the device step. Dense calls (``rows`` None) keep the host counter and host interval test.
+        """
         group = self.param_groups[weight._group_index]
         g = g.float()
         bad = self._finite_flag(g)
         if bad is not None:  # a layer whose gradient has NaN/inf casts no votes
             g = torch.where(bad, torch.zeros_like(g), g)
-        counter = self._counter(weight)
-        index = None
-        if rows is not None:
+        interval = group["scale_update_interval"]
+        scale_votes = weight.scale_mode == "int" and interval > 0
+        index = real = None
+        if rows is None:
+            counter = self._counter(weight)
+            scale_votes = scale_votes and self._step % interval == 0
+        else:
+            step = self._device_step(g.device)
+            counter = step * _CALLS_PER_STEP + self._call_index(weight)
             cols = torch.arange(weight.cols, device=g.device)
-            index = (rows.reshape(-1, 1) * weight.cols + cols).reshape(-1)
+            index = (rows.reshape(-1, 1) * weight.cols + cols).reshape(-1)  # RNG offsets: the rows' weight positions
+            n = rows.numel()
+            real = (real_rows(n_rows, n, g.device) if n_rows is not None
+                    else torch.ones(n, dtype=torch.bool, device=g.device))[:, None]  # (n, 1): the rows that vote
         s = None
         if uses_norm_memory(group) and rows is None and g.dim() == 2:  # (embedding rows: per call, no memory)
             s = self._ema_scale(weight, group, g, counter, bad)
         v = self._votes(group, g, group["lr"], 2 * weight.stream, counter, group["vote_clip"], group["normalize"],
-                        T, group["decay"], index, s=s)
-        self._accumulate(weight.T_accum, v, rows, group)
+                        T, group["decay"], index, s=s, n_rows=n_rows)
+        self._accumulate(weight.T_accum, v, rows, group, real)
 
-        interval = group["scale_update_interval"]
-        if weight.scale_mode != "int" or interval == 0 or self._step % interval:
+        if not scale_votes:
             return
         gE = scale_gradient(g, T, weight.group_size)
         eidx = None
         if rows is not None:
             gidx = torch.arange(weight.n_groups, device=g.device)
             eidx = (rows.reshape(-1, 1) * weight.n_groups + gidx).reshape(-1)
+            real = real & (step % interval == 0)  # scale steps decided on the device (no host step read)
         group_e = dict(group, vote=group["scale_vote"])
         vE = self._votes(group_e, gE, group["lr"] * group["scale_lr"], 2 * weight.stream + 1, counter,
-                         group["vote_clip"], group["normalize"], index=eidx)
-        self._accumulate(weight.E_accum, vE, rows, group_e)
+                         group["vote_clip"], group["normalize"], index=eidx, n_rows=n_rows)
+        self._accumulate(weight.E_accum, vE, rows, group_e, real)
 
     def _ema_scale(self, weight: TernaryScaleTensor, group, g: torch.Tensor, counter: int,
                    bad: torch.Tensor | None = None) -> torch.Tensor:
@@ -503,37 +531,50 @@ class FlipOptimizer(torch.optim.Optimizer):
         factors = self._norm_memory(weight, group, counter, stats, bad)
         return vote_multiplier(factored_ms(*factors, g.shape), group["lr"])
 
-    def _norm_memory(self, weight: TernaryScaleTensor, group, counter, stats, bad=None):
+    def _norm_memory(self, weight: TernaryScaleTensor, group, counter: int, stats, bad=None):
         """One step of the weight's moving averages from this call's ``stats`` (rule.ema_block_factored_stats):
         stores the new codes (kept as they were where ``bad``) and returns the means they stand for. ``counter``
-        (host int, or a device tensor on the fused path) keys the codes' rounding."""
+        keys the codes' rounding (the fused kernels derive the same key on the device)."""
+        key = rng.stream_key(self.seed ^ _NORM_SALT, weight.stream, counter)
+        codes = self._norm_codes(weight, group)
+        factors, new = ema_block_factored_stats(stats, codes, group["norm_beta"], key)
+        for k, v in new.items():
+            codes[k].copy_(v if bad is None else torch.where(bad, codes[k], v))
+        return factors
+
+    def _norm_codes(self, weight: TernaryScaleTensor, group) -> dict[str, torch.Tensor]:
+        """The weight's moving-average codes in this optimiser's state (rule.empty_norm_codes on first use)."""
         st = self.state[weight.T_accum]
         if "norm_tile" not in st:
             st.update(empty_norm_codes((weight.rows, weight.cols), group["norm_block"], weight.T_accum.device))
-        key = rng.stream_key(self.seed ^ _NORM_SALT, weight.stream, counter)
-        codes = {k: st[k] for k in ("norm_tile", "norm_row", "norm_col")}
-        factors, codes = ema_block_factored_stats(stats, codes, group["norm_beta"], key)
-        for k, v in codes.items():
-            st[k].copy_(v if bad is None else torch.where(bad, st[k], v))
-        return factors
+        return {k: st[k] for k in ("norm_tile", "norm_row", "norm_col")}
 
     def _rank_mean(self, t: torch.Tensor) -> torch.Tensor:
         """The ranks' geometric mean of the non-negative ``t``, through log2 codes summed exactly."""
-        code = log2_code(t, NORM_TILE_FRAC, -32767, 32767).to(torch.int32)
+        code = log2_code(t, NORM_TILE_FRAC, NORM_TILE_MIN, 32767)
         total = self.comm.sum_votes(code).to(torch.int64)
         return code_value(torch.div(total, self._world(), rounding_mode="floor"), NORM_TILE_FRAC)
 
-    def _accumulate(self, accum: torch.Tensor, v: torch.Tensor, rows, group) -> None:
+    def _accumulate(self, accum: torch.Tensor, v: torch.Tensor, rows, group, real=None) -> None:
+        """Add the votes ``v`` of ``rows`` (default all) to ``accum``, summed over data-parallel ranks.
+
+        ``real`` (bool, broadcastable to ``v``; row calls): the votes that count. The others are dropped by a
+        mask, not by boolean indexing (no data-dependent shapes): their rows keep ``accum`` bit for bit.
+        """
+        if real is not None:
+            v = torch.where(real, v, torch.zeros_like(v))
         if self._world() > 1 and rows is not None:
             # ranks touch different rows: exchange dense votes (zeros for rows this rank did not touch)
             dense = torch.zeros(accum.shape, dtype=v.dtype, device=v.device)
             dense[rows] = v
-            v, rows = dense, None
+            v, rows, real = dense, None, None
         v = self._reduce(v, group, group["vote_clip"])
         if rows is None:
             accum.copy_(accumulate(accum, v))
         else:
-            accum[rows] = accumulate(accum[rows], v)
+            old = accum[rows]
+            new = accumulate(old, v)
+            accum[rows] = new if real is None else torch.where(real, new, old)
 
     @torch.no_grad()
     def cast_bias_votes(self, bias: IntegerBias, g: torch.Tensor) -> None:

@@ -174,9 +174,24 @@ class FlipRule:
 # --------------------------------------------------------------------------------------------
 
 
-def tensor_ms(g: torch.Tensor) -> torch.Tensor:
-    """'tensor' normalisation: one mean square for the whole gradient (0-dim)."""
-    return g.float().square().mean()
+def real_rows(n_rows: torch.Tensor, R: int, device) -> torch.Tensor:
+    """bool (R,): which rows of a (R, C) gradient are real when only its first ``n_rows`` (a 0-dim integer
+    tensor, never read on the host) are: the static-shape compaction of an embedding's touched rows."""
+    return torch.arange(R, device=device) < n_rows.to(device)
+
+
+def tensor_ms(g: torch.Tensor, n_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """'tensor' normalisation: one mean square for the whole gradient (0-dim).
+
+    ``n_rows`` (0-dim tensor): only the first ``n_rows`` rows of ``g`` are real; the mean is over them,
+    ``sum(g[:n]**2) / (n * C)`` (the divisor at least 1, so an empty gradient gives 0).
+    """
+    if n_rows is None:
+        return g.float().square().mean()
+    g2 = g.float().square().reshape(g.shape[0], -1)
+    g2 = torch.where(real_rows(n_rows, g2.shape[0], g2.device)[:, None], g2, 0.0)
+    count = (n_rows.to(g2.device) * g2.shape[1]).clamp_min(1).to(torch.float32)
+    return g2.sum() / count
 
 
 def vote_multiplier(ms: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
@@ -187,11 +202,16 @@ def vote_multiplier(ms: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
     return (-lr / torch.sqrt(ms.float() + MS_EPS)).to(torch.float32)
 
 
-def vote_scale(g: torch.Tensor, lr: float | torch.Tensor, normalize: str, norm_block: int) -> torch.Tensor:
-    """``s`` for the gradient ``g`` under the given normalisation (0-dim for 'tensor', else like ``g``)."""
+def vote_scale(g: torch.Tensor, lr: float | torch.Tensor, normalize: str, norm_block: int,
+               n_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``s`` for the gradient ``g`` under the given normalisation (0-dim for 'tensor', else like ``g``).
+
+    ``n_rows`` (0-dim tensor): only the first ``n_rows`` rows of ``g`` are real (the rest zero padding of a
+    static shape); the statistics average over them only (``tensor_ms``, ``block_factored_stats``).
+    """
     if normalize == "block_factored" and g.dim() == 2:
-        return vote_multiplier(block_factored_ms(g, norm_block), lr)
-    return vote_multiplier(tensor_ms(g), lr)
+        return vote_multiplier(block_factored_ms(g, norm_block, n_rows), lr)
+    return vote_multiplier(tensor_ms(g, n_rows), lr)
 
 
 def stochastic_votes(
@@ -221,14 +241,15 @@ def sign_votes(g: torch.Tensor) -> torch.Tensor:
     return (-torch.sign(g)).to(torch.int8)
 
 
-def block_factored_ms(g: torch.Tensor, block: int) -> torch.Tensor:
+def block_factored_ms(g: torch.Tensor, block: int, n_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Per-element mean-square estimate from each ``block`` x ``block`` tile's own row/column statistics.
 
     For the tile holding (i, j): ``r_i c_j / m`` with r, c, m the mean of ``g**2`` over the tile's part of
     row i, of column j, and over the whole tile (edge tiles average over their real elements only).
     Computable in the epilogue of a tiled weight-gradient kernel: no statistic of the whole matrix needed.
+    ``n_rows``: as in ``block_factored_stats``.
     """
-    return factored_ms(*block_factored_stats(g, block), g.shape)
+    return factored_ms(*block_factored_stats(g, block, n_rows), g.shape)
 
 
 def norm_tiles(shape: tuple[int, int], block: int) -> tuple[int, int, int, int]:
@@ -240,19 +261,35 @@ def norm_tiles(shape: tuple[int, int], block: int) -> tuple[int, int, int, int]:
     return -(-R // br), br, -(-C // bc), bc
 
 
-def block_factored_stats(g: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def block_factored_stats(g: torch.Tensor, block: int, n_rows: torch.Tensor | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The three means behind ``block_factored_ms``: of ``g**2`` over each tile's part of every row
     (Rb, br, Cb), of every column (Rb, Cb, bc), and over each whole tile (Rb, Cb); ``br, bc = min(block, R),
-    min(block, C)``, ``Rb, Cb`` the tile counts (edge tiles average over their real elements only)."""
+    min(block, C)``, ``Rb, Cb`` the tile counts (edge tiles average over their real elements only).
+
+    ``n_rows`` (0-dim integer tensor, never read on the host): only the first ``n_rows`` rows are real, the
+    rest zero padding of a static shape (an embedding's compacted touched rows, ``ops.embedding``). The tiling
+    stays that of the (R, C) matrix; every mean divides by its count of real elements (a mean with none is 0).
+    The n x C matrix of the real rows alone has the same statistics for them: with n >= block both tile at
+    ``br = block``; with n < block all real rows lie in row-tile 0 either way (there ``br = n``)."""
     g2 = g.float().square()
     R, C = g2.shape
     Rb, br, Cb, bc = norm_tiles((R, C), block)
     pads = (0, Cb * bc - C, 0, Rb * br - R)
-    if not any(pads):  # whole tiles: no padding, constant counts (the same sums and quotients)
+    if n_rows is None and not any(pads):  # whole tiles: no padding, constant counts (the same sums and quotients)
         t = g2.view(Rb, br, Cb, bc)
-        return t.sum(3) / float(bc), t.sum(1) / float(br), t.sum((1, 3)) / float(br * bc)
+        # counts as device tensors: PyTorch's CUDA division by a Python number multiplies by its reciprocal,
+        # which is not the IEEE quotient the padded path (and the vote kernel) compute
+        # (new_full: a fill on the device, no host copy, so a captured CUDA graph may hold it)
+        return (t.sum(3) / g2.new_full((), bc), t.sum(1) / g2.new_full((), br),
+                t.sum((1, 3)) / g2.new_full((), br * bc))
+    if n_rows is None:
+        real = torch.ones_like(g2)
+    else:  # 1 on the real rows' elements, 0 elsewhere (rows from n_rows on count as padding)
+        mask = real_rows(n_rows, R, g2.device)[:, None].expand(R, C)
+        real, g2 = mask.to(g2.dtype), torch.where(mask, g2, 0.0)
     pad = torch.nn.functional.pad(g2, pads).view(Rb, br, Cb, bc)
-    ones = torch.nn.functional.pad(torch.ones_like(g2), pads).view(Rb, br, Cb, bc)
+    ones = torch.nn.functional.pad(real, pads).view(Rb, br, Cb, bc)
     row = pad.sum(3) / ones.sum(3).clamp_min(1)  # (Rb, br, Cb)
     col = pad.sum(1) / ones.sum(1).clamp_min(1)  # (Rb, Cb, bc)
     tile = pad.sum((1, 3)) / ones.sum((1, 3)).clamp_min(1)  # (Rb, Cb)
@@ -274,9 +311,11 @@ def factored_ms(row: torch.Tensor, col: torch.Tensor, tile: torch.Tensor, shape)
 # A row's mean square is at most `block` times its tile's (log2 128 = 7), so the ratios fit; a row below
 # 2**-16 of its tile (a zero row) is held as 2**-16. Codes shaped like block_factored_stats' outputs:
 # tile (Rb, Cb), row (Rb, br, Cb), col (Rb, Cb, bc): 2 / block + 2 / block**2 bytes per weight (0.0157 at block 128).
+# Tile codes stop at NORM_TILE_MIN (2**-126, float32's smallest normal: below it is an all-zero tile).
 NORM_TILE_FRAC = 8
 NORM_RATIO_FRAC = 3
 NORM_TILE_EMPTY = -32768
+NORM_TILE_MIN = -126 << NORM_TILE_FRAC
 _INT16_MAX = 32767
 
 
@@ -286,16 +325,52 @@ def uses_norm_memory(group) -> bool:
         group["normalize"] == "block_factored" and group.get("vote_power", 1) == 1)
 
 
+# The codes are encoded and decoded with exact float32 arithmetic only (bit fields, a table, compare, subtract,
+# IEEE divide): no log2/exp2, whose last bits differ between PyTorch's CPU and CUDA libraries and Triton, so the
+# vote kernel's epilogue (ops/votes/triton.py: _log2_code, _code_value) keeps the same codes bit for bit.
+#   code_value(k * 2**frac + f) = lut[f] * 2**k           lut[f] = float32(2**(f / 2**frac)), f in [0, 2**frac]
+#   log2_code(x = 2**e * mant):  j with lut[j] <= mant < lut[j+1] (mant in [1, 2)), t = (mant - lut[j]) /
+#                                (lut[j+1] - lut[j]) in [0, 1), code = e * 2**frac + j + (t >= 1/2 | floor(t + u))
+# i.e. log2 interpolated linearly within each 2**-frac octave: the stochastic rounding is unbiased in value
+# (E[code_value] = x up to the last bit), which is what a moving average of mean squares needs.
+_CODE_LUTS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def code_lut(frac: int, device=None) -> torch.Tensor:
+    """``float32(2**(f / 2**frac))`` for f = 0 .. 2**frac (1.0 .. 2.0), cached per device (kernels read it too)."""
+    dev = torch.device(device if device is not None else "cpu")
+    key = (frac, str(dev))
+    t = _CODE_LUTS.get(key)
+    if t is None:
+        t = _CODE_LUTS[key] = torch.tensor([2.0 ** (f / (1 << frac)) for f in range((1 << frac) + 1)],
+                                           dtype=torch.float32, device=dev)
+    return t
+
+
+def _pow2(k: torch.Tensor) -> torch.Tensor:
+    """2**k as float32 for int32 k, from the exponent bits (k clamped to the normal range [-126, 127])."""
+    return ((k.clamp(-126, 127) + 127) << 23).view(torch.float32)
+
+
 def log2_code(x: torch.Tensor, frac: int, lo: int, hi: int, u: torch.Tensor | None = None) -> torch.Tensor:
-    """``clamp(round(2**frac * log2(x)), lo, hi)`` for ``x >= 0`` (0 -> lo); stochastic ``floor(. + u)`` with ``u``."""
-    y = torch.log2(x.float()) * float(1 << frac)
-    y = torch.round(y) if u is None else torch.floor(y + u)
-    return y.clamp_(lo, hi)
+    """``clamp(round(2**frac * log2(x)), lo, hi)`` for ``x >= 0`` as int32 (0 and subnormals -> lo), log2
+    interpolated within each 2**-frac octave (see above); stochastic ``floor(. + u)`` with ``u``."""
+    bits = x.float().contiguous().view(torch.int32)
+    e = (bits >> 23) - 127  # x >= 0: no sign bit; 0 and subnormals give -127
+    mant = ((bits & 0x7FFFFF) | 0x3F800000).view(torch.float32)  # x / 2**e in [1, 2), exact
+    lut = code_lut(frac, x.device)
+    j = torch.searchsorted(lut[1:-1], mant, right=True)  # lut[j] <= mant < lut[j + 1]
+    lo_v, hi_v = lut[j], lut[j + 1]
+    t = (mant - lo_v) / (hi_v - lo_v)  # both differences are exact (Sterbenz), the quotient IEEE-rounded
+    inc = (t >= 0.5) if u is None else torch.floor(t + u)
+    code = e * (1 << frac) + j.to(torch.int32) + inc.to(torch.int32)
+    return torch.where(e <= -127, lo, code).clamp_(lo, hi)
 
 
 def code_value(code: torch.Tensor, frac: int) -> torch.Tensor:
-    """The float32 value ``2**(code / 2**frac)`` of a log2 fixed-point code."""
-    return torch.exp2(code.float() / float(1 << frac))
+    """The float32 value ``2**(code / 2**frac)`` of a log2 fixed-point code (exact table * power of two)."""
+    c = code.to(torch.int32)
+    return code_lut(frac, c.device)[c & ((1 << frac) - 1)] * _pow2(c >> frac)
 
 
 def empty_norm_codes(shape: tuple[int, int], block: int, device) -> dict[str, torch.Tensor]:
@@ -332,7 +407,7 @@ def ema_block_factored_stats(
     m = torch.where(empty, tile, m_old + w * (tile - m_old))
     r = torch.where(empty[:, None, :], row, r_old + w * (row - r_old))
     c = torch.where(empty[:, :, None], col, c_old + w * (col - c_old))
-    tile_code = log2_code(m, NORM_TILE_FRAC, -_INT16_MAX, _INT16_MAX).to(torch.int16)
+    tile_code = log2_code(m, NORM_TILE_FRAC, NORM_TILE_MIN, _INT16_MAX).to(torch.int16)
     mq = code_value(tile_code, NORM_TILE_FRAC)
     den = mq.clamp_min(1e-38)
     u = rng.uniform(key, r.numel() + c.numel(), r.device)

@@ -148,7 +148,12 @@ class TernaryScaleTensor(nn.Module):
 
     def scale(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """2**E per group as ``dtype`` (exact for powers of two in every float format we use)."""
-        return torch.exp2(self.log2_scales().float()).to(dtype)
+        if self.log2_scale is not None:  # hybrid: a float log2 scale
+            return torch.exp2(self.log2_scale.float()).to(dtype)
+        # integer E in [-127, 127]: the float32 bit pattern of 2**E (CUDA's exp2 is 1 ulp off at the subnormal
+        # 2**-127; the kernels build the same bits: ops/triton_utils.exp2_int)
+        e = self.E.to(torch.int32)
+        return torch.where(e > -127, (e + 127) << 23, 0x00400000).view(torch.float32).to(dtype)
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The effective weight ``T * 2**E`` as a dense (rows, cols) tensor."""

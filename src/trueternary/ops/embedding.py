@@ -1,8 +1,21 @@
 """Autograd function of the ternary embedding lookup ``out[i] = T[idx[i]] * 2**E[idx[i]]``.
 
-Only the rows a batch asks for are decoded from the packed bytes. In backward the gradient of the
-touched rows is summed per unique row and handed to the voter as a *sparse* row update: rows the
-batch did not touch receive no votes and are not read or written.
+This file owns the lookup (forward) and the hand-over of the embedding's weight gradient to the voter
+(backward). Only the rows a batch asks for are decoded from the packed bytes in forward. In backward the
+gradient is summed per row and handed to the voter as a row update in which only the touched rows vote:
+the rows the batch did not touch (and the padding row) receive no votes and keep their state.
+
+Backward has static shapes and reads no tensor on the host, so a CUDA graph can capture a whole training
+step (forward, backward, ``FlipOptimizer.step()``). Instead of compacting the touched rows with
+``torch.unique`` (a host sync and a data-dependent shape) it orders all V rows, touched ones first:
+
+    touched[r] = r occurs in the batch and r != padding_idx        bool (V,)
+    order      = stable argsort(~touched)   touched rows ascending, then the untouched ones ascending
+    n          = sum(touched)               0-dim device tensor, never read on the host
+    g          = (index_add of the batch's gradient rows)[order]   (V, cols), zero from row n on
+
+and the voter normalises over the first ``n`` rows and votes on them only (``FlipOptimizer.cast_votes``'s
+``n_rows``): the same votes as on the n x cols matrix of the touched rows, at the cost of V rows of work.
 """
 
 from __future__ import annotations
@@ -41,20 +54,24 @@ class TernaryEmbeddingFunction(torch.autograd.Function):
         g_ls = None
         if voter is None and not want_ls:
             return None, None, None, None, None, None
-        rows, inverse = torch.unique(flat, return_inverse=True)
-        g = torch.zeros(rows.numel(), weight.cols, dtype=torch.float32, device=gy.device)
-        g.index_add_(0, inverse, gy.reshape(-1, weight.cols).float())
+        # Static shapes, no host sync (module docstring): all V rows, the n touched ones first.
+        flat = flat.to(torch.int64)
+        # (device fills, not ``t[i] = value``, whose value would be copied from the host: not capturable)
+        touched = torch.zeros(weight.rows, dtype=torch.bool, device=gy.device).index_fill_(0, flat, True)
+        g_full = torch.zeros(weight.rows, weight.cols, dtype=torch.float32, device=gy.device)
+        g_full.index_add_(0, flat, gy.reshape(-1, weight.cols).float())  # g_full[r] = sum of gy[i] over idx[i] == r
         if ctx.padding_idx is not None:  # like nn.Embedding: the padding row never learns
-            keep = rows != ctx.padding_idx
-            rows, g = rows[keep], g[keep]
-        if rows.numel() == 0:  # empty batch or only padding: nothing to vote on
-            voter = None
-        T = row_trits(weight, rows)
-        if want_ls:
+            touched[ctx.padding_idx].fill_(False)
+            g_full[ctx.padding_idx].zero_()
+        order = torch.argsort((~touched).to(torch.int8), stable=True)  # touched rows first, each part ascending
+        n = touched.sum()  # an empty batch or only padding: n = 0, nothing votes
+        g = g_full[order]
+        T = row_trits(weight, order)
+        if want_ls:  # (untouched rows: g = 0, so 0)
             g_ls = torch.zeros_like(log2_scale, dtype=torch.float32)
-            g_ls[rows] = scale_param_grad(g, T, log2_scale[rows], weight.group_size)
+            g_ls[order] = scale_param_grad(g, T, log2_scale[order], weight.group_size)
         if voter is not None:
-            voter.cast_votes(weight, g, T, rows=rows)
+            voter.cast_votes(weight, g, T, rows=order, n_rows=n)
         return None, None, g_ls, None, None, None
 
 

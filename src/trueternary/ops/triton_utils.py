@@ -6,6 +6,7 @@ Device functions (``@triton.jit``, inlined into the kernels that call them):
     load_trits(packed, flat, m) the trits at flat row-major indices, read straight from ``T_packed``
     uniform01(flat, key)        rng.py's ``u(key, i) = (mix32(i XOR key) >> 8) * 2**-24``, bit-exact
     exp2_int(e)                 2**e as float32 for int32 e in [-127, 127], exact (no ex2.approx)
+    ternary_fp32/bf16/fp8e4m3   t * 2**e from its bit pattern (integer ops only)
 
 Decoding a trit needs ``byte // 3**digit % 3`` with a digit that varies per element (rows straddle bytes
 when ``cols % 5 != 0``). Integer division by a variable costs tens of instructions on a GPU, so it is
@@ -138,6 +139,15 @@ def exp2_int(e):
     """2**e (float32) for int32 ``e`` in [-127, 127], built from the exponent bits (exact, no ex2.approx)."""
     # 2**-127 is the one subnormal in range: its bit pattern is 0x00400000.
     bits = tl.where(e > -127, (e + 127) << 23, 0x00400000)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def ternary_fp32(t, e):
+    """``t * 2**e`` as float32 built from its bit pattern (t int32 in {-1,0,1}, e int32 in [-127, 127]): no float
+    multiply, which the GPU may flush to zero for the subnormal 2**-127."""
+    mag = tl.where(e > -127, (e + 127) << 23, 0x00400000)
+    bits = tl.where(t == 0, 0, mag | tl.where(t < 0, -2147483648, 0))  # sign bit 0x80000000 as int32
     return bits.to(tl.float32, bitcast=True)
 
 

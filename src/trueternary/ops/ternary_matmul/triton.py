@@ -46,6 +46,7 @@ from ..triton_utils import (
     swizzle_tile,
     ternary_bf16,
     ternary_fp8e4m3,
+    ternary_fp32,
     upcast_dot,
 )
 from .naive import FP8_MAX, fp8_reference_exponent, quantize_rows_fp8
@@ -104,7 +105,7 @@ def _ternary_matmul_kernel(
         elif a_ptr.dtype.element_ty == tl.bfloat16:
             w = ternary_bf16(t, e)  # bit construction: no int -> float conversions
         else:
-            w = (t.to(tl.float32) * exp2_int(e)).to(a_ptr.dtype.element_ty)
+            w = ternary_fp32(t, e).to(a_ptr.dtype.element_ty)
         if UPCAST:
             acc = tl.dot(w.to(tl.float32), a_tile.to(tl.float32), acc, input_precision=DOT_PRECISION)
         else:
@@ -146,6 +147,8 @@ def ternary_matmul_triton(x: torch.Tensor, weight, transposed: bool = False, fp8
         return out
     check_kernel_offsets(x, out)
     cfg = dict(default_matmul_config(M, OUT, x.device), **(config or {}))
+    # Hopper's fp8 tensor-core instructions reduce over at least 32 elements (tl.dot refuses K < 32 on CUDA)
+    assert not fp8 or cfg["BLOCK_R"] >= 32, f"fp8 needs BLOCK_R >= 32, got {cfg['BLOCK_R']}"
     if fp8:
         a, a_scale = quantize_rows_fp8(x)
         E_ref = fp8_reference_exponent(weight.E, transposed)
@@ -187,7 +190,7 @@ def _dequant_kernel(
     elif out_ptr.dtype.element_ty == tl.bfloat16:
         w = ternary_bf16(t, e)
     else:
-        w = t.to(tl.float32) * exp2_int(e)
+        w = ternary_fp32(t, e)
     ptrs = out_ptr + offs_r[:, None] * stride_or + offs_c[None, :] * stride_oc
     tl.store(ptrs, w.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -18,15 +18,12 @@ so it never reaches memory. Up to three launches::
 What is fused (:func:`fused_votes_supported`, rules with ``vote_power == 1``): sign votes, and stochastic
 votes with ``normalize='block_factored'`` and ``norm_block`` in :data:`FUSED_NORM_BLOCKS`: each kernel tile
 is a whole number of norm_block x norm_block normalisation tiles, so the statistics are complete in the
-epilogue. ``normalize='tensor'`` needs the whole gradient's mean square before the first vote (a second
-pass over gW, or gW in memory): not fused for the weights, the optimiser uses the dense path for it. Nor
-are, by default, the moving averages of the statistics (``norm_beta > 0``, the default rule:
-rule.ema_block_factored_stats): the kernels implement them in two passes, off until timed on a device
-(:data:`FUSE_NORM_MEMORY`): pass 1 (``_matmul_votes_kernel`` with ``STATS=1``) stores gW's sub-tile means of
-g**2 and casts nothing; the optimiser updates its integer codes from them in PyTorch (the reference's own
-function, so the codes are the reference's) and hands back the means the codes stand for; pass 2 recomputes
-gW and votes normalised by those means (``STATS=2``). gW is formed twice, never stored. The scale votes
-are normalised per call like the weights' (rule.py) over the small, complete gE: either way is fused.
+epilogue, and so are the moving averages of the default rule (``norm_beta > 0``): the kernel loads each
+tile's integer codes, moves them (rule.ema_block_factored_stats, exact float32 arithmetic) and normalises by
+the means the new codes stand for, in the same pass. ``normalize='tensor'`` needs the whole gradient's mean
+square before the first vote (a second pass over gW, or gW in memory): not fused for the weights, the
+optimiser uses the dense path for it. The scale votes are normalised per call like the weights' (rule.py)
+over the small, complete gE: either way is fused.
 
 Differences from the dense-fallback path, all documented in docs/performance.md:
 
@@ -34,8 +31,9 @@ Differences from the dense-fallback path, all documented in docs/performance.md:
   float sums run in another order; votes are bit-identical wherever the arithmetic is exact, statistically
   equal elsewhere.
 * A non-finite gradient zeroes the kernel *tiles* holding NaN/inf (the reference zeroes the whole matrix
-  when ``check_finite``), the layer casts no scale votes, ``nonfinite`` is incremented once and
-  ``FlipOptimizer.step`` raises as on the dense path.
+  when ``check_finite``), the layer casts no scale votes, those tiles keep their moving averages' codes
+  (the reference keeps the whole layer's), ``nonfinite`` is incremented once and ``FlipOptimizer.step``
+  raises as on the dense path.
 
 gpu-signcache (:class:`VoteCache`): the backward kernel writes the votes into a compact per-layer cache
 (2 bits per weight for sign votes, 4 for vote_clip <= 7, else 8) instead of read-modify-writing
@@ -51,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...rule import norm_tiles, uses_norm_memory
+from ...rule import uses_norm_memory
 from .naive import (
     cast_matmul_votes_naive,
     decode_vote_cache,
@@ -99,15 +97,8 @@ class VoteCache:
         return self.buf.numel()
 
 
-# The moving averages of norm_beta run fused in two passes (statistics, then votes; module docstring). Off
-# until a device run has checked and timed them: the passes are tested under TRITON_INTERPRET=1 only.
-FUSE_NORM_MEMORY = False
-
-
 def fused_votes_supported(group: Mapping) -> bool:
     """Whether the fused kernels implement this param group's vote rule (see the module docstring)."""
-    if uses_norm_memory(group) and not FUSE_NORM_MEMORY:  # moving-average statistics: the dense path
-        return False
     if group.get("vote_power", 1) != 1:  # compressed vote magnitudes (also on scale votes): dense path only
         return False
     block_ok = group["normalize"] == "block_factored" and group["norm_block"] in FUSED_NORM_BLOCKS
@@ -119,7 +110,8 @@ def fused_votes_supported(group: Mapping) -> bool:
 
 def cast_matmul_votes(weight, gy: torch.Tensor, x: torch.Tensor, group: Mapping, *, seed: int,
                       step: torch.Tensor, call: int, calls_per_step: int, nonfinite: torch.Tensor | None = None,
-                      cache: VoteCache | None = None, config: dict | None = None, norm_memory=None) -> None:
+                      cache: VoteCache | None = None, config: dict | None = None, norm_codes: dict | None = None,
+                      norm_seed: int = 0) -> None:
     """Votes of ``gW = gy.T @ x`` (gy: (M, rows), x: (M, cols)) into ``weight``'s accumulators, fused.
 
     ``group``: the FlipOptimizer param group (vote, lr, normalize, norm_block, vote_clip, decay, scale_vote,
@@ -128,10 +120,9 @@ def cast_matmul_votes(weight, gy: torch.Tensor, x: torch.Tensor, group: Mapping,
     ``step`` a 0-dim int64 tensor on gy's device (read by the kernels, never by the host). Scale votes
     happen on steps where ``scale_update_interval`` divides ``step`` (decided on the device).
     ``nonfinite``: the optimiser's int32 counter (+1 if gW had NaN/inf); ``cache``: write the votes to this
-    :class:`VoteCache` (gpu-signcache) instead of ``T_accum``. ``norm_memory`` (rules with ``norm_beta > 0``):
-    ``norm_memory(stats, bad) -> (rows, cols, tiles)`` takes gW's sub-tile means of g**2 (pass 1) and a 0-dim
-    device flag (a tile was non-finite) and returns the means to normalise the votes by (FlipOptimizer's
-    moving averages); pass 2 casts the votes.
+    :class:`VoteCache` (gpu-signcache) instead of ``T_accum``. ``norm_codes`` (rules with ``norm_beta > 0``):
+    the weight's moving-average codes (rule.empty_norm_codes' dict), updated in place; their stochastic
+    rounding uses ``rng.stream_key(norm_seed, weight.stream, step*calls_per_step + call)`` as the reference.
     """
     from .triton import key_base, matmul_votes_, scale_votes_
 
@@ -155,16 +146,12 @@ def cast_matmul_votes(weight, gy: torch.Tensor, x: torch.Tensor, group: Mapping,
     keys = dict(step=step, call=call, calls_per_step=calls_per_step)
     vote_kw = dict(vote=group["vote"], lr=group["lr"], vote_clip=group["vote_clip"], norm_block=group["norm_block"],
                    decay=group["decay"], key_base=key_base(seed, 2 * weight.stream), config=config, **keys)
-    stats_in = None
+    norm = {}
     if uses_norm_memory(group):
-        assert norm_memory is not None, "a norm_beta rule needs the optimiser's norm_memory"
-        Rb, br, Cb, bc = norm_tiles((rows, weight.cols), group["norm_block"])
-        stats = tuple(torch.empty(shape, dtype=torch.float32, device=gy.device)
-                      for shape in ((Rb, br, Cb), (Rb, Cb, bc), (Rb, Cb)))
-        bad = torch.zeros((), dtype=torch.float32, device=gy.device)
-        matmul_votes_(gy, x, weight, flag=bad, stats_out=stats, **vote_kw)
-        stats_in = norm_memory(stats, bad > 0)
-    matmul_votes_(gy, x, weight, gE=gE, flag=flag, nonfinite=nonfinite, cache=cache, stats_in=stats_in, **vote_kw)
+        assert norm_codes is not None, "a norm_beta rule needs the weight's codes (rule.empty_norm_codes)"
+        norm = dict(norm_codes=norm_codes, norm_beta=group["norm_beta"],
+                    norm_key_base=key_base(norm_seed, weight.stream))
+    matmul_votes_(gy, x, weight, gE=gE, flag=flag, nonfinite=nonfinite, cache=cache, **norm, **vote_kw)
     if cache is not None:
         cache.pending = True
     if scale_on:

@@ -20,9 +20,12 @@ epilogue, without ever writing ``g`` to memory:
                  or the votes are written to a compact vote cache            (CACHE_BITS 2/4/8, gpu-signcache)
     scale grad   gE[r, group] (+)= sum over the tile's columns of the group of g * T     (float32 buffer)
 
-With ``STATS=1`` (pass 1 of a ``norm_beta`` rule) the epilogue only stores the sub-tile means of g**2 to
-three small buffers shaped like rule.block_factored_stats' outputs; with ``STATS=2`` (pass 2) it normalises
-by means loaded from such buffers (the moving averages', ops.votes.cast_matmul_votes) instead of its own.
+With ``NORM_MEMORY`` (rules with ``norm_beta > 0``, the default) the epilogue also keeps the normaliser's
+moving averages (rule.ema_block_factored_stats): it loads the tile's integer codes (an int16 per NB x NB
+sub-tile, an int8 per sub-tile row and column), moves them toward this call's sub-tile means, stores the new
+codes and normalises by the means they stand for. The codes' arithmetic is exact float32 (a table, bit fields,
+IEEE divide; rule.log2_code / rule.code_value), so the codes equal the reference's bit for bit for the same
+statistics. A non-finite tile keeps its codes.
 
 ``_scale_votes_kernel`` votes on gE (rows x n_groups, small, complete once the first kernel is done) into
 ``E_accum``, normalised like the weights' votes (rule.vote_scale with ``lr * scale_lr``): 'block_factored'
@@ -52,7 +55,7 @@ import triton
 import triton.language as tl
 
 from ... import rng
-from ...rule import norm_tiles
+from ...rule import NORM_RATIO_FRAC, NORM_TILE_EMPTY, NORM_TILE_FRAC, NORM_TILE_MIN, code_lut, norm_tiles
 from ..triton_utils import (
     check_kernel_numel,
     check_kernel_offsets,
@@ -66,10 +69,12 @@ from ..triton_utils import (
 from . import FUSED_NORM_BLOCKS
 
 MODE_STOCHASTIC, MODE_SIGN = 0, 1
+# the norm_beta codes' layout (rule.py), as constants the compiled kernels may read; the fractional bits are
+# written as literals in the calls (8, 3): the interpreter cannot shift by a constexpr object
+assert (NORM_TILE_FRAC, NORM_RATIO_FRAC) == (8, 3), "update the literals in _ema_means"
+_TILE_EMPTY = tl.constexpr(NORM_TILE_EMPTY)
+_TILE_MIN = tl.constexpr(NORM_TILE_MIN)
 GE_NONE, GE_ALIGNED, GE_ATOMIC = 0, 1, 2
-# norm_beta's two passes: the epilogue computes the statistics (0), stores them and stops (1), or loads the
-# moving averages' means in their place (2)
-STATS_NONE, STATS_STORE, STATS_LOAD = 0, 1, 2
 
 
 def key_base(seed: int, stream: int) -> int:
@@ -172,9 +177,8 @@ def _block_factored_scale(g, r0, c0, R, C, neg_lr, NB: tl.constexpr, BLOCK_R: tl
 
 
 @triton.jit
-def _stats_io(rows_ptr, cols_ptr, tiles_ptr, pid_r, pid_c, R, C, NB: tl.constexpr, BLOCK_R: tl.constexpr,
-              BLOCK_C: tl.constexpr):
-    """Offsets and masks of a tile's statistics in the buffers shaped like rule.block_factored_stats' outputs:
+def _stats_io(pid_r, pid_c, R, C, NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Offsets and masks of a tile's codes in the buffers shaped like rule.block_factored_stats' outputs:
     rows (Rb, br, Cb) -> row i, sub-tile column cb at i * Cb + cb; columns (Rb, Cb, bc) -> sub-tile row rb,
     column j at rb * Cb * bc + j; tiles (Rb, Cb) at rb * Cb + cb (br, bc = min(NB, R), min(NB, C))."""
     SR: tl.constexpr = BLOCK_R // NB
@@ -186,7 +190,7 @@ def _stats_io(rows_ptr, cols_ptr, tiles_ptr, pid_r, pid_c, R, C, NB: tl.constexp
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     rb = pid_r * SR + tl.arange(0, SR)
     cb = pid_c * SC + tl.arange(0, SC)
-    # the buffers' padding rows/columns (past R, C up to whole sub-tiles) hold 0, as the reference's: g = 0 there
+    # the buffers' padding rows/columns (past R, C up to whole sub-tiles) are the reference's: g = 0 there
     row_off = offs_r[:, None] * Cb + cb[None, :]
     row_mask = (offs_r < Rb * tl.minimum(R, NB))[:, None] & (cb < Cb)[None, :]
     col_off = rb[:, None] * col_stride + offs_c[None, :]
@@ -196,14 +200,97 @@ def _stats_io(rows_ptr, cols_ptr, tiles_ptr, pid_r, pid_c, R, C, NB: tl.constexp
     return row_off, row_mask, col_off, col_mask, tile_off, tile_mask
 
 
-@triton.jit(do_not_specialize=["key_base", "call"])
+@triton.jit
+def _code_value(code, lut_ptr, FRAC: tl.constexpr):
+    """rule.code_value: ``lut[code mod 2**FRAC] * 2**(code >> FRAC)`` (float32, exact; int32 ``code``)."""
+    k = tl.minimum(tl.maximum(code >> FRAC, -126), 127)
+    return tl.load(lut_ptr + (code & ((1 << FRAC) - 1))) * ((k + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _log2_code(x, u, lut_ptr, lo, hi, FRAC: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """rule.log2_code of float32 ``x >= 0`` as int32: octave from the exponent bits, the table entry below the
+    mantissa by binary search, the remainder interpolated and rounded (``t >= 1/2``, or ``floor(t + u)``)."""
+    bits = x.to(tl.int32, bitcast=True)
+    e = (bits >> 23) - 127
+    mant = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
+    j = tl.zeros_like(bits)
+    for i in tl.static_range(FRAC):  # lut[j] <= mant < lut[j + 1] (lut[0] = 1 <= mant < 2 = lut[2**FRAC])
+        step = 1 << (FRAC - 1 - i)
+        j = tl.where(tl.load(lut_ptr + j + step) <= mant, j + step, j)
+    lo_v = tl.load(lut_ptr + j)
+    t = tl.div_rn(mant - lo_v, tl.load(lut_ptr + j + 1) - lo_v)
+    if STOCHASTIC:
+        inc = tl.floor(t + u).to(tl.int32)
+    else:
+        inc = (t >= 0.5).to(tl.int32)
+    code = tl.where(e <= -127, lo, e * (1 << FRAC) + j + inc)
+    return tl.minimum(tl.maximum(code, lo), hi)
+
+
+@triton.jit
+def _ema_means(r_mean, c_mean, m, n_bad, tile_code_ptr, row_code_ptr, col_code_ptr, lut_tile_ptr, lut_ratio_ptr,
+               ema_w, key, pid_r, pid_c, R, C, NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """rule.ema_block_factored_stats for the tile's sub-tiles: rows (BLOCK_R, SC), columns (SR, BLOCK_C), sub-tiles
+    (SR, SC) of this call's means -> the new codes (stored unless the tile had ``n_bad`` non-finite elements) and
+    the means they stand for."""
+    SR: tl.constexpr = BLOCK_R // NB
+    SC: tl.constexpr = BLOCK_C // NB
+    row_off, row_mask, col_off, col_mask, tile_off, tile_mask = _stats_io(pid_r, pid_c, R, C, NB, BLOCK_R, BLOCK_C)
+    tile_code = tl.load(tile_code_ptr + tile_off, mask=tile_mask, other=_TILE_EMPTY).to(tl.int32)
+    row_code = tl.load(row_code_ptr + row_off, mask=row_mask, other=0).to(tl.int32)
+    col_code = tl.load(col_code_ptr + col_off, mask=col_mask, other=0).to(tl.int32)
+    empty = tile_code == _TILE_EMPTY  # no statistics yet: take this call's as they are
+    m_old = _code_value(tile_code, lut_tile_ptr, 8)
+    r_old = _tile_to_rows(m_old, NB, BLOCK_R, BLOCK_C) * _code_value(row_code, lut_ratio_ptr, 3)
+    c_old = _tile_to_cols(m_old, NB, BLOCK_R, BLOCK_C) * _code_value(col_code, lut_ratio_ptr, 3)
+    m_new = tl.where(empty, m, m_old + ema_w * (m - m_old))
+    r_new = tl.where(_tile_to_rows(empty, NB, BLOCK_R, BLOCK_C), r_mean, r_old + ema_w * (r_mean - r_old))
+    c_new = tl.where(_tile_to_cols(empty, NB, BLOCK_R, BLOCK_C), c_mean, c_old + ema_w * (c_mean - c_old))
+    tile_code = _log2_code(m_new, m_new, lut_tile_ptr, _TILE_MIN, 32767, 8, False)
+    mq = _code_value(tile_code, lut_tile_ptr, 8)
+    den = tl.maximum(mq, tl.full((SR, SC), 1e-38, tl.float32))
+    # u as rng.uniform(key, rows.numel() + cols.numel()): rows' codes first, then the columns'
+    n_row_codes = tl.cdiv(R, NB) * tl.minimum(R, NB) * tl.cdiv(C, NB)
+    u_row = uniform01(row_off, key)
+    u_col = uniform01(n_row_codes + col_off, key)
+    row_code = _log2_code(tl.div_rn(r_new, _tile_to_rows(den, NB, BLOCK_R, BLOCK_C)), u_row, lut_ratio_ptr, -128, 127,
+                          3, True)
+    col_code = _log2_code(tl.div_rn(c_new, _tile_to_cols(den, NB, BLOCK_R, BLOCK_C)), u_col, lut_ratio_ptr, -128, 127,
+                          3, True)
+    # (n_bad broadcast before the compare: a 0-d boolean in a mask is refused by the interpreter)
+    tl.store(tile_code_ptr + tile_off, tile_code.to(tl.int16), mask=tile_mask & (tile_off * 0 + n_bad == 0))
+    tl.store(row_code_ptr + row_off, row_code.to(tl.int8), mask=row_mask & (row_off * 0 + n_bad == 0))
+    tl.store(col_code_ptr + col_off, col_code.to(tl.int8), mask=col_mask & (col_off * 0 + n_bad == 0))
+    rq = _tile_to_rows(mq, NB, BLOCK_R, BLOCK_C) * _code_value(row_code, lut_ratio_ptr, 3)
+    cq = _tile_to_cols(mq, NB, BLOCK_R, BLOCK_C) * _code_value(col_code, lut_ratio_ptr, 3)
+    return rq, cq, mq
+
+
+@triton.jit
+def _tile_to_rows(t, NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(SR, SC) per sub-tile -> (BLOCK_R, SC): each sub-tile's value on each of its rows."""
+    SR: tl.constexpr = BLOCK_R // NB
+    SC: tl.constexpr = BLOCK_C // NB
+    return tl.reshape(tl.broadcast_to(t[:, None, :], (SR, NB, SC)), (BLOCK_R, SC))
+
+
+@triton.jit
+def _tile_to_cols(t, NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(SR, SC) per sub-tile -> (SR, BLOCK_C): each sub-tile's value on each of its columns."""
+    SR: tl.constexpr = BLOCK_R // NB
+    SC: tl.constexpr = BLOCK_C // NB
+    return tl.reshape(tl.broadcast_to(t[:, :, None], (SR, SC, NB)), (SR, BLOCK_C))
+
+
+@triton.jit(do_not_specialize=["key_base", "call", "norm_key_base"])
 def _matmul_votes_kernel(
     gy_ptr, x_ptr, packed_ptr, accum_ptr, cache_ptr, gE_ptr, flag_ptr, nonfinite_ptr, step_ptr,
-    rows_ptr, cols_ptr, tiles_ptr,
-    M, R, C, n_groups, group_size, neg_lr, decay, vote_clip, key_base, call,
+    tile_code_ptr, row_code_ptr, col_code_ptr, lut_tile_ptr, lut_ratio_ptr,
+    M, R, C, n_groups, group_size, neg_lr, decay, vote_clip, key_base, call, ema_w, norm_key_base,
     stride_gm, stride_gr, stride_xm, stride_xc,
-    MODE: tl.constexpr, NB: tl.constexpr, STATS: tl.constexpr, USE_DECAY: tl.constexpr, GE_MODE: tl.constexpr,
-    GE_GROUP: tl.constexpr,
+    MODE: tl.constexpr, NB: tl.constexpr, NORM_MEMORY: tl.constexpr, USE_DECAY: tl.constexpr,
+    GE_MODE: tl.constexpr, GE_GROUP: tl.constexpr,
     CACHE_BITS: tl.constexpr, HAS_FLAG: tl.constexpr, HAS_NONFINITE: tl.constexpr,
     CALLS_PER_STEP: tl.constexpr, K_STEP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
@@ -233,33 +320,18 @@ def _matmul_votes_kernel(
         old = tl.atomic_add(flag_ptr, 1.0, mask=n_bad > 0)
         if HAS_NONFINITE:  # the first non-finite tile of this call counts the layer once
             tl.atomic_add(nonfinite_ptr, 1, mask=(n_bad > 0) & (old == 0.0))
-    SR: tl.constexpr = BLOCK_R // NB
-    SC: tl.constexpr = BLOCK_C // NB
-    if STATS == 1:  # STATS_STORE, pass 1 of norm_beta: the tile's sub-tile means of g**2 to the buffers, no votes
-        row_off, row_mask, col_off, col_mask, tile_off, tile_mask = _stats_io(
-            rows_ptr, cols_ptr, tiles_ptr, pid_r, pid_c, R, C, NB, BLOCK_R, BLOCK_C)
-        if SR == 1 and SC == 1:
-            r_mean, c_mean, m = _one_tile_means(g, pid_r * BLOCK_R, pid_c * BLOCK_C, R, C, NB)
-            tl.store(rows_ptr + row_off, r_mean[:, None], mask=row_mask)
-            tl.store(cols_ptr + col_off, c_mean[None, :], mask=col_mask)
-            tl.store(tiles_ptr + tile_off, tl.full((1, 1), 1.0, tl.float32) * m, mask=tile_mask)
-        else:
-            r_mean, c_mean, m = _sub_tile_means(g, pid_r * BLOCK_R, pid_c * BLOCK_C, R, C, NB, BLOCK_R, BLOCK_C)
-            tl.store(rows_ptr + row_off, r_mean, mask=row_mask)
-            tl.store(cols_ptr + col_off, c_mean, mask=col_mask)
-            tl.store(tiles_ptr + tile_off, m, mask=tile_mask)
-    else:
-        _votes_epilogue(g, offs_r, offs_c, mask_r, mask_c, pid_r, pid_c, packed_ptr, accum_ptr, cache_ptr,
-                        gE_ptr, step_ptr, rows_ptr, cols_ptr, tiles_ptr, R, C, n_groups, group_size, neg_lr, decay,
-                        vote_clip, key_base, call, MODE, NB, STATS, USE_DECAY, GE_MODE, GE_GROUP, CACHE_BITS,
-                        CALLS_PER_STEP, K_STEP, BLOCK_R, BLOCK_C)
+    _votes_epilogue(g, n_bad, offs_r, offs_c, mask_r, mask_c, pid_r, pid_c, packed_ptr, accum_ptr, cache_ptr,
+                    gE_ptr, step_ptr, tile_code_ptr, row_code_ptr, col_code_ptr, lut_tile_ptr, lut_ratio_ptr, R, C,
+                    n_groups, group_size, neg_lr, decay, vote_clip, key_base, call, ema_w, norm_key_base, MODE, NB,
+                    NORM_MEMORY, USE_DECAY, GE_MODE, GE_GROUP, CACHE_BITS, CALLS_PER_STEP, K_STEP, BLOCK_R, BLOCK_C)
 
 
 @triton.jit
-def _votes_epilogue(g, offs_r, offs_c, mask_r, mask_c, pid_r, pid_c, packed_ptr, accum_ptr, cache_ptr, gE_ptr,
-                    step_ptr, rows_ptr, cols_ptr, tiles_ptr, R, C, n_groups, group_size, neg_lr, decay, vote_clip,
-                    key_base, call, MODE: tl.constexpr, NB: tl.constexpr, STATS: tl.constexpr,
-                    USE_DECAY: tl.constexpr, GE_MODE: tl.constexpr, GE_GROUP: tl.constexpr, CACHE_BITS: tl.constexpr,
+def _votes_epilogue(g, n_bad, offs_r, offs_c, mask_r, mask_c, pid_r, pid_c, packed_ptr, accum_ptr, cache_ptr,
+                    gE_ptr, step_ptr, tile_code_ptr, row_code_ptr, col_code_ptr, lut_tile_ptr, lut_ratio_ptr, R, C,
+                    n_groups, group_size, neg_lr, decay, vote_clip, key_base, call, ema_w, norm_key_base,
+                    MODE: tl.constexpr, NB: tl.constexpr, NORM_MEMORY: tl.constexpr, USE_DECAY: tl.constexpr,
+                    GE_MODE: tl.constexpr, GE_GROUP: tl.constexpr, CACHE_BITS: tl.constexpr,
                     CALLS_PER_STEP: tl.constexpr, K_STEP: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_C: tl.constexpr):
     """The votes of a gradient tile ``g`` into T_accum (or the vote cache), and its share of gE."""
@@ -272,18 +344,21 @@ def _votes_epilogue(g, offs_r, offs_c, mask_r, mask_c, pid_r, pid_c, packed_ptr,
     else:
         t = flat  # unused
     if MODE == 0:
-        if STATS == 2:  # STATS_LOAD, pass 2 of norm_beta: the means the moving averages stand for (rule.py)
-            row_off, row_mask, col_off, col_mask, tile_off, tile_mask = _stats_io(
-                rows_ptr, cols_ptr, tiles_ptr, pid_r, pid_c, R, C, NB, BLOCK_R, BLOCK_C)
-            r_mean = tl.load(rows_ptr + row_off, mask=row_mask, other=0.0)
-            c_mean = tl.load(cols_ptr + col_off, mask=col_mask, other=0.0)
-            m = tl.load(tiles_ptr + tile_off, mask=tile_mask, other=0.0)
+        if NORM_MEMORY:  # the moving averages of the statistics (rule.ema_block_factored_stats)
+            r0 = pid_r * BLOCK_R
+            c0 = pid_c * BLOCK_C
             if SR == 1 and SC == 1:
-                r_full = tl.broadcast_to(r_mean, (BLOCK_R, BLOCK_C))
-                c_full = tl.broadcast_to(c_mean, (BLOCK_R, BLOCK_C))
-                m_full = tl.broadcast_to(m, (BLOCK_R, BLOCK_C))
+                r1, c1, m1 = _one_tile_means(g, r0, c0, R, C, NB)
+                r_mean = r1[:, None]
+                c_mean = c1[None, :]
+                m = tl.full((1, 1), 1.0, tl.float32) * m1
             else:
-                r_full, c_full, m_full = _full_from_means(r_mean, c_mean, m, NB, BLOCK_R, BLOCK_C)
+                r_mean, c_mean, m = _sub_tile_means(g, r0, c0, R, C, NB, BLOCK_R, BLOCK_C)
+            norm_key = _device_key(step_ptr, call, norm_key_base, CALLS_PER_STEP, K_STEP)
+            r_mean, c_mean, m = _ema_means(r_mean, c_mean, m, n_bad, tile_code_ptr, row_code_ptr, col_code_ptr,
+                                           lut_tile_ptr, lut_ratio_ptr, ema_w, norm_key, pid_r, pid_c, R, C, NB,
+                                           BLOCK_R, BLOCK_C)
+            r_full, c_full, m_full = _full_from_means(r_mean, c_mean, m, NB, BLOCK_R, BLOCK_C)
             s = _scale_from_full(r_full, c_full, m_full, neg_lr, BLOCK_R, BLOCK_C)
         else:
             s = _block_factored_scale(g, pid_r * BLOCK_R, pid_c * BLOCK_C, R, C, neg_lr, NB, BLOCK_R, BLOCK_C)
@@ -407,12 +482,12 @@ def matmul_votes_(gy: torch.Tensor, x: torch.Tensor, weight, *, vote: str, lr: f
                   norm_block: int, decay: float, key_base: int, call: int, step: torch.Tensor, calls_per_step: int,
                   gE: torch.Tensor | None = None, flag: torch.Tensor | None = None,
                   nonfinite: torch.Tensor | None = None, cache=None, config: dict | None = None,
-                  stats_out: tuple | None = None, stats_in: tuple | None = None) -> None:
+                  norm_codes: dict | None = None, norm_beta: float = 0.0, norm_key_base: int = 0) -> None:
     """Fused ``gW = gy.T @ x`` -> votes into ``weight.T_accum`` (or ``cache``), in place.
 
-    ``stats_out``: (rows, cols, tiles) float32 buffers shaped like rule.block_factored_stats' outputs: the
-    kernel fills them with gW's sub-tile means of g**2 and casts no votes (pass 1 of a ``norm_beta`` rule);
-    ``stats_in``: such buffers holding the means to normalise by instead of gW's own (pass 2).
+    ``norm_codes``: the moving averages' codes of a ``norm_beta`` rule (rule.empty_norm_codes' dict: int16
+    ``norm_tile``, int8 ``norm_row``/``norm_col``), updated in place, their rounding keyed by
+    ``norm_key_base`` (key_base of the optimiser's norm stream) and the step; None: per-call statistics.
 
     ``step``: 0-dim int64 device tensor, the optimiser's step counter (keys are derived from it on the
     device); ``key_base``/``call``: see :func:`key_base` and rng.stream_key; ``gE``: float32
@@ -450,26 +525,28 @@ def matmul_votes_(gy: torch.Tensor, x: torch.Tensor, weight, *, vote: str, lr: f
         assert C % (8 // cache_bits) == 0 and cfg["BLOCK_C"] % (8 // cache_bits) == 0
     use_decay = vote == "stochastic" and decay != 0.0
     dummy = step  # any device pointer for unused arguments
-    stats = stats_out if stats_out is not None else stats_in
-    stats_mode = STATS_STORE if stats_out is not None else STATS_LOAD if stats_in is not None else STATS_NONE
-    if stats is not None:
-        assert stats_out is None or stats_in is None, "one pass at a time"
-        assert vote == "stochastic", "norm_beta statistics are for stochastic votes"
+    if norm_codes is not None:
+        assert vote == "stochastic" and 0.0 < norm_beta < 1.0, "norm_beta codes are for stochastic votes"
         Rb, br, Cb, bc = norm_tiles((R, C), nb)
-        shapes = [(Rb, br, Cb), (Rb, Cb, bc), (Rb, Cb)]
-        assert [tuple(t.shape) for t in stats] == shapes and all(
-            t.dtype == torch.float32 and t.is_contiguous() and t.device == dev for t in stats), (
-            f"statistics buffers must be contiguous float32 {shapes} on {dev}")
+        want = {"norm_tile": ((Rb, Cb), torch.int16), "norm_row": ((Rb, br, Cb), torch.int8),
+                "norm_col": ((Rb, Cb, bc), torch.int8)}
+        for k, (shape, dtype) in want.items():
+            t = norm_codes[k]
+            assert tuple(t.shape) == shape and t.dtype == dtype and t.is_contiguous() and t.device == dev, (
+                f"{k} must be contiguous {dtype} {shape} on {dev}")
+        codes = (norm_codes["norm_tile"], norm_codes["norm_row"], norm_codes["norm_col"],
+                 code_lut(NORM_TILE_FRAC, dev), code_lut(NORM_RATIO_FRAC, dev))
     else:
-        stats = (dummy, dummy, dummy)
+        codes = (dummy,) * 5
     grid = (triton.cdiv(R, cfg["BLOCK_R"]) * triton.cdiv(C, cfg["BLOCK_C"]),)
     _matmul_votes_kernel[grid](
         gy, x, weight.T_packed, weight.T_accum,
         weight.T_accum if cache is None else (cache.buf.view(torch.int8) if cache_bits == 8 else cache.buf),
         dummy if gE is None else gE, dummy if flag is None else flag, dummy if nonfinite is None else nonfinite, step,
-        *stats, M, R, C, weight.n_groups, gs, -float(lr), float(decay), float(vote_clip), int(key_base), int(call),
-        gy.stride(0), gy.stride(1), x.stride(0), x.stride(1),
-        MODE=MODE_SIGN if vote == "sign" else MODE_STOCHASTIC, NB=nb or 16, STATS=stats_mode, USE_DECAY=use_decay,
+        *codes, M, R, C, weight.n_groups, gs, -float(lr), float(decay), float(vote_clip), int(key_base), int(call),
+        float(np.float32(1.0 - norm_beta)), int(norm_key_base), gy.stride(0), gy.stride(1), x.stride(0), x.stride(1),
+        MODE=MODE_SIGN if vote == "sign" else MODE_STOCHASTIC, NB=nb or 16, NORM_MEMORY=norm_codes is not None,
+        USE_DECAY=use_decay,
         GE_MODE=ge_mode, GE_GROUP=ge_group, CACHE_BITS=cache_bits, HAS_FLAG=flag is not None,
         HAS_NONFINITE=nonfinite is not None, CALLS_PER_STEP=int(calls_per_step), K_STEP=rng._K_STEP,
         UPCAST=upcast_dot(gy), DOT_PRECISION=dot_precision(gy),
