@@ -58,6 +58,8 @@ def parse_args():
                    help="seconds (default 210 on CUDA, unlimited with --smoke); later sections stop when exceeded")
     p.add_argument("--out", default=os.environ.get("OUT", "out"), help="output folder (default $OUT or ./out)")
     p.add_argument("--no-sweep", action="store_true", help="skip the tile-config sweeps")
+    p.add_argument("--sweep-kernels", default="matmul,votes", help="comma-separated kernels to sweep: matmul, votes")
+    p.add_argument("--skip-timings", action="store_true", help="skip the per-kernel timings (e.g. to sweep only)")
     p.add_argument("--skip-checks", action="store_true",
                    help="skip the GPU correctness checks and the fp8 accuracy section (timings only)")
     p.add_argument("--settings", default="151M,seed", help="comma-separated settings to time: 151M, seed")
@@ -91,7 +93,7 @@ from trueternary.ops.ternary_matmul.triton import (  # noqa: E402
 from trueternary.ops.votes import VoteCache, encode_vote_cache, matmul_votes_naive, scale_votes_naive  # noqa: E402
 from trueternary.ops.votes.triton import default_votes_config, key_base, matmul_votes_, scale_votes_  # noqa: E402
 from trueternary.optim import FlipOptimizer  # noqa: E402
-from trueternary.rule import FlipRule, accumulate  # noqa: E402
+from trueternary.rule import FlipRule, accumulate, empty_norm_codes  # noqa: E402
 from trueternary.weight import TernaryScaleTensor  # noqa: E402
 
 DEV = torch.device("cpu" if ARGS.smoke else "cuda")
@@ -581,8 +583,9 @@ MATMUL_CONFIGS_BIG = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64,
                       (64, 128, 64, 4, 4)]
 MATMUL_CONFIGS_SMALL = [(32, 64, 128, 4, 4), (64, 32, 128, 4, 4), (32, 16, 128, 4, 4), (64, 16, 64, 4, 3),
                         (128, 16, 64, 4, 3)]
-VOTES_CONFIGS_BIG = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3),
-                     (128, 64, 64, 4, 3), (32, 32, 64, 4, 3)]
+VOTES_CONFIGS_BIG = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3),
+                     (128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 256, 32, 8, 4),
+                     (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (32, 32, 64, 4, 3)]
 VOTES_CONFIGS_SMALL = [(64, 64, 32, 4, 2), (64, 128, 32, 4, 2), (128, 128, 32, 8, 2), (64, 64, 64, 4, 3),
                        (128, 64, 32, 4, 2), (32, 32, 64, 4, 2)]
 
@@ -619,11 +622,12 @@ def votes_configs(big: bool, norm_block: int) -> list[dict]:
 def sweep(setting):
     d, M, _ = SETTINGS[setting]
     big = M >= 1024
+    kinds = {k.strip() for k in ARGS.sweep_kernels.split(",")}
     for layer, (rows, cols) in layer_shapes(d).items():
         if layer == "head" or B.out_of_time(25):
             continue
         w = random_weight(rows, cols)
-        for transposed in (False, True):
+        for transposed in (False, True) if "matmul" in kinds else ():
             a = randn(M, rows if transposed else cols)
             sweep_one(f"matmul {'bwd' if transposed else 'fwd'} {setting} {layer}", matmul_configs(big),
                       default_matmul_config(M, cols if transposed else rows, DEV),
@@ -633,10 +637,15 @@ def sweep(setting):
         step = torch.zeros((), dtype=torch.int64, device=DEV)
         nb = NORM_BLOCK if not ARGS.smoke else 16
 
-        def run_votes(cfg, gy=gy, x=x, w=w, gE=gE, flag=flag, step=step, nb=nb):
-            matmul_votes_(gy, x, w, vote="stochastic", lr=4.0, vote_clip=8, norm_block=nb, decay=0.0, key_base=1,
-                          call=0, step=step, calls_per_step=CALLS, gE=gE, flag=flag, config=cfg)
+        codes = empty_norm_codes((rows, cols), nb, DEV)  # the default rule: its moving averages in the epilogue
 
+        def run_votes(cfg, gy=gy, x=x, w=w, gE=gE, flag=flag, step=step, nb=nb, codes=codes):
+            matmul_votes_(gy, x, w, vote="stochastic", lr=4.0, vote_clip=8, norm_block=nb, decay=0.0, key_base=1,
+                          call=0, step=step, calls_per_step=CALLS, gE=gE, flag=flag, config=cfg, norm_codes=codes,
+                          norm_beta=FlipRule().norm_beta, norm_key_base=2)
+
+        if "votes" not in kinds:
+            continue
         sweep_one(f"votes {setting} {layer}", votes_configs(big, nb), default_votes_config(M, rows, cols, DEV, nb),
                   run_votes)
 
@@ -701,7 +710,7 @@ def main():
             check_flips()
     # deadlines (fractions of --budget) keep some time for every section if compilation is slow
     for setting, frac in (("151M", 0.5), ("seed", 0.75)):
-        if setting in settings:
+        if setting in settings and not ARGS.skip_timings:
             with B.section(f"timings {setting}"):
                 time_setting(setting, frac * B.budget)
     if not ARGS.skip_checks:

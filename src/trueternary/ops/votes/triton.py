@@ -474,6 +474,13 @@ def default_votes_config(M: int, R: int, C: int, device: torch.device, norm_bloc
             block = b
             break
     big = M >= 1024
+    if big and block == 128:
+        # H200 sweep at the 151M shapes (scripts/bench_kernels.py --sweep-kernels votes; docs/performance.md):
+        # with a tile per SM or more, 4 warps and 3 stages were 18-28% faster than 8 warps; with fewer tiles
+        # than SMs (1024 x 1024), 8 warps and 4 stages were best
+        many = triton.cdiv(R, 128) * triton.cdiv(C, 128) >= sms
+        return {"BLOCK_R": 128, "BLOCK_C": 128, "BLOCK_K": 64, "num_warps": 4 if many else 8,
+                "num_stages": 3 if many else 4}
     return {"BLOCK_R": block, "BLOCK_C": block, "BLOCK_K": 64 if big else 32,
             "num_warps": 8 if block >= 128 else 4, "num_stages": 3 if big else 2}
 
