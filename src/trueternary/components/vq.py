@@ -20,10 +20,10 @@ Learning signals, injected in backward without any loss term the training loop m
     codebook  grad_c  = 2 (c - z) / N                               (codebook loss ||sg(z) - c||^2)
 
 ``grad_c`` flows into the codebook lookup ``codebook(k)``; for a ternary table that is
-``TernaryEmbeddingFunction``, which sums it per used code and hands it to
-``weight._voter.cast_votes(weight, g, T, rows=used codes)``: only codes the batch used receive votes
-(an online, integer k-means). For a float table (``nn.Embedding``, Adam) or a BitNet ``QATEmbedding``
-the same gradient lands in the weight's ``.grad``.
+``TernaryEmbeddingFunction``, which sums it per code and hands it to
+``weight._voter.cast_votes(weight, g, T, rows=order, n_rows=n)`` (the used codes first, ``n`` of them):
+only codes the batch used receive votes (an online, integer k-means). For a float table (``nn.Embedding``,
+Adam) or a BitNet ``QATEmbedding`` the same gradient lands in the weight's ``.grad``.
 
 Dead codes: a code unassigned for ``dead_after`` training steps is re-seeded from a vector of the
 current batch (positions picked by the counter-based RNG of :mod:`trueternary.rng`), ternarised by
