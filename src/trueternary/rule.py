@@ -347,9 +347,11 @@ def code_lut(frac: int, device=None) -> torch.Tensor:
     return t
 
 
-def _pow2(k: torch.Tensor) -> torch.Tensor:
-    """2**k as float32 for int32 k, from the exponent bits (k clamped to the normal range [-126, 127])."""
-    return ((k.clamp(-126, 127) + 127) << 23).view(torch.float32)
+def pow2_int(e: torch.Tensor) -> torch.Tensor:
+    """2**e as float32 for integer e in [-127, 127], from its bit pattern (exact, 2**-127 the one subnormal;
+    CUDA's exp2 is 1 ulp off there). The kernels build the same bits (ops/triton_utils.exp2_int)."""
+    e = e.to(torch.int32)
+    return torch.where(e > -127, (e + 127) << 23, 0x00400000).view(torch.float32)
 
 
 def log2_code(x: torch.Tensor, frac: int, lo: int, hi: int, u: torch.Tensor | None = None) -> torch.Tensor:
@@ -370,7 +372,7 @@ def log2_code(x: torch.Tensor, frac: int, lo: int, hi: int, u: torch.Tensor | No
 def code_value(code: torch.Tensor, frac: int) -> torch.Tensor:
     """The float32 value ``2**(code / 2**frac)`` of a log2 fixed-point code (exact table * power of two)."""
     c = code.to(torch.int32)
-    return code_lut(frac, c.device)[c & ((1 << frac) - 1)] * _pow2(c >> frac)
+    return code_lut(frac, c.device)[c & ((1 << frac) - 1)] * pow2_int((c >> frac).clamp(-126, 127))
 
 
 def empty_norm_codes(shape: tuple[int, int], block: int, device) -> dict[str, torch.Tensor]:

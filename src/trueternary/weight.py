@@ -25,6 +25,7 @@ from torch import nn
 
 from . import packing
 from .quant import expand_groups, group_absmean_log2, residual_accum
+from .rule import pow2_int
 
 DEFAULT_GROUP_SIZE = 64
 SCALE_MODES = ("int", "float")
@@ -150,10 +151,7 @@ class TernaryScaleTensor(nn.Module):
         """2**E per group as ``dtype`` (exact for powers of two in every float format we use)."""
         if self.log2_scale is not None:  # hybrid: a float log2 scale
             return torch.exp2(self.log2_scale.float()).to(dtype)
-        # integer E in [-127, 127]: the float32 bit pattern of 2**E (CUDA's exp2 is 1 ulp off at the subnormal
-        # 2**-127; the kernels build the same bits: ops/triton_utils.exp2_int)
-        e = self.E.to(torch.int32)
-        return torch.where(e > -127, (e + 127) << 23, 0x00400000).view(torch.float32).to(dtype)
+        return pow2_int(self.E).to(dtype)  # exact, as the kernels build it
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The effective weight ``T * 2**E`` as a dense (rows, cols) tensor."""

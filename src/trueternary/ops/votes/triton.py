@@ -177,7 +177,7 @@ def _block_factored_scale(g, r0, c0, R, C, neg_lr, NB: tl.constexpr, BLOCK_R: tl
 
 
 @triton.jit
-def _stats_io(pid_r, pid_c, R, C, NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _code_offsets(pid_r, pid_c, R, C, NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Offsets and masks of a tile's codes in the buffers shaped like rule.block_factored_stats' outputs:
     rows (Rb, br, Cb) -> row i, sub-tile column cb at i * Cb + cb; columns (Rb, Cb, bc) -> sub-tile row rb,
     column j at rb * Cb * bc + j; tiles (Rb, Cb) at rb * Cb + cb (br, bc = min(NB, R), min(NB, C))."""
@@ -236,7 +236,7 @@ def _ema_means(r_mean, c_mean, m, n_bad, tile_code_ptr, row_code_ptr, col_code_p
     the means they stand for."""
     SR: tl.constexpr = BLOCK_R // NB
     SC: tl.constexpr = BLOCK_C // NB
-    row_off, row_mask, col_off, col_mask, tile_off, tile_mask = _stats_io(pid_r, pid_c, R, C, NB, BLOCK_R, BLOCK_C)
+    row_off, row_mask, col_off, col_mask, tile_off, tile_mask = _code_offsets(pid_r, pid_c, R, C, NB, BLOCK_R, BLOCK_C)
     tile_code = tl.load(tile_code_ptr + tile_off, mask=tile_mask, other=_TILE_EMPTY).to(tl.int32)
     row_code = tl.load(row_code_ptr + row_off, mask=row_mask, other=0).to(tl.int32)
     col_code = tl.load(col_code_ptr + col_off, mask=col_mask, other=0).to(tl.int32)
