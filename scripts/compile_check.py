@@ -14,14 +14,19 @@ is compiled once. Exit code 1 if any kernel fails to compile.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
+# Compiled kernels, not the interpreter (an inherited TRITON_INTERPRET=1, e.g. from the kernel tests' process,
+# would make every launch below run interpreted): must be unset before Triton is imported.
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
