@@ -697,6 +697,9 @@ def main():
     if any(s not in SETTINGS for s in settings):
         print(f"bench_kernels: error: --settings takes {', '.join(SETTINGS)}", file=sys.stderr)
         return 2
+    if not {k.strip() for k in ARGS.sweep_kernels.split(",") if k.strip()} <= {"matmul", "votes"}:
+        print("bench_kernels: error: --sweep-kernels takes matmul, votes", file=sys.stderr)
+        return 2
     if not ARGS.skip_checks:
         with B.section("correctness: matmul"):
             check_matmul()

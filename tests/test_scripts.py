@@ -95,6 +95,9 @@ def test_bench_kernels_smoke_timings_only(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_kernels.py"), "--smoke", "--settings", "huge"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and "--settings" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_kernels.py"), "--smoke", "--sweep-kernels",
+                        "gemm"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "--sweep-kernels" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bench_e2e_smoke_with_profile_and_graph_memory(tmp_path):

@@ -494,8 +494,8 @@ class FlipOptimizer(torch.optim.Optimizer):
             cols = torch.arange(weight.cols, device=g.device)
             index = (rows.reshape(-1, 1) * weight.cols + cols).reshape(-1)  # RNG offsets: the rows' weight positions
             n = rows.numel()
-            real = (real_rows(n_rows, n, g.device) if n_rows is not None
-                    else torch.ones(n, dtype=torch.bool, device=g.device))[:, None]  # (n, 1): the rows that vote
+            # (n, 1): the rows that vote (all of them without n_rows)
+            real = real_rows(n_rows, n, g.device)[:, None] if n_rows is not None else None
         s = None
         if uses_norm_memory(group) and rows is None and g.dim() == 2:  # (embedding rows: per call, no memory)
             s = self._ema_scale(weight, group, g, counter, bad)
@@ -510,7 +510,8 @@ class FlipOptimizer(torch.optim.Optimizer):
         if rows is not None:
             gidx = torch.arange(weight.n_groups, device=g.device)
             eidx = (rows.reshape(-1, 1) * weight.n_groups + gidx).reshape(-1)
-            real = real & (step % interval == 0)  # scale steps decided on the device (no host step read)
+            on = step % interval == 0  # scale steps decided on the device (no host step read)
+            real = on if real is None else real & on
         group_e = dict(group, vote=group["scale_vote"])
         vE = self._votes(group_e, gE, group["lr"] * group["scale_lr"], 2 * weight.stream + 1, counter,
                          group["vote_clip"], group["normalize"], index=eidx, n_rows=n_rows)
@@ -558,8 +559,9 @@ class FlipOptimizer(torch.optim.Optimizer):
     def _accumulate(self, accum: torch.Tensor, v: torch.Tensor, rows, group, real=None) -> None:
         """Add the votes ``v`` of ``rows`` (default all) to ``accum``, summed over data-parallel ranks.
 
-        ``real`` (bool, broadcastable to ``v``; row calls): the votes that count. The others are dropped by a
-        mask, not by boolean indexing (no data-dependent shapes): their rows keep ``accum`` bit for bit.
+        ``real`` (bool, broadcastable to ``v``; row calls): the votes that count. The others are zeroed by a
+        mask, not dropped by boolean indexing (no data-dependent shapes): a saturating add of 0 keeps ``accum``
+        bit for bit.
         """
         if real is not None:
             v = torch.where(real, v, torch.zeros_like(v))
@@ -567,14 +569,12 @@ class FlipOptimizer(torch.optim.Optimizer):
             # ranks touch different rows: exchange dense votes (zeros for rows this rank did not touch)
             dense = torch.zeros(accum.shape, dtype=v.dtype, device=v.device)
             dense[rows] = v
-            v, rows, real = dense, None, None
+            v, rows = dense, None
         v = self._reduce(v, group, group["vote_clip"])
         if rows is None:
             accum.copy_(accumulate(accum, v))
         else:
-            old = accum[rows]
-            new = accumulate(old, v)
-            accum[rows] = new if real is None else torch.where(real, new, old)
+            accum[rows] = accumulate(accum[rows], v)
 
     @torch.no_grad()
     def cast_bias_votes(self, bias: IntegerBias, g: torch.Tensor) -> None:
