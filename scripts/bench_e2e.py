@@ -13,12 +13,15 @@ Sections (every one in try/except: a failure is recorded in the JSON ``errors`` 
    ctx 33, batch 4): median ms/step after warm-up (host time per step, synchronised), tokens/s, peak
    allocator memory (``torch.cuda.max_memory_allocated``, reset after each config's model is built, so it
    counts weights, training state, activations and transients of the steps), training-state bytes per weight;
-2. CUDA graphs at the seed setting, each config's whole step (forward, backward, optimiser) in one graph:
+2. CUDA graphs at each setting, each config's whole step (forward, backward, optimiser) in one graph:
    Adam_FP32 with ``AdamW(capturable=True)``, and TrueTernary ``gpu`` with the default rule
    (``check_finite=False``, constant lr: a Python lr is a constant of the captured kernels; every RNG key
    comes from the optimiser's device step counter, so each replay votes with fresh keys). Replays are checked
    against eager steps from the same state (integer state of every ternary weight, the embedding's included);
 3. a statistical check that TrueTernary gpu and dense-fallback agree after one step from the same state.
+
+``--compile``: every config's model runs its shared ops (norms, attention, activations, casts) compiled by
+``torch.compile`` (``ByteTransformer.use_compiled_ops``; the linear layers, float or ternary, stay eager).
 
 Writes ``$OUT/bench_e2e.json`` (``OUT`` defaults to ./out) and prints a compact table last. The CUDA context
 (outside the allocator, not in the peaks) is reported separately.
@@ -52,6 +55,9 @@ def parse_args():
     p.add_argument("--settings", default="seed,151M", help="comma-separated: seed, 151M")
     p.add_argument("--profile", action="store_true",
                    help="also profile Adam_FP32 and TrueTernary[gpu] at each setting: GPU time per kernel class")
+    p.add_argument("--compile", action="store_true",
+                   help="every config's model runs its shared ops (norms, attention, activations) torch.compile'd "
+                        "(ByteTransformer.use_compiled_ops; the linear layers stay eager)")
     return p.parse_args()
 
 
@@ -173,7 +179,8 @@ def model_config(setting: str) -> TransformerConfig:
 @functools.lru_cache(maxsize=2)
 def base_model(setting: str) -> ByteTransformer:
     """The same float model (CPU) for every config of a setting; build_recipe copies it to the device."""
-    return ByteTransformer(model_config(setting), generator=torch.Generator().manual_seed(1234))
+    model = ByteTransformer(model_config(setting), generator=torch.Generator().manual_seed(1234))
+    return model.use_compiled_ops(ARGS.compile)
 
 
 def batch(setting: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,6 +281,8 @@ def run_eager(setting: str, name: str, backend: str | None) -> dict:
 KERNEL_CLASSES = [
     ("ternary kernels (ours)", ("_ternary_matmul", "_matmul_votes", "_scale_votes", "_flip", "_dequant")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    # --compile: Inductor's generated kernels (their names hold 'fused_', which the optimizer class below matches)
+    ("compiled shared ops (inductor)", ("triton_poi_", "triton_red_", "triton_per_", "triton_tem_")),
     ("GEMM (cuBLAS)", ("gemm", "cutlass", "nvjet", "sm90_xmma", "sm80_xmma", "splitk")),
     ("optimizer (foreach/fused)", ("multi_tensor", "foreach", "adam", "fused_")),
     ("reductions", ("reduce", "norm")),
@@ -501,7 +510,8 @@ def check_gpu_vs_dense(setting: str):
 def print_table():
     r = B.res
     env = r["env"]
-    lines = [f"== bench_e2e: {env.get('gpu', env['device'])}  torch {env['torch']}  ({B.elapsed():.0f}s)"]
+    lines = [f"== bench_e2e: {env.get('gpu', env['device'])}  torch {env['torch']}  ({B.elapsed():.0f}s)"
+             + ("  shared ops torch.compile'd" if env.get("compiled_ops") else "  eager model")]
     if env.get("context"):
         lines.append(f"CUDA context + non-allocator memory: {env['context']['context_and_other_bytes'] / 2**20:.0f} MiB"
                      " (not in the peaks below)")
@@ -534,7 +544,7 @@ def print_table():
 
 def main() -> int:
     B.res["env"] = {"torch": torch.__version__, "device": str(DEV), "smoke": ARGS.smoke, "settings": SETTINGS,
-                    "autocast_bf16": AUTOCAST}
+                    "autocast_bf16": AUTOCAST, "compiled_ops": ARGS.compile}
     if DEV.type == "cuda":
         p = torch.cuda.get_device_properties(DEV)
         B.res["env"].update(gpu=p.name, sms=p.multi_processor_count, context=context_bytes())
@@ -560,17 +570,17 @@ def main() -> int:
                 with B.section(f"profile {s} {label(name, backend)}") as go:
                     if go:
                         profile_step(s, name, backend)
-        if s != "seed":
-            continue
         # TrueTernary's graph first: memory the Adam graph section leaves allocated (measured: ~134 MB that
         # outlive the section and a gc.collect, not traced) would otherwise count in TrueTernary's peak
         B.save()  # a failed capture can leave the device unusable: keep everything measured so far
-        with B.section("graph seed TrueTernary[gpu]") as go:
+        with B.section(f"graph {s} TrueTernary[gpu]") as go:
             if go:
-                B.res["graphs"].append(graph_ternary("seed"))
-        with B.section("graph seed Adam_FP32") as go:
+                B.res["graphs"].append(graph_ternary(s))
+        cleanup()
+        with B.section(f"graph {s} Adam_FP32") as go:
             if go:
-                B.res["graphs"].append(graph_adam("seed"))
+                B.res["graphs"].append(graph_adam(s))
+        cleanup()
     path = B.save()
     print_table()
     print(f"wrote {path}", file=sys.stderr)

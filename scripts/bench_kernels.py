@@ -63,7 +63,12 @@ def parse_args():
     p.add_argument("--skip-checks", action="store_true",
                    help="skip the GPU correctness checks and the fp8 accuracy section (timings only)")
     p.add_argument("--settings", default="151M,seed", help="comma-separated settings to time: 151M, seed")
-    return p.parse_args()
+    p.add_argument("--ops", default="matmul,votes,flips", help="comma-separated ops to time: matmul, votes, flips")
+    args = p.parse_args()
+    bad = sorted(set(args.ops.split(",")) - {"matmul", "votes", "flips"})
+    if bad:
+        p.error(f"unknown --ops {', '.join(bad)} (choose from matmul, votes, flips)")
+    return args
 
 
 ARGS = parse_args()
@@ -79,6 +84,8 @@ if not ARGS.smoke and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
+import trueternary.ops.votes as votes_ops  # noqa: E402
+import trueternary.ops.votes.triton as votes_triton  # noqa: E402
 from trueternary import rng  # noqa: E402
 from trueternary.layers import TernaryLinear  # noqa: E402
 from trueternary.ops.flip import apply_flips_, apply_flips_naive_  # noqa: E402
@@ -497,6 +504,26 @@ def time_votes(setting, layer, rows, cols, M, op_ms):
         fused[(backend, vote)] = record(setting, layer, "votes", impl, run, flops, cb, dense_ms=dense)
         if DEV.type == "cuda" and setting == "seed" and (backend, vote) == ("gpu", "stochastic"):
             record(setting, layer, "votes", impl, run, flops, cb, graph=True, dense_ms=dense)
+    # both sources of the gradient tiles (ops.votes.VOTES_FUSED_MAX_TOKENS picks one; the rows above ran it),
+    # on CUDA inside a CUDA graph (GPU time, as in a graphed step: the eager call is host-bound at these sizes);
+    # 'by cuBLAS' also with the fused kernel's warps (what default_votes_config's gw_given choice replaced)
+    w1 = random_weight(rows, cols)
+    opt1 = FlipOptimizer(w1, backend="dense-fallback" if DEV.type == "cpu" else "gpu", check_finite=False)
+    opt1.backend = "gpu"
+    saved, saved_cfg = votes_ops.VOTES_FUSED_MAX_TOKENS, votes_triton.default_votes_config
+    fused_warps = saved_cfg(M, rows, cols, DEV, NORM_BLOCK if not ARGS.smoke else 16)
+    for where, limit, cfg in (("in the kernel", M, None), ("by cuBLAS", M - 1, None),
+                              ("by cuBLAS, the fused kernel's warps", M - 1, fused_warps)):
+        votes_ops.VOTES_FUSED_MAX_TOKENS = limit
+        if cfg is not None:
+            votes_triton.default_votes_config = lambda *a, _c=cfg, **k: dict(saved_cfg(*a, **k), **{
+                n: _c[n] for n in ("num_warps", "num_stages")})
+        try:
+            record(setting, layer, "votes", f"gpu stochastic (+E), gW {where}",
+                   lambda: (opt1.cast_matmul_votes(w1, gy, x, None), opt1._calls.clear()), flops, nbytes,
+                   dense_ms=dense, graph=DEV.type == "cuda")
+        finally:
+            votes_ops.VOTES_FUSED_MAX_TOKENS, votes_triton.default_votes_config = saved, saved_cfg
     # what the default rule's moving averages (norm_beta, kept in the epilogue) cost: the history-less rule
     w0 = random_weight(rows, cols)
     opt0 = FlipOptimizer(w0, backend="dense-fallback" if DEV.type == "cpu" else "gpu",
@@ -539,6 +566,8 @@ def totals(setting, op_ms, n_layers):
     impls = ("dense-fallback", "gpu (fused matmul)", "gpu (best matmul impl)", "gpu-signcache (stochastic)",
              "gpu-signcache (sign votes, 2-bit)")
     per = dict.fromkeys(impls, 0.0)
+    if not all(op in ARGS.ops.split(",") for op in ("matmul", "votes", "flips")):
+        return  # --ops left some out: no totals
     for layer in layer_shapes(1):
         k = 1 if layer == "head" else n_layers
         mm = [op_ms.get((layer, op)) for op in ("fwd", "bwd-input")]
@@ -563,12 +592,16 @@ def time_setting(setting, deadline: float):
         if B.elapsed() > deadline:
             B.res["errors"].append({"section": f"timings {setting}", "error": f"time budget reached before {layer}"})
             break
-        with B.section(f"matmul {setting} {layer}"):
-            time_matmul(setting, layer, rows, cols, M, op_ms)
-        with B.section(f"votes {setting} {layer}"):
-            time_votes(setting, layer, rows, cols, M, op_ms)
-        with B.section(f"flips {setting} {layer}"):
-            time_flips(setting, layer, rows, cols, op_ms)
+        ops = ARGS.ops.split(",")
+        if "matmul" in ops:
+            with B.section(f"matmul {setting} {layer}"):
+                time_matmul(setting, layer, rows, cols, M, op_ms)
+        if "votes" in ops:
+            with B.section(f"votes {setting} {layer}"):
+                time_votes(setting, layer, rows, cols, M, op_ms)
+        if "flips" in ops:
+            with B.section(f"flips {setting} {layer}"):
+                time_flips(setting, layer, rows, cols, op_ms)
     totals(setting, op_ms, n_layers)
     # auto dispatch advice: fused vs dequant+cuBLAS at this token count
     wins = [m["fused"] <= m["dequant"] for (_, op), m in op_ms.items() if op in ("fwd", "bwd-input")]

@@ -96,12 +96,17 @@ def patch() -> None:
 
 
 def drive() -> None:
+    import trueternary.ops.votes as votes
     from trueternary.models import build_model
     from trueternary.recipes import Hparams, build_recipe
     from trueternary.rule import FlipRule
 
     rules = [FlipRule(), FlipRule.naive(), FlipRule(norm_block=128, decay=0.01, leak=2), FlipRule(norm_block=32)]
-    for backend in ("gpu", "gpu-signcache"):
+    fused_max = votes.VOTES_FUSED_MAX_TOKENS
+    for backend, votes_impl in (("gpu", "fused"), ("gpu-signcache", "fused"), ("gpu", "gemm"),
+                                ("gpu-signcache", "gemm")):
+        # 'gemm': the vote kernel reading cuBLAS's gW (the batch here is below the auto threshold)
+        votes.VOTES_FUSED_MAX_TOKENS = fused_max if votes_impl == "fused" else 0
         for rule in rules:
             for autocast in (False, True):
                 base = build_model("transformer", seed=0, ctx=33, d_model=128, n_layers=1, n_heads=4)

@@ -112,6 +112,7 @@ def test_bench_qat_optimizer_options_and_jobs(tmp_path):
         ["--configs", "Adam_FP32[quantizer=group_pow2]"],
         ["--configs", "TrueTernary[flip_reset=40]"],
         ["--configs", "TrueTernary[accum_init=random]"],
+        ["--compile", "--model", "morph"],
     ],
     ids=lambda a: "_".join(a).strip("-"),
 )

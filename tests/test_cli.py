@@ -54,6 +54,7 @@ def _one_line_error(capsys) -> str:
     (["--max_steps", "abc"], "invalid int value"),
     (["--resume", "missing.safetensors"], "checkpoint not found"),
     (["--resume", "auto", "--run_name", "a/b"], "--run_name"),
+    (["--compile", "--model", "morph"], "compiled ops are implemented for the transformer"),
 ])
 def test_bad_train_flags(tmp_path, capsys, flags, msg):
     assert main(["train", *_tiny_flags(tmp_path), *flags]) == 2

@@ -39,11 +39,13 @@ from trueternary import rng  # noqa: E402
 from trueternary.layers import TernaryLinear  # noqa: E402
 from trueternary.ops.triton_utils import interpreter_ready  # noqa: E402
 from trueternary.ops.votes import (  # noqa: E402
+    VOTES_FUSED_MAX_TOKENS,
     VoteCache,
     cast_matmul_votes,
     encode_vote_cache,
     fused_votes_supported,
     matmul_votes_naive,
+    resolve_votes_impl,
     scale_votes_naive,
 )
 from trueternary.ops.votes.triton import _device_key  # noqa: E402
@@ -142,15 +144,18 @@ VOTE_MODES = [("stochastic", 0.0), ("stochastic", 0.375), ("sign", 0.0)]
 VOTE_IDS = ["stoch", "stoch-decay", "sign"]
 
 
+@pytest.mark.parametrize("impl", ["fused", "gemm"])
 @pytest.mark.parametrize("rows,cols,gs,M,nb,config", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("vote,decay", VOTE_MODES, ids=VOTE_IDS)
-def test_matmul_votes_bit_exact(rows, cols, gs, M, nb, config, vote, decay):
+def test_matmul_votes_bit_exact(rows, cols, gs, M, nb, config, vote, decay, impl):
+    """Both sources of the gradient tiles: formed in the kernel ('fused') or read from cuBLAS's gW ('gemm')."""
     w = random_weight(rows, cols, gs)
     A0 = w.T_accum.clone()
     gy, x = int_inputs(M, rows, cols)
     gE = torch.zeros(rows, w.n_groups, device=DEVICE)
     flag = torch.zeros((), device=DEVICE)
-    key = launch_votes(w, gy, x, vote=vote, vote_clip=3, norm_block=nb, decay=decay, config=config, gE=gE, flag=flag)
+    key = launch_votes(w, gy, x, vote=vote, vote_clip=3, norm_block=nb, decay=decay, config=config, gE=gE, flag=flag,
+                       impl=impl)
     v, ref_gE, _ = matmul_votes_naive(gy, x, w, 2.0, key, vote=vote, vote_clip=3, norm_block=nb, decay=decay,
                                       scale_grad=True)
     assert torch.equal(w.T_accum, accumulate(A0, v))
@@ -180,14 +185,15 @@ def test_matmul_votes_aligned_scale_grad_writes_every_group():
     assert torch.equal(gE, ref_gE)
 
 
-def test_matmul_votes_strided_bf16_inputs():
+@pytest.mark.parametrize("impl", ["fused", "gemm"])
+def test_matmul_votes_strided_bf16_inputs(impl):
     """Non-contiguous gy (a transposed view) and bf16 operands give the same integer state."""
     w = random_weight(20, 24, 8)
     A0 = w.T_accum.clone()
     gy_t, x = int_inputs(19, 20, 24, dtype=torch.bfloat16)
     gy = gy_t.t().contiguous().t()  # (M, rows) with strides (1, M)
     assert not gy.is_contiguous()
-    key = launch_votes(w, gy, x, lr=1.25)
+    key = launch_votes(w, gy, x, lr=1.25, impl=impl)
     v = matmul_votes_naive(gy, x, w, 1.25, key, vote="stochastic", vote_clip=8, norm_block=16)[0]
     assert torch.equal(w.T_accum, accumulate(A0, v))
 
@@ -212,7 +218,8 @@ def test_matmul_votes_random_inputs_agree_statistically():
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-def test_nonfinite_tiles_are_zeroed_and_the_layer_counted_once():
+@pytest.mark.parametrize("impl", ["fused", "gemm"])
+def test_nonfinite_tiles_are_zeroed_and_the_layer_counted_once(impl):
     w = random_weight(40, 37, 8)
     A0 = w.T_accum.clone()
     gy, x = int_inputs(9, 40, 37)
@@ -220,7 +227,7 @@ def test_nonfinite_tiles_are_zeroed_and_the_layer_counted_once():
     flag = torch.zeros((), device=DEVICE)
     nonfinite = torch.zeros((), dtype=torch.int32, device=DEVICE)
     gE = torch.zeros(40, w.n_groups, device=DEVICE)
-    key = launch_votes(w, gy, x, decay=0.25, gE=gE, flag=flag, nonfinite=nonfinite)
+    key = launch_votes(w, gy, x, decay=0.25, gE=gE, flag=flag, nonfinite=nonfinite, impl=impl)
     v, ref_gE, n_bad = matmul_votes_naive(gy, x, w, 2.0, key, vote="stochastic", vote_clip=8, norm_block=16,
                                           decay=0.25, scale_grad=True, tile=(16, 16))
     assert n_bad.item() == 3 and flag.item() == 3  # three tiles zeroed ...
@@ -250,18 +257,21 @@ def test_vote_cache_layouts(vote, vote_clip, cols, bits):
     assert torch.equal(w.T_accum, A0)
 
 
-@pytest.mark.parametrize("vote,normalize", [("stochastic", "block_factored"), ("stochastic", "tensor"),
-                                            ("sign", "tensor")], ids=["stoch-block", "stoch-tensor", "sign"])
-def test_scale_votes_bit_exact_and_interval(vote, normalize):
+@pytest.mark.parametrize("vote,normalize,n_groups,nb", [
+    ("stochastic", "block_factored", 20, 16), ("stochastic", "tensor", 20, 16), ("sign", "tensor", 20, 16),
+    ("stochastic", "block_factored", 5, 16), ("stochastic", "block_factored", 12, 32)],
+    ids=["stoch-block", "stoch-tensor", "sign", "stoch-block-5-groups-in-8-lanes", "stoch-block-12-groups-nb32"])
+def test_scale_votes_bit_exact_and_interval(vote, normalize, n_groups, nb):
+    """gE (37 rows: ragged blocks); fewer groups than norm_block: the kernel's narrower column block."""
     g = torch.Generator().manual_seed(5)
-    gE = torch.randint(-40, 41, (37, 20), generator=g).float().to(DEVICE)  # 3 x 2 ragged 16-blocks
-    E_accum = torch.randint(-127, 128, (37, 20), generator=g, dtype=torch.int8).to(DEVICE)
+    gE = torch.randint(-40, 41, (37, n_groups), generator=g).float().to(DEVICE)
+    E_accum = torch.randint(-127, 128, (37, n_groups), generator=g, dtype=torch.int8).to(DEVICE)
     kt = kernels()
     key = rng.stream_key(1, 9, 6 * CALLS + 1).to(DEVICE)
-    ref = scale_votes_naive(gE, E_accum, 0.8, key, vote=vote, vote_clip=4, normalize=normalize, norm_block=16)
+    ref = scale_votes_naive(gE, E_accum, 0.8, key, vote=vote, vote_clip=4, normalize=normalize, norm_block=nb)
     for step, interval in ((6, 3), (7, 3)):  # a scale step, and a step the interval skips
         got = E_accum.clone()
-        kt.scale_votes_(gE, got, vote=vote, lr_e=0.8, vote_clip=4, normalize=normalize, norm_block=16,
+        kt.scale_votes_(gE, got, vote=vote, lr_e=0.8, vote_clip=4, normalize=normalize, norm_block=nb,
                         key_base=kt.key_base(1, 9), call=1, step=step_tensor(step), calls_per_step=CALLS,
                         interval=interval, block=128)
         assert torch.equal(got, ref if step % interval == 0 else E_accum), (step, interval)
@@ -279,6 +289,14 @@ def test_fused_votes_supported():
     with pytest.raises(ValueError, match="do not implement"):
         cast_matmul_votes(w, *int_inputs(3, 4, 6), FlipRule(normalize="tensor").to_dict(), seed=0,
                           step=step_tensor(0), call=0, calls_per_step=CALLS)
+
+
+def test_votes_impl_resolution():
+    assert resolve_votes_impl("auto", VOTES_FUSED_MAX_TOKENS) == "fused"
+    assert resolve_votes_impl("auto", VOTES_FUSED_MAX_TOKENS + 1) == "gemm"
+    assert resolve_votes_impl("fused", 10**6) == "fused" and resolve_votes_impl("gemm", 1) == "gemm"
+    with pytest.raises(ValueError, match="unknown votes impl"):
+        resolve_votes_impl("cublas", 8)
 
 
 def test_composite_empty_batch_is_noop():
@@ -380,6 +398,25 @@ def test_gpu_backend_trains_like_dense_fallback(rule, monkeypatch):
         assert o_ker._step_dev and all(int(t) == 3 for t in o_ker._step_dev.values())
     else:
         assert not o_ker._step_dev
+
+
+@pytest.mark.parametrize("backend", ["gpu", "gpu-signcache"])
+@pytest.mark.parametrize("rule", ["historyless-nb16", "norm-beta-nb16"])
+def test_gpu_backends_with_cublas_gradient_train_like_dense_fallback(rule, backend, monkeypatch):
+    """Above VOTES_FUSED_MAX_TOKENS (here 0) cuBLAS forms gW and the vote kernel's epilogue reads it: the same
+    integer state, flips and moving-average codes as dense-fallback, step for step."""
+    import trueternary.ops.votes as votes
+    import trueternary.ops.votes.triton as votes_triton
+
+    impls = []
+    launch = votes_triton.matmul_votes_
+    monkeypatch.setattr(votes, "VOTES_FUSED_MAX_TOKENS", 0)
+    monkeypatch.setattr(votes_triton, "matmul_votes_", lambda *a, **k: impls.append(k["impl"]) or launch(*a, **k))
+    ref, o_ref, ker, o_ker = train_pair(RULES[rule], backend, steps=2)
+    assert impls == ["gemm"] * (2 * 2)
+    sr, sk = o_ref.state_dict()["state"], o_ker.state_dict()["state"]
+    for k in sr:
+        assert all(torch.equal(sr[k][n].cpu(), sk[k][n].cpu()) for n in sr[k]), k
 
 
 @pytest.mark.parametrize("rule", ["historyless-nb16", "seed-naive", "flip-reset2"])

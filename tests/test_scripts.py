@@ -34,6 +34,12 @@ def test_dp_step_profile_refuses_without_cuda():
     assert r.returncode == 2 and "needs CUDA" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_gemm_ceiling_refuses_without_cuda():
+    r = _run("gemm_ceiling.py")
+    assert r.returncode == 2 and "needs a CUDA device" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_learning_benchmark_parallel_tuning_then_final(tmp_path):
     """The two stages on a tiny model: parallel tuning processes merged into tune.json, best rates chosen
     per config (lowest validation bpb), then one final bench run with those rates and the seed's rule."""
@@ -98,6 +104,12 @@ def test_bench_kernels_smoke_timings_only(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_kernels.py"), "--smoke", "--sweep-kernels",
                         "gemm"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and "--sweep-kernels" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_kernels.py"), "--smoke", "--ops", "votes,gemm"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "unknown --ops gemm" in r.stderr and "Traceback" not in r.stderr
+    # both sources of the vote gradient are timed
+    impls = {t["impl"] for t in res["timings"] if t["op"] == "votes"}
+    assert {"gpu stochastic (+E), gW in the kernel", "gpu stochastic (+E), gW by cuBLAS"} <= impls
 
 
 def test_bench_e2e_smoke_with_profile_and_graph_memory(tmp_path):

@@ -116,3 +116,17 @@ def test_training_lowers_validation_bpb(tmp_path):
     """A sanity check that the loop trains (not a learning-quality test): 40 steps on repetitive text."""
     res = train(tiny_config(tmp_path, max_steps=40, batch_size=8, eval_every=0))
     assert res["val_bpb"] < res["initial_val_bpb"] - 0.5
+
+
+def test_compile_trains_like_eager(tmp_path):
+    """--compile (inductor on the CPU, so a C++ compiler is needed: skipped without one) runs the same loop;
+    its float rounding differs from eager's, so the runs agree closely, not bit for bit."""
+    import shutil
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile's CPU backend needs a C++ compiler")
+    eager = train(tiny_config(tmp_path, max_steps=8, config="Adam_FP32", run_name="eager"))
+    comp = train(tiny_config(tmp_path, max_steps=8, config="Adam_FP32", compile=True, run_name="compiled"))
+    assert comp["val_bpb"] == pytest.approx(eager["val_bpb"], abs=2e-3)
+    meta = json.loads((tmp_path / "runs" / "compiled" / "config.json").read_text())
+    assert meta["train"]["compile"] is True

@@ -300,6 +300,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-heads", type=int, default=8)
     p.add_argument("--model-config", action="append", default=[], metavar="FIELD=VALUE",
                    help="extra model config fields, e.g. head_std=0.088,mlp_ratio=3")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's norms, attention and activations for every config (transformer)")
     p.add_argument("--group-size", type=int, default=None)
     p.add_argument("--lr", action="append", default=[], metavar="CONFIG=LR",
                    help="peak learning rate (vote scale for TrueTernary) of a config, e.g. Adam_FP32=1e-3")
@@ -417,6 +419,12 @@ def run(args: argparse.Namespace) -> list[dict]:
         build_model(args.model, seed=0, **dict(model_kw, n_layers=1))
     except (ValueError, TypeError) as e:
         raise UsageError(f"bad --model-config: {e}") from None
+    compile_ops = getattr(args, "compile", False)
+    try:
+        build_model(args.model, seed=0, compile_ops=compile_ops, **dict(model_kw, n_layers=1))
+    except ValueError as e:
+        raise UsageError(f"--compile: {e}") from None
+    model_kw["compile_ops"] = compile_ops
     shared_base = build_model(args.model, seed=args.seed, **model_kw) if args.reuse_base else None
     meta = {
         "args": {k: v for k, v in vars(args).items() if k != "func"},

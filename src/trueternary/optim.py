@@ -293,9 +293,10 @@ class FlipOptimizer(torch.optim.Optimizer):
                           T: torch.Tensor | None) -> None:
         """Votes for a linear map's weight, whose gradient is ``gy.T @ x`` (gy: (M, rows), x: (M, cols)).
 
-        The dense-fallback backend forms the gradient and calls :meth:`cast_votes`; the gpu backends
-        compute it tile by tile inside the vote kernel (``ops.votes``) so it never reaches memory, when the
-        rule is one the kernel implements (``ops.votes.fused_votes_supported``), else they take the dense path.
+        The dense-fallback backend forms the gradient and calls :meth:`cast_votes`; the gpu backends turn it
+        into votes in the vote kernel's epilogue (``ops.votes``: gradient tiles formed in the kernel, or read
+        from cuBLAS's gW for large batches), when the rule is one the kernel implements
+        (``ops.votes.fused_votes_supported``), else they take the dense path.
         ``T`` may be None (the kernel path decodes trits from ``T_packed`` itself).
         """
         group = self.param_groups[weight._group_index]

@@ -72,6 +72,7 @@ class TrainConfig:
     scale_update_interval: int = 1
     rule: dict = field(default_factory=dict)  # further FlipRule field overrides
     update_backend: str = "auto"
+    compile: bool = False  # torch.compile the model's shared ops (norms, attention, activations; transformer)
     ddp_grad_dtype: str = "fp32"  # data parallelism: dtype of the float gradients DDP all-reduces (fp32, bf16)
     # run
     max_steps: int = 300
@@ -153,9 +154,13 @@ def validate(cfg: TrainConfig) -> Hparams:
     if cfg.batch_size % world:
         raise UsageError(f"--batch_size {cfg.batch_size} is the global batch and must be divisible by the "
                          f"{world} data-parallel ranks (each rank trains on batch_size / {world} sequences)")
+    if cfg.compile is not True and cfg.compile is not False:
+        raise UsageError(f"compile must be true or false, got {cfg.compile!r}")
     try:
         hp = hparams_for(cfg)
         model_config(cfg)
+        if cfg.compile:
+            build_model(cfg.model, compile_ops=True, **dict(model_config(cfg), n_layers=1))
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
     return hp
@@ -504,7 +509,7 @@ def _train(cfg: TrainConfig, hp: Hparams, loaded: list, device: torch.device,
         mcfg = ckpt.meta["model"]["config"]
     else:
         mcfg = model_config(cfg)
-    base = build_model(cfg.model, seed=cfg.seed, **mcfg)
+    base = build_model(cfg.model, seed=cfg.seed, compile_ops=cfg.compile, **mcfg)
     try:
         recipe = build_recipe(cfg.config, base, hp, device=device, backend=cfg.update_backend, seed=cfg.seed)
     except ValueError as e:  # e.g. a GPU backend without CUDA
@@ -709,6 +714,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rule", action="append", default=None, metavar="FIELD=VALUE",
                    help="further FlipRule overrides, e.g. vote_clip=4,decay=0.01")
     flag("update_backend", help="vote/flip backend: " + ", ".join(BACKENDS))
+    p.add_argument("--compile", dest="compile", default=None, action=argparse.BooleanOptionalAction,
+                   help="torch.compile the model's norms, attention and activations (the linear layers stay eager): "
+                        "on a GPU, float configs' steps about 2x faster after a compile of up to a minute "
+                        "(TrueTernary's eager step is host-bound and gains little); transformer only (default: off)")
     flag("ddp_grad_dtype", help="under torchrun: dtype of the float gradients DDP all-reduces for float "
          "parameters (fp32, or bf16 via torch's bf16_compress_hook)")
     flag("max_steps", type=int, help="optimiser steps (also the length of the lr schedule)")

@@ -18,13 +18,21 @@ def register_model(name: str, cls, config_cls) -> None:
     _MODELS[name] = (cls, config_cls)
 
 
-def build_model(name: str, seed: int = 0, **config) -> torch.nn.Module:
-    """A freshly initialised float base model of family ``name`` (deterministic in ``seed``)."""
+def build_model(name: str, seed: int = 0, compile_ops: bool = False, **config) -> torch.nn.Module:
+    """A freshly initialised float base model of family ``name`` (deterministic in ``seed``).
+
+    ``compile_ops``: run the model's shared ops (everything between its linear layers) through
+    ``torch.compile`` (the ``use_compiled_ops`` method of families that have one; ValueError otherwise)."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(model_names())}")
     cls, cfg_cls = _MODELS[name]
     cfg = cfg_cls.from_dict(config)
-    return cls(cfg, generator=torch.Generator().manual_seed(seed))
+    model = cls(cfg, generator=torch.Generator().manual_seed(seed))
+    if compile_ops:
+        if not hasattr(model, "use_compiled_ops"):
+            raise ValueError(f"compiled ops are implemented for the transformer, not model {name!r}")
+        model.use_compiled_ops()  # a copy (build_recipe's) keeps the setting
+    return model
 
 
 __all__ = ["ByteTransformer", "TransformerConfig", "build_model", "model_names", "register_model"]

@@ -13,6 +13,13 @@ parameters). Only the weight representation and the update rule differ between c
 All norms are RMSNorm without gain (parameter-free). ``subln`` puts one more RMSNorm on the inputs
 of the two residual projections (as BitNet's SubLN), which makes every ternary linear see unit-RMS
 input: the network is insensitive to the absolute scale of its weights.
+
+Everything between two linear layers is one of four pure functions (:data:`SHARED_OPS`: ``norm``,
+``attention``, ``add_norm``, ``relu2``) that hands the next linear layer its input already in the matmul
+dtype (autocast's, else the input's: the cast the layer would do). ``ByteTransformer.use_compiled_ops()``
+swaps them for ``torch.compile``'d versions (fused elementwise, norm and cast kernels; the linear layers,
+ternary or float, stay eager): on a GPU the eager versions spend most of a step in separate elementwise,
+norm and cast kernels (docs/performance.md). Compiled results equal the eager ones up to float rounding.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.linear import compute_dtype
 from ..vocab import VOCAB_SIZE
 
 
@@ -88,6 +96,50 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+# ---- the shared ops: everything between two linear layers (pure functions of their inputs)
+def norm_op(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return rms_norm(x).to(dtype)
+
+
+def attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, qk_norm: bool, subln: bool,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """(B, L, 3d) projections -> causal attention with rotary positions -> (B, L, d) input of the output projection."""
+    B, L, d3 = qkv.shape
+    d = d3 // 3
+    q, k, v = (t.reshape(B, L, n_heads, d // n_heads).transpose(1, 2) for t in qkv.split(d, dim=-1))
+    if qk_norm:
+        q, k = rms_norm(q), rms_norm(k)
+    q, k = apply_rotary(q, cos[:L], sin[:L]), apply_rotary(k, cos[:L], sin[:L])
+    a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, L, d)
+    return (rms_norm(a) if subln else a).to(dtype)
+
+
+def add_norm_op(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add, and the normalised sum (the next linear layer's input)."""
+    s = x + y
+    return s, rms_norm(s).to(dtype)
+
+
+def relu2_op(u: torch.Tensor, subln: bool, dtype: torch.dtype) -> torch.Tensor:
+    h = F.relu(u).square()
+    return (rms_norm(h) if subln else h).to(dtype)
+
+
+SHARED_OPS = {"norm": norm_op, "attention": attention_op, "add_norm": add_norm_op, "relu2": relu2_op}
+_COMPILED_OPS: dict[str, dict] = {}  # torch.compile backend -> compiled SHARED_OPS (built on first use)
+
+
+def shared_ops(compile_backend: str | None) -> dict:
+    """SHARED_OPS, eager (None) or compiled with ``torch.compile(backend=compile_backend, fullgraph=True)``."""
+    if compile_backend is None:
+        return SHARED_OPS
+    ops = _COMPILED_OPS.get(compile_backend)
+    if ops is None:
+        ops = _COMPILED_OPS[compile_backend] = {
+            k: torch.compile(f, backend=compile_backend, fullgraph=True) for k, f in SHARED_OPS.items()}
+    return ops
+
+
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -97,21 +149,13 @@ class Block(nn.Module):
         self.proj = nn.Linear(d, d, bias=False)
         self.up = nn.Linear(d, cfg.d_hidden, bias=False)
         self.down = nn.Linear(cfg.d_hidden, d, bias=False)
+        self.compile_backend: str | None = None  # set by ByteTransformer.use_compiled_ops
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        B, L, d = x.shape
-        H = cfg.n_heads
-        q, k, v = self.qkv(rms_norm(x)).split(d, dim=-1)
-        q, k, v = (t.reshape(B, L, H, d // H).transpose(1, 2) for t in (q, k, v))
-        if cfg.qk_norm:
-            q, k = rms_norm(q), rms_norm(k)
-        q, k = apply_rotary(q, cos[:L], sin[:L]), apply_rotary(k, cos[:L], sin[:L])
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        a = a.transpose(1, 2).reshape(B, L, d)
-        x = x + self.proj(rms_norm(a) if cfg.subln else a)
-        h = F.relu(self.up(rms_norm(x))).square()
-        return x + self.down(rms_norm(h) if cfg.subln else h)
+        cfg, ops, dt = self.cfg, shared_ops(self.compile_backend), compute_dtype(x)
+        a = ops["attention"](self.qkv(ops["norm"](x, dt)), cos, sin, cfg.n_heads, cfg.qk_norm, cfg.subln, dt)
+        x, h = ops["add_norm"](x, self.proj(a), dt)
+        return x + self.down(ops["relu2"](self.up(h), cfg.subln, dt))
 
 
 class ByteTransformer(nn.Module):
@@ -141,6 +185,14 @@ class ByteTransformer(nn.Module):
         head_std = cfg.d_model**-0.5 if cfg.head_std is None else cfg.head_std
         self.head.weight.normal_(0.0, head_std, generator=generator)
 
+    def use_compiled_ops(self, enabled: bool = True, backend: str = "inductor") -> ByteTransformer:
+        """Run the shared ops (everything between linear layers) compiled by ``torch.compile(backend=...)``
+        or, with ``enabled=False``, eagerly again. Compilation happens on the first forward (seconds to a
+        minute); a new input shape recompiles. Returns the model."""
+        for blk in self.blocks:
+            blk.compile_backend = backend if enabled else None
+        return self
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if idx.dim() != 2:
             raise ValueError(f"expected token ids of shape (batch, length), got {tuple(idx.shape)}")
@@ -149,4 +201,4 @@ class ByteTransformer(nn.Module):
         x = self.embed(idx)
         for blk in self.blocks:
             x = blk(x, self.rope_cos, self.rope_sin)
-        return self.head(rms_norm(x))
+        return self.head(shared_ops(self.blocks[0].compile_backend)["norm"](x, compute_dtype(x)))

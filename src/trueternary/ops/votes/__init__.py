@@ -7,10 +7,14 @@ call: no host sync, so the sequence can be captured in a CUDA graph)::
                       nonfinite=None, cache=None)
 
 does for a :class:`~trueternary.weight.TernaryScaleTensor` what ``FlipOptimizer.cast_votes(weight, gy.T @ x, T)``
-does (``rows=None``, one process), with the weight gradient formed tile by tile inside the vote kernel
-so it never reaches memory. Up to three launches::
+does (``rows=None``, one process). Up to M = VOTES_FUSED_MAX_TOKENS tokens (impl 'fused') the weight gradient is
+formed tile by tile inside the vote kernel so it never reaches memory; above (impl 'gemm') cuBLAS forms it in
+the operands' dtype, exactly as the dense-fallback path does, and the kernel's epilogue reads it: at 16k tokens
+the kernel's own mainloop runs at about half cuBLAS's speed, and the transient gradient is one layer's (at
+most rows x cols x 2 bytes in bf16, freed on return). Up to three launches (four with 'gemm')::
 
     scratch = zeros(rows*n_groups + 1)       gE, then the layer's non-finite flag   (when needed)
+    [gW = gy.T @ x                           cuBLAS, impl 'gemm' only]
     _matmul_votes_kernel    gW tile -> block_factored normalisation -> votes -> T_accum (or the vote cache);
                             gE = sum_group(gW * T)
     _scale_votes_kernel     gE -> votes normalised like the weights' -> E_accum   (weights with integer scales)
@@ -27,9 +31,9 @@ over the small, complete gE: either way is fused.
 
 Differences from the dense-fallback path, all documented in docs/performance.md:
 
-* gW is the fp32 tensor-core accumulator (dense-fallback rounds it to the inputs' dtype first) and the
-  float sums run in another order; votes are bit-identical wherever the arithmetic is exact, statistically
-  equal elsewhere.
+* With impl 'fused', gW is the fp32 tensor-core accumulator (dense-fallback rounds it to the inputs' dtype
+  first; impl 'gemm' uses that same rounded gW) and the float sums run in another order; votes are
+  bit-identical wherever the arithmetic is exact, statistically equal elsewhere.
 * A non-finite gradient zeroes the kernel *tiles* holding NaN/inf (the reference zeroes the whole matrix
   when ``check_finite``), the layer casts no scale votes, those tiles keep their moving averages' codes
   (the reference keeps the whole layer's), ``nonfinite`` is incremented once and ``FlipOptimizer.step``
@@ -61,6 +65,19 @@ from .naive import (
 )
 
 FUSED_NORM_BLOCKS = (16, 32, 64, 128)  # norm_block values the kernel epilogue implements (tile edges are multiples)
+VOTES_IMPLS = ("auto", "fused", "gemm")
+# auto: the gradient tile formed in the vote kernel up to this many tokens, by cuBLAS above. At 16,384 tokens
+# the kernel's mainloop ran at about half cuBLAS's speed on the H200 (docs/performance.md); the gradient
+# cuBLAS writes is one layer's, in the operands' dtype, freed when the call returns.
+VOTES_FUSED_MAX_TOKENS = 2048
+
+
+def resolve_votes_impl(impl: str, tokens: int) -> str:
+    if impl not in VOTES_IMPLS:
+        raise ValueError(f"unknown votes impl {impl!r}; choose one of {', '.join(VOTES_IMPLS)}")
+    if impl == "auto":
+        return "fused" if tokens <= VOTES_FUSED_MAX_TOKENS else "gemm"
+    return impl
 
 
 @dataclass
@@ -111,7 +128,7 @@ def fused_votes_supported(group: Mapping) -> bool:
 def cast_matmul_votes(weight, gy: torch.Tensor, x: torch.Tensor, group: Mapping, *, seed: int,
                       step: torch.Tensor, call: int, calls_per_step: int, nonfinite: torch.Tensor | None = None,
                       cache: VoteCache | None = None, config: dict | None = None, norm_codes: dict | None = None,
-                      norm_seed: int = 0) -> None:
+                      norm_seed: int = 0, impl: str = "auto") -> None:
     """Votes of ``gW = gy.T @ x`` (gy: (M, rows), x: (M, cols)) into ``weight``'s accumulators, fused.
 
     ``group``: the FlipOptimizer param group (vote, lr, normalize, norm_block, vote_clip, decay, scale_vote,
@@ -123,12 +140,14 @@ def cast_matmul_votes(weight, gy: torch.Tensor, x: torch.Tensor, group: Mapping,
     :class:`VoteCache` (gpu-signcache) instead of ``T_accum``. ``norm_codes`` (rules with ``norm_beta > 0``):
     the weight's moving-average codes (rule.empty_norm_codes' dict), updated in place; their stochastic
     rounding uses ``rng.stream_key(norm_seed, weight.stream, step*calls_per_step + call)`` as the reference.
+    ``impl``: where the gradient tiles come from (:func:`resolve_votes_impl`; triton.matmul_votes_).
     """
     from .triton import key_base, matmul_votes_, scale_votes_
 
     if not fused_votes_supported(group):
         raise ValueError(f"the fused vote kernels do not implement normalize={group['normalize']!r} with "
                          f"norm_block={group['norm_block']!r} (supported: 'block_factored', {FUSED_NORM_BLOCKS})")
+    impl = resolve_votes_impl(impl, gy.shape[0])
     if gy.shape[0] == 0:  # an empty batch carries no gradient (as ops/linear.py): no votes
         return
     rows, ng = weight.rows, weight.n_groups
@@ -151,7 +170,7 @@ def cast_matmul_votes(weight, gy: torch.Tensor, x: torch.Tensor, group: Mapping,
         assert norm_codes is not None, "a norm_beta rule needs the weight's codes (rule.empty_norm_codes)"
         norm = dict(norm_codes=norm_codes, norm_beta=group["norm_beta"],
                     norm_key_base=key_base(norm_seed, weight.stream))
-    matmul_votes_(gy, x, weight, gE=gE, flag=flag, nonfinite=nonfinite, cache=cache, **norm, **vote_kw)
+    matmul_votes_(gy, x, weight, gE=gE, flag=flag, nonfinite=nonfinite, cache=cache, impl=impl, **norm, **vote_kw)
     if cache is not None:
         cache.pending = True
     if scale_on:
@@ -162,12 +181,15 @@ def cast_matmul_votes(weight, gy: torch.Tensor, x: torch.Tensor, group: Mapping,
 
 __all__ = [
     "FUSED_NORM_BLOCKS",
+    "VOTES_FUSED_MAX_TOKENS",
+    "VOTES_IMPLS",
     "VoteCache",
     "cast_matmul_votes",
     "cast_matmul_votes_naive",
     "decode_vote_cache",
     "encode_vote_cache",
     "fused_votes_supported",
+    "resolve_votes_impl",
     "matmul_votes_naive",
     "scale_votes_naive",
     "weight_grad",

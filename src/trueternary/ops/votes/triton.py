@@ -133,16 +133,17 @@ def _sub_tile_means(g, r0, c0, R, C, NB: tl.constexpr, BLOCK_R: tl.constexpr, BL
 
 
 @triton.jit
-def _one_tile_means(g, r0, c0, R, C, NB: tl.constexpr):
-    """_sub_tile_means for a tile that is one NB x NB sub-tile: rows (NB,), columns (NB,), the tile mean."""
+def _one_tile_means(g, r0, c0, R, C, NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """_sub_tile_means for a (BLOCK_R, BLOCK_C) tile inside one NB x NB sub-tile (BLOCK_R/BLOCK_C < NB only where
+    the matrix ends inside the block): rows (BLOCK_R,), columns (BLOCK_C,), the tile mean."""
     g2 = g * g
     n_rows = tl.minimum(tl.maximum(R - r0, 1), NB).to(tl.float32)  # real rows of the sub-tile (>= 1 as the
     n_cols = tl.minimum(tl.maximum(C - c0, 1), NB).to(tl.float32)  # reference's clamp_min(1))
     row_sum = tl.sum(g2, axis=1)
     col_sum = tl.sum(g2, axis=0)
     tile_sum = tl.sum(col_sum, axis=0)
-    r_mean = tl.div_rn(row_sum, tl.full((NB,), 1.0, tl.float32) * n_cols)
-    c_mean = tl.div_rn(col_sum, tl.full((NB,), 1.0, tl.float32) * n_rows)
+    r_mean = tl.div_rn(row_sum, tl.full((BLOCK_R,), 1.0, tl.float32) * n_cols)
+    c_mean = tl.div_rn(col_sum, tl.full((BLOCK_C,), 1.0, tl.float32) * n_rows)
     return r_mean, c_mean, tl.div_rn(tile_sum, n_rows * n_cols)
 
 
@@ -165,8 +166,8 @@ def _block_factored_scale(g, r0, c0, R, C, neg_lr, NB: tl.constexpr, BLOCK_R: tl
     statistics per NB x NB sub-tile (rule.block_factored_ms); lanes outside the matrix hold g = 0."""
     SR: tl.constexpr = BLOCK_R // NB
     SC: tl.constexpr = BLOCK_C // NB
-    if SR == 1 and SC == 1:
-        r_mean, c_mean, m = _one_tile_means(g, r0, c0, R, C, NB)
+    if SR <= 1 and SC <= 1:  # (0: a block narrower than NB, where the matrix ends inside it)
+        r_mean, c_mean, m = _one_tile_means(g, r0, c0, R, C, NB, BLOCK_R, BLOCK_C)
         r_full = tl.broadcast_to(r_mean[:, None], (BLOCK_R, BLOCK_C))
         c_full = tl.broadcast_to(c_mean[None, :], (BLOCK_R, BLOCK_C))
         m_full = tl.full((BLOCK_R, BLOCK_C), 1.0, tl.float32) * m
@@ -293,6 +294,7 @@ def _matmul_votes_kernel(
     GE_MODE: tl.constexpr, GE_GROUP: tl.constexpr,
     CACHE_BITS: tl.constexpr, HAS_FLAG: tl.constexpr, HAS_NONFINITE: tl.constexpr,
     CALLS_PER_STEP: tl.constexpr, K_STEP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GW_GIVEN: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     pid_r, pid_c = swizzle_tile(tl.program_id(0), tl.cdiv(R, BLOCK_R), tl.cdiv(C, BLOCK_C), GROUP)
@@ -300,18 +302,22 @@ def _matmul_votes_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_r = offs_r < R
     mask_c = offs_c < C
-    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for k0 in range(0, M, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < M
-        a = tl.load(gy_ptr + offs_k[None, :] * stride_gm + offs_r[:, None] * stride_gr,
-                    mask=mask_r[:, None] & mask_k[None, :], other=0.0)  # gy.T tile (BLOCK_R, BLOCK_K)
-        b = tl.load(x_ptr + offs_k[:, None] * stride_xm + offs_c[None, :] * stride_xc,
-                    mask=mask_k[:, None] & mask_c[None, :], other=0.0)  # x tile (BLOCK_K, BLOCK_C)
-        if UPCAST:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT_PRECISION)
-        else:
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if GW_GIVEN:  # impl 'gemm': gy_ptr holds gW (R, C) formed by cuBLAS, strides (stride_gm, stride_gr)
+        acc = tl.load(gy_ptr + offs_r[:, None] * stride_gm + offs_c[None, :] * stride_gr,
+                      mask=mask_r[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        for k0 in range(0, M, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < M
+            a = tl.load(gy_ptr + offs_k[None, :] * stride_gm + offs_r[:, None] * stride_gr,
+                        mask=mask_r[:, None] & mask_k[None, :], other=0.0)  # gy.T tile (BLOCK_R, BLOCK_K)
+            b = tl.load(x_ptr + offs_k[:, None] * stride_xm + offs_c[None, :] * stride_xc,
+                        mask=mask_k[:, None] & mask_c[None, :], other=0.0)  # x tile (BLOCK_K, BLOCK_C)
+            if UPCAST:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     # ---- epilogue: the gradient tile never leaves registers
     n_bad = tl.sum(tl.sum(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32), axis=1), axis=0)
@@ -348,7 +354,7 @@ def _votes_epilogue(g, n_bad, offs_r, offs_c, mask_r, mask_c, pid_r, pid_c, pack
             r0 = pid_r * BLOCK_R
             c0 = pid_c * BLOCK_C
             if SR == 1 and SC == 1:
-                r1, c1, m1 = _one_tile_means(g, r0, c0, R, C, NB)
+                r1, c1, m1 = _one_tile_means(g, r0, c0, R, C, NB, BLOCK_R, BLOCK_C)
                 r_mean = r1[:, None]
                 c_mean = c1[None, :]
                 m = tl.full((1, 1), 1.0, tl.float32) * m1
@@ -406,10 +412,12 @@ def _votes_epilogue(g, n_bad, offs_r, offs_c, mask_r, mask_c, pid_r, pid_c, pack
 def _scale_votes_kernel(gE_ptr, E_accum_ptr, flag_ptr, step_ptr, rows, n_groups, interval, neg_lr, inv_n, vote_clip,
                         key_base, call, MODE: tl.constexpr, BLOCK_NORM: tl.constexpr, NB: tl.constexpr,
                         MEAN_BY_RECIPROCAL: tl.constexpr, HAS_FLAG: tl.constexpr, CALLS_PER_STEP: tl.constexpr,
-                        K_STEP: tl.constexpr, BLOCK: tl.constexpr):
+                        K_STEP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr):
     """Votes on gE (rows, n_groups) into E_accum. ``BLOCK_NORM``: one program per NB x NB tile of gE, 'block_factored'
-    normalisation; otherwise one program for all of gE: 'tensor' normalisation (ms = mean(gE**2), first pass)
-    or sign votes."""
+    normalisation, its columns in blocks of BLOCK_G (NB, or the next power of two >= n_groups when that is
+    smaller: gE has few columns, n_groups = cols / group_size, and a full NB-wide block would be mostly masked
+    lanes); otherwise one program for all of gE: 'tensor' normalisation (ms = mean(gE**2), first pass) or sign
+    votes."""
     active = (tl.load(step_ptr) % interval) == 0
     if HAS_FLAG:  # a non-finite tile in this call: its gE is not the layer's gradient, cast no scale votes
         active = active & (tl.load(flag_ptr) == 0.0)
@@ -417,12 +425,12 @@ def _scale_votes_kernel(gE_ptr, E_accum_ptr, flag_ptr, step_ptr, rows, n_groups,
         pid = tl.program_id(0)
         n_col_tiles = tl.cdiv(n_groups, NB)
         offs_r = (pid // n_col_tiles) * NB + tl.arange(0, NB)
-        offs_c = (pid % n_col_tiles) * NB + tl.arange(0, NB)
+        offs_c = (pid % n_col_tiles) * NB + tl.arange(0, BLOCK_G)
         mask = (offs_r < rows)[:, None] & (offs_c < n_groups)[None, :]
         flat = offs_r[:, None] * n_groups + offs_c[None, :]
         g = tl.load(gE_ptr + flat, mask=mask, other=0.0)
         s = _block_factored_scale(g, (pid // n_col_tiles) * NB, (pid % n_col_tiles) * NB, rows, n_groups, neg_lr,
-                                  NB, NB, NB)
+                                  NB, NB, BLOCK_G)
         key = _device_key(step_ptr, call, key_base, CALLS_PER_STEP, K_STEP)
         v = tl.floor(g * s + uniform01(flat, key))
         v = tl.minimum(tl.maximum(v, -vote_clip), vote_clip).to(tl.int32)
@@ -461,11 +469,18 @@ def _scale_votes_kernel(gE_ptr, E_accum_ptr, flag_ptr, step_ptr, rows, n_groups,
 # ------------------------------------------------------------------------------------------------ launchers
 
 
-def default_votes_config(M: int, R: int, C: int, device: torch.device, norm_block: int | None = None) -> dict:
+def default_votes_config(M: int, R: int, C: int, device: torch.device, norm_block: int | None = None,
+                         gw_given: bool = False) -> dict:
     """Largest square tile that still gives every SM a tile and is a whole number of normalisation tiles.
 
     The reduction runs over the M tokens with no split-K (the epilogue needs the complete gradient tile).
+    ``gw_given`` (impl 'gemm': the kernel is its epilogue alone): one warp per 32 x 32 sub-block, 4 to 16 (H200,
+    151M, inside a CUDA graph, scripts/bench_kernels.py --ops votes: the qkv / proj vote calls took 0.223 / 0.110
+    ms with 16 warps against 0.282 / 0.130 with the fused kernel's 4 / 8; docs/performance.md).
     """
+    if gw_given:
+        cfg = default_votes_config(M, R, C, device, norm_block)
+        return dict(cfg, num_warps=max(4, min(16, cfg["BLOCK_R"] * cfg["BLOCK_C"] // 1024)), num_stages=1)
     sms = sm_count(device)
     sizes = [b for b in (128, 64, 32) if norm_block is None or b % norm_block == 0]
     block = sizes[-1]
@@ -489,8 +504,13 @@ def matmul_votes_(gy: torch.Tensor, x: torch.Tensor, weight, *, vote: str, lr: f
                   norm_block: int, decay: float, key_base: int, call: int, step: torch.Tensor, calls_per_step: int,
                   gE: torch.Tensor | None = None, flag: torch.Tensor | None = None,
                   nonfinite: torch.Tensor | None = None, cache=None, config: dict | None = None,
-                  norm_codes: dict | None = None, norm_beta: float = 0.0, norm_key_base: int = 0) -> None:
-    """Fused ``gW = gy.T @ x`` -> votes into ``weight.T_accum`` (or ``cache``), in place.
+                  norm_codes: dict | None = None, norm_beta: float = 0.0, norm_key_base: int = 0,
+                  impl: str = "fused") -> None:
+    """``gW = gy.T @ x`` -> votes into ``weight.T_accum`` (or ``cache``), in place.
+
+    ``impl``: 'fused' forms each gradient tile in the kernel (gW never reaches memory); 'gemm' forms gW
+    with cuBLAS in the operands' dtype (the dense-fallback's own ``gy.T @ x``: a transient rows x cols
+    tensor, freed on return) and the same kernel's epilogue reads it (see VOTES_FUSED_MAX_TOKENS).
 
     ``norm_codes``: the moving averages' codes of a ``norm_beta`` rule (rule.empty_norm_codes' dict: int16
     ``norm_tile``, int8 ``norm_row``/``norm_col``), updated in place, their rounding keyed by
@@ -512,11 +532,18 @@ def matmul_votes_(gy: torch.Tensor, x: torch.Tensor, weight, *, vote: str, lr: f
     assert gy.device == x.device == weight.T_accum.device == step.device, "operands must be on one device"
     assert step.dtype == torch.int64 and step.numel() == 1
     assert (gE is None and nonfinite is None) or flag is not None, "gE / nonfinite need the flag scalar"
+    assert impl in ("fused", "gemm"), impl
     check_kernel_numel(R * C)
     check_kernel_offsets(gy, x)
     dev = gy.device
+    gw_given = impl == "gemm"
+    if gw_given:
+        gy = x = gy.t() @ x  # (R, C), cuBLAS; read by the kernel through gy_ptr with its strides
+        strides = (gy.stride(0), gy.stride(1), 0, 0)
+    else:
+        strides = (gy.stride(0), gy.stride(1), x.stride(0), x.stride(1))
     nb = norm_block if vote == "stochastic" else None
-    cfg = dict(default_votes_config(M, R, C, dev, nb), **(config or {}))
+    cfg = dict(default_votes_config(M, R, C, dev, nb, gw_given), **(config or {}))
     if nb is not None:
         assert nb in FUSED_NORM_BLOCKS, f"norm_block {nb} is not fused (supported: {FUSED_NORM_BLOCKS})"
         assert cfg["BLOCK_R"] % nb == 0 and cfg["BLOCK_C"] % nb == 0, f"tile {cfg} is not a multiple of {nb}"
@@ -551,12 +578,12 @@ def matmul_votes_(gy: torch.Tensor, x: torch.Tensor, weight, *, vote: str, lr: f
         weight.T_accum if cache is None else (cache.buf.view(torch.int8) if cache_bits == 8 else cache.buf),
         dummy if gE is None else gE, dummy if flag is None else flag, dummy if nonfinite is None else nonfinite, step,
         *codes, M, R, C, weight.n_groups, gs, -float(lr), float(decay), float(vote_clip), int(key_base), int(call),
-        float(np.float32(1.0 - norm_beta)), int(norm_key_base), gy.stride(0), gy.stride(1), x.stride(0), x.stride(1),
+        float(np.float32(1.0 - norm_beta)), int(norm_key_base), *strides,
         MODE=MODE_SIGN if vote == "sign" else MODE_STOCHASTIC, NB=nb or 16, NORM_MEMORY=norm_codes is not None,
         USE_DECAY=use_decay,
         GE_MODE=ge_mode, GE_GROUP=ge_group, CACHE_BITS=cache_bits, HAS_FLAG=flag is not None,
         HAS_NONFINITE=nonfinite is not None, CALLS_PER_STEP=int(calls_per_step), K_STEP=rng._K_STEP,
-        UPCAST=upcast_dot(gy), DOT_PRECISION=dot_precision(gy),
+        UPCAST=upcast_dot(gy), DOT_PRECISION=dot_precision(gy), GW_GIVEN=gw_given,
         BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], GROUP=8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False,
     )
@@ -584,5 +611,5 @@ def scale_votes_(gE: torch.Tensor, E_accum: torch.Tensor, *, vote: str, lr_e: fl
         float(vote_clip), int(key_base), int(call), MODE=MODE_SIGN if vote == "sign" else MODE_STOCHASTIC,
         BLOCK_NORM=block_norm, NB=norm_block if block_norm else 16, MEAN_BY_RECIPROCAL=gE.device.type == "cuda",
         HAS_FLAG=flag is not None, CALLS_PER_STEP=int(calls_per_step), K_STEP=rng._K_STEP, BLOCK=block,
-        num_warps=4, enable_fp_fusion=False,
+        BLOCK_G=min(norm_block, triton.next_power_of_2(ng)) if block_norm else 1, num_warps=4, enable_fp_fusion=False,
     )
