@@ -2,7 +2,7 @@
 """End-to-end training-step benchmark of the byte transformer: Adam_FP32 vs BitNet_QAT vs TrueTernary (each
 update backend), same model and batch, in one run (issue 5).
 
-    python3 scripts/bench_e2e.py            # on a CUDA machine, from the repo root (~4 min on an H100)
+    python3 scripts/bench_e2e.py            # on a CUDA machine, from the repo root (~5 min on an H200)
     python3 scripts/bench_e2e.py --smoke    # CPU: tiny model, Triton interpreter (checks the script only)
 
 Sections (every one in try/except: a failure is recorded in the JSON ``errors`` and the rest still runs):

@@ -119,12 +119,17 @@ def test_training_lowers_validation_bpb(tmp_path):
 
 
 def test_compile_trains_like_eager(tmp_path):
-    """--compile (inductor on the CPU, so a C++ compiler is needed: skipped without one) runs the same loop;
-    its float rounding differs from eager's, so the runs agree closely, not bit for bit."""
+    """--compile (inductor on the CPU: it builds C++ extensions, so a C++ compiler and Python's headers are
+    needed; skipped without them) runs the same loop; its float rounding differs from eager's, so the runs
+    agree closely, not bit for bit."""
     import shutil
+    import sysconfig
+    from pathlib import Path
 
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("torch.compile's CPU backend needs a C++ compiler")
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        pytest.skip("torch.compile's CPU backend needs Python's C headers")
     eager = train(tiny_config(tmp_path, max_steps=8, config="Adam_FP32", run_name="eager"))
     comp = train(tiny_config(tmp_path, max_steps=8, config="Adam_FP32", compile=True, run_name="compiled"))
     assert comp["val_bpb"] == pytest.approx(eager["val_bpb"], abs=2e-3)
