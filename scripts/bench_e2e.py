@@ -14,10 +14,11 @@ Sections (every one in try/except: a failure is recorded in the JSON ``errors`` 
    allocator memory (``torch.cuda.max_memory_allocated``, reset after each config's model is built, so it
    counts weights, training state, activations and transients of the steps), training-state bytes per weight;
 2. CUDA graphs at each setting, each config's whole step (forward, backward, optimiser) in one graph:
-   Adam_FP32 with ``AdamW(capturable=True)``, and TrueTernary ``gpu`` with the default rule
-   (``check_finite=False``, constant lr: a Python lr is a constant of the captured kernels; every RNG key
-   comes from the optimiser's device step counter, so each replay votes with fresh keys). Replays are checked
-   against eager steps from the same state (integer state of every ternary weight, the embedding's included);
+   Adam_FP32 with ``AdamW(capturable=True)``, and TrueTernary ``gpu`` with the default rule through
+   ``Recipe.use_cuda_graph`` (what ``trueternary train --cuda_graph`` runs: the lr schedule through a device
+   tensor, every RNG key from the optimiser's device step counter, so each replay votes with fresh keys).
+   Replays are checked against eager steps from the same state (integer state of every ternary weight, the
+   embedding's included);
 3. a statistical check that TrueTernary gpu and dense-fallback agree after one step from the same state.
 
 ``--compile``: every config's model runs its shared ops (norms, attention, activations, casts) compiled by
@@ -396,43 +397,6 @@ def graph_adam(setting: str) -> dict:
             "memory_timeline_bytes": {"after the model and optimiser are built": start}}
 
 
-def ternary_graph_step(r, x, y):
-    """TrueTernary gpu's whole training step (forward, backward with every vote, ``FlipOptimizer.step``) as one
-    CUDA graph. Returns ``step()``. A replay skips the optimiser's host bookkeeping (host step counter, per-step
-    call counts), which ``step()`` advances by hand as ``FlipOptimizer.step`` would; nothing else reads it."""
-    flip = r.flip
-    flip.check_finite = False  # no host sync in backward/step
-    for g in flip.param_groups:  # constant lr: a captured kernel keeps the lr it was captured with
-        g["lr"] = r.hp.lr_for("TrueTernary")
-    MEM["before capture"] = allocated_bytes()
-
-    def whole_step():
-        r.loss(x, y, AUTOCAST).backward()
-        flip.step()
-
-    # the side-stream warm-up steps really train: undo them so the graph starts from the eager state
-    saved = {k: v.clone() for k, v in r.model.state_dict().items()}
-    saved_opt = copy.deepcopy(flip.state_dict())
-
-    def restore():
-        r.model.load_state_dict(saved)
-        flip.load_state_dict(saved_opt)
-        flip._calls.clear()
-
-    replay, _ = capture(whole_step, before_capture=restore)
-    MEM["after capture"] = allocated_bytes()
-    if DEV.type == "cuda":
-        flip._step -= 1  # the capture ran step()'s host code (step counter + 1) but executed nothing
-
-    def step():
-        replay()
-        if DEV.type == "cuda":  # what flip.step() does on the host, which a replay does not run
-            flip._step += 1
-            flip._calls.clear()
-
-    return step
-
-
 def graph_ternary(setting: str) -> dict:
     _, B_, warm, n = SETTINGS[setting]
     cleanup()
@@ -444,16 +408,20 @@ def graph_ternary(setting: str) -> dict:
     # one eager step first so the kernels are compiled and the device step counter exists before capture
     for rr in (r, ref):
         rr.flip.check_finite = False
-        for g in rr.flip.param_groups:
-            g["lr"] = rr.hp.lr_for("TrueTernary")
-        rr.loss(x, y, AUTOCAST).backward()
-        rr.flip.step()
-    step = ternary_graph_step(r, x, y)
+        rr.train_step(x, y, AUTOCAST)
+    MEM["before capture"] = allocated_bytes()
+    if DEV.type == "cuda":  # Recipe.use_cuda_graph: what `trueternary train --cuda_graph` runs
+        r.use_cuda_graph(x, y, AUTOCAST)
+        ref.flip.use_device_lr(DEV)  # the same lr arithmetic as the graphed step
+    MEM["after capture"] = allocated_bytes()
+
+    def step():
+        r.train_step(x, y, AUTOCAST)
+
     k = 3
     for _ in range(k):  # graphed vs eager from the same state: every ternary weight must agree
         step()
-        ref.loss(x, y, AUTOCAST).backward()
-        ref.flip.step()
+        ref.train_step(x, y, AUTOCAST)
     sg, se = linear_state(r.model), linear_state(ref.model)
     bad = [n_ for n_ in sg if not torch.equal(sg[n_], se[n_])]
     acc = [n_ for n_ in sg if n_.endswith(".T_accum")]

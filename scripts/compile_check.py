@@ -103,15 +103,19 @@ def drive() -> None:
 
     rules = [FlipRule(), FlipRule.naive(), FlipRule(norm_block=128, decay=0.01, leak=2), FlipRule(norm_block=32)]
     fused_max = votes.VOTES_FUSED_MAX_TOKENS
-    for backend, votes_impl in (("gpu", "fused"), ("gpu-signcache", "fused"), ("gpu", "gemm"),
-                                ("gpu-signcache", "gemm")):
-        # 'gemm': the vote kernel reading cuBLAS's gW (the batch here is below the auto threshold)
+    for backend, votes_impl, device_lr in (("gpu", "fused", False), ("gpu-signcache", "fused", False),
+                                           ("gpu", "gemm", False), ("gpu-signcache", "gemm", False),
+                                           ("gpu", "fused", True), ("gpu", "gemm", True)):
+        # 'gemm': the vote kernel reading cuBLAS's gW (the batch here is below the auto threshold);
+        # device_lr: the lr read from the device (CUDA-graphed steps, Recipe.use_cuda_graph)
         votes.VOTES_FUSED_MAX_TOKENS = fused_max if votes_impl == "fused" else 0
         for rule in rules:
             for autocast in (False, True):
                 base = build_model("transformer", seed=0, ctx=33, d_model=128, n_layers=1, n_heads=4)
                 r = build_recipe("TrueTernary", base, Hparams(steps=4, rule=rule), backend=backend)
                 r.flip.check_finite = False  # outputs are garbage here: kernels are compiled, not run
+                if device_lr:
+                    r.flip.use_device_lr("cpu")
                 x = torch.randint(0, 256, (4, 33))
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                     for _ in range(2):

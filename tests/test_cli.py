@@ -55,6 +55,9 @@ def _one_line_error(capsys) -> str:
     (["--resume", "missing.safetensors"], "checkpoint not found"),
     (["--resume", "auto", "--run_name", "a/b"], "--run_name"),
     (["--compile", "--model", "morph"], "compiled ops are implemented for the transformer"),
+    (["--cuda_graph", "--config", "Adam_FP32"], "--cuda_graph is for TrueTernary"),
+    (["--cuda_graph", "--update_backend", "dense-fallback"], "--cuda_graph is for TrueTernary"),
+    (["--cuda_graph"], "--cuda_graph needs a CUDA device"),
 ])
 def test_bad_train_flags(tmp_path, capsys, flags, msg):
     assert main(["train", *_tiny_flags(tmp_path), *flags]) == 2

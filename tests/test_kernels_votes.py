@@ -632,3 +632,58 @@ def test_gpu_backend_with_fused_norm_memory_trains_like_dense_fallback(backend, 
     assert sr.keys() == sk.keys() and sr
     for k in sr:
         assert all(torch.equal(sr[k][n].cpu(), sk[k][n].cpu()) for n in sr[k]), k
+
+
+def _run_steps(pairs, steps=3, lrs=(3.0, 1.5, 4.5), garbage_lr=None):
+    """Train every (model, optimiser) of ``pairs`` on the same exact data; before each step each optimiser's
+    groups get that step's lr (and, with a device lr, write it; ``garbage_lr`` then overwrites the groups'
+    number so only the device copy is right)."""
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        x = torch.randint(-1, 2, (2, 5, 24), generator=g).float().to(DEVICE)
+        c = torch.randint(-1, 2, (2, 5, 18), generator=g).float().to(DEVICE)
+        for model, opt in pairs:
+            for grp in opt.param_groups:
+                grp["lr"] = lrs[step]
+            if opt._lr_dev is not None:
+                opt.write_device_lr()
+                if garbage_lr is not None:
+                    for grp in opt.param_groups:
+                        grp["lr"] = garbage_lr
+            (model(x.clone().requires_grad_()) * c).sum().backward()
+            opt.step()
+    return [m.state_dict() for m, _ in pairs]
+
+
+@pytest.mark.parametrize("rule", ["historyless-nb16", "norm-beta-nb16"])
+def test_device_lr_gpu_equals_dense_fallback(rule):
+    """use_device_lr (CUDA-graphed steps): the kernels read the lr from the device, the dense path uses the same
+    tensor: same integer state, moving-average codes included, while the schedule moves the lr."""
+    ref = MLP()
+    ker = copy.deepcopy(ref)
+    o_ref = FlipOptimizer(ref, backend="dense-fallback", seed=3, check_finite=False, **RULES[rule])
+    o_ker = gpu_optimizer(ker, "gpu", seed=3, check_finite=False, **RULES[rule])
+    for o in (o_ref, o_ker):
+        o.use_device_lr(DEVICE)
+    sr, sk = _run_steps([(ref, o_ref), (ker, o_ker)])
+    assert [n for n in sr if not torch.equal(sr[n], sk[n])] == []
+    str_, stk = o_ref.state_dict()["state"], o_ker.state_dict()["state"]
+    for k in str_:
+        assert all(torch.equal(str_[k][n].cpu(), stk[k][n].cpu()) for n in str_[k]), k
+
+
+def test_device_lr_is_the_lr_the_votes_use():
+    """With a device lr, the groups' number is not read: a gpu run whose groups hold a wrong lr after
+    write_device_lr equals a dense-fallback run with the right number (scale votes off: with them the
+    float32 device product lr * scale_lr may differ from the host's in the last bit)."""
+    kw = dict(RULES["historyless-nb16"], scale_update_interval=0)
+    ref = MLP()
+    ker = copy.deepcopy(ref)
+    o_ref = FlipOptimizer(ref, backend="dense-fallback", seed=3, check_finite=False, **kw)
+    o_ker = gpu_optimizer(ker, "gpu", seed=3, check_finite=False, **kw)
+    o_ker.use_device_lr(DEVICE)
+    before = copy.deepcopy(ref.state_dict())
+    sk, = _run_steps([(ker, o_ker)], garbage_lr=1e6)
+    sr, = _run_steps([(ref, o_ref)])
+    assert [n for n in sr if not torch.equal(sr[n], sk[n])] == []
+    assert any(not torch.equal(sr[n], before[n]) for n in sr if n.endswith("T_accum"))

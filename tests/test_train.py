@@ -135,3 +135,34 @@ def test_compile_trains_like_eager(tmp_path):
     assert comp["val_bpb"] == pytest.approx(eager["val_bpb"], abs=2e-3)
     meta = json.loads((tmp_path / "runs" / "compiled" / "config.json").read_text())
     assert meta["train"]["compile"] is True
+
+
+def test_cuda_graph_refuses_what_it_cannot_capture():
+    """Recipe.use_cuda_graph: TrueTernary on the gpu backend on CUDA only (the capture itself runs on the GPU:
+    scripts/bench_e2e.py checks replays against eager steps there)."""
+    from trueternary.models import build_model
+    from trueternary.recipes import Hparams, build_recipe
+
+    base = build_model("transformer", ctx=8, d_model=16, n_layers=1, n_heads=2)
+    x = torch.zeros(2, 8, dtype=torch.long)
+    for name in ("TrueTernary", "Adam_FP32"):
+        r = build_recipe(name, base, Hparams(steps=4))
+        with pytest.raises(ValueError, match="needs a TrueTernary config"):
+            r.use_cuda_graph(x, x, False)
+
+
+def test_train_step_keeps_the_device_lr_on_the_schedule():
+    """With a device lr (what a graphed step reads), every train_step writes the schedule's lr into it."""
+    from trueternary.models import build_model
+    from trueternary.recipes import Hparams, build_recipe
+
+    r = build_recipe("TrueTernary", build_model("transformer", ctx=8, d_model=16, n_layers=1, n_heads=2),
+                     Hparams(steps=20, warmup_frac=0.5))
+    r.flip.use_device_lr("cpu")
+    x = torch.randint(0, 256, (2, 8))
+    seen = []
+    for _ in range(4):
+        r.train_step(x, x, False)
+        assert [float(t) for t in r.flip._lr_dev] == [float(torch.tensor(g["lr"])) for g in r.flip.param_groups]
+        seen.append(float(r.flip._lr_dev[0]))
+    assert len(set(seen)) == 4  # the warm-up moved it every step

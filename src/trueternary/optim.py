@@ -173,6 +173,7 @@ class FlipOptimizer(torch.optim.Optimizer):
         # gpu backends: the step counter on each device the kernels run on (they derive RNG keys from it),
         # and gpu-signcache's vote caches {id(weight): (weight, VoteCache)}
         self._step_dev: dict[torch.device, torch.Tensor] = {}
+        self._lr_dev: list[torch.Tensor] | None = None  # use_device_lr: each param group's lr on the device
         self._vote_caches: dict[int, tuple] = {}
         # gpu backends under data parallelism: the vote bucket per device, and the reduced votes awaiting
         # the flip kernel {id(weight): VoteCache}
@@ -209,6 +210,26 @@ class FlipOptimizer(torch.optim.Optimizer):
         if not any(self._group_modules):
             raise ValueError("FlipOptimizer got no ternary weights to train (did you call ternarize()?)")
         super().__init__(tensor_groups, rule.to_dict())
+
+    # ------------------------------------------------------------------ device lr (CUDA-graphed steps)
+    def use_device_lr(self, device: torch.device | str) -> None:
+        """Read each param group's lr from a 0-dim float32 tensor on ``device`` in every vote (kernels and dense
+        path alike) instead of the group's number, which a captured CUDA graph would keep as a constant. Call
+        before capturing a step; then :meth:`write_device_lr` before each replay, after the schedule has set the
+        groups' ``lr``. ``lr * scale_lr`` (scale votes) is then a float32 product on the device."""
+        self._lr_dev = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device) for g in self.param_groups]
+
+    def write_device_lr(self) -> None:
+        """Copy the param groups' lr into the device tensors of :meth:`use_device_lr` (not capturable: run it
+        between replays)."""
+        for t, g in zip(self._lr_dev or [], self.param_groups):
+            t.fill_(float(g["lr"]))
+
+    def _lr(self, group) -> float | torch.Tensor:
+        """The lr the votes of ``group`` use: its number, or its device tensor after :meth:`use_device_lr`."""
+        if self._lr_dev is None:
+            return group["lr"]
+        return self._lr_dev[next(i for i, g in enumerate(self.param_groups) if g is group)]
 
     # ------------------------------------------------------------------ votes (called in backward)
     def _finite_flag(self, g: torch.Tensor) -> torch.Tensor | None:
@@ -259,7 +280,7 @@ class FlipOptimizer(torch.optim.Optimizer):
         if s is None and p != 1:  # compress (p < 1) the normalised magnitudes: g -> sign(g) |g / rms|**p, s = -lr
             s1 = vote_scale(g, 1.0, normalize, group["norm_block"], n_rows)
             g = torch.sign(g) * (g * s1).abs().pow(p)
-            s = torch.tensor(-float(lr), dtype=torch.float32, device=g.device)
+            s = torch.as_tensor(-lr, dtype=torch.float32, device=g.device)
         elif s is None:  # (given: from the statistics' moving averages, norm_beta's _ema_scale)
             s = vote_scale(g, lr, normalize, group["norm_block"], n_rows)
         key = rng.stream_key(self._rank_seed(), stream, counter)
@@ -358,6 +379,8 @@ class FlipOptimizer(torch.optim.Optimizer):
         nonfinite = self._nonfinite_counter(gy.device)
         step = self._device_step(gy.device)
         codes = self._norm_codes(weight, group) if uses_norm_memory(group) else None
+        if self._lr_dev is not None:
+            group = dict(group, lr=self._lr(group))
         cast_matmul_votes(weight, gy, x, group, seed=self.seed, step=step, call=c % _CALLS_PER_STEP,
                           calls_per_step=_CALLS_PER_STEP, nonfinite=nonfinite, cache=cache, norm_codes=codes,
                           norm_seed=self.seed ^ _NORM_SALT)
@@ -500,8 +523,8 @@ class FlipOptimizer(torch.optim.Optimizer):
         s = None
         if uses_norm_memory(group) and rows is None and g.dim() == 2:  # (embedding rows: per call, no memory)
             s = self._ema_scale(weight, group, g, counter, bad)
-        v = self._votes(group, g, group["lr"], 2 * weight.stream, counter, group["vote_clip"], group["normalize"],
-                        T, group["decay"], index, s=s, n_rows=n_rows)
+        v = self._votes(group, g, self._lr(group), 2 * weight.stream, counter, group["vote_clip"],
+                        group["normalize"], T, group["decay"], index, s=s, n_rows=n_rows)
         self._accumulate(weight.T_accum, v, rows, group, real)
 
         if not scale_votes:
@@ -514,7 +537,7 @@ class FlipOptimizer(torch.optim.Optimizer):
             on = step % interval == 0  # scale steps decided on the device (no host step read)
             real = on if real is None else real & on
         group_e = dict(group, vote=group["scale_vote"])
-        vE = self._votes(group_e, gE, group["lr"] * group["scale_lr"], 2 * weight.stream + 1, counter,
+        vE = self._votes(group_e, gE, self._lr(group) * group["scale_lr"], 2 * weight.stream + 1, counter,
                          group["vote_clip"], group["normalize"], index=eidx, n_rows=n_rows)
         self._accumulate(weight.E_accum, vE, rows, group_e, real)
 
@@ -531,7 +554,7 @@ class FlipOptimizer(torch.optim.Optimizer):
             if bad is not None:  # one rank's bad gradient keeps every rank's codes (they must stay equal)
                 bad = self.comm.sum_votes(bad.to(torch.int32).reshape(1))[0] > 0
         factors = self._norm_memory(weight, group, counter, stats, bad)
-        return vote_multiplier(factored_ms(*factors, g.shape), group["lr"])
+        return vote_multiplier(factored_ms(*factors, g.shape), self._lr(group))
 
     def _norm_memory(self, weight: TernaryScaleTensor, group, counter: int, stats, bad=None):
         """One step of the weight's moving averages from this call's ``stats`` (rule.ema_block_factored_stats):
@@ -585,7 +608,7 @@ class FlipOptimizer(torch.optim.Optimizer):
         bad = self._finite_flag(g)
         if bad is not None:
             g = torch.where(bad, torch.zeros_like(g), g)
-        v = self._votes(group, g, group["lr"], 2 * bias.stream, self._counter(bias), _BIAS_CLIP, "tensor")
+        v = self._votes(group, g, self._lr(group), 2 * bias.stream, self._counter(bias), _BIAS_CLIP, "tensor")
         v = self._reduce(v, group, _BIAS_CLIP)
         q = bias.q.to(torch.int64) + v.to(torch.int64)
         bias.q.copy_(q.clamp(-(2**31) + 1, 2**31 - 1).to(torch.int32))

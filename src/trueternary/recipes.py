@@ -108,6 +108,7 @@ class Recipe:
         self.base_lrs = [[g["lr"] for g in o.param_groups] for o in optimizers]
         self.step_count = 0
         self._trits: dict | None = None  # latent configs, after watch_forward_trits(): the last snapshot
+        self._graph = None  # use_cuda_graph(): (CUDA graph of the whole step, its static x, y, loss)
 
     def set_lr(self, step: int) -> float:
         f = lr_factor(step, self.hp.steps, self.hp.warmup_frac, self.hp.min_lr_frac)
@@ -123,6 +124,10 @@ class Recipe:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, autocast: bool = False) -> torch.Tensor:
         self.set_lr(self.step_count)
+        if self.flip is not None:
+            self.flip.write_device_lr()  # (a no-op unless use_device_lr)
+        if self._graph is not None:
+            return self._replay(x, y)
         loss = self.loss(x, y, autocast)
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -134,6 +139,64 @@ class Recipe:
             o.zero_grad(set_to_none=True)
         self.step_count += 1
         return loss.detach()
+
+    # ------------------------------------------------------------------ CUDA graph of the whole step
+    def use_cuda_graph(self, x: torch.Tensor, y: torch.Tensor, autocast: bool) -> None:
+        """Capture the whole training step (forward, backward with every vote, ``FlipOptimizer.step``) in one
+        CUDA graph; every later :meth:`train_step` copies its batch into the graph's inputs and replays it.
+
+        For TrueTernary configs on the ``gpu`` backend (their step does no host sync: docs/performance.md,
+        "CUDA graphs"), on one process, batches of ``x``'s shape. The lr moves through a device tensor
+        (``FlipOptimizer.use_device_lr``); the NaN/inf gradient check of ``FlipOptimizer.step`` (a host read) is
+        off, so callers check the loss (``trueternary train`` does, every step). Capturing runs a few warm-up
+        steps on a side stream (kernels compile, device buffers appear) and then restores the model and
+        optimiser state they changed, so the run continues exactly from where it was."""
+        flip = self.flip
+        if flip is None or self.optimizers != [flip] or flip.backend != "gpu" or x.device.type != "cuda":
+            raise ValueError("a CUDA-graphed step needs a TrueTernary config (no float parameters) on the 'gpu' "
+                             "backend and a CUDA device")
+        if flip._world() > 1:
+            raise ValueError("a CUDA-graphed step runs in one process (no data parallelism)")
+        flip.check_finite = False
+        flip.use_device_lr(x.device)
+        sx, sy = x.clone(), y.clone()
+        out: list[torch.Tensor] = []
+
+        def whole_step() -> None:
+            loss = self.loss(sx, sy, autocast)
+            loss.backward()
+            flip.step()
+            out[:] = [loss.detach()]
+
+        saved_model = {k: v.clone() for k, v in self.model.state_dict().items()}
+        saved_flip = copy.deepcopy(flip.state_dict())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                whole_step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.model.load_state_dict(saved_model)  # the warm-up steps trained: back to where the run is
+        flip.load_state_dict(saved_flip)
+        flip._calls.clear()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            whole_step()
+        flip._step -= 1  # the capture ran step()'s host code (step counter + 1) but executed nothing
+        flip._calls.clear()
+        self._graph = (graph, sx, sy, out[0])
+
+    def _replay(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        graph, sx, sy, loss = self._graph
+        if x.shape != sx.shape or y.shape != sy.shape:
+            raise ValueError(f"a CUDA-graphed step takes batches of shape {tuple(sx.shape)}, got {tuple(x.shape)}")
+        sx.copy_(x)
+        sy.copy_(y)
+        graph.replay()
+        self.flip._step += 1  # what step() does on the host, which a replay does not run
+        self.flip._calls.clear()
+        self.step_count += 1
+        return loss.clone()
 
     def watch_forward_trits(self) -> None:
         """Make ``flips_last_step`` count a latent config's forward-trit changes (a benchmark diagnostic: it

@@ -73,6 +73,7 @@ class TrainConfig:
     rule: dict = field(default_factory=dict)  # further FlipRule field overrides
     update_backend: str = "auto"
     compile: bool = False  # torch.compile the model's shared ops (norms, attention, activations; transformer)
+    cuda_graph: bool = False  # TrueTernary, gpu backend: the whole step as one CUDA graph (Recipe.use_cuda_graph)
     ddp_grad_dtype: str = "fp32"  # data parallelism: dtype of the float gradients DDP all-reduces (fp32, bf16)
     # run
     max_steps: int = 300
@@ -154,8 +155,13 @@ def validate(cfg: TrainConfig) -> Hparams:
     if cfg.batch_size % world:
         raise UsageError(f"--batch_size {cfg.batch_size} is the global batch and must be divisible by the "
                          f"{world} data-parallel ranks (each rank trains on batch_size / {world} sequences)")
-    if cfg.compile is not True and cfg.compile is not False:
-        raise UsageError(f"compile must be true or false, got {cfg.compile!r}")
+    for name in ("compile", "cuda_graph"):
+        if getattr(cfg, name) is not True and getattr(cfg, name) is not False:
+            raise UsageError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
+    if cfg.cuda_graph and (cfg.config not in ("TrueTernary", "TrueTernary_Naive")
+                           or cfg.update_backend not in ("auto", "gpu")):
+        raise UsageError("--cuda_graph is for TrueTernary / TrueTernary_Naive on the gpu update backend "
+                         f"(got --config {cfg.config}, --update_backend {cfg.update_backend})")
     try:
         hp = hparams_for(cfg)
         model_config(cfg)
@@ -469,6 +475,8 @@ def _train(cfg: TrainConfig, hp: Hparams, loaded: list, device: torch.device,
     main = ctx is None or ctx.is_main
     world, rank = (ctx.world_size, ctx.rank) if ctx is not None else (1, 0)
     autocast = device.type == "cuda"  # bf16 autocast on GPU, as in bench
+    if cfg.cuda_graph and (device.type != "cuda" or ctx is not None):
+        raise UsageError("--cuda_graph needs a CUDA device and one process (no torchrun data parallelism)")
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg))
 
@@ -587,6 +595,13 @@ def _train(cfg: TrainConfig, hp: Hparams, loaded: list, device: torch.device,
     if start_step == 0 and main:
         initial_val_bpb = validation_bpb(recipe.model, val_windows, device, autocast)
         log.write({"step": 0, "val_bpb": initial_val_bpb})
+    if cfg.cuda_graph and start_step < end_step:
+        shape = (cfg.batch_size // world, cfg.ctx)
+        try:
+            recipe.use_cuda_graph(torch.zeros(shape, dtype=torch.long, device=device),
+                                  torch.zeros(shape, dtype=torch.long, device=device), autocast)
+        except ValueError as e:
+            raise UsageError(f"--cuda_graph: {e}") from None
     bar = tqdm(total=end_step, initial=start_step, desc=cfg.run_name, unit="step", dynamic_ncols=True,
                disable=None if main else True, leave=True)
     try:
@@ -718,6 +733,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the model's norms, attention and activations (the linear layers stay eager): "
                         "on a GPU, float configs' steps about 2x faster after a compile of up to a minute "
                         "(TrueTernary's eager step is host-bound and gains little); transformer only (default: off)")
+    p.add_argument("--cuda_graph", "--cuda-graph", dest="cuda_graph", default=None,
+                   action=argparse.BooleanOptionalAction,
+                   help="TrueTernary on the gpu backend: capture the whole training step in one CUDA graph and "
+                        "replay it (no Python per layer; with --compile about 2x faster at 151M weights on an "
+                        "H200); one process, CUDA only (default: off)")
     flag("ddp_grad_dtype", help="under torchrun: dtype of the float gradients DDP all-reduces for float "
          "parameters (fp32, or bf16 via torch's bf16_compress_hook)")
     flag("max_steps", type=int, help="optimiser steps (also the length of the lr schedule)")

@@ -286,7 +286,7 @@ def _tile_to_cols(t, NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.conste
 
 @triton.jit(do_not_specialize=["key_base", "call", "norm_key_base"])
 def _matmul_votes_kernel(
-    gy_ptr, x_ptr, packed_ptr, accum_ptr, cache_ptr, gE_ptr, flag_ptr, nonfinite_ptr, step_ptr,
+    gy_ptr, x_ptr, packed_ptr, accum_ptr, cache_ptr, gE_ptr, flag_ptr, nonfinite_ptr, step_ptr, lr_ptr,
     tile_code_ptr, row_code_ptr, col_code_ptr, lut_tile_ptr, lut_ratio_ptr,
     M, R, C, n_groups, group_size, neg_lr, decay, vote_clip, key_base, call, ema_w, norm_key_base,
     stride_gm, stride_gr, stride_xm, stride_xc,
@@ -294,9 +294,11 @@ def _matmul_votes_kernel(
     GE_MODE: tl.constexpr, GE_GROUP: tl.constexpr,
     CACHE_BITS: tl.constexpr, HAS_FLAG: tl.constexpr, HAS_NONFINITE: tl.constexpr,
     CALLS_PER_STEP: tl.constexpr, K_STEP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    GW_GIVEN: tl.constexpr,
+    GW_GIVEN: tl.constexpr, LR_PTR: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
+    if LR_PTR:  # the lr lives on the device (a CUDA-graphed step: written before each replay)
+        neg_lr = -tl.load(lr_ptr)
     pid_r, pid_c = swizzle_tile(tl.program_id(0), tl.cdiv(R, BLOCK_R), tl.cdiv(C, BLOCK_C), GROUP)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -409,15 +411,17 @@ def _votes_epilogue(g, n_bad, offs_r, offs_c, mask_r, mask_c, pid_r, pid_c, pack
 
 
 @triton.jit(do_not_specialize=["rows", "n_groups", "interval", "key_base", "call"])
-def _scale_votes_kernel(gE_ptr, E_accum_ptr, flag_ptr, step_ptr, rows, n_groups, interval, neg_lr, inv_n, vote_clip,
-                        key_base, call, MODE: tl.constexpr, BLOCK_NORM: tl.constexpr, NB: tl.constexpr,
+def _scale_votes_kernel(gE_ptr, E_accum_ptr, flag_ptr, step_ptr, lr_ptr, rows, n_groups, interval, neg_lr, inv_n,
+                        vote_clip, key_base, call, MODE: tl.constexpr, BLOCK_NORM: tl.constexpr, NB: tl.constexpr,
                         MEAN_BY_RECIPROCAL: tl.constexpr, HAS_FLAG: tl.constexpr, CALLS_PER_STEP: tl.constexpr,
-                        K_STEP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr):
+                        K_STEP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, LR_PTR: tl.constexpr):
     """Votes on gE (rows, n_groups) into E_accum. ``BLOCK_NORM``: one program per NB x NB tile of gE, 'block_factored'
     normalisation, its columns in blocks of BLOCK_G (NB, or the next power of two >= n_groups when that is
     smaller: gE has few columns, n_groups = cols / group_size, and a full NB-wide block would be mostly masked
     lanes); otherwise one program for all of gE: 'tensor' normalisation (ms = mean(gE**2), first pass) or sign
-    votes."""
+    votes. ``LR_PTR``: ``lr_e`` is read from the device (``lr_ptr``) instead of ``neg_lr``."""
+    if LR_PTR:
+        neg_lr = -tl.load(lr_ptr)
     active = (tl.load(step_ptr) % interval) == 0
     if HAS_FLAG:  # a non-finite tile in this call: its gE is not the layer's gradient, cast no scale votes
         active = active & (tl.load(flag_ptr) == 0.0)
@@ -469,6 +473,17 @@ def _scale_votes_kernel(gE_ptr, E_accum_ptr, flag_ptr, step_ptr, rows, n_groups,
 # ------------------------------------------------------------------------------------------------ launchers
 
 
+def lr_operand(lr: float | torch.Tensor, device: torch.device) -> tuple[torch.Tensor | None, float]:
+    """A kernel's lr: ``(None, -lr)`` for a number (a constant of the launch, so of a captured graph), or
+    ``(lr, 0.0)`` for a 0-dim float32 tensor on ``device``, which the kernel reads (FlipOptimizer.use_device_lr:
+    a CUDA-graphed step whose lr schedule moves between replays)."""
+    if isinstance(lr, torch.Tensor):
+        assert lr.dim() == 0 and lr.dtype == torch.float32 and lr.device == device, (
+            f"a device lr must be a 0-dim float32 tensor on {device}, got {lr.dtype} {tuple(lr.shape)} on {lr.device}")
+        return lr, 0.0
+    return None, -float(lr)
+
+
 def default_votes_config(M: int, R: int, C: int, device: torch.device, norm_block: int | None = None,
                          gw_given: bool = False) -> dict:
     """Largest square tile that still gives every SM a tile and is a whole number of normalisation tiles.
@@ -500,7 +515,7 @@ def default_votes_config(M: int, R: int, C: int, device: torch.device, norm_bloc
             "num_warps": 8 if block >= 128 else 4, "num_stages": 3 if big else 2}
 
 
-def matmul_votes_(gy: torch.Tensor, x: torch.Tensor, weight, *, vote: str, lr: float, vote_clip: int,
+def matmul_votes_(gy: torch.Tensor, x: torch.Tensor, weight, *, vote: str, lr: float | torch.Tensor, vote_clip: int,
                   norm_block: int, decay: float, key_base: int, call: int, step: torch.Tensor, calls_per_step: int,
                   gE: torch.Tensor | None = None, flag: torch.Tensor | None = None,
                   nonfinite: torch.Tensor | None = None, cache=None, config: dict | None = None,
@@ -573,25 +588,27 @@ def matmul_votes_(gy: torch.Tensor, x: torch.Tensor, weight, *, vote: str, lr: f
     else:
         codes = (dummy,) * 5
     grid = (triton.cdiv(R, cfg["BLOCK_R"]) * triton.cdiv(C, cfg["BLOCK_C"]),)
+    lr_ptr, neg_lr = lr_operand(lr, dev)
     _matmul_votes_kernel[grid](
         gy, x, weight.T_packed, weight.T_accum,
         weight.T_accum if cache is None else (cache.buf.view(torch.int8) if cache_bits == 8 else cache.buf),
         dummy if gE is None else gE, dummy if flag is None else flag, dummy if nonfinite is None else nonfinite, step,
-        *codes, M, R, C, weight.n_groups, gs, -float(lr), float(decay), float(vote_clip), int(key_base), int(call),
+        step if lr_ptr is None else lr_ptr, *codes, M, R, C, weight.n_groups, gs, neg_lr, float(decay),
+        float(vote_clip), int(key_base), int(call),
         float(np.float32(1.0 - norm_beta)), int(norm_key_base), *strides,
         MODE=MODE_SIGN if vote == "sign" else MODE_STOCHASTIC, NB=nb or 16, NORM_MEMORY=norm_codes is not None,
         USE_DECAY=use_decay,
         GE_MODE=ge_mode, GE_GROUP=ge_group, CACHE_BITS=cache_bits, HAS_FLAG=flag is not None,
         HAS_NONFINITE=nonfinite is not None, CALLS_PER_STEP=int(calls_per_step), K_STEP=rng._K_STEP,
-        UPCAST=upcast_dot(gy), DOT_PRECISION=dot_precision(gy), GW_GIVEN=gw_given,
+        UPCAST=upcast_dot(gy), DOT_PRECISION=dot_precision(gy), GW_GIVEN=gw_given, LR_PTR=lr_ptr is not None,
         BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], GROUP=8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False,
     )
 
 
-def scale_votes_(gE: torch.Tensor, E_accum: torch.Tensor, *, vote: str, lr_e: float, vote_clip: int, normalize: str,
-                 norm_block: int, key_base: int, call: int, step: torch.Tensor, calls_per_step: int, interval: int = 1,
-                 flag: torch.Tensor | None = None, block: int = 1024) -> None:
+def scale_votes_(gE: torch.Tensor, E_accum: torch.Tensor, *, vote: str, lr_e: float | torch.Tensor, vote_clip: int,
+                 normalize: str, norm_block: int, key_base: int, call: int, step: torch.Tensor, calls_per_step: int,
+                 interval: int = 1, flag: torch.Tensor | None = None, block: int = 1024) -> None:
     """Votes on the per-group scale gradient ``gE`` (rows, n_groups) into ``E_accum`` (int8, same shape), in
     place, normalised like rule.vote_scale(gE, lr_e, normalize, norm_block), on steps with
     ``step % interval == 0`` and unless ``flag`` (the layer had a non-finite tile) is set."""
@@ -606,10 +623,13 @@ def scale_votes_(gE: torch.Tensor, E_accum: torch.Tensor, *, vote: str, lr_e: fl
     else:
         grid = (1,)
     inv_n = float(np.float32(1.0) / np.float32(rows * ng))  # PyTorch's CUDA mean factor: float(1) / numel
+    lr_ptr, neg_lr = lr_operand(lr_e, gE.device)
     _scale_votes_kernel[grid](
-        gE, E_accum, step if flag is None else flag, step, rows, ng, int(interval), -float(lr_e), inv_n,
-        float(vote_clip), int(key_base), int(call), MODE=MODE_SIGN if vote == "sign" else MODE_STOCHASTIC,
+        gE, E_accum, step if flag is None else flag, step, step if lr_ptr is None else lr_ptr, rows, ng, int(interval),
+        neg_lr, inv_n, float(vote_clip), int(key_base), int(call),
+        MODE=MODE_SIGN if vote == "sign" else MODE_STOCHASTIC,
         BLOCK_NORM=block_norm, NB=norm_block if block_norm else 16, MEAN_BY_RECIPROCAL=gE.device.type == "cuda",
         HAS_FLAG=flag is not None, CALLS_PER_STEP=int(calls_per_step), K_STEP=rng._K_STEP, BLOCK=block,
-        BLOCK_G=min(norm_block, triton.next_power_of_2(ng)) if block_norm else 1, num_warps=4, enable_fp_fusion=False,
+        BLOCK_G=min(norm_block, triton.next_power_of_2(ng)) if block_norm else 1, LR_PTR=lr_ptr is not None,
+        num_warps=4, enable_fp_fusion=False,
     )
