@@ -142,6 +142,7 @@ def test_cuda_graph_refuses_what_it_cannot_capture():
     scripts/bench_e2e.py checks replays against eager steps there)."""
     from trueternary.models import build_model
     from trueternary.recipes import Hparams, build_recipe
+    from trueternary.rule import FlipRule
 
     base = build_model("transformer", ctx=8, d_model=16, n_layers=1, n_heads=2)
     x = torch.zeros(2, 8, dtype=torch.long)
@@ -149,6 +150,14 @@ def test_cuda_graph_refuses_what_it_cannot_capture():
         r = build_recipe(name, base, Hparams(steps=4))
         with pytest.raises(ValueError, match="needs a TrueTernary config"):
             r.use_cuda_graph(x, x, False)
+    r = build_recipe("TrueTernary", base, Hparams(steps=4))
+    r.flip.backend = "gpu"  # (refused by the constructor without CUDA)
+    with pytest.raises(ValueError, match="runs on a CUDA device"):
+        r.use_cuda_graph(x, x, False)
+    r = build_recipe("TrueTernary", base, Hparams(steps=4, rule=FlipRule(normalize="tensor", norm_beta=0)))
+    r.flip.backend = "gpu"
+    with pytest.raises(ValueError, match="every vote on the fused kernels"):
+        r.use_cuda_graph(x, x, False)
 
 
 def test_train_step_keeps_the_device_lr_on_the_schedule():

@@ -151,12 +151,19 @@ class Recipe:
         off, so callers check the loss (``trueternary train`` does, every step). Capturing runs a few warm-up
         steps on a side stream (kernels compile, device buffers appear) and then restores the model and
         optimiser state they changed, so the run continues exactly from where it was."""
+        from .ops.votes import fused_votes_supported
+
         flip = self.flip
-        if flip is None or self.optimizers != [flip] or flip.backend != "gpu" or x.device.type != "cuda":
+        if flip is None or self.optimizers != [flip] or flip.backend != "gpu":
             raise ValueError("a CUDA-graphed step needs a TrueTernary config (no float parameters) on the 'gpu' "
                              "backend and a CUDA device")
-        if flip._world() > 1:
-            raise ValueError("a CUDA-graphed step runs in one process (no data parallelism)")
+        # votes on the dense path key their random numbers from the host step, which a graph would freeze
+        if not all(fused_votes_supported(g) for g in flip.param_groups) or any(
+                isinstance(m, IntegerBias) for m in self.model.modules()):
+            raise ValueError("a CUDA-graphed step needs every vote on the fused kernels: this rule (or an integer "
+                             "bias) takes the dense path, whose random keys come from the host step")
+        if x.device.type != "cuda" or flip._world() > 1:
+            raise ValueError("a CUDA-graphed step runs on a CUDA device in one process (no data parallelism)")
         flip.check_finite = False
         flip.use_device_lr(x.device)
         sx, sy = x.clone(), y.clone()
