@@ -175,3 +175,31 @@ def test_train_step_keeps_the_device_lr_on_the_schedule():
         assert [float(t) for t in r.flip._lr_dev] == [float(torch.tensor(g["lr"])) for g in r.flip.param_groups]
         seen.append(float(r.flip._lr_dev[0]))
     assert len(set(seen)) == 4  # the warm-up moved it every step
+
+
+def test_cuda_graph_warm_up_leaves_no_trace():
+    """Recipe._warm_up (run before a CUDA graph is captured): after its steps, the next real step is the one a
+    fresh recipe takes, bit for bit, the moving averages' codes included; and the codes already exist before
+    the warm-up (created inside a capture, every replay would start them afresh)."""
+    from trueternary.models import build_model
+    from trueternary.recipes import Hparams, build_recipe
+
+    base = build_model("transformer", ctx=8, d_model=16, n_layers=1, n_heads=2)
+    x = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    warmed, fresh = (build_recipe("TrueTernary", base, Hparams(steps=10), seed=1) for _ in range(2))
+    assert not warmed.flip.state
+
+    def whole_step():
+        warmed.loss(x, x, False).backward()
+        warmed.flip.step()
+
+    warmed._warm_up(whole_step, 2, x.device)
+    linear_weights = [m.weight for m in warmed.model.modules() if type(m).__name__ == "TernaryLinear"]
+    assert len(warmed.flip.state) == len(linear_weights) and all(
+        "norm_tile" in st for st in warmed.flip.state.values())  # codes for the linear layers, none for the embedding
+    for r in (warmed, fresh):
+        r.train_step(x, x, False)
+    sw, sf = warmed.model.state_dict(), fresh.model.state_dict()
+    assert [k for k in sw if not torch.equal(sw[k], sf[k])] == []
+    cw, cf = warmed.flip.state_dict()["state"], fresh.flip.state_dict()["state"]
+    assert cw.keys() == cf.keys() and all(torch.equal(cw[i][k], cf[i][k]) for i in cw for k in cw[i])

@@ -225,6 +225,18 @@ class FlipOptimizer(torch.optim.Optimizer):
         for t, g in zip(self._lr_dev or [], self.param_groups):
             t.fill_(float(g["lr"]))
 
+    def create_step_state(self, device: torch.device | str, row_voted: set[int] = frozenset()) -> None:
+        """Create now the state a gpu step creates on first use: the device step counter and, under a
+        ``norm_beta`` rule, the moving averages' codes of every weight voted whole (not those whose ids are in
+        ``row_voted``: embeddings vote per row and keep none). A CUDA graph captured before they exist would
+        allocate them inside the graph, and each replay would start them afresh."""
+        self._device_step(torch.device(device))
+        for group, mods in zip(self.param_groups, self._group_modules):
+            if uses_norm_memory(group):
+                for m in mods:
+                    if isinstance(m, TernaryScaleTensor) and id(m) not in row_voted:
+                        self._norm_codes(m, group)
+
     def _lr(self, group) -> float | torch.Tensor:
         """The lr the votes of ``group`` use: its number, or its device tensor after :meth:`use_device_lr`."""
         if self._lr_dev is None:

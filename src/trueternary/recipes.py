@@ -175,23 +175,34 @@ class Recipe:
             flip.step()
             out[:] = [loss.detach()]
 
-        saved_model = {k: v.clone() for k, v in self.model.state_dict().items()}
-        saved_flip = copy.deepcopy(flip.state_dict())
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(3):
-                whole_step()
+            self._warm_up(whole_step, 3, x.device)
         torch.cuda.current_stream().wait_stream(side)
-        self.model.load_state_dict(saved_model)  # the warm-up steps trained: back to where the run is
-        flip.load_state_dict(saved_flip)
-        flip._calls.clear()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             whole_step()
         flip._step -= 1  # the capture ran step()'s host code (step counter + 1) but executed nothing
         flip._calls.clear()
         self._graph = (graph, sx, sy, out[0])
+
+    def _warm_up(self, whole_step, n: int, device: torch.device) -> None:
+        """Run ``whole_step`` ``n`` times (kernels compile, the allocator settles) and put the model and the
+        optimiser back to where they were. The optimiser's lazily created state (codes, device step) is created
+        first (``FlipOptimizer.create_step_state``), so it exists, with its values, before the capture."""
+        from .layers import TernaryEmbedding
+
+        flip = self.flip
+        row_voted = {id(m.weight) for m in self.model.modules() if isinstance(m, TernaryEmbedding)}
+        flip.create_step_state(device, row_voted)
+        saved_model = {k: v.clone() for k, v in self.model.state_dict().items()}
+        saved_flip = copy.deepcopy(flip.state_dict())
+        for _ in range(n):
+            whole_step()
+        self.model.load_state_dict(saved_model)  # the warm-up steps trained: back to where the run is
+        flip.load_state_dict(saved_flip)
+        flip._calls.clear()
 
     def _replay(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         graph, sx, sy, loss = self._graph
