@@ -74,7 +74,7 @@ if not ARGS.smoke and not torch.cuda.is_available():
     sys.exit(2)
 
 from trueternary.models.transformer import ByteTransformer, TransformerConfig  # noqa: E402
-from trueternary.recipes import Hparams, build_recipe  # noqa: E402
+from trueternary.recipes import Hparams, build_recipe, capture_cuda_graph  # noqa: E402
 from trueternary.rule import FlipRule  # noqa: E402
 from trueternary.weight import TernaryScaleTensor  # noqa: E402
 
@@ -344,25 +344,12 @@ def autocast():
     return torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=AUTOCAST, cache_enabled=False)
 
 
-def capture(fn, warm_on_side_stream: int = 3, before_capture=None, pool=None):
-    """CUDA graph of ``fn()`` after warm-up calls on a side stream (torch.cuda.graphs recipe), then
-    ``before_capture()``. Returns ``(replay, pool)``: on CPU (--smoke) ``(fn, None)``, ``fn`` run eagerly.
-    ``pool``: a memory pool (the ``pool`` another capture returned) to share instead of a private one: graphs
-    that never run concurrently can reuse each other's blocks."""
+def capture(fn, warm_on_side_stream: int = 3):
+    """``fn``'s replay: a CUDA graph of ``fn()`` after warm-up calls (recipes.capture_cuda_graph); on CPU
+    (--smoke) ``fn`` itself, run eagerly."""
     if DEV.type != "cuda":
-        return fn, None
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(warm_on_side_stream):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    if before_capture is not None:
-        before_capture()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, pool=pool):
-        fn()
-    return g.replay, g.pool()
+        return fn
+    return capture_cuda_graph(fn, warm_up=lambda: [fn() for _ in range(warm_on_side_stream)]).replay
 
 
 def graph_adam(setting: str) -> dict:
@@ -386,7 +373,7 @@ def graph_adam(setting: str) -> dict:
         torch.nn.utils.clip_grad_norm_(params, hp.grad_clip)
         opt.step()
 
-    replay, _ = capture(step)
+    replay = capture(step)
     for _ in range(warm):
         replay()
     ms = timed_steps(replay, n)

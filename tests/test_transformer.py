@@ -36,7 +36,7 @@ def test_compiled_shared_ops_match_eager(kind):
     emb = base.embed if kind == "float" else None
     eager = copy.deepcopy(base)
     comp = copy.deepcopy(base).use_compiled_ops(backend="aot_eager")
-    assert all(b.compile_backend == "aot_eager" for b in comp.blocks)
+    assert comp.compile_backend == "aot_eager"
     le, ge = fwd_bwd(eager, idx)
     lc, gc = fwd_bwd(comp, idx)
     torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-5)
@@ -45,7 +45,7 @@ def test_compiled_shared_ops_match_eager(kind):
         torch.testing.assert_close(gc[n], ge[n], rtol=1e-4, atol=1e-5, msg=n)
     assert emb is None or not torch.equal(ge["embed.weight"], torch.zeros_like(ge["embed.weight"]))
     comp.use_compiled_ops(False)
-    assert all(b.compile_backend is None for b in comp.blocks)
+    assert comp.compile_backend is None
 
 
 def test_shared_ops_hand_the_next_layer_its_matmul_dtype():
@@ -63,6 +63,6 @@ def test_compiled_ops_are_cached_per_backend_and_refused_for_other_families():
     assert shared_ops(None) is SHARED_OPS
     assert shared_ops("aot_eager") is shared_ops("aot_eager")
     assert build_model("transformer", ctx=8, d_model=16, n_layers=1, n_heads=2, compile_ops=True
-                       ).blocks[0].compile_backend == "inductor"
+                       ).compile_backend == "inductor"
     with pytest.raises(ValueError, match="compiled ops are implemented for the transformer"):
         build_model("morph", compile_ops=True)

@@ -95,6 +95,20 @@ def lr_factor(step: int, steps: int, warmup_frac: float, min_frac: float) -> flo
     return min_frac + (1.0 - min_frac) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def capture_cuda_graph(fn, warm_up) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``fn()``, captured after ``warm_up()`` ran on a side stream (the torch.cuda.graphs
+    recipe: kernels compile and the allocator settles outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        warm_up()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 class Recipe:
     """A model plus the optimisers that train it, with one method per training step."""
 
@@ -175,14 +189,7 @@ class Recipe:
             flip.step()
             out[:] = [loss.detach()]
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._warm_up(whole_step, 3, x.device)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            whole_step()
+        graph = capture_cuda_graph(whole_step, warm_up=lambda: self._warm_up(whole_step, 3, x.device))
         flip._step -= 1  # the capture ran step()'s host code (step counter + 1) but executed nothing
         flip._calls.clear()
         self._graph = (graph, sx, sy, out[0])

@@ -149,10 +149,9 @@ class Block(nn.Module):
         self.proj = nn.Linear(d, d, bias=False)
         self.up = nn.Linear(d, cfg.d_hidden, bias=False)
         self.down = nn.Linear(cfg.d_hidden, d, bias=False)
-        self.compile_backend: str | None = None  # set by ByteTransformer.use_compiled_ops
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        cfg, ops, dt = self.cfg, shared_ops(self.compile_backend), compute_dtype(x)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ops: dict = SHARED_OPS) -> torch.Tensor:
+        cfg, dt = self.cfg, compute_dtype(x)
         a = ops["attention"](self.qkv(ops["norm"](x, dt)), cos, sin, cfg.n_heads, cfg.qk_norm, cfg.subln, dt)
         x, h = ops["add_norm"](x, self.proj(a), dt)
         return x + self.down(ops["relu2"](self.up(h), cfg.subln, dt))
@@ -170,6 +169,7 @@ class ByteTransformer(nn.Module):
         cos, sin = rotary_tables(cfg.ctx, cfg.d_model // cfg.n_heads)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.compile_backend: str | None = None  # use_compiled_ops: the shared ops' torch.compile backend
         self.reset_parameters(generator)
 
     @torch.no_grad()
@@ -189,8 +189,7 @@ class ByteTransformer(nn.Module):
         """Run the shared ops (everything between linear layers) compiled by ``torch.compile(backend=...)``
         or, with ``enabled=False``, eagerly again. Compilation happens on the first forward (seconds to a
         minute); a new input shape recompiles. Returns the model."""
-        for blk in self.blocks:
-            blk.compile_backend = backend if enabled else None
+        self.compile_backend = backend if enabled else None
         return self
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -198,7 +197,8 @@ class ByteTransformer(nn.Module):
             raise ValueError(f"expected token ids of shape (batch, length), got {tuple(idx.shape)}")
         if idx.shape[1] > self.cfg.ctx:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds the model's context {self.cfg.ctx}")
+        ops = shared_ops(self.compile_backend)
         x = self.embed(idx)
         for blk in self.blocks:
-            x = blk(x, self.rope_cos, self.rope_sin)
-        return self.head(shared_ops(self.blocks[0].compile_backend)["norm"](x, compute_dtype(x)))
+            x = blk(x, self.rope_cos, self.rope_sin, ops)
+        return self.head(ops["norm"](x, compute_dtype(x)))
