@@ -82,6 +82,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "out"), help="output folder (default $OUT or ./out)")
     args = p.parse_args()
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"gemm_ceiling: error: cannot create --out {out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("gemm_ceiling: error: needs a CUDA device", file=sys.stderr)
         return 2
@@ -89,8 +95,6 @@ def main() -> int:
     for name, (N, K) in SHAPES.items():
         rows.append(layer_row(name, N, K))
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     (out / "gemm_ceiling.json").write_text(json.dumps({"env": env, "layers": rows}, indent=1) + "\n")
     return 0

@@ -35,9 +35,15 @@ def test_dp_step_profile_refuses_without_cuda():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
-def test_gemm_ceiling_refuses_without_cuda():
-    r = _run("gemm_ceiling.py")
+def test_gemm_ceiling_refuses_without_cuda(tmp_path):
+    r = _run("gemm_ceiling.py", "--out", str(tmp_path / "out"))
     assert r.returncode == 2 and "needs a CUDA device" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_gemm_ceiling_bad_out_dir(tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = _run("gemm_ceiling.py", "--out", str(tmp_path / "file" / "out"))
+    assert r.returncode == 2 and "cannot create --out" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_learning_benchmark_parallel_tuning_then_final(tmp_path):
