@@ -40,6 +40,12 @@ def test_gemm_ceiling_refuses_without_cuda(tmp_path):
     assert r.returncode == 2 and "needs a CUDA device" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_sdpa_determinism_refuses_without_cuda():
+    r = _run("sdpa_determinism.py")
+    assert r.returncode == 2 and "needs a CUDA device" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_gemm_ceiling_bad_out_dir(tmp_path):
     (tmp_path / "file").write_text("x")
     r = _run("gemm_ceiling.py", "--out", str(tmp_path / "file" / "out"))
