@@ -242,6 +242,25 @@ def test_embedding_backward_sparse_row_votes():
         assert torch.equal(T[i], emb.weight.trits()[r])
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_embedding_row_gradient_is_deterministic(device):
+    """The rows' summed gradient is the same bits on every run (many tokens per row: float atomics would add
+    them in a varying order on CUDA, and a resumed run would drift from an uninterrupted one)."""
+    emb = TernaryEmbedding(16, 64, group_size=8).to(device)
+    voter = RecordingVoter()
+    emb.weight._voter = voter
+    gen = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 16, (64, 128), generator=gen).to(device)
+    gy = torch.randn(64, 128, 64, generator=gen).to(device)
+    for _ in range(3):
+        emb(idx).backward(gy)
+    first, rows = voter.calls[0][1], voter.calls[0][3]
+    assert all(torch.equal(c[1], first) for c in voter.calls[1:])
+    want = torch.zeros(16, 64, dtype=torch.float64).index_add_(0, idx.cpu().flatten(),
+                                                               gy.cpu().reshape(-1, 64).double())
+    torch.testing.assert_close(first.cpu().double(), want[rows.cpu()], rtol=1e-5, atol=1e-4)
+
+
 def test_embedding_padding_and_untouched_rows_get_no_votes():
     emb = TernaryEmbedding(10, 12, padding_idx=2, group_size=8)
     assert (emb.weight.trits()[2] == 0).all()  # the padding row starts at zero

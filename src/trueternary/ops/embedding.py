@@ -12,7 +12,7 @@ step (forward, backward, ``FlipOptimizer.step()``). Instead of compacting the to
     touched[r] = r occurs in the batch and r != padding_idx        bool (V,)
     order      = stable argsort(~touched)   touched rows ascending, then the untouched ones ascending
     n          = sum(touched)               0-dim device tensor, never read on the host
-    g          = (index_add of the batch's gradient rows)[order]   (V, cols), zero from row n on
+    g          = (sum of the batch's gradient rows per row)[order]  (V, cols), zero from row n on
 
 and the voter normalises over the first ``n`` rows and votes on them only (``FlipOptimizer.cast_votes``'s
 ``n_rows``): the same votes as on the n x cols matrix of the touched rows, at the cost of V rows of work.
@@ -59,7 +59,10 @@ class TernaryEmbeddingFunction(torch.autograd.Function):
         # (device fills, not ``t[i] = value``, whose value would be copied from the host: not capturable)
         touched = torch.zeros(weight.rows, dtype=torch.bool, device=gy.device).index_fill_(0, flat, True)
         g_full = torch.zeros(weight.rows, weight.cols, dtype=torch.float32, device=gy.device)
-        g_full.index_add_(0, flat, gy.reshape(-1, weight.cols).float())  # g_full[r] = sum of gy[i] over idx[i] == r
+        # g_full[r] = sum of gy[i] over idx[i] == r, in a fixed order: index_add_ adds with float atomics on CUDA,
+        # in an order that changes from run to run (a resumed run drifted from an uninterrupted one on the H200);
+        # index_put_ with accumulate sorts the indices there and adds each row's entries in turn (serially on CPU)
+        g_full.index_put_((flat,), gy.reshape(-1, weight.cols).float(), accumulate=True)
         if ctx.padding_idx is not None:  # like nn.Embedding: the padding row never learns
             touched[ctx.padding_idx].fill_(False)
             g_full[ctx.padding_idx].zero_()
