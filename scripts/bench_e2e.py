@@ -280,7 +280,8 @@ def run_eager(setting: str, name: str, backend: str | None) -> dict:
 
 # Kernel classes of the profile, by kernel name (first match wins).
 KERNEL_CLASSES = [
-    ("ternary kernels (ours)", ("_ternary_matmul", "_matmul_votes", "_scale_votes", "_flip", "_dequant")),
+    ("ternary kernels (ours)", ("_ternary_matmul", "_matmul_votes", "_gw_stats", "_gw_votes", "_scale_votes", "_flip",
+                                "_dequant")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
     # --compile: Inductor's generated kernels (their names hold 'fused_', which the optimizer class below matches)
     ("compiled shared ops (inductor)", ("triton_poi_", "triton_red_", "triton_per_", "triton_tem_")),

@@ -85,7 +85,6 @@ import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
 import trueternary.ops.votes as votes_ops  # noqa: E402
-import trueternary.ops.votes.triton as votes_triton  # noqa: E402
 from trueternary import rng  # noqa: E402
 from trueternary.layers import TernaryLinear  # noqa: E402
 from trueternary.ops.flip import apply_flips_, apply_flips_naive_  # noqa: E402
@@ -505,25 +504,19 @@ def time_votes(setting, layer, rows, cols, M, op_ms):
         if DEV.type == "cuda" and setting == "seed" and (backend, vote) == ("gpu", "stochastic"):
             record(setting, layer, "votes", impl, run, flops, cb, graph=True, dense_ms=dense)
     # both sources of the gradient tiles (ops.votes.VOTES_FUSED_MAX_TOKENS picks one; the rows above ran it),
-    # on CUDA inside a CUDA graph (GPU time, as in a graphed step: the eager call is host-bound at these sizes);
-    # 'by cuBLAS' also with the fused kernel's warps (what default_votes_config's gw_given choice replaced)
+    # on CUDA inside a CUDA graph (GPU time, as in a graphed step: the eager call is host-bound at these sizes)
     w1 = random_weight(rows, cols)
     opt1 = FlipOptimizer(w1, backend="dense-fallback" if DEV.type == "cpu" else "gpu", check_finite=False)
     opt1.backend = "gpu"
-    saved, saved_cfg = votes_ops.VOTES_FUSED_MAX_TOKENS, votes_triton.default_votes_config
-    fused_warps = saved_cfg(M, rows, cols, DEV, NORM_BLOCK if not ARGS.smoke else 16)
-    for where, limit, cfg in (("in the kernel", M, None), ("by cuBLAS", M - 1, None),
-                              ("by cuBLAS, the fused kernel's warps", M - 1, fused_warps)):
+    saved = votes_ops.VOTES_FUSED_MAX_TOKENS
+    for where, limit in (("in the kernel", M), ("by cuBLAS", M - 1)):
         votes_ops.VOTES_FUSED_MAX_TOKENS = limit
-        if cfg is not None:
-            votes_triton.default_votes_config = lambda *a, _c=cfg, **k: dict(saved_cfg(*a, **k), **{
-                n: _c[n] for n in ("num_warps", "num_stages")})
         try:
             record(setting, layer, "votes", f"gpu stochastic (+E), gW {where}",
                    lambda: (opt1.cast_matmul_votes(w1, gy, x, None), opt1._calls.clear()), flops, nbytes,
                    dense_ms=dense, graph=DEV.type == "cuda")
         finally:
-            votes_ops.VOTES_FUSED_MAX_TOKENS, votes_triton.default_votes_config = saved, saved_cfg
+            votes_ops.VOTES_FUSED_MAX_TOKENS = saved
     # what the default rule's moving averages (norm_beta, kept in the epilogue) cost: the history-less rule
     w0 = random_weight(rows, cols)
     opt0 = FlipOptimizer(w0, backend="dense-fallback" if DEV.type == "cpu" else "gpu",

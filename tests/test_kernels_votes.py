@@ -48,7 +48,7 @@ from trueternary.ops.votes import (  # noqa: E402
     resolve_votes_impl,
     scale_votes_naive,
 )
-from trueternary.ops.votes.triton import _device_key  # noqa: E402
+from trueternary.ops.votes.triton import _device_key, _log2_code  # noqa: E402
 from trueternary.optim import FlipOptimizer  # noqa: E402
 from trueternary.rule import FlipRule, accumulate  # noqa: E402
 from trueternary.weight import TernaryScaleTensor  # noqa: E402
@@ -554,6 +554,36 @@ def test_data_parallel_ranks_vote_with_their_own_streams(backend):
     assert (states["rank0"] != 0).sum() > 0
 
 
+@triton.jit
+def _log2_code_kernel(x_ptr, u_ptr, out_ptr, lut_ptr, n, lo, hi, FRAC: tl.constexpr, STOCHASTIC: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=1.0)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, _log2_code(x, u, lut_ptr, lo, hi, FRAC, STOCHASTIC), mask=mask)
+
+
+@pytest.mark.parametrize("frac,lo,hi", [(8, rule.NORM_TILE_MIN, 32767), (3, -128, 127)], ids=["tile-codes", "ratios"])
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_log2_code_matches_the_reference_at_table_edges(frac, lo, hi, stochastic):
+    """The kernel's log2 code (exponent bits, a binary search in the table, the remainder interpolated and
+    rounded) equals rule.log2_code on every table entry, the floats either side of each, at several octaves, on
+    0, subnormals, inf and random values: the entries' edges are where a search step could go wrong."""
+    lut = rule.code_lut(frac)
+    edges = torch.cat([lut, torch.nextafter(lut, torch.tensor(0.0)), torch.nextafter(lut, torch.tensor(3.0))])
+    octaves = torch.tensor([2.0 ** k for k in (-40, -7, -1, 0, 1, 9, 60)])
+    x = torch.cat([(edges[None, :] * octaves[:, None]).reshape(-1), torch.tensor([0.0, 1e-40, 1e-45, float("inf")]),
+                   torch.rand(3000, generator=torch.Generator().manual_seed(frac)) * 1e4]).float()
+    u = torch.rand(x.numel(), generator=torch.Generator().manual_seed(7)).float()
+    out = torch.empty(x.numel(), dtype=torch.int32, device=DEVICE)
+    _log2_code_kernel[(triton.cdiv(x.numel(), 256),)](x.to(DEVICE), u.to(DEVICE), out, rule.code_lut(frac, DEVICE),
+                                                      x.numel(), lo, hi, FRAC=frac, STOCHASTIC=stochastic, BLOCK=256)
+    ref = rule.log2_code(x, frac, lo, hi, u if stochastic else None)
+    bad = (out.cpu() != ref).nonzero().flatten()
+    assert bad.numel() == 0, [(float(x[i]), int(out[i]), int(ref[i])) for i in bad[:5]]
+
+
 # ------------------------------------------------------------------ norm_beta: the moving averages in the epilogue
 def reference_norm_memory_votes(w, gy, x, codes, *, lr, nb, beta, key, norm_key):
     """One call of the dense path's norm_beta votes (FlipOptimizer._ema_scale + _votes): new codes, int8 votes."""
@@ -568,10 +598,12 @@ def reference_norm_memory_votes(w, gy, x, codes, *, lr, nb, beta, key, norm_key)
 @pytest.mark.parametrize("rows,cols,nb,block", [(20, 36, 16, 16), (40, 50, 16, 32), (7, 9, 16, 16), (64, 48, 32, 64),
                                                 (130, 140, 128, 128)],
                          ids=["one-subtile", "2x2-subtiles-ragged", "smaller-than-a-subtile", "nb32-in-64", "nb128"])
-def test_norm_memory_epilogue_keeps_the_reference_codes(rows, cols, nb, block):
+@pytest.mark.parametrize("impl", ["fused", "gemm"])
+def test_norm_memory_epilogue_keeps_the_reference_codes(rows, cols, nb, block, impl):
     """The kernel's moving averages (norm_codes): over calls from empty codes, the codes and the votes equal the
     reference's (rule.ema_block_factored_stats) bit for bit on exact gradients, incl. the codes' stochastic
-    rounding; a different beta gives different codes (the averages are really kept)."""
+    rounding; a different beta gives different codes (the averages are really kept). Both gradient sources
+    ('gemm': the statistics pass keeps the codes, the vote pass reads the means it stored)."""
     kt = kernels()
     w = random_weight(rows, cols, 8)
     codes = {k: v.to(DEVICE) for k, v in rule.empty_norm_codes((rows, cols), nb, "cpu").items()}
@@ -581,7 +613,7 @@ def test_norm_memory_epilogue_keeps_the_reference_codes(rows, cols, nb, block):
         gy = gy * (step + 1)  # the statistics move between calls
         A0 = w.T_accum.clone()
         key = launch_votes(w, gy, x, norm_block=nb, step=step, config=cfg(block, block), norm_codes=codes,
-                           norm_beta=0.9, norm_key_base=kt.key_base(77, 4))
+                           norm_beta=0.9, norm_key_base=kt.key_base(77, 4), impl=impl)
         norm_key = rng.stream_key(77, 4, step * CALLS + 2)
         ref_codes, v = reference_norm_memory_votes(w, gy, x, ref_codes, lr=2.0, nb=nb, beta=0.9, key=key,
                                                    norm_key=norm_key)
@@ -593,24 +625,26 @@ def test_norm_memory_epilogue_keeps_the_reference_codes(rows, cols, nb, block):
     for step in range(4):
         gy, x = int_inputs(6, rows, cols, seed=step)
         launch_votes(random_weight(rows, cols, 8), gy * (step + 1), x, norm_block=nb, step=step,
-                     config=cfg(block, block), norm_codes=other, norm_beta=0.5, norm_key_base=kt.key_base(77, 4))
+                     config=cfg(block, block), norm_codes=other, norm_beta=0.5, norm_key_base=kt.key_base(77, 4),
+                     impl=impl)
     assert not all(torch.equal(other[k], codes[k]) for k in codes)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-def test_norm_memory_nonfinite_tile_keeps_its_codes():
+@pytest.mark.parametrize("impl", ["fused", "gemm"])
+def test_norm_memory_nonfinite_tile_keeps_its_codes(impl):
     """A tile whose gradient holds NaN keeps its codes; the other tiles move."""
     kt = kernels()
     w = random_weight(32, 32, 8)
     codes = {k: v.to(DEVICE) for k, v in rule.empty_norm_codes((32, 32), 16, "cpu").items()}
     gy, x = int_inputs(6, 32, 32, seed=1)
     launch_votes(w, gy, x, norm_block=16, config=cfg(16, 16), norm_codes=codes, norm_beta=0.9,
-                 norm_key_base=kt.key_base(1, 0))
+                 norm_key_base=kt.key_base(1, 0), impl=impl)
     before = {k: v.clone() for k, v in codes.items()}
     gy = gy * 2
     gy[0, 0] = float("nan")  # rows 0..15 of gW: the tiles (0, 0) and (0, 1)
     launch_votes(w, gy, x, norm_block=16, step=6, config=cfg(16, 16), norm_codes=codes, norm_beta=0.9,
-                 norm_key_base=kt.key_base(1, 0), flag=torch.zeros((), device=DEVICE))
+                 norm_key_base=kt.key_base(1, 0), flag=torch.zeros((), device=DEVICE), impl=impl)
     assert torch.equal(codes["norm_tile"][0], before["norm_tile"][0])
     assert torch.equal(codes["norm_row"][0], before["norm_row"][0])
     assert not torch.equal(codes["norm_tile"][1], before["norm_tile"][1])

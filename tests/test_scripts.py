@@ -52,6 +52,18 @@ def test_gemm_ceiling_bad_out_dir(tmp_path):
     assert r.returncode == 2 and "cannot create --out" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_votes_ablation_refuses_without_cuda(tmp_path):
+    r = _run("votes_ablation.py", "--no-stages", "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and "needs a CUDA device" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_votes_ablation_bad_out_dir(tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = _run("votes_ablation.py", "--out", str(tmp_path / "file" / "out"))
+    assert r.returncode == 2 and "cannot create --out" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_learning_benchmark_parallel_tuning_then_final(tmp_path):
     """The two stages on a tiny model: parallel tuning processes merged into tune.json, best rates chosen
     per config (lowest validation bpb), then one final bench run with those rates and the seed's rule."""

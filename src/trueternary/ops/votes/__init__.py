@@ -9,14 +9,19 @@ call: no host sync, so the sequence can be captured in a CUDA graph)::
 does for a :class:`~trueternary.weight.TernaryScaleTensor` what ``FlipOptimizer.cast_votes(weight, gy.T @ x, T)``
 does (``rows=None``, one process). Up to M = VOTES_FUSED_MAX_TOKENS tokens (impl 'fused') the weight gradient is
 formed tile by tile inside the vote kernel so it never reaches memory; above (impl 'gemm') cuBLAS forms it in
-the operands' dtype, exactly as the dense-fallback path does, and the kernel's epilogue reads it: at 16k tokens
-the kernel's own mainloop runs at about half cuBLAS's speed, and the transient gradient is one layer's (at
-most rows x cols x 2 bytes in bf16, freed on return). Up to three launches (four with 'gemm')::
+the operands' dtype, exactly as the dense-fallback path does, and two kernels read it: at 16k tokens the vote
+kernel's own mainloop runs at about half cuBLAS's speed, and the transient gradient is one layer's (at most
+rows x cols x 2 bytes in bf16, freed on return). Launches::
 
     scratch = zeros(rows*n_groups + 1)       gE, then the layer's non-finite flag   (when needed)
-    [gW = gy.T @ x                           cuBLAS, impl 'gemm' only]
+    impl 'fused':
     _matmul_votes_kernel    gW tile -> block_factored normalisation -> votes -> T_accum (or the vote cache);
                             gE = sum_group(gW * T)
+    impl 'gemm':
+    gW = gy.T @ x           cuBLAS
+    _gw_stats_kernel        per normalisation tile: non-finite check, the normaliser's means (moving averages
+                            kept) -> a small float32 buffer
+    _gw_votes_kernel        per block of rows: votes from those means -> T_accum (or the cache); gE
     _scale_votes_kernel     gE -> votes normalised like the weights' -> E_accum   (weights with integer scales)
 
 What is fused (:func:`fused_votes_supported`, rules with ``vote_power == 1``): sign votes, and stochastic
@@ -34,7 +39,8 @@ Differences from the dense-fallback path, all documented in docs/performance.md:
 * With impl 'fused', gW is the fp32 tensor-core accumulator (dense-fallback rounds it to the inputs' dtype
   first; impl 'gemm' uses that same rounded gW) and the float sums run in another order; votes are
   bit-identical wherever the arithmetic is exact, statistically equal elsewhere.
-* A non-finite gradient zeroes the kernel *tiles* holding NaN/inf (the reference zeroes the whole matrix
+* A non-finite gradient zeroes the kernel *tiles* (impl 'gemm': normalisation tiles) holding NaN/inf (the
+  reference zeroes the whole matrix
   when ``check_finite``), the layer casts no scale votes, those tiles keep their moving averages' codes
   (the reference keeps the whole layer's), ``nonfinite`` is incremented once and ``FlipOptimizer.step``
   raises as on the dense path.

@@ -27,6 +27,13 @@ codes and normalises by the means they stand for. The codes' arithmetic is exact
 IEEE divide; rule.log2_code / rule.code_value), so the codes equal the reference's bit for bit for the same
 statistics. A non-finite tile keeps its codes.
 
+``_gw_stats_kernel`` + ``_gw_votes_kernel`` (impl 'gemm', above VOTES_FUSED_MAX_TOKENS: cuBLAS formed gW): the
+same work in two passes over gW. The first, one program per NB x NB normalisation tile read in blocks of rows,
+does the non-finite check and the statistics (moving averages and codes as above) and stores the means; the
+second votes on blocks of rows from them, with the same epilogue code (``_cast_votes``). One program per tile
+doing all of it held too much at once (registers spilled; one program per SM, waiting on the codes' table
+loads): the two passes took a 151M step's vote time from 3.45 to 1.78 ms (H200, docs/performance.md).
+
 ``_scale_votes_kernel`` votes on gE (rows x n_groups, small, complete once the first kernel is done) into
 ``E_accum``, normalised like the weights' votes (rule.vote_scale with ``lr * scale_lr``): 'block_factored'
 (one program per norm_block x norm_block tile of gE, the same epilogue statistics) or 'tensor' (one program:
@@ -294,7 +301,7 @@ def _matmul_votes_kernel(
     GE_MODE: tl.constexpr, GE_GROUP: tl.constexpr,
     CACHE_BITS: tl.constexpr, HAS_FLAG: tl.constexpr, HAS_NONFINITE: tl.constexpr,
     CALLS_PER_STEP: tl.constexpr, K_STEP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    GW_GIVEN: tl.constexpr, LR_PTR: tl.constexpr,
+    LR_PTR: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     if LR_PTR:  # the lr lives on the device (a CUDA-graphed step: written before each replay)
@@ -304,47 +311,83 @@ def _matmul_votes_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_r = offs_r < R
     mask_c = offs_c < C
-    if GW_GIVEN:  # impl 'gemm': gy_ptr holds gW (R, C) formed by cuBLAS, strides (stride_gm, stride_gr)
-        acc = tl.load(gy_ptr + offs_r[:, None] * stride_gm + offs_c[None, :] * stride_gr,
-                      mask=mask_r[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-        for k0 in range(0, M, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < M
-            a = tl.load(gy_ptr + offs_k[None, :] * stride_gm + offs_r[:, None] * stride_gr,
-                        mask=mask_r[:, None] & mask_k[None, :], other=0.0)  # gy.T tile (BLOCK_R, BLOCK_K)
-            b = tl.load(x_ptr + offs_k[:, None] * stride_xm + offs_c[None, :] * stride_xc,
-                        mask=mask_k[:, None] & mask_c[None, :], other=0.0)  # x tile (BLOCK_K, BLOCK_C)
-            if UPCAST:
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT_PRECISION)
-            else:
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for k0 in range(0, M, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < M
+        a = tl.load(gy_ptr + offs_k[None, :] * stride_gm + offs_r[:, None] * stride_gr,
+                    mask=mask_r[:, None] & mask_k[None, :], other=0.0)  # gy.T tile (BLOCK_R, BLOCK_K)
+        b = tl.load(x_ptr + offs_k[:, None] * stride_xm + offs_c[None, :] * stride_xc,
+                    mask=mask_k[:, None] & mask_c[None, :], other=0.0)  # x tile (BLOCK_K, BLOCK_C)
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     # ---- epilogue: the gradient tile never leaves registers
+    g, n_bad = _zero_nonfinite_tile(acc, flag_ptr, nonfinite_ptr, HAS_FLAG, HAS_NONFINITE)
+    if MODE == 0:
+        if NORM_MEMORY:
+            r_mean, c_mean, m = _tile_means(g, n_bad, pid_r, pid_c, step_ptr, tile_code_ptr, row_code_ptr,
+                                            col_code_ptr, lut_tile_ptr, lut_ratio_ptr, R, C, call, ema_w,
+                                            norm_key_base, NB, NORM_MEMORY, CALLS_PER_STEP, K_STEP, BLOCK_R, BLOCK_C)
+            r_full, c_full, m_full = _full_from_means(r_mean, c_mean, m, NB, BLOCK_R, BLOCK_C)
+            s = _scale_from_full(r_full, c_full, m_full, neg_lr, BLOCK_R, BLOCK_C)
+        else:
+            s = _block_factored_scale(g, pid_r * BLOCK_R, pid_c * BLOCK_C, R, C, neg_lr, NB, BLOCK_R, BLOCK_C)
+    else:
+        s = g  # unused: sign votes
+    _cast_votes(g, s, offs_r, offs_c, mask_r, mask_c, pid_c * BLOCK_C, packed_ptr, accum_ptr, cache_ptr, gE_ptr,
+                step_ptr, C, n_groups, group_size, decay, vote_clip, key_base, call, MODE, USE_DECAY, GE_MODE,
+                GE_GROUP, CACHE_BITS, CALLS_PER_STEP, K_STEP, BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def _zero_nonfinite_tile(acc, flag_ptr, nonfinite_ptr, HAS_FLAG: tl.constexpr, HAS_NONFINITE: tl.constexpr):
+    """``(g, n_bad)``: a tile holding NaN/inf is zeroed; the first such tile of the call sets ``flag`` and
+    counts the layer once in ``nonfinite``."""
     n_bad = tl.sum(tl.sum(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32), axis=1), axis=0)
     g = tl.where(n_bad > 0, 0.0, acc)  # out-of-range lanes are 0 already (masked loads)
     if HAS_FLAG:
         old = tl.atomic_add(flag_ptr, 1.0, mask=n_bad > 0)
         if HAS_NONFINITE:  # the first non-finite tile of this call counts the layer once
             tl.atomic_add(nonfinite_ptr, 1, mask=(n_bad > 0) & (old == 0.0))
-    _votes_epilogue(g, n_bad, offs_r, offs_c, mask_r, mask_c, pid_r, pid_c, packed_ptr, accum_ptr, cache_ptr,
-                    gE_ptr, step_ptr, tile_code_ptr, row_code_ptr, col_code_ptr, lut_tile_ptr, lut_ratio_ptr, R, C,
-                    n_groups, group_size, neg_lr, decay, vote_clip, key_base, call, ema_w, norm_key_base, MODE, NB,
-                    NORM_MEMORY, USE_DECAY, GE_MODE, GE_GROUP, CACHE_BITS, CALLS_PER_STEP, K_STEP, BLOCK_R, BLOCK_C)
+    return g, n_bad
 
 
 @triton.jit
-def _votes_epilogue(g, n_bad, offs_r, offs_c, mask_r, mask_c, pid_r, pid_c, packed_ptr, accum_ptr, cache_ptr,
-                    gE_ptr, step_ptr, tile_code_ptr, row_code_ptr, col_code_ptr, lut_tile_ptr, lut_ratio_ptr, R, C,
-                    n_groups, group_size, neg_lr, decay, vote_clip, key_base, call, ema_w, norm_key_base,
-                    MODE: tl.constexpr, NB: tl.constexpr, NORM_MEMORY: tl.constexpr, USE_DECAY: tl.constexpr,
-                    GE_MODE: tl.constexpr, GE_GROUP: tl.constexpr, CACHE_BITS: tl.constexpr,
-                    CALLS_PER_STEP: tl.constexpr, K_STEP: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_C: tl.constexpr):
-    """The votes of a gradient tile ``g`` into T_accum (or the vote cache), and its share of gE."""
+def _tile_means(g, n_bad, pid_r, pid_c, step_ptr, tile_code_ptr, row_code_ptr, col_code_ptr, lut_tile_ptr,
+                lut_ratio_ptr, R, C, call, ema_w, norm_key_base, NB: tl.constexpr, NORM_MEMORY: tl.constexpr,
+                CALLS_PER_STEP: tl.constexpr, K_STEP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The normaliser's means of a (BLOCK_R, BLOCK_C) gradient tile, per NB x NB sub-tile: rows (BLOCK_R, SC),
+    columns (SR, BLOCK_C), sub-tiles (SR, SC); this call's (rule.block_factored_stats), or with NORM_MEMORY the
+    moving averages' (rule.ema_block_factored_stats: the codes are updated in place)."""
     SR: tl.constexpr = BLOCK_R // NB
     SC: tl.constexpr = BLOCK_C // NB
+    r0 = pid_r * BLOCK_R
+    c0 = pid_c * BLOCK_C
+    if SR == 1 and SC == 1:
+        r1, c1, m1 = _one_tile_means(g, r0, c0, R, C, NB, BLOCK_R, BLOCK_C)
+        r_mean = r1[:, None]
+        c_mean = c1[None, :]
+        m = tl.full((1, 1), 1.0, tl.float32) * m1
+    else:
+        r_mean, c_mean, m = _sub_tile_means(g, r0, c0, R, C, NB, BLOCK_R, BLOCK_C)
+    if NORM_MEMORY:
+        norm_key = _device_key(step_ptr, call, norm_key_base, CALLS_PER_STEP, K_STEP)
+        r_mean, c_mean, m = _ema_means(r_mean, c_mean, m, n_bad, tile_code_ptr, row_code_ptr, col_code_ptr,
+                                       lut_tile_ptr, lut_ratio_ptr, ema_w, norm_key, pid_r, pid_c, R, C, NB,
+                                       BLOCK_R, BLOCK_C)
+    return r_mean, c_mean, m
+
+
+@triton.jit
+def _cast_votes(g, s, offs_r, offs_c, mask_r, mask_c, c_start, packed_ptr, accum_ptr, cache_ptr, gE_ptr, step_ptr, C,
+                n_groups, group_size, decay, vote_clip, key_base, call, MODE: tl.constexpr, USE_DECAY: tl.constexpr,
+                GE_MODE: tl.constexpr, GE_GROUP: tl.constexpr, CACHE_BITS: tl.constexpr,
+                CALLS_PER_STEP: tl.constexpr, K_STEP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The votes of a (BLOCK_R, BLOCK_C) gradient block ``g`` (rows ``offs_r``, columns ``offs_c`` from
+    ``c_start``) with multipliers ``s`` into T_accum (or the vote cache), and its share of gE."""
     mask = mask_r[:, None] & mask_c[None, :]
     flat = offs_r[:, None] * C + offs_c[None, :]
     if USE_DECAY or GE_MODE > 0:
@@ -352,24 +395,6 @@ def _votes_epilogue(g, n_bad, offs_r, offs_c, mask_r, mask_c, pid_r, pid_c, pack
     else:
         t = flat  # unused
     if MODE == 0:
-        if NORM_MEMORY:  # the moving averages of the statistics (rule.ema_block_factored_stats)
-            r0 = pid_r * BLOCK_R
-            c0 = pid_c * BLOCK_C
-            if SR == 1 and SC == 1:
-                r1, c1, m1 = _one_tile_means(g, r0, c0, R, C, NB, BLOCK_R, BLOCK_C)
-                r_mean = r1[:, None]
-                c_mean = c1[None, :]
-                m = tl.full((1, 1), 1.0, tl.float32) * m1
-            else:
-                r_mean, c_mean, m = _sub_tile_means(g, r0, c0, R, C, NB, BLOCK_R, BLOCK_C)
-            norm_key = _device_key(step_ptr, call, norm_key_base, CALLS_PER_STEP, K_STEP)
-            r_mean, c_mean, m = _ema_means(r_mean, c_mean, m, n_bad, tile_code_ptr, row_code_ptr, col_code_ptr,
-                                           lut_tile_ptr, lut_ratio_ptr, ema_w, norm_key, pid_r, pid_c, R, C, NB,
-                                           BLOCK_R, BLOCK_C)
-            r_full, c_full, m_full = _full_from_means(r_mean, c_mean, m, NB, BLOCK_R, BLOCK_C)
-            s = _scale_from_full(r_full, c_full, m_full, neg_lr, BLOCK_R, BLOCK_C)
-        else:
-            s = _block_factored_scale(g, pid_r * BLOCK_R, pid_c * BLOCK_C, R, C, neg_lr, NB, BLOCK_R, BLOCK_C)
         key = _device_key(step_ptr, call, key_base, CALLS_PER_STEP, K_STEP)
         xv = g * s
         if USE_DECAY:
@@ -391,23 +416,130 @@ def _votes_epilogue(g, n_bad, offs_r, offs_c, mask_r, mask_c, pid_r, pid_c, pack
         fields = tl.reshape(v + (1 if CACHE_BITS == 2 else 8), (BLOCK_R, BLOCK_C // (8 // CACHE_BITS), 8 // CACHE_BITS))
         shifts = tl.arange(0, 8 // CACHE_BITS) * CACHE_BITS
         packed_votes = tl.sum(fields << shifts[None, None, :], axis=2)
-        offs_b = pid_c * (BLOCK_C // (8 // CACHE_BITS)) + tl.arange(0, BLOCK_C // (8 // CACHE_BITS))
+        offs_b = c_start // (8 // CACHE_BITS) + tl.arange(0, BLOCK_C // (8 // CACHE_BITS))
         tl.store(cache_ptr + offs_r[:, None] * (C // (8 // CACHE_BITS)) + offs_b[None, :], packed_votes.to(tl.uint8),
                  mask=mask_r[:, None] & (offs_b * (8 // CACHE_BITS) < C)[None, :])
 
     if GE_MODE == 1:  # tile columns are whole groups (BLOCK_C % GE_GROUP == 0): one plain store per (row, group)
         gt = tl.reshape(g * t.to(tl.float32), (BLOCK_R, BLOCK_C // GE_GROUP, GE_GROUP))
         part = tl.sum(gt, axis=2)
-        offs_g = pid_c * (BLOCK_C // GE_GROUP) + tl.arange(0, BLOCK_C // GE_GROUP)
+        offs_g = c_start // GE_GROUP + tl.arange(0, BLOCK_C // GE_GROUP)
         tl.store(gE_ptr + offs_r[:, None] * n_groups + offs_g[None, :], part,
                  mask=mask_r[:, None] & (offs_g < n_groups)[None, :])
     elif GE_MODE == 2:  # any group size: one atomic per (row, group overlapping the tile)
         gt = g * t.to(tl.float32)
-        c_first = pid_c * BLOCK_C
+        c_first = c_start
         group_c = offs_c // group_size
         for gi in range(c_first // group_size, (tl.minimum(c_first + BLOCK_C, C) - 1) // group_size + 1):
             part = tl.sum(tl.where((group_c == gi)[None, :], gt, 0.0), axis=1)
             tl.atomic_add(gE_ptr + offs_r * n_groups + gi, part, mask=mask_r)
+
+
+@triton.jit(do_not_specialize=["call", "norm_key_base"])
+def _gw_stats_kernel(
+    gw_ptr, means_r_ptr, means_c_ptr, means_m_ptr, bad_ptr, flag_ptr, nonfinite_ptr, step_ptr,
+    tile_code_ptr, row_code_ptr, col_code_ptr, lut_tile_ptr, lut_ratio_ptr,
+    R, C, call, ema_w, norm_key_base, stride_wr, stride_wc,
+    MODE: tl.constexpr, NB: tl.constexpr, NORM_MEMORY: tl.constexpr, HAS_FLAG: tl.constexpr,
+    HAS_NONFINITE: tl.constexpr, CALLS_PER_STEP: tl.constexpr, K_STEP: tl.constexpr, CHUNK_R: tl.constexpr,
+):
+    """impl 'gemm', first pass: per NB x NB normalisation tile of cuBLAS's gW, the non-finite check (``bad[tile]``,
+    flag, counter) and the normaliser's means (moving averages kept, codes updated), stored as float32 rows
+    ``(R, Cb)``, columns ``(Rb, C)``, tiles ``(Rb, Cb)``.
+
+    The tile is read in blocks of CHUNK_R rows (column sums accumulate; each row's sum is complete in its block
+    and parked in the rows' buffer until the tile mean is known), so a program holds a block, not a tile: a
+    whole tile in registers left one program per SM, waiting on the moving averages' table loads."""
+    n_tc = tl.cdiv(C, NB)
+    pid_r = tl.program_id(0) // n_tc
+    pid_c = tl.program_id(0) % n_tc
+    offs_c = pid_c * NB + tl.arange(0, NB)
+    mask_c = offs_c < C
+    col_sum = tl.zeros((NB,), dtype=tl.float32)
+    n_bad = tl.sum(tl.zeros((CHUNK_R,), dtype=tl.int32), axis=0)
+    for i in range(0, NB, CHUNK_R):
+        offs_r = pid_r * NB + i + tl.arange(0, CHUNK_R)
+        mask_r = offs_r < R
+        g = tl.load(gw_ptr + offs_r[:, None] * stride_wr + offs_c[None, :] * stride_wc,
+                    mask=mask_r[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+        n_bad += tl.sum(tl.sum(((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32), axis=1), axis=0)
+        g2 = g * g
+        col_sum += tl.sum(g2, axis=0)
+        if MODE == 0:  # this row block's sums, until the whole tile is read
+            tl.store(means_r_ptr + offs_r * n_tc + pid_c, tl.sum(g2, axis=1), mask=mask_r)
+    tl.store(bad_ptr + tl.program_id(0), n_bad)
+    if HAS_FLAG:  # the first non-finite tile of this call counts the layer once
+        old = tl.atomic_add(flag_ptr, 1.0, mask=n_bad > 0)
+        if HAS_NONFINITE:
+            tl.atomic_add(nonfinite_ptr, 1, mask=(n_bad > 0) & (old == 0.0))
+    if MODE == 0:
+        tl.debug_barrier()  # the row sums stored above, by other threads of this program
+        offs_r = pid_r * NB + tl.arange(0, NB)
+        row_sum = tl.load(means_r_ptr + offs_r * n_tc + pid_c, mask=offs_r < R, other=0.0)
+        # a tile with NaN/inf counts as all zero (as the one-pass kernel zeroes it): its statistics are 0
+        row_sum = tl.where(n_bad > 0, 0.0, row_sum)
+        col_sum = tl.where(n_bad > 0, 0.0, col_sum)
+        # _one_tile_means from the sums: real rows / columns of the tile (>= 1, the reference's clamp_min(1))
+        n_rows = tl.minimum(tl.maximum(R - pid_r * NB, 1), NB).to(tl.float32)
+        n_cols = tl.minimum(tl.maximum(C - pid_c * NB, 1), NB).to(tl.float32)
+        r_mean = tl.div_rn(row_sum, tl.full((NB,), 1.0, tl.float32) * n_cols)[:, None]
+        c_mean = tl.div_rn(col_sum, tl.full((NB,), 1.0, tl.float32) * n_rows)[None, :]
+        m = tl.full((1, 1), 1.0, tl.float32) * tl.div_rn(tl.sum(col_sum, axis=0), n_rows * n_cols)
+        if NORM_MEMORY:
+            norm_key = _device_key(step_ptr, call, norm_key_base, CALLS_PER_STEP, K_STEP)
+            r_mean, c_mean, m = _ema_means(r_mean, c_mean, m, n_bad, tile_code_ptr, row_code_ptr, col_code_ptr,
+                                           lut_tile_ptr, lut_ratio_ptr, ema_w, norm_key, pid_r, pid_c, R, C, NB,
+                                           NB, NB)
+        tl.debug_barrier()  # every row sum read before it is overwritten by its mean
+        tl.store(means_r_ptr + offs_r[:, None] * n_tc + pid_c, r_mean, mask=(offs_r < R)[:, None])
+        tl.store(means_c_ptr + pid_r * C + offs_c[None, :], c_mean, mask=mask_c[None, :])
+        tl.store(means_m_ptr + pid_r * n_tc + pid_c + tl.zeros((1, 1), tl.int32), m)
+
+
+@triton.jit(do_not_specialize=["key_base", "call"])
+def _gw_votes_kernel(
+    gw_ptr, means_r_ptr, means_c_ptr, means_m_ptr, bad_ptr, packed_ptr, accum_ptr, cache_ptr, gE_ptr, step_ptr,
+    lr_ptr, R, C, n_groups, group_size, neg_lr, decay, vote_clip, key_base, call, stride_wr, stride_wc,
+    MODE: tl.constexpr, NB: tl.constexpr, USE_DECAY: tl.constexpr, GE_MODE: tl.constexpr, GE_GROUP: tl.constexpr,
+    CACHE_BITS: tl.constexpr, CALLS_PER_STEP: tl.constexpr, K_STEP: tl.constexpr, LR_PTR: tl.constexpr,
+    CHUNK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """impl 'gemm', second pass: the votes of a (CHUNK_R, BLOCK_C) block of gW (BLOCK_C = NB, CHUNK_R divides NB:
+    the block lies in one normalisation tile) from the means _gw_stats_kernel stored, zero where that tile held
+    NaN/inf; the epilogue is the fused kernel's (``_cast_votes``)."""
+    SC: tl.constexpr = BLOCK_C // NB
+    if LR_PTR:
+        neg_lr = -tl.load(lr_ptr)
+    n_tc = tl.cdiv(C, BLOCK_C)
+    pid_r = tl.program_id(0) // n_tc
+    pid_c = tl.program_id(0) % n_tc
+    r_start = pid_r * CHUNK_R
+    c_start = pid_c * BLOCK_C
+    offs_r = r_start + tl.arange(0, CHUNK_R)
+    offs_c = c_start + tl.arange(0, BLOCK_C)
+    mask_r = offs_r < R
+    mask_c = offs_c < C
+    g = tl.load(gw_ptr + offs_r[:, None] * stride_wr + offs_c[None, :] * stride_wc,
+                mask=mask_r[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+    n_bad = tl.load(bad_ptr + (r_start // NB) * n_tc + pid_c)
+    g = tl.where(n_bad > 0, 0.0, g)
+    if MODE == 0:
+        Cb = tl.cdiv(C, NB)
+        cb = c_start // NB + tl.arange(0, SC)
+        r_mean = tl.load(means_r_ptr + offs_r[:, None] * Cb + cb[None, :], mask=mask_r[:, None] & (cb < Cb)[None, :],
+                         other=0.0)  # (CHUNK_R, SC)
+        c_mean = tl.load(means_c_ptr + (r_start // NB) * C + offs_c, mask=mask_c, other=0.0)  # (BLOCK_C,)
+        m = tl.load(means_m_ptr + (r_start // NB) * Cb + cb, mask=cb < Cb, other=0.0)  # (SC,)
+        r_full = tl.reshape(tl.broadcast_to(r_mean[:, :, None], (CHUNK_R, SC, NB)), (CHUNK_R, BLOCK_C))
+        c_full = tl.broadcast_to(c_mean[None, :], (CHUNK_R, BLOCK_C))
+        m_row = tl.reshape(tl.broadcast_to(m[:, None], (SC, NB)), (BLOCK_C,))
+        m_full = tl.broadcast_to(m_row[None, :], (CHUNK_R, BLOCK_C))
+        s = _scale_from_full(r_full, c_full, m_full, neg_lr, CHUNK_R, BLOCK_C)
+    else:
+        s = g  # unused: sign votes
+    _cast_votes(g, s, offs_r, offs_c, mask_r, mask_c, c_start, packed_ptr, accum_ptr, cache_ptr, gE_ptr, step_ptr, C,
+                n_groups, group_size, decay, vote_clip, key_base, call, MODE, USE_DECAY, GE_MODE, GE_GROUP,
+                CACHE_BITS, CALLS_PER_STEP, K_STEP, CHUNK_R, BLOCK_C)
 
 
 @triton.jit(do_not_specialize=["rows", "n_groups", "interval", "key_base", "call"])
@@ -489,13 +621,15 @@ def default_votes_config(M: int, R: int, C: int, device: torch.device, norm_bloc
     """Largest square tile that still gives every SM a tile and is a whole number of normalisation tiles.
 
     The reduction runs over the M tokens with no split-K (the epilogue needs the complete gradient tile).
-    ``gw_given`` (impl 'gemm': the kernel is its epilogue alone): one warp per 32 x 32 sub-block, 4 to 16 (H200,
-    151M, inside a CUDA graph, scripts/bench_kernels.py --ops votes: the qkv / proj vote calls took 0.223 / 0.110
-    ms with 16 warps against 0.282 / 0.130 with the fused kernel's 4 / 8; docs/performance.md).
+    ``gw_given`` (impl 'gemm', two passes over cuBLAS's gW, norm_block x norm_block tiles): the statistics
+    pass reads a tile in blocks of ``STATS_CHUNK_R`` rows (``num_warps``), the vote pass takes blocks of
+    ``CHUNK_R`` rows (``chunk_warps``). H200, 151M, default rule (scripts/votes_ablation.py): with a first
+    statistics pass, vote-pass blocks of 16 rows x 4 warps were the fastest of 16/32/64 rows x 2/4/8 warps (by
+    1-4%); with the present one, 8 warps were 0.5-4% faster per call (the end-to-end figures are with 4).
     """
     if gw_given:
-        cfg = default_votes_config(M, R, C, device, norm_block)
-        return dict(cfg, num_warps=max(4, min(16, cfg["BLOCK_R"] * cfg["BLOCK_C"] // 1024)), num_stages=1)
+        nbk = norm_block or 32
+        return {"STATS_CHUNK_R": min(32, nbk), "num_warps": 4, "CHUNK_R": min(16, nbk), "chunk_warps": 4}
     sms = sm_count(device)
     sizes = [b for b in (128, 64, 32) if norm_block is None or b % norm_block == 0]
     block = sizes[-1]
@@ -552,26 +686,26 @@ def matmul_votes_(gy: torch.Tensor, x: torch.Tensor, weight, *, vote: str, lr: f
     check_kernel_offsets(gy, x)
     dev = gy.device
     gw_given = impl == "gemm"
-    if gw_given:
-        gy = x = gy.t() @ x  # (R, C), cuBLAS; read by the kernel through gy_ptr with its strides
-        strides = (gy.stride(0), gy.stride(1), 0, 0)
-    else:
-        strides = (gy.stride(0), gy.stride(1), x.stride(0), x.stride(1))
     nb = norm_block if vote == "stochastic" else None
     cfg = dict(default_votes_config(M, R, C, dev, nb, gw_given), **(config or {}))
+    if gw_given:  # tiles of one normalisation block (sign votes: 32 x 32, only the non-finite check needs them)
+        tile_r = tile_c = nb or 32
+        assert tile_r % cfg["CHUNK_R"] == 0 and tile_r % cfg["STATS_CHUNK_R"] == 0, f"{cfg} must divide {tile_r}"
+    else:
+        tile_r, tile_c = cfg["BLOCK_R"], cfg["BLOCK_C"]
     if nb is not None:
         assert nb in FUSED_NORM_BLOCKS, f"norm_block {nb} is not fused (supported: {FUSED_NORM_BLOCKS})"
-        assert cfg["BLOCK_R"] % nb == 0 and cfg["BLOCK_C"] % nb == 0, f"tile {cfg} is not a multiple of {nb}"
+        assert tile_r % nb == 0 and tile_c % nb == 0, f"tile {cfg} is not a multiple of {nb}"
     gs = weight.group_size
     if gE is None:
         ge_mode, ge_group = GE_NONE, 1
-    elif cfg["BLOCK_C"] % gs == 0 and gs & (gs - 1) == 0:
+    elif tile_c % gs == 0 and gs & (gs - 1) == 0:
         ge_mode, ge_group = GE_ALIGNED, gs
     else:
         ge_mode, ge_group = GE_ATOMIC, 1
     cache_bits = 0 if cache is None else cache.bits
     if cache_bits in (2, 4):
-        assert C % (8 // cache_bits) == 0 and cfg["BLOCK_C"] % (8 // cache_bits) == 0
+        assert C % (8 // cache_bits) == 0 and tile_c % (8 // cache_bits) == 0
     use_decay = vote == "stochastic" and decay != 0.0
     dummy = step  # any device pointer for unused arguments
     if norm_codes is not None:
@@ -587,31 +721,60 @@ def matmul_votes_(gy: torch.Tensor, x: torch.Tensor, weight, *, vote: str, lr: f
                  code_lut(NORM_TILE_FRAC, dev), code_lut(NORM_RATIO_FRAC, dev))
     else:
         codes = (dummy,) * 5
-    grid = (triton.cdiv(R, cfg["BLOCK_R"]) * triton.cdiv(C, cfg["BLOCK_C"]),)
+    n_tiles = triton.cdiv(R, tile_r) * triton.cdiv(C, tile_c)
     lr_ptr, neg_lr = lr_operand(lr, dev)
-    _matmul_votes_kernel[grid](
-        gy, x, weight.T_packed, weight.T_accum,
-        weight.T_accum if cache is None else (cache.buf.view(torch.int8) if cache_bits == 8 else cache.buf),
+    mode = MODE_SIGN if vote == "sign" else MODE_STOCHASTIC
+    accum_or_cache = (weight.T_accum if cache is None
+                      else (cache.buf.view(torch.int8) if cache_bits == 8 else cache.buf))
+    common = dict(CALLS_PER_STEP=int(calls_per_step), K_STEP=rng._K_STEP, enable_fp_fusion=False)
+    if gw_given:
+        # cuBLAS forms gW (R, C) in the operands' dtype; a statistics pass per tile, then the votes per row block
+        gW = gy.t() @ x
+        n_tc = triton.cdiv(C, tile_c)
+        means_r = torch.empty(R, n_tc, dtype=torch.float32, device=dev)
+        means_c = torch.empty(triton.cdiv(R, tile_r), C, dtype=torch.float32, device=dev)
+        means_m = torch.empty(triton.cdiv(R, tile_r), n_tc, dtype=torch.float32, device=dev)
+        bad = torch.empty(n_tiles, dtype=torch.int32, device=dev)
+        _gw_stats_kernel[(n_tiles,)](
+            gW, means_r, means_c, means_m, bad, dummy if flag is None else flag,
+            dummy if nonfinite is None else nonfinite, step, *codes, R, C, int(call),
+            float(np.float32(1.0 - norm_beta)), int(norm_key_base), gW.stride(0), gW.stride(1),
+            MODE=mode, NB=tile_r, NORM_MEMORY=norm_codes is not None, HAS_FLAG=flag is not None,
+            HAS_NONFINITE=nonfinite is not None, CHUNK_R=cfg["STATS_CHUNK_R"], num_warps=cfg["num_warps"], **common)
+        _gw_votes_kernel[(triton.cdiv(R, cfg["CHUNK_R"]) * n_tc,)](
+            gW, means_r, means_c, means_m, bad, weight.T_packed, weight.T_accum, accum_or_cache,
+            dummy if gE is None else gE, step, step if lr_ptr is None else lr_ptr, R, C, weight.n_groups, gs, neg_lr,
+            float(decay), float(vote_clip), int(key_base), int(call), gW.stride(0), gW.stride(1),
+            MODE=mode, NB=tile_r, USE_DECAY=use_decay, GE_MODE=ge_mode, GE_GROUP=ge_group, CACHE_BITS=cache_bits,
+            LR_PTR=lr_ptr is not None, CHUNK_R=cfg["CHUNK_R"], BLOCK_C=tile_c,
+            num_warps=cfg["chunk_warps"], **common)
+        return
+    _matmul_votes_kernel[(n_tiles,)](
+        gy, x, weight.T_packed, weight.T_accum, accum_or_cache,
         dummy if gE is None else gE, dummy if flag is None else flag, dummy if nonfinite is None else nonfinite, step,
         step if lr_ptr is None else lr_ptr, *codes, M, R, C, weight.n_groups, gs, neg_lr, float(decay),
         float(vote_clip), int(key_base), int(call),
-        float(np.float32(1.0 - norm_beta)), int(norm_key_base), *strides,
-        MODE=MODE_SIGN if vote == "sign" else MODE_STOCHASTIC, NB=nb or 16, NORM_MEMORY=norm_codes is not None,
-        USE_DECAY=use_decay,
+        float(np.float32(1.0 - norm_beta)), int(norm_key_base), gy.stride(0), gy.stride(1), x.stride(0), x.stride(1),
+        MODE=mode, NB=nb or 16, NORM_MEMORY=norm_codes is not None, USE_DECAY=use_decay,
         GE_MODE=ge_mode, GE_GROUP=ge_group, CACHE_BITS=cache_bits, HAS_FLAG=flag is not None,
-        HAS_NONFINITE=nonfinite is not None, CALLS_PER_STEP=int(calls_per_step), K_STEP=rng._K_STEP,
-        UPCAST=upcast_dot(gy), DOT_PRECISION=dot_precision(gy), GW_GIVEN=gw_given, LR_PTR=lr_ptr is not None,
-        BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], GROUP=8,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False,
+        HAS_NONFINITE=nonfinite is not None, UPCAST=upcast_dot(gy), DOT_PRECISION=dot_precision(gy),
+        LR_PTR=lr_ptr is not None, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], GROUP=8,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common,
     )
 
 
 def scale_votes_(gE: torch.Tensor, E_accum: torch.Tensor, *, vote: str, lr_e: float | torch.Tensor, vote_clip: int,
                  normalize: str, norm_block: int, key_base: int, call: int, step: torch.Tensor, calls_per_step: int,
-                 interval: int = 1, flag: torch.Tensor | None = None, block: int = 1024) -> None:
+                 interval: int = 1, flag: torch.Tensor | None = None, block: int = 1024,
+                 num_warps: int | None = None) -> None:
     """Votes on the per-group scale gradient ``gE`` (rows, n_groups) into ``E_accum`` (int8, same shape), in
     place, normalised like rule.vote_scale(gE, lr_e, normalize, norm_block), on steps with
-    ``step % interval == 0`` and unless ``flag`` (the layer had a non-finite tile) is set."""
+    ``step % interval == 0`` and unless ``flag`` (the layer had a non-finite tile) is set.
+
+    ``num_warps`` (default: one warp per 128 elements of a program's tile, 4 to 16): gE is small, so the grid
+    has few programs (8 for a 1024 x 64 gE in 128 x 64 tiles) and each program's per-element IEEE divisions
+    and square roots are the time. H200, 151M shapes (scripts/votes_ablation.py): 4 / 8 / 16 warps took
+    6.6 / 4.2 / 3.1 us on a 3072 x 16 gE and 24.2 / 12.5 / 8.4 us on a 1024 x 64 one."""
     assert gE.dim() == 2 and gE.shape == E_accum.shape and gE.dtype == torch.float32 and E_accum.dtype == torch.int8
     assert gE.is_contiguous() and E_accum.is_contiguous() and interval >= 1
     assert normalize in ("tensor", "block_factored"), normalize
@@ -623,6 +786,9 @@ def scale_votes_(gE: torch.Tensor, E_accum: torch.Tensor, *, vote: str, lr_e: fl
     else:
         grid = (1,)
     inv_n = float(np.float32(1.0) / np.float32(rows * ng))  # PyTorch's CUDA mean factor: float(1) / numel
+    block_g = min(norm_block, triton.next_power_of_2(ng)) if block_norm else 1
+    if num_warps is None:
+        num_warps = max(4, min(16, norm_block * block_g // 128)) if block_norm else 4
     lr_ptr, neg_lr = lr_operand(lr_e, gE.device)
     _scale_votes_kernel[grid](
         gE, E_accum, step if flag is None else flag, step, step if lr_ptr is None else lr_ptr, rows, ng, int(interval),
@@ -630,6 +796,5 @@ def scale_votes_(gE: torch.Tensor, E_accum: torch.Tensor, *, vote: str, lr_e: fl
         MODE=MODE_SIGN if vote == "sign" else MODE_STOCHASTIC,
         BLOCK_NORM=block_norm, NB=norm_block if block_norm else 16, MEAN_BY_RECIPROCAL=gE.device.type == "cuda",
         HAS_FLAG=flag is not None, CALLS_PER_STEP=int(calls_per_step), K_STEP=rng._K_STEP, BLOCK=block,
-        BLOCK_G=min(norm_block, triton.next_power_of_2(ng)) if block_norm else 1, LR_PTR=lr_ptr is not None,
-        num_warps=4, enable_fp_fusion=False,
+        BLOCK_G=block_g, LR_PTR=lr_ptr is not None, num_warps=num_warps, enable_fp_fusion=False,
     )
