@@ -157,3 +157,41 @@ def test_kernels_compile_for_hopper(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_check.py")], capture_output=True, text=True,
                        timeout=900, cwd=ROOT, env=env)
     assert r.returncode == 0 and " 0 failed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seeds", "a,b"], "--seeds takes comma-separated integers"),
+    (["--steps", "0"], "--steps >= 1"),
+], ids=["bad-seeds", "zero-steps"])
+def test_fp8_emulation_check_bad_input(args, message, tmp_path):
+    r = _run("fp8_emulation_check.py", *args, "--out", str(tmp_path))
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_fp8_emulation_check_rounds_and_restores(tmp_path):
+    """The emulation rounds every TernaryLinear's input in forward and its output gradient in backward to e4m3
+    per row, and the layer is itself again afterwards; a tiny run of the script writes both sides' results."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import fp8_emulation_check as f8
+
+    from trueternary.layers import TernaryLinear
+
+    torch.manual_seed(0)
+    layer = TernaryLinear(16, 8, group_size=8)
+    x = torch.randn(5, 16, requires_grad=True)
+    gy = torch.randn(5, 8)
+    plain_y = layer(x)
+    with f8.fp8_emulation():
+        y = layer(x)
+        y.backward(gy)
+    assert torch.equal(y, layer(f8.fp8_rows(x)))  # forward: the rounded input (the plain layer again here)
+    assert not torch.equal(y, plain_y) and torch.equal(layer(x), plain_y)
+    W = layer.weight.dense(torch.float32)
+    torch.testing.assert_close(x.grad, f8.fp8_rows(gy) @ W)  # backward: the rounded output gradient
+    out = tmp_path / "out"
+    r = _run("fp8_emulation_check.py", "--steps", "3", "--seeds", "0", "--out", str(out), "--", "--eval_every", "3")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    res = json.loads((out / "fp8_emulation.json").read_text())
+    assert len(res["plain"]) == len(res["fp8_emulated"]) == 1 and res["steps"] == 3
