@@ -144,10 +144,14 @@ def _one_tile_means(g, r0, c0, R, C, NB: tl.constexpr, BLOCK_R: tl.constexpr, BL
     """_sub_tile_means for a (BLOCK_R, BLOCK_C) tile inside one NB x NB sub-tile (BLOCK_R/BLOCK_C < NB only where
     the matrix ends inside the block): rows (BLOCK_R,), columns (BLOCK_C,), the tile mean."""
     g2 = g * g
+    return _means_from_sums(tl.sum(g2, axis=1), tl.sum(g2, axis=0), r0, c0, R, C, NB, BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def _means_from_sums(row_sum, col_sum, r0, c0, R, C, NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The means of one sub-tile at (r0, c0) from its row sums (BLOCK_R,) and column sums (BLOCK_C,) of g**2."""
     n_rows = tl.minimum(tl.maximum(R - r0, 1), NB).to(tl.float32)  # real rows of the sub-tile (>= 1 as the
     n_cols = tl.minimum(tl.maximum(C - c0, 1), NB).to(tl.float32)  # reference's clamp_min(1))
-    row_sum = tl.sum(g2, axis=1)
-    col_sum = tl.sum(g2, axis=0)
     tile_sum = tl.sum(col_sum, axis=0)
     r_mean = tl.div_rn(row_sum, tl.full((BLOCK_R,), 1.0, tl.float32) * n_cols)
     c_mean = tl.div_rn(col_sum, tl.full((BLOCK_C,), 1.0, tl.float32) * n_rows)
@@ -325,12 +329,14 @@ def _matmul_votes_kernel(
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     # ---- epilogue: the gradient tile never leaves registers
-    g, n_bad = _zero_nonfinite_tile(acc, flag_ptr, nonfinite_ptr, HAS_FLAG, HAS_NONFINITE)
+    n_bad = _count_nonfinite(acc)
+    _flag_nonfinite(n_bad, flag_ptr, nonfinite_ptr, HAS_FLAG, HAS_NONFINITE)
+    g = tl.where(n_bad > 0, 0.0, acc)  # a tile with NaN/inf votes as zero (out-of-range lanes are 0 already)
     if MODE == 0:
         if NORM_MEMORY:
-            r_mean, c_mean, m = _tile_means(g, n_bad, pid_r, pid_c, step_ptr, tile_code_ptr, row_code_ptr,
-                                            col_code_ptr, lut_tile_ptr, lut_ratio_ptr, R, C, call, ema_w,
-                                            norm_key_base, NB, NORM_MEMORY, CALLS_PER_STEP, K_STEP, BLOCK_R, BLOCK_C)
+            r_mean, c_mean, m = _ema_tile_means(g, n_bad, pid_r, pid_c, step_ptr, tile_code_ptr, row_code_ptr,
+                                                col_code_ptr, lut_tile_ptr, lut_ratio_ptr, R, C, call, ema_w,
+                                                norm_key_base, NB, CALLS_PER_STEP, K_STEP, BLOCK_R, BLOCK_C)
             r_full, c_full, m_full = _full_from_means(r_mean, c_mean, m, NB, BLOCK_R, BLOCK_C)
             s = _scale_from_full(r_full, c_full, m_full, neg_lr, BLOCK_R, BLOCK_C)
         else:
@@ -343,25 +349,26 @@ def _matmul_votes_kernel(
 
 
 @triton.jit
-def _zero_nonfinite_tile(acc, flag_ptr, nonfinite_ptr, HAS_FLAG: tl.constexpr, HAS_NONFINITE: tl.constexpr):
-    """``(g, n_bad)``: a tile holding NaN/inf is zeroed; the first such tile of the call sets ``flag`` and
-    counts the layer once in ``nonfinite``."""
-    n_bad = tl.sum(tl.sum(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32), axis=1), axis=0)
-    g = tl.where(n_bad > 0, 0.0, acc)  # out-of-range lanes are 0 already (masked loads)
-    if HAS_FLAG:
-        old = tl.atomic_add(flag_ptr, 1.0, mask=n_bad > 0)
-        if HAS_NONFINITE:  # the first non-finite tile of this call counts the layer once
-            tl.atomic_add(nonfinite_ptr, 1, mask=(n_bad > 0) & (old == 0.0))
-    return g, n_bad
+def _count_nonfinite(g):
+    """How many elements of a 2-D block are NaN or inf (int32 scalar)."""
+    return tl.sum(tl.sum(((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32), axis=1), axis=0)
 
 
 @triton.jit
-def _tile_means(g, n_bad, pid_r, pid_c, step_ptr, tile_code_ptr, row_code_ptr, col_code_ptr, lut_tile_ptr,
-                lut_ratio_ptr, R, C, call, ema_w, norm_key_base, NB: tl.constexpr, NORM_MEMORY: tl.constexpr,
-                CALLS_PER_STEP: tl.constexpr, K_STEP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The normaliser's means of a (BLOCK_R, BLOCK_C) gradient tile, per NB x NB sub-tile: rows (BLOCK_R, SC),
-    columns (SR, BLOCK_C), sub-tiles (SR, SC); this call's (rule.block_factored_stats), or with NORM_MEMORY the
-    moving averages' (rule.ema_block_factored_stats: the codes are updated in place)."""
+def _flag_nonfinite(n_bad, flag_ptr, nonfinite_ptr, HAS_FLAG: tl.constexpr, HAS_NONFINITE: tl.constexpr):
+    """A tile with ``n_bad`` > 0 adds 1 to ``flag``; the first such tile of the call counts the layer once."""
+    if HAS_FLAG:
+        old = tl.atomic_add(flag_ptr, 1.0, mask=n_bad > 0)
+        if HAS_NONFINITE:
+            tl.atomic_add(nonfinite_ptr, 1, mask=(n_bad > 0) & (old == 0.0))
+
+
+@triton.jit
+def _ema_tile_means(g, n_bad, pid_r, pid_c, step_ptr, tile_code_ptr, row_code_ptr, col_code_ptr, lut_tile_ptr,
+                    lut_ratio_ptr, R, C, call, ema_w, norm_key_base, NB: tl.constexpr, CALLS_PER_STEP: tl.constexpr,
+                    K_STEP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The moving averages' means of a (BLOCK_R, BLOCK_C) gradient tile per NB x NB sub-tile, rows (BLOCK_R, SC),
+    columns (SR, BLOCK_C), sub-tiles (SR, SC) (rule.ema_block_factored_stats; the codes are updated in place)."""
     SR: tl.constexpr = BLOCK_R // NB
     SC: tl.constexpr = BLOCK_C // NB
     r0 = pid_r * BLOCK_R
@@ -373,12 +380,9 @@ def _tile_means(g, n_bad, pid_r, pid_c, step_ptr, tile_code_ptr, row_code_ptr, c
         m = tl.full((1, 1), 1.0, tl.float32) * m1
     else:
         r_mean, c_mean, m = _sub_tile_means(g, r0, c0, R, C, NB, BLOCK_R, BLOCK_C)
-    if NORM_MEMORY:
-        norm_key = _device_key(step_ptr, call, norm_key_base, CALLS_PER_STEP, K_STEP)
-        r_mean, c_mean, m = _ema_means(r_mean, c_mean, m, n_bad, tile_code_ptr, row_code_ptr, col_code_ptr,
-                                       lut_tile_ptr, lut_ratio_ptr, ema_w, norm_key, pid_r, pid_c, R, C, NB,
-                                       BLOCK_R, BLOCK_C)
-    return r_mean, c_mean, m
+    norm_key = _device_key(step_ptr, call, norm_key_base, CALLS_PER_STEP, K_STEP)
+    return _ema_means(r_mean, c_mean, m, n_bad, tile_code_ptr, row_code_ptr, col_code_ptr, lut_tile_ptr,
+                      lut_ratio_ptr, ema_w, norm_key, pid_r, pid_c, R, C, NB, BLOCK_R, BLOCK_C)
 
 
 @triton.jit
@@ -462,16 +466,13 @@ def _gw_stats_kernel(
         mask_r = offs_r < R
         g = tl.load(gw_ptr + offs_r[:, None] * stride_wr + offs_c[None, :] * stride_wc,
                     mask=mask_r[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-        n_bad += tl.sum(tl.sum(((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32), axis=1), axis=0)
+        n_bad += _count_nonfinite(g)
         g2 = g * g
         col_sum += tl.sum(g2, axis=0)
         if MODE == 0:  # this row block's sums, until the whole tile is read
             tl.store(means_r_ptr + offs_r * n_tc + pid_c, tl.sum(g2, axis=1), mask=mask_r)
     tl.store(bad_ptr + tl.program_id(0), n_bad)
-    if HAS_FLAG:  # the first non-finite tile of this call counts the layer once
-        old = tl.atomic_add(flag_ptr, 1.0, mask=n_bad > 0)
-        if HAS_NONFINITE:
-            tl.atomic_add(nonfinite_ptr, 1, mask=(n_bad > 0) & (old == 0.0))
+    _flag_nonfinite(n_bad, flag_ptr, nonfinite_ptr, HAS_FLAG, HAS_NONFINITE)
     if MODE == 0:
         tl.debug_barrier()  # the row sums stored above, by other threads of this program
         offs_r = pid_r * NB + tl.arange(0, NB)
@@ -479,12 +480,10 @@ def _gw_stats_kernel(
         # a tile with NaN/inf counts as all zero (as the one-pass kernel zeroes it): its statistics are 0
         row_sum = tl.where(n_bad > 0, 0.0, row_sum)
         col_sum = tl.where(n_bad > 0, 0.0, col_sum)
-        # _one_tile_means from the sums: real rows / columns of the tile (>= 1, the reference's clamp_min(1))
-        n_rows = tl.minimum(tl.maximum(R - pid_r * NB, 1), NB).to(tl.float32)
-        n_cols = tl.minimum(tl.maximum(C - pid_c * NB, 1), NB).to(tl.float32)
-        r_mean = tl.div_rn(row_sum, tl.full((NB,), 1.0, tl.float32) * n_cols)[:, None]
-        c_mean = tl.div_rn(col_sum, tl.full((NB,), 1.0, tl.float32) * n_rows)[None, :]
-        m = tl.full((1, 1), 1.0, tl.float32) * tl.div_rn(tl.sum(col_sum, axis=0), n_rows * n_cols)
+        r1, c1, m1 = _means_from_sums(row_sum, col_sum, pid_r * NB, pid_c * NB, R, C, NB, NB, NB)
+        r_mean = r1[:, None]
+        c_mean = c1[None, :]
+        m = tl.full((1, 1), 1.0, tl.float32) * m1
         if NORM_MEMORY:
             norm_key = _device_key(step_ptr, call, norm_key_base, CALLS_PER_STEP, K_STEP)
             r_mean, c_mean, m = _ema_means(r_mean, c_mean, m, n_bad, tile_code_ptr, row_code_ptr, col_code_ptr,
@@ -659,7 +658,8 @@ def matmul_votes_(gy: torch.Tensor, x: torch.Tensor, weight, *, vote: str, lr: f
 
     ``impl``: 'fused' forms each gradient tile in the kernel (gW never reaches memory); 'gemm' forms gW
     with cuBLAS in the operands' dtype (the dense-fallback's own ``gy.T @ x``: a transient rows x cols
-    tensor, freed on return) and the same kernel's epilogue reads it (see VOTES_FUSED_MAX_TOKENS).
+    tensor, freed on return) and votes in two passes over it, _gw_stats_kernel then _gw_votes_kernel (see
+    VOTES_FUSED_MAX_TOKENS).
 
     ``norm_codes``: the moving averages' codes of a ``norm_beta`` rule (rule.empty_norm_codes' dict: int16
     ``norm_tile``, int8 ``norm_row``/``norm_col``), updated in place, their rounding keyed by
