@@ -24,7 +24,7 @@ import torch
 from . import memory
 from .cli import UsageError, resolve_device
 from .data import eval_windows, load_corpus, random_batch
-from .models import build_model, model_names
+from .models import build_model, check_compile_ops, model_names
 from .optim import NonFiniteGradientError, resolve_backend
 from .qat import QUANTIZERS, forward_trits
 from .recipes import CONFIG_NAMES, LATENT_CONFIGS, QAT_OPTIMIZERS, TERNARY_CONFIGS, Hparams, build_recipe
@@ -420,10 +420,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     except (ValueError, TypeError) as e:
         raise UsageError(f"bad --model-config: {e}") from None
     compile_ops = getattr(args, "compile", False)
-    try:
-        build_model(args.model, seed=0, compile_ops=compile_ops, **dict(model_kw, n_layers=1))
-    except ValueError as e:
-        raise UsageError(f"--compile: {e}") from None
+    if compile_ops:
+        try:
+            check_compile_ops(args.model)
+        except ValueError as e:
+            raise UsageError(f"--compile: {e}") from None
     model_kw["compile_ops"] = compile_ops
     shared_base = build_model(args.model, seed=args.seed, **model_kw) if args.reuse_base else None
     meta = {

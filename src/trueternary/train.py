@@ -42,7 +42,7 @@ from . import distributed, memory
 from .bench import parse_overrides, validation_bpb
 from .checkpoint import CheckpointError
 from .data import Corpus, RandomWindows, eval_windows, load_corpus
-from .models import build_model, model_names
+from .models import build_model, check_compile_ops, model_names
 from .optim import BACKENDS, NonFiniteGradientError
 from .recipes import CONFIG_NAMES, Hparams, build_recipe, lr_factor
 from .rule import FlipRule
@@ -166,7 +166,7 @@ def validate(cfg: TrainConfig) -> Hparams:
         hp = hparams_for(cfg)
         model_config(cfg)
         if cfg.compile:
-            build_model(cfg.model, compile_ops=True, **dict(model_config(cfg), n_layers=1))
+            check_compile_ops(cfg.model)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
     return hp

@@ -27,12 +27,21 @@ def build_model(name: str, seed: int = 0, compile_ops: bool = False, **config) -
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(model_names())}")
     cls, cfg_cls = _MODELS[name]
     cfg = cfg_cls.from_dict(config)
+    if compile_ops:
+        check_compile_ops(name)
     model = cls(cfg, generator=torch.Generator().manual_seed(seed))
     if compile_ops:
-        if not hasattr(model, "use_compiled_ops"):
-            raise ValueError(f"compiled ops are implemented for the transformer, not model {name!r}")
         model.use_compiled_ops()  # a copy (build_recipe's) keeps the setting
     return model
 
 
-__all__ = ["ByteTransformer", "TransformerConfig", "build_model", "model_names", "register_model"]
+def check_compile_ops(name: str) -> None:
+    """ValueError unless model family ``name`` can run its shared ops compiled (has ``use_compiled_ops``)."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(model_names())}")
+    if not hasattr(_MODELS[name][0], "use_compiled_ops"):
+        raise ValueError(f"compiled ops are implemented for the transformer, not model {name!r}")
+
+
+__all__ = ["ByteTransformer", "TransformerConfig", "build_model", "check_compile_ops", "model_names",
+           "register_model"]
