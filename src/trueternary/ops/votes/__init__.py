@@ -40,9 +40,9 @@ Differences from the dense-fallback path, all documented in docs/performance.md:
   first; impl 'gemm' uses that same rounded gW) and the float sums run in another order; votes are
   bit-identical wherever the arithmetic is exact, statistically equal elsewhere.
 * A non-finite gradient zeroes the kernel *tiles* (impl 'gemm': normalisation tiles) holding NaN/inf (the
-  reference zeroes the whole matrix when ``check_finite``), the layer casts no scale votes, those tiles keep their moving averages' codes
-  (the reference keeps the whole layer's), ``nonfinite`` is incremented once and ``FlipOptimizer.step``
-  raises as on the dense path.
+  reference zeroes the whole matrix when ``check_finite``), the layer casts no scale votes, those tiles keep
+  their moving averages' codes (the reference keeps the whole layer's), ``nonfinite`` is incremented once and
+  ``FlipOptimizer.step`` raises as on the dense path.
 
 gpu-signcache (:class:`VoteCache`): the backward kernel writes the votes into a compact per-layer cache
 (2 bits per weight for sign votes, 4 for vote_clip <= 7, else 8) instead of read-modify-writing
