@@ -30,6 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from script_args import out_dir  # noqa: E402
+
 from trueternary import cli  # noqa: E402
 from trueternary.layers import TernaryLinear  # noqa: E402
 from trueternary.ops.ternary_matmul import quantize_rows_fp8  # noqa: E402
@@ -104,12 +106,7 @@ def main() -> int:
         p.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     if not seeds or args.steps < 1:
         p.error("need at least one seed and --steps >= 1")
-    try:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"fp8_emulation_check: error: cannot create --out {args.out}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    out = out_dir(p, args.out)
     res = {"steps": args.steps, "seeds": seeds, "train_flags": extra, "plain": [], "fp8_emulated": []}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:

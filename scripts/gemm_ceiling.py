@@ -19,9 +19,9 @@ import json
 import os
 import statistics
 import sys
-from pathlib import Path
 
 import torch
+from script_args import out_dir
 
 F8 = torch.float8_e4m3fn
 BF16 = torch.bfloat16
@@ -82,15 +82,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "out"), help="output folder (default $OUT or ./out)")
     args = p.parse_args()
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"gemm_ceiling: error: cannot create --out {out}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    out = out_dir(p, args.out)
     if not torch.cuda.is_available():
-        print("gemm_ceiling: error: needs a CUDA device", file=sys.stderr)
-        return 2
+        p.error("needs a CUDA device")
     rows = []
     for name, (N, K) in SHAPES.items():
         rows.append(layer_row(name, N, K))

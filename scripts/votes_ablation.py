@@ -36,6 +36,8 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from script_args import out_dir  # noqa: E402
+
 from trueternary.ops.triton_utils import load_trits, uniform01  # noqa: E402
 
 M = 16384
@@ -169,15 +171,9 @@ def main() -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "out"), help="output folder (default $OUT or ./out)")
     p.add_argument("--no-stages", action="store_true", help="time the library's kernels only (not the stage copies)")
     args = p.parse_args()
-    try:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"votes_ablation: error: cannot create --out {args.out}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    out = out_dir(p, args.out)
     if not torch.cuda.is_available():
-        print("votes_ablation: error: needs a CUDA device (it times GPU kernels)", file=sys.stderr)
-        return 2
+        p.error("needs a CUDA device (it times GPU kernels)")
     res = {"env": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                    "tokens": M}, "rows": []}
     for name, (R, C) in SHAPES.items():

@@ -168,6 +168,12 @@ def test_fp8_emulation_check_bad_input(args, message, tmp_path):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_fp8_emulation_check_bad_out_dir(tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = _run("fp8_emulation_check.py", "--out", str(tmp_path / "file" / "out"))
+    assert r.returncode == 2 and "cannot create --out" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_fp8_emulation_check_rounds_and_restores(tmp_path):
     """The emulation rounds every TernaryLinear's input in forward and its output gradient in backward to e4m3
     per row, and the layer is itself again afterwards; a tiny run of the script writes both sides' results."""
