@@ -16,7 +16,8 @@ default rule's tile), so the differences say what each stage costs:
 
 plus the library's votes (cuBLAS's gW, statistics pass, vote pass) with history-less statistics (norm_beta=0),
 with the moving averages (the default rule) at its default and four other block configurations, the scale-vote
-kernel on gE (4, 8, 16 warps), the flip kernel and the dequant kernel, and cuBLAS's gW alone (``--no-stages``:
+kernel on gE (4, 8, 16 warps), the flip kernel and the dequant kernel (each at its default launch and
+several others), and cuBLAS's gW alone (``--no-stages``:
 these only). Each row: median GPU time per call inside a CUDA graph (triton.testing.do_bench_cudagraph), the
 bytes it must move, and the fraction of HBM bandwidth that is (3.0 TB/s, the H100 figure the issue gives; H200
 ~4.8).
@@ -47,6 +48,11 @@ HBM = 3.0e12
 STAGES = ((0, "copy", False), (1, "stats", False), (1, "factored", True), (2, "rng", False),
           (3, "trits + gE (reshape)", False), (4, "trits alone", False), (5, "trits + gE (masked row sums)", False),
           (6, "gE of |g| (no trits)", False))
+# launches of the flip kernel (bytes of T_packed per program, warps) and the dequant kernel beside their defaults
+FLIP_LAUNCHES = ((256, 4), (1024, 4), (1024, 8), (2048, 8), (4096, 8))
+DEQUANT_LAUNCHES = ({"BLOCK_R": 32}, {"BLOCK_R": 32, "num_warps": 8}, {"BLOCK_R": 64, "num_warps": 8},
+                    {"BLOCK_R": 8, "BLOCK_C": 256}, {"BLOCK_R": 16, "BLOCK_C": 256, "num_warps": 8},
+                    {"BLOCK_R": 32, "BLOCK_C": 256, "num_warps": 8})
 
 
 @triton.jit
@@ -110,6 +116,7 @@ def graph_ms(fn) -> float:
 
 def layer_rows(name: str, R: int, C: int, stages: bool) -> list[dict]:
     from trueternary.ops.flip import apply_flips_
+    from trueternary.ops.flip.triton import flip_triton_
     from trueternary.ops.ternary_matmul.triton import dequant_triton
     from trueternary.ops.votes.triton import matmul_votes_, scale_votes_
     from trueternary.rule import FlipRule, empty_norm_codes
@@ -161,7 +168,12 @@ def layer_rows(name: str, R: int, C: int, stages: bool) -> list[dict]:
             key_base=3, call=1, step=step, calls_per_step=49, flag=flag, num_warps=nw), 5.0 * R * w.n_groups)
     counts = torch.zeros(2, dtype=torch.int32, device=dev)
     row("flip kernel", lambda: apply_flips_(w, 32, True, 32, counts), 2.4 * n)
+    for block, warps in FLIP_LAUNCHES:
+        row(f"flip kernel, block {block}, {warps} warps", lambda b=block, nw=warps: flip_triton_(
+            w, 32, True, 32, counts, block=b, num_warps=nw), 2.4 * n)
     row("dequant bf16", lambda: dequant_triton(w), 2.2 * n)
+    for over in DEQUANT_LAUNCHES:
+        row(f"dequant bf16, {over}", lambda o=over: dequant_triton(w, config=o), 2.2 * n)
     row("dequant bf16, transposed out", lambda: dequant_triton(w, transpose_out=True), 2.2 * n)
     return rows
 

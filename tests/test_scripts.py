@@ -162,24 +162,32 @@ def test_kernels_compile_for_hopper(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--seeds", "a,b"], "--seeds takes comma-separated integers"),
     (["--steps", "0"], "--steps >= 1"),
-], ids=["bad-seeds", "zero-steps"])
-def test_fp8_emulation_check_bad_input(args, message, tmp_path):
-    r = _run("fp8_emulation_check.py", *args, "--out", str(tmp_path))
+    (["--levers", "fp16"], "unknown lever 'fp16'"),
+    (["--levers", "vote_tokens=0"], "the fraction must be in (0, 1]"),
+    (["--levers", "vote_tokens=half"], "the fraction must be in (0, 1]"),
+], ids=["bad-seeds", "zero-steps", "unknown-lever", "zero-fraction", "non-numeric-fraction"])
+def test_lever_quality_check_bad_input(args, message, tmp_path):
+    r = _run("lever_quality_check.py", *args, "--out", str(tmp_path))
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_fp8_emulation_check_bad_out_dir(tmp_path):
+def test_lever_quality_check_bad_out_dir(tmp_path):
     (tmp_path / "file").write_text("x")
-    r = _run("fp8_emulation_check.py", "--out", str(tmp_path / "file" / "out"))
+    r = _run("lever_quality_check.py", "--out", str(tmp_path / "file" / "out"))
     assert r.returncode == 2 and "cannot create --out" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_fp8_emulation_check_rounds_and_restores(tmp_path):
-    """The emulation rounds every TernaryLinear's input in forward and its output gradient in backward to e4m3
-    per row, and the layer is itself again afterwards; a tiny run of the script writes both sides' results."""
+def _lever_module():
     sys.path.insert(0, str(ROOT / "scripts"))
-    import fp8_emulation_check as f8
+    import lever_quality_check
 
+    return lever_quality_check
+
+
+def test_lever_fp8_rounds_and_restores():
+    """The fp8 lever rounds every TernaryLinear's input in forward and its output gradient in backward to e4m3
+    per row, and the layer is itself again afterwards."""
+    lq = _lever_module()
     from trueternary.layers import TernaryLinear
 
     torch.manual_seed(0)
@@ -187,17 +195,40 @@ def test_fp8_emulation_check_rounds_and_restores(tmp_path):
     x = torch.randn(5, 16, requires_grad=True)
     gy = torch.randn(5, 8)
     plain_y = layer(x)
-    with f8.fp8_emulation():
+    with lq.fp8_emulation():
         y = layer(x)
         y.backward(gy)
-    assert torch.equal(y, layer(f8.fp8_rows(x)))  # forward: the rounded input (the plain layer again here)
+    assert torch.equal(y, layer(lq.fp8_rows(x)))  # forward: the rounded input (the plain layer again here)
     assert not torch.equal(y, plain_y) and torch.equal(layer(x), plain_y)
     W = layer.weight.dense(torch.float32)
-    torch.testing.assert_close(x.grad, f8.fp8_rows(gy) @ W)  # backward: the rounded output gradient
+    torch.testing.assert_close(x.grad, lq.fp8_rows(gy) @ W)  # backward: the rounded output gradient
+
+
+@pytest.mark.parametrize("fraction,rows", [(0.5, 3), (0.25, 2), (1.0, 5), (0.01, 1)],
+                         ids=["half", "quarter", "all", "tiny"])
+def test_lever_vote_tokens_passes_the_first_rows(monkeypatch, fraction, rows):
+    """vote_tokens=F hands the voter the first ceil(F * M) token rows of gy and x, and restores the method."""
+    lq = _lever_module()
+    from trueternary.optim import FlipOptimizer
+
+    seen = []
+    monkeypatch.setattr(FlipOptimizer, "cast_matmul_votes", lambda self, w, gy, x, T: seen.append((gy, x)))
+    recorder = FlipOptimizer.cast_matmul_votes
+    gy, x = torch.randn(5, 3), torch.randn(5, 4)
+    with lq.vote_tokens(fraction):
+        FlipOptimizer.cast_matmul_votes(None, None, gy, x, None)
+    assert FlipOptimizer.cast_matmul_votes is recorder
+    (g2, x2), = seen
+    assert torch.equal(g2, gy[:rows]) and torch.equal(x2, x[:rows])
+
+
+def test_lever_quality_check_writes_every_run(tmp_path):
     out = tmp_path / "out"
-    r = _run("fp8_emulation_check.py", "--steps", "3", "--seeds", "0", "--out", str(out), "--", "--eval_every", "3")
+    r = _run("lever_quality_check.py", "--levers", "fp8,vote_tokens=0.5", "--steps", "3", "--seeds", "0",
+             "--out", str(out), "--", "--eval_every", "3")
     assert r.returncode == 0, r.stderr
     import json
 
-    res = json.loads((out / "fp8_emulation.json").read_text())
-    assert len(res["plain"]) == len(res["fp8_emulated"]) == 1 and res["steps"] == 3
+    res = json.loads((out / "lever_quality.json").read_text())
+    assert len(res["plain"]) == len(res["fp8"]) == len(res["vote_tokens=0.5"]) == 1 and res["steps"] == 3
+    assert res["plain"][0] != res["vote_tokens=0.5"][0]  # fewer tokens' votes: a different run

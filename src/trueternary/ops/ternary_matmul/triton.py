@@ -196,14 +196,15 @@ def _dequant_kernel(
 
 
 def dequant_triton(weight, dtype: torch.dtype = torch.bfloat16, transpose_out: bool = False,
-                   fp8_transposed: bool | None = None, out: torch.Tensor | None = None
+                   fp8_transposed: bool | None = None, out: torch.Tensor | None = None, config: dict | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dense weight from the packed buffers in one pass: ``(W, E_ref)``.
 
     ``dtype`` bf16/fp16/fp32 gives ``W = T * 2**E`` (E_ref None). ``dtype=torch.float8_e4m3fn`` gives the
     fp8 kernel's ``W_q = T * 2**(E - E_ref)`` for the forward (``fp8_transposed=False``) or backward-input
     (``True``) direction, and E_ref (int32). ``transpose_out`` stores W.T (cols, rows) contiguous.
-    ``out``: optional preallocated result of that shape and dtype.
+    ``out``: optional preallocated result of that shape and dtype. ``config``: overrides of the launch
+    (BLOCK_R, BLOCK_C, num_warps; scripts/votes_ablation.py times alternatives).
     """
     rows, cols = weight.rows, weight.cols
     check_kernel_numel(rows * cols)
@@ -214,11 +215,11 @@ def dequant_triton(weight, dtype: torch.dtype = torch.bfloat16, transpose_out: b
     assert out.shape == shape and out.dtype == dtype
     E_ref = fp8_reference_exponent(weight.E, bool(fp8_transposed)) if fp8 else None
     s_r, s_c = (out.stride(1), out.stride(0)) if transpose_out else (out.stride(0), out.stride(1))
-    BLOCK_R, BLOCK_C = (32, 64) if transpose_out else (16, 128)
-    grid = (triton.cdiv(rows, BLOCK_R), triton.cdiv(cols, BLOCK_C))
+    cfg = {"BLOCK_R": 32, "BLOCK_C": 64} if transpose_out else {"BLOCK_R": 16, "BLOCK_C": 128}
+    cfg = {**cfg, "num_warps": 4, **(config or {})}
+    grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(cols, cfg["BLOCK_C"]))
     _dequant_kernel[grid](
         weight.T_packed, weight.E, E_ref if fp8 else weight.E, out, rows, cols, weight.n_groups,
-        weight.group_size, s_r, s_c, FP8=fp8, FP8_TRANSPOSED=bool(fp8_transposed),
-        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=4,
+        weight.group_size, s_r, s_c, FP8=fp8, FP8_TRANSPOSED=bool(fp8_transposed), **cfg,
     )
     return out, E_ref
