@@ -481,6 +481,33 @@ def test_gpu_backend_counts_nonfinite_layers_and_raises():
     assert opt.step_count == 1 and all(int(t) == 1 for t in opt._step_dev.values())
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_gpu_backend_deferred_finite_check_counts_without_a_host_read(monkeypatch):
+    """defer_finite_check (a CUDA-graphed step): step() moves the count of non-finite layers to the device
+    tensor last_step_nonfinite, zeroes the counter and reads nothing on the host; a clean step then reports 0."""
+    model = MLP()
+    opt = gpu_optimizer(model, "gpu", seed=1, norm_block=16, norm_beta=0.0)
+    opt.defer_finite_check(DEVICE)
+    x = torch.randint(-2, 3, (4, 24), generator=torch.Generator().manual_seed(2)).float().to(DEVICE)
+    model(x).sum().backward()  # warm-up: creates the device step counter
+    opt.step()
+    bad = x.clone()
+    bad[1, 3] = float("inf")
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("host read of a tensor on the gpu path")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    model(bad).sum().backward()
+    opt.step()
+    monkeypatch.undo()
+    assert int(opt.last_step_nonfinite) == 2 and int(opt._nonfinite) == 0
+    model(x).sum().backward()
+    opt.step()
+    assert int(opt.last_step_nonfinite) == 0 and opt.step_count == 3
+
+
 # ------------------------------------------------------------------ data parallelism on the gpu backends
 
 

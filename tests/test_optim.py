@@ -328,6 +328,23 @@ def test_non_finite_gradient_raises_and_integer_state_is_not_poisoned(bad):
     assert states_differ(before, integer_state(model))
 
 
+def test_deferred_finite_check_drops_the_votes_and_reports_on_the_device():
+    """defer_finite_check: a backward with inf drops its votes as the raising check does; step() does not raise
+    but leaves the count of non-finite layer gradients in last_step_nonfinite."""
+    model = TinyNet()
+    opt = FlipOptimizer(model, accum_threshold=2)
+    opt.defer_finite_check("cpu")
+    train(model, opt, 2, 0)
+    assert int(opt.last_step_nonfinite) == 0
+    before = integer_state(model)
+    (model(torch.randint(1, VOCAB, (4, 5))).sum() * float("inf")).backward()
+    assert_states_equal(before, integer_state(model))  # votes of the bad backward were dropped
+    opt.step()
+    assert int(opt.last_step_nonfinite) > 0 and int(opt._nonfinite) == 0
+    train(model, opt, 2, 1)
+    assert int(opt.last_step_nonfinite) == 0 and states_differ(before, integer_state(model))
+
+
 # ------------------------------------------------------------------------------------ no float weight gradient
 def tensor_inventory(model: nn.Module):
     """(module, name, dtype, shape) of every tensor a module holds, as parameter, buffer or plain attribute."""

@@ -160,6 +160,51 @@ def test_cuda_graph_refuses_what_it_cannot_capture():
         r.use_cuda_graph(x, x, False)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures a CUDA graph")
+def test_graphed_step_reports_nonfinite_gradients_as_a_nan_loss():
+    """A CUDA-graphed step keeps the NaN/inf gradient check on the device: a step whose gradients are not finite
+    returns a NaN loss and nonfinite_layers_last_step() counts the layers; the next clean replay reports 0."""
+    from trueternary.models import build_model
+    from trueternary.recipes import Hparams, build_recipe
+
+    dev = torch.device("cuda")
+    r = build_recipe("TrueTernary", build_model("transformer", ctx=8, d_model=32, n_layers=1, n_heads=2),
+                     Hparams(steps=20), device=dev, backend="gpu")
+    poison = torch.ones((), device=dev)
+    forward = r.forward_model
+    r.forward_model = lambda x: forward(x) * poison  # (captured: the graph reads poison at every replay)
+    x = torch.randint(0, 256, (2, 8), device=dev)
+    r.use_cuda_graph(x, x, True)
+    assert torch.isfinite(r.train_step(x, x, True)) and r.nonfinite_layers_last_step() == 0
+    poison.fill_(float("nan"))
+    assert torch.isnan(r.train_step(x, x, True)) and r.nonfinite_layers_last_step() > 0
+    poison.fill_(1.0)
+    assert torch.isfinite(r.train_step(x, x, True)) and r.nonfinite_layers_last_step() == 0
+
+
+def test_train_names_nonfinite_gradients_of_a_graphed_step(tmp_path, monkeypatch):
+    """trueternary train turns a graphed step's NaN loss with non-finite layer gradients into the eager step's
+    message (the graph cannot raise), and a plain NaN loss into 'loss nan'."""
+    monkeypatch.setattr(Recipe, "train_step", lambda self, x, y, autocast=False: torch.tensor(float("nan")))
+    monkeypatch.setattr(Recipe, "nonfinite_layers_last_step", lambda self: 2)
+    with pytest.raises(TrainingError, match="at step 1: 2 layer gradient\\(s\\) had NaN/inf"):
+        train(tiny_config(tmp_path, max_steps=3))
+    monkeypatch.setattr(Recipe, "nonfinite_layers_last_step", lambda self: 0)
+    with pytest.raises(TrainingError, match="at step 1: loss nan"):
+        train(tiny_config(tmp_path, max_steps=3, run_name="plain"))
+
+
+def test_cuda_graph_setting_is_true_false_or_auto(tmp_path, capsys):
+    """cuda_graph: 'auto' (the default) trains eagerly where no graph can run (here: the CPU) and says nothing
+    about it; anything but true/false/'auto' is a usage error."""
+    s = train(tiny_config(tmp_path, max_steps=2))
+    assert s["val_bpb"] is not None and "step:" not in capsys.readouterr().out
+    meta = json.loads((tmp_path / "runs" / "run" / "config.json").read_text())
+    assert meta["train"]["cuda_graph"] == "auto"
+    with pytest.raises(UsageError, match="cuda_graph must be true, false or 'auto'"):
+        train(tiny_config(tmp_path, cuda_graph="yes", run_name="bad"))
+
+
 def test_train_step_keeps_the_device_lr_on_the_schedule():
     """With a device lr (what a graphed step reads), every train_step writes the schedule's lr into it."""
     from trueternary.models import build_model

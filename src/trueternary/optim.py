@@ -170,6 +170,8 @@ class FlipOptimizer(torch.optim.Optimizer):
         self._step = 0
         self._calls: dict[int, int] = {}
         self._nonfinite: torch.Tensor | None = None
+        # defer_finite_check (CUDA-graphed steps): step() moves the count here instead of reading it
+        self.last_step_nonfinite: torch.Tensor | None = None
         # gpu backends: the step counter on each device the kernels run on (they derive RNG keys from it),
         # and gpu-signcache's vote caches {id(weight): (weight, VoteCache)}
         self._step_dev: dict[torch.device, torch.Tensor] = {}
@@ -224,6 +226,18 @@ class FlipOptimizer(torch.optim.Optimizer):
         between replays)."""
         for t, g in zip(self._lr_dev or [], self.param_groups):
             t.fill_(float(g["lr"]))
+
+    def defer_finite_check(self, device: torch.device | str) -> None:
+        """Keep the NaN/inf gradient check without its host read, for a step captured in a CUDA graph.
+
+        Layer gradients with NaN/inf still have their votes dropped and are still counted on the device, but
+        :meth:`step` moves the count into ``last_step_nonfinite`` (a 0-dim int32 device tensor) and zeroes it
+        instead of reading it and raising: the caller reads it after the step (``Recipe.use_cuda_graph`` turns
+        a non-zero count into a NaN loss). Unlike the raising check, that step's flips are applied."""
+        dev = torch.device(device)
+        self.check_finite = True
+        self._nonfinite_counter(dev)  # created now: a graph must not allocate it
+        self.last_step_nonfinite = torch.zeros((), dtype=torch.int32, device=dev)
 
     def create_step_state(self, device: torch.device | str, row_voted: set[int] = frozenset()) -> None:
         """Create now the state a gpu step creates on first use: the device step counter and, under a
@@ -635,7 +649,10 @@ class FlipOptimizer(torch.optim.Optimizer):
         self._calls.clear()
         if self._dp_buckets:
             self._reduce_vote_buckets()
-        if self._nonfinite is not None and self.check_finite:
+        if self._nonfinite is not None and self.check_finite and self.last_step_nonfinite is not None:
+            self.last_step_nonfinite.copy_(self._nonfinite)  # defer_finite_check: no host read
+            self._nonfinite.zero_()
+        elif self._nonfinite is not None and self.check_finite:
             bad = int(self._nonfinite.item())
             self._nonfinite.zero_()
             if bad:

@@ -161,8 +161,10 @@ class Recipe:
 
         For TrueTernary configs on the ``gpu`` backend (their step does no host sync: docs/performance.md,
         "CUDA graphs"), on one process, batches of ``x``'s shape. The lr moves through a device tensor
-        (``FlipOptimizer.use_device_lr``); the NaN/inf gradient check of ``FlipOptimizer.step`` (a host read) is
-        off, so callers check the loss (``trueternary train`` does, every step). Capturing runs a few warm-up
+        (``FlipOptimizer.use_device_lr``). The NaN/inf gradient check stays on the device
+        (``FlipOptimizer.defer_finite_check``): a step whose layer gradients had NaN/inf returns a NaN loss instead
+        of raising, so callers check the loss (``trueternary train`` does, every step, and then reads
+        :meth:`nonfinite_layers_last_step`); that step's flips are applied. Capturing runs a few warm-up
         steps on a side stream (kernels compile, device buffers appear) and then restores the model and
         optimiser state they changed, so the run continues exactly from where it was."""
         from .ops.votes import fused_votes_supported
@@ -178,7 +180,7 @@ class Recipe:
                              "bias) takes the dense path, whose random keys come from the host step")
         if x.device.type != "cuda" or flip._world() > 1:
             raise ValueError("a CUDA-graphed step runs on a CUDA device in one process (no data parallelism)")
-        flip.check_finite = False
+        flip.defer_finite_check(x.device)
         flip.use_device_lr(x.device)
         sx, sy = x.clone(), y.clone()
         out: list[torch.Tensor] = []
@@ -187,7 +189,8 @@ class Recipe:
             loss = self.loss(sx, sy, autocast)
             loss.backward()
             flip.step()
-            out[:] = [loss.detach()]
+            # NaN/inf in a layer's gradient: a NaN loss (the host reads the loss, not the count)
+            out[:] = [loss.detach().masked_fill(flip.last_step_nonfinite > 0, float("nan"))]
 
         graph = capture_cuda_graph(whole_step, warm_up=lambda: self._warm_up(whole_step, 3, x.device))
         flip._step -= 1  # the capture ran step()'s host code (step counter + 1) but executed nothing
@@ -222,6 +225,12 @@ class Recipe:
         self.flip._calls.clear()
         self.step_count += 1
         return loss.clone()
+
+    def nonfinite_layers_last_step(self) -> int:
+        """Layer gradients with NaN/inf in the last CUDA-graphed step (a host read; 0 for an eager step, whose
+        optimiser raises ``NonFiniteGradientError`` instead)."""
+        count = self.flip.last_step_nonfinite if self.flip is not None and self._graph is not None else None
+        return 0 if count is None else int(count)
 
     def watch_forward_trits(self) -> None:
         """Make ``flips_last_step`` count a latent config's forward-trit changes (a benchmark diagnostic: it
