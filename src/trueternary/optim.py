@@ -649,12 +649,14 @@ class FlipOptimizer(torch.optim.Optimizer):
         self._calls.clear()
         if self._dp_buckets:
             self._reduce_vote_buckets()
-        if self._nonfinite is not None and self.check_finite and self.last_step_nonfinite is not None:
-            self.last_step_nonfinite.copy_(self._nonfinite)  # defer_finite_check: no host read
-            self._nonfinite.zero_()
-        elif self._nonfinite is not None and self.check_finite:
-            bad = int(self._nonfinite.item())
-            self._nonfinite.zero_()
+        if self._nonfinite is not None and self.check_finite:
+            if self.last_step_nonfinite is not None:  # defer_finite_check: the caller reads it, no host read here
+                self.last_step_nonfinite.copy_(self._nonfinite)
+                self._nonfinite.zero_()
+                bad = 0
+            else:
+                bad = int(self._nonfinite.item())
+                self._nonfinite.zero_()
             if bad:
                 self._flush_dp_caches()  # as on the dense path, the votes stay accumulated; no flips
                 self._advance_step()
