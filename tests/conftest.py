@@ -1,6 +1,9 @@
-"""Shared fixtures for the CPU test suite: a fixed seed and an independent dense reference of a ternary weight."""
+"""Shared fixtures for the CPU test suite: a fixed seed, an independent dense reference of a ternary weight, and a
+guard against host reads of tensors (what a CUDA-graphed step must not do)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -35,3 +38,21 @@ def _dense_reference(weight) -> torch.Tensor:
 @pytest.fixture
 def dense_reference():
     return _dense_reference
+
+
+@contextlib.contextmanager
+def _no_host_reads(where: str):
+    """Inside: every way Python reads a tensor's value on the host raises (``where`` names the code under test)."""
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError(f"host read of a tensor {where}")
+
+    with pytest.MonkeyPatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+            m.setattr(torch.Tensor, name, no_sync)
+        yield
+
+
+@pytest.fixture
+def no_host_reads():
+    return _no_host_reads

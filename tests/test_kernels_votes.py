@@ -445,7 +445,7 @@ def test_signcache_state_dict_flushes_pending_votes_and_load_drops_them():
 
 
 @pytest.mark.parametrize("norm_beta", [0.0, 0.95], ids=["historyless", "norm-memory-fused"])
-def test_gpu_path_has_no_host_sync(monkeypatch, norm_beta):
+def test_gpu_path_has_no_host_sync(no_host_reads, norm_beta):
     """With check_finite=False the gpu backend's backward and step() never read a tensor on the host (the
     CUDA-graph requirement): every way Python can do so raises here. With norm_beta, the moving averages kept
     in the vote kernel's epilogue too."""
@@ -454,15 +454,9 @@ def test_gpu_path_has_no_host_sync(monkeypatch, norm_beta):
     x = torch.randint(-2, 3, (4, 24), generator=torch.Generator().manual_seed(2)).float().to(DEVICE)
     model(x).sum().backward()  # warm-up: creates the device step counter
     opt.step()
-
-    def no_sync(*args, **kwargs):
-        raise AssertionError("host read of a tensor on the gpu path")
-
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, no_sync)
-    model(x).sum().backward()
-    opt.step()
-    monkeypatch.undo()
+    with no_host_reads("on the gpu path"):
+        model(x).sum().backward()
+        opt.step()
     assert int(opt._step_dev[torch.device(DEVICE) if DEVICE == "cpu" else x.device]) == 2
     assert bool(opt.state) == (norm_beta > 0)  # the fused path kept the codes
 
@@ -482,7 +476,7 @@ def test_gpu_backend_counts_nonfinite_layers_and_raises():
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-def test_gpu_backend_deferred_finite_check_counts_without_a_host_read(monkeypatch):
+def test_gpu_backend_deferred_finite_check_counts_without_a_host_read(no_host_reads):
     """defer_finite_check (a CUDA-graphed step): step() moves the count of non-finite layers to the device
     tensor last_step_nonfinite, zeroes the counter and reads nothing on the host; a clean step then reports 0."""
     model = MLP()
@@ -493,15 +487,9 @@ def test_gpu_backend_deferred_finite_check_counts_without_a_host_read(monkeypatc
     opt.step()
     bad = x.clone()
     bad[1, 3] = float("inf")
-
-    def no_sync(*args, **kwargs):
-        raise AssertionError("host read of a tensor on the gpu path")
-
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, no_sync)
-    model(bad).sum().backward()
-    opt.step()
-    monkeypatch.undo()
+    with no_host_reads("on the gpu path"):
+        model(bad).sum().backward()
+        opt.step()
     assert int(opt.last_step_nonfinite) == 2 and int(opt._nonfinite) == 0
     model(x).sum().backward()
     opt.step()

@@ -380,7 +380,7 @@ def test_embedding_row_votes_equal_unique_compaction_reference(case):
 
 
 @pytest.mark.parametrize("normalize", ["block_factored", "tensor"])
-def test_embedding_backward_and_step_have_no_host_sync(monkeypatch, normalize):
+def test_embedding_backward_and_step_have_no_host_sync(no_host_reads, normalize):
     """The embedding's backward, its row votes and ``step()`` never read a tensor on the host (the CUDA-graph
     requirement): every way Python can do so raises here. (The forward's index range check reads the indices'
     extremes except while a CUDA graph is being captured: the autograd function is called directly.)"""
@@ -396,16 +396,10 @@ def test_embedding_backward_and_step_have_no_host_sync(monkeypatch, normalize):
     opt.step()
     w = emb.weight
     before = {n: getattr(w, n).clone() for n in ("T_accum", "E_accum")}
-
-    def no_sync(*args, **kwargs):
-        raise AssertionError("host read of a tensor in the embedding's backward or step()")
-
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, no_sync)
-    for _ in range(2):  # a scale-vote step and one without
-        TernaryEmbeddingFunction.apply(idx, _ANCHOR, w.log2_scale, w, torch.float32, 0).backward(gy)
-        opt.step()
-    monkeypatch.undo()
+    with no_host_reads("in the embedding's backward or step()"):
+        for _ in range(2):  # a scale-vote step and one without
+            TernaryEmbeddingFunction.apply(idx, _ANCHOR, w.log2_scale, w, torch.float32, 0).backward(gy)
+            opt.step()
     assert int(opt._step_dev[torch.device("cpu")]) == 3
     untouched = [r for r in range(21) if r not in (3, 5, 9, 20)]
     assert not torch.equal(w.T_accum, before["T_accum"]) and not torch.equal(w.E_accum, before["E_accum"])
