@@ -126,17 +126,22 @@ def relu2_op(u: torch.Tensor, subln: bool, dtype: torch.dtype) -> torch.Tensor:
 
 
 SHARED_OPS = {"norm": norm_op, "attention": attention_op, "add_norm": add_norm_op, "relu2": relu2_op}
-_COMPILED_OPS: dict[str, dict] = {}  # torch.compile backend -> compiled SHARED_OPS (built on first use)
+# (torch.compile backend, deterministic) -> compiled SHARED_OPS (built on first use)
+_COMPILED_OPS: dict[tuple[str, bool], dict] = {}
 
 
 def shared_ops(compile_backend: str | None) -> dict:
-    """SHARED_OPS, eager (None) or compiled with ``torch.compile(backend=compile_backend, fullgraph=True)``."""
+    """SHARED_OPS, eager (None) or compiled with ``torch.compile(backend=compile_backend, fullgraph=True)``.
+    In deterministic mode (trueternary.determinism) attention stays eager: a compiled graph takes cuDNN
+    attention, whose backward is not deterministic, whatever the SDPA flags say."""
     if compile_backend is None:
         return SHARED_OPS
-    ops = _COMPILED_OPS.get(compile_backend)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    ops = _COMPILED_OPS.get((compile_backend, deterministic))
     if ops is None:
-        ops = _COMPILED_OPS[compile_backend] = {
-            k: torch.compile(f, backend=compile_backend, fullgraph=True) for k, f in SHARED_OPS.items()}
+        ops = _COMPILED_OPS[(compile_backend, deterministic)] = {
+            k: f if deterministic and k == "attention" else torch.compile(f, backend=compile_backend, fullgraph=True)
+            for k, f in SHARED_OPS.items()}
     return ops
 
 
