@@ -1,36 +1,116 @@
-"""Corpora: files, .gz, directories, the default corpus, data positions, and enwik8 on a local archive."""
+"""Corpora: files, .gz, directories, the data cache, memory maps at scale, refused specs, the default corpus,
+evaluation windows, data positions, and enwik8 on a local archive."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import os
+import signal
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from trueternary import enwik8
-from trueternary.data import DataError, RandomWindows, default_corpus, load_corpus, random_batch, read_path
+from trueternary import cli, data, enwik8
+from trueternary.data import (
+    DataError,
+    RandomWindows,
+    default_corpus,
+    eval_window_starts,
+    eval_windows,
+    load_corpus,
+    random_batch,
+)
 
 TEXT = b"".join(b"line %d of a small test corpus\n" % i for i in range(200))
 
 
-def test_text_gz_and_directory(tmp_path):
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    """The data cache of every test here is its own (never ~/.cache)."""
+    monkeypatch.setenv("TRUETERNARY_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / data.CACHE_SUBDIR
+
+
+@pytest.fixture
+def no_hang():
+    """Fails the test (instead of hanging the suite) if it blocks for 30 s, e.g. opening a FIFO."""
+    if not hasattr(signal, "SIGALRM"):
+        pytest.skip("needs SIGALRM")
+
+    def hung(*_):
+        pytest.fail("blocked for 30 s")  # not an OSError, so no handler under test can swallow it
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def corpus_bytes(c) -> bytes:
+    return bytes(torch.cat([c.train, c.val]).numpy())
+
+
+def cache_files(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+
+
+def test_text_gz_and_directory(tmp_path, _cache_in_tmp):
     (tmp_path / "a.txt").write_bytes(TEXT)
     with gzip.open(tmp_path / "b.txt.gz", "wb") as f:
         f.write(TEXT[::-1])
-    assert read_path(tmp_path / "a.txt") == TEXT
-    assert read_path(tmp_path / "b.txt.gz") == TEXT[::-1]
+    c = load_corpus(str(tmp_path / "a.txt"), val_fraction=0.1)
+    assert corpus_bytes(c) == TEXT  # contiguous split, nothing lost
+    assert len(c.val) == max(int(len(TEXT) * 0.1), 512)
+    assert cache_files(_cache_in_tmp) == []  # a plain file is mapped in place
+    assert corpus_bytes(load_corpus(str(tmp_path / "b.txt.gz"))) == TEXT[::-1]
     d = tmp_path / "dir"
     (d / "sub").mkdir(parents=True)
-    (d / "z.txt").write_bytes(b"zzz")
-    (d / "a.txt").write_bytes(b"aaa")
-    (d / "sub" / "m.txt").write_bytes(b"mmm")
-    assert read_path(d) == b"aaa" + b"mmm" + b"zzz"  # sorted by path: a.txt, sub/m.txt, z.txt
+    (d / "z.txt").write_bytes(TEXT[:100])
+    (d / "a.txt").write_bytes(TEXT[100:1100])
+    with gzip.open(d / "sub" / "m.txt.gz", "wb") as f:
+        f.write(TEXT[2000:3000])
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(d / "pipe")  # not a regular file: skipped, and must not block the listing
+    # sorted by path: a.txt, sub/m.txt.gz (decompressed), z.txt
+    assert corpus_bytes(load_corpus(str(d))) == TEXT[100:1100] + TEXT[2000:3000] + TEXT[:100]
+    assert len(cache_files(_cache_in_tmp)) == 2  # one decompressed copy per source, nothing partial
+
+
+def test_gz_cache_is_reused_then_replaced_when_the_source_changes(tmp_path, _cache_in_tmp, monkeypatch):
+    src = tmp_path / "corpus.txt.gz"
+    with gzip.open(src, "wb") as f:
+        f.write(TEXT)
+    c = load_corpus(str(src))
+    (first,) = cache_files(_cache_in_tmp)
+    assert first.startswith("corpus.txt.gz-") and first.endswith(".bytes")
+    assert (_cache_in_tmp / first).read_bytes() == TEXT == corpus_bytes(c)
+
+    class NoDecompression:
+        def __init__(self, *a, **k):
+            raise AssertionError("decompressed again although the source is unchanged")
+
+    with monkeypatch.context() as m:
+        m.setattr(data.gzip, "GzipFile", NoDecompression)
+        assert corpus_bytes(load_corpus(str(src))) == TEXT
+    with gzip.open(src, "wb") as f:
+        f.write(TEXT[::-1])
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later mtime, whatever the clock resolution
+    assert corpus_bytes(load_corpus(str(src))) == TEXT[::-1]
+    (second,) = cache_files(_cache_in_tmp)  # the older copy is gone
+    assert second != first
+
+
+def test_fingerprint_is_the_sha256_of_the_corpus_bytes_streamed(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_bytes(TEXT)
+    monkeypatch.setattr(data, "_CHUNK", 64)  # 1 KiB slices: several per split
     c = load_corpus(str(tmp_path / "a.txt"), val_fraction=0.1)
-    assert bytes(torch.cat([c.train, c.val]).tolist()) == TEXT  # contiguous split, nothing lost
-    assert len(c.val) == max(int(len(TEXT) * 0.1), 512)
+    # The definition checkpoints recorded before memory maps: resumed runs must still match.
+    assert c.fingerprint() == hashlib.sha256(TEXT).hexdigest()
 
 
 def test_default_corpus_is_deterministic():
@@ -39,8 +119,8 @@ def test_default_corpus_is_deterministic():
     assert b"def " in a and b"import " in a  # Python sources
 
 
-@pytest.mark.parametrize("case", ["missing", "empty_file", "empty_dir", "tiny", "bad_gz", "unreadable"])
-def test_bad_data_is_a_data_error(tmp_path, monkeypatch, case):
+@pytest.mark.parametrize("case", ["missing", "empty_file", "empty_dir", "tiny", "bad_gz", "unreadable", "fifo"])
+def test_bad_data_is_a_data_error(tmp_path, monkeypatch, no_hang, _cache_in_tmp, case):
     p = tmp_path / "data"
     if case == "empty_file":
         p.write_bytes(b"")
@@ -53,14 +133,110 @@ def test_bad_data_is_a_data_error(tmp_path, monkeypatch, case):
         p.write_bytes(b"not gzip at all")
     elif case == "unreadable":
         p.write_bytes(TEXT)
+        real_open = os.open
 
-        def denied(self):
-            raise PermissionError(13, "Permission denied")
+        def denied(path, *args, **kwargs):
+            if Path(path) == p:
+                raise PermissionError(13, "Permission denied")
+            return real_open(path, *args, **kwargs)
 
-        monkeypatch.setattr(Path, "read_bytes", denied)  # chmod does not stop root, so simulate it
+        monkeypatch.setattr(os, "open", denied)  # chmod does not stop root, so simulate it
+    elif case == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs here")
+        os.mkfifo(p)
     with pytest.raises(DataError) as e:
         load_corpus(str(p))
     assert "\n" not in str(e.value) and str(p.name) in str(e.value)
+    if case == "fifo":
+        assert "FIFO" in str(e.value)
+    assert [f for f in cache_files(_cache_in_tmp) if not f.endswith(".bytes")] == []  # nothing partial left
+
+
+def test_empty_spec_is_refused():
+    with pytest.raises(DataError, match="empty"):
+        load_corpus("")
+
+
+@pytest.mark.parametrize("case", ["empty", "fifo"])
+def test_cli_refuses_empty_spec_and_fifo_in_one_line(tmp_path, capsys, no_hang, case):
+    if case == "empty":
+        spec = ""
+    else:
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs here")
+        spec = str(tmp_path / "pipe")
+        os.mkfifo(spec)
+    code = cli.main(["train", "--data", spec, "--out_dir", str(tmp_path / "runs"), "--device", "cpu",
+                     "--max_steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("trueternary: error:") and "Traceback" not in err
+    assert ("empty" if case == "empty" else "FIFO") in err
+
+
+# ------------------------------------------------------------------------------------ evaluation windows
+@pytest.mark.parametrize("n_bytes,ctx,max_windows", [(1000, 8, 16), (419_430, 256, 128), (12_345, 64, 1000),
+                                                      (70, 64, 8), (2**40 + 7, 255, 100)])
+def test_eval_window_starts_are_exact_and_span_the_data(n_bytes, ctx, max_windows):
+    starts = eval_window_starts(n_bytes, ctx, max_windows)
+    last = n_bytes - ctx - 1
+    n = len(starts)
+    assert 1 <= n <= max_windows
+    expected = [0] if n == 1 else [i * last // (n - 1) for i in range(n)]  # exact, in Python integers
+    assert starts.tolist() == expected
+    if n > 1:
+        assert starts[-1] + ctx + 1 == n_bytes  # the last window ends at the last byte
+        assert bool((starts.diff() >= ctx + 1).all()) == (last // (n - 1) >= ctx + 1)  # non-overlapping when room
+
+
+def test_eval_windows_hold_the_bytes_at_their_starts():
+    d = torch.arange(3000, dtype=torch.int64).remainder(251).to(torch.uint8)
+    w = eval_windows(d, 16, 10)
+    for s, row in zip(eval_window_starts(3000, 16, 10).tolist(), w):
+        assert torch.equal(row, d[s:s + 17].long())
+
+
+def _rss_anon() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def test_a_corpus_past_the_float32_limit_is_mapped_not_read(tmp_path):
+    """~350 MB (a sparse file, next to no disk): more than 2**24 held-out bytes, where float32 window
+    starts rounded past the end. Loading maps it; windows and batches read only what they use."""
+    size = 21 << 24
+    n_val = int(size * 0.05)
+    ctx = next(c for c in range(64, 68) if (n_val - c - 1) % 4 == 3)
+    last = n_val - ctx - 1
+    assert n_val > 2**24 and float(torch.tensor(last, dtype=torch.float32)) > last  # float32 rounds past the end
+    head, tail = bytes(range(256)) * 16, bytes(range(255, -1, -1)) * 16
+    p = tmp_path / "big.txt"
+    with open(p, "wb") as f:
+        f.write(head)
+        f.seek(size - len(tail))
+        f.write(tail)
+    anon_before = _rss_anon()
+    c = load_corpus(str(p))
+    w = eval_windows(c.val, ctx, 128)
+    batches = RandomWindows(c.train, 8, ctx, seed=0)
+    x, y = batches.next()
+    anon_after = _rss_anon()
+    if anon_before is not None:
+        assert anon_after - anon_before < 64 << 20  # a copy of the corpus would be ~350 MB
+    assert len(c.train) + len(c.val) == size and len(c.val) == n_val
+    assert c.val.untyped_storage().data_ptr() == c.train.untyped_storage().data_ptr()  # the split is views
+    assert bytes(c.train[:len(head)].numpy()) == head
+    assert w.shape == (128, ctx + 1) and w.dtype == torch.int64
+    assert bytes(w[-1].to(torch.uint8).numpy()) == tail[-(ctx + 1):]  # the last window ends at the end
+    assert eval_window_starts(n_val, ctx, 128)[-1] == last
+    assert x.shape == y.shape == (8, ctx) and torch.equal(x[:, 1:], y[:, :-1])
+    assert batches.batches_drawn == 1
 
 
 def test_random_windows_match_random_batch_and_resume():
@@ -110,11 +286,14 @@ def test_enwik8_download_verify_cache_and_split(tmp_path, monkeypatch):
     assert (len(c.train), len(c.val), len(c.test)) == (18_000, 1_000, 1_000)  # 90% / 5% / 5%
     assert bytes(torch.cat([c.train, c.val, c.test]).tolist()) == CONTENT
     assert (cache / "enwik8.zip").read_bytes() == archive.read_bytes()
-    assert [p.name for p in cache.iterdir()] == ["enwik8.zip"]  # no partial download left
-    # a second load uses the cache: the source can be gone
+    assert cache_files(cache) == ["corpora", "enwik8.zip"]  # no partial download left
+    (extracted,) = cache_files(cache / "corpora")  # the member, extracted once to be memory-mapped
+    assert (cache / "corpora" / extracted).read_bytes() == CONTENT
+    # a second load uses the cache: the source can be gone, and nothing is extracted again
     archive.unlink()
+    monkeypatch.setattr(enwik8.zipfile, "ZipFile", None)
     c2 = enwik8.load_enwik8(cache)
-    assert torch.equal(c2.train, c.train)
+    assert torch.equal(c2.train, c.train) and torch.equal(c2.test, c.test)
 
 
 def test_enwik8_wrong_checksum_caches_nothing(tmp_path, monkeypatch):

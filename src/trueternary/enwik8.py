@@ -16,6 +16,8 @@ Cache: ``<cache_dir>/enwik8.zip`` with ``cache_dir`` = ``--data_dir``, else ``$T
 else ``~/.cache/trueternary``. A download goes to a temporary file in the cache directory, is
 hashed while it streams, and is renamed into place only when its sha256 equals ``ENWIK8_SHA256``;
 a cached archive is hashed again at every load, so a damaged cache is reported, never trained on.
+The member is extracted once (zip's CRC checked) into the data cache (:mod:`trueternary.data`,
+``<cache_dir>/corpora/enwik8.zip-*.bytes``, keyed by the archive's sha256) and memory-mapped from there.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
+from typing import BinaryIO
 
-import torch
-
-from .data import Corpus, DataError
+from .data import Corpus, DataError, cached_copy, copy_chunks, default_cache_dir, map_file
 
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_SHA256 = "547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc"
@@ -38,11 +40,6 @@ ARCHIVE_NAME = "enwik8.zip"
 MEMBER_NAME = "enwik8"
 TRAIN_FRACTION, VAL_FRACTION = 90, 5  # percent; the test split is the remaining 5%
 _CHUNK = 1 << 20
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("TRUETERNARY_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "trueternary"
 
 
 def split_points(n: int) -> tuple[int, int]:
@@ -105,17 +102,28 @@ def fetch_archive(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def load_enwik8(cache_dir: str | os.PathLike | None = None) -> Corpus:
-    """enwik8 as a Corpus with the standard train / validation / test split."""
+    """enwik8 as a Corpus with the standard train / validation / test split, memory-mapped."""
     path = fetch_archive(cache_dir)
-    try:
-        with zipfile.ZipFile(path) as zf:
-            data = zf.read(MEMBER_NAME)
-    except KeyError:
-        raise DataError(f"{path} has no member {MEMBER_NAME!r}") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise DataError(f"{path} is not a readable zip archive ({e})") from None
-    if len(data) < 100:
-        raise DataError(f"{path}: member {MEMBER_NAME!r} has only {len(data)} bytes")
-    t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+    def extract(out: BinaryIO) -> None:
+        unreadable = (zipfile.BadZipFile, OSError, EOFError, zlib.error)
+        try:
+            zf = zipfile.ZipFile(path)
+        except unreadable as e:
+            raise DataError(f"{path} is not a readable zip archive ({e})") from None
+        with zf:
+            try:
+                member = zf.open(MEMBER_NAME)
+            except KeyError:
+                raise DataError(f"{path} has no member {MEMBER_NAME!r}") from None
+            except unreadable as e:
+                raise DataError(f"{path} is not a readable zip archive ({e})") from None
+            with member:
+                copy_chunks(member.read, out, path, "is not a readable zip archive", unreadable)
+
+    # The archive was just verified, so its sha256 names the extracted bytes.
+    t = map_file(cached_copy(path, ["enwik8", ENWIK8_SHA256, MEMBER_NAME], extract, "extracting", cache_dir))
+    if len(t) < 100:
+        raise DataError(f"{path}: member {MEMBER_NAME!r} has only {len(t)} bytes")
     a, b = split_points(len(t))
-    return Corpus(name="enwik8", train=t[:a].clone(), val=t[a:b].clone(), test=t[b:].clone())
+    return Corpus(name="enwik8", train=t[:a], val=t[a:b], test=t[b:])

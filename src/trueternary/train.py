@@ -58,7 +58,7 @@ class TrainingError(RuntimeError):
 class TrainConfig:
     # data
     data: str | None = None  # None: the embedded default corpus (Python stdlib sources)
-    data_dir: str | None = None  # download cache for --data enwik8
+    data_dir: str | None = None  # data cache: the enwik8 download, decompressed .gz files and directories
     # model
     model: str = "transformer"
     d_model: int = 128
@@ -724,8 +724,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     flag("data", metavar="SPEC", help="text file, .gz file, directory (files in sorted order) or 'enwik8'; "
          "default: the embedded corpus (Python stdlib sources)")
-    flag("data_dir", metavar="DIR", help="download cache for enwik8 (default: $TRUETERNARY_CACHE or "
-         "~/.cache/trueternary)")
+    flag("data_dir", metavar="DIR", help="data cache: the enwik8 download, decompressed .gz files and directories "
+         "(default: $TRUETERNARY_CACHE or ~/.cache/trueternary)")
     flag("model", help="model family: " + ", ".join(model_names()))
     flag("d_model", type=int, help="model width")
     flag("n_layers", type=int, help="transformer blocks")
