@@ -1,12 +1,15 @@
-"""The benchmark CLI end to end on a tiny config, and its one-line errors."""
+"""The benchmark CLI end to end on a tiny config, its --jobs runner when jobs fail, and its one-line errors."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 
+import _bench_faults
+from trueternary import bench
 from trueternary.cli import main
 
 TINY = ["--steps", "6", "--batch", "2", "--ctx", "16", "--d-model", "64", "--n-layers", "1", "--n-heads", "2",
@@ -113,6 +116,37 @@ def test_bench_qat_optimizer_options_and_jobs(tmp_path):
         ["--configs", "TrueTernary[flip_reset=40]"],
         ["--configs", "TrueTernary[accum_init=random]"],
         ["--compile", "--model", "morph"],
+        ["--lr", "TrueTernary=nan"],
+        ["--lr", "Adam_FP32=-1e-3"],
+        ["--lr", "Adam_FP32=inf"],
+        ["--lr", "Adam_FP32=fast"],
+        ["--lr", "TrueTernary_Naive=2"],  # the seed rule has no learning rate
+        ["--configs", "TrueTernary[lr=nan]"],
+        ["--configs", "Adam_FP32[lr=0]"],
+        ["--model-config", "bogus=1"],
+        ["--model-config", "d_model=32"],  # has its own flag
+        ["--model-config", "vocab_size=10"],  # fixed by the byte data
+        ["--model-config", "head_std=nan"],
+        ["--model-config", "subln=3"],
+        ["--model-config", "mlp_ratio=0"],
+        ["--model-config", "mlp_ratio"],
+        ["--model", "morph", "--model-config", "top_k=9"],
+        ["--d-model", "0"],
+        ["--n-layers", "0"],
+        ["--n-heads", "3"],
+        ["--eval-windows", "0"],
+        ["--print-every", "-1"],
+        ["--seed", "-1"],
+        ["--scale-update-interval", "-1"],
+        ["--group-size", "0"],
+        ["--ctx", "100000000"],  # longer than the held-out text (refused before any model is built)
+        ["--warmup-frac", "nan"],
+        ["--min-lr-frac", "1.5"],
+        ["--job-timeout", "-1"],
+        ["--job-timeout", "nan"],
+        ["--job-timeout", "inf"],
+        ["--json", "."],  # a directory
+        ["--plot", "curves.nope"],
     ],
     ids=lambda a: "_".join(a).strip("-"),
 )
@@ -122,3 +156,82 @@ def test_bench_bad_flags_one_line_error(argv, capsys):
     err = captured.err.strip()
     assert rc == 2 and "== " not in captured.out  # refused before any config ran
     assert err.startswith("trueternary: error:") and "\n" not in err and "Traceback" not in err
+
+
+# ---- --jobs when jobs break: _bench_faults.job_main stands in for bench._job_main (the runner looks it up when
+# it starts a job; each spawned child imports _bench_faults by name) and breaks the jobs its FAULTS names
+
+
+def test_bench_jobs_report_failed_and_crashed_jobs_and_keep_the_others(tmp_path, capsys, monkeypatch):
+    """A job that raises and one whose process is killed: the bench finishes, the table and the JSON say which
+    and why, the valid job's result is there (its numbers those of a run without the broken jobs), exit code
+    3. --jobs 2 with three configs: the valid job starts in the slot a broken one left."""
+    monkeypatch.setattr(bench, "_job_main", _bench_faults.job_main)
+    js, ref = tmp_path / "b.json", tmp_path / "ref.json"
+    labels = ["Adam_FP32[lr=0.00123]", "SignSGD_Old[lr=0.000123]", "BitNet_QAT"]
+    rc = main(["bench", "--configs", ",".join(labels), "--reuse-base", "--jobs", "2", "--json", str(js), *TINY])
+    captured = capsys.readouterr()
+    assert rc == bench.EXIT_JOBS_FAILED == 3
+    res = json.loads(js.read_text())["results"]
+    assert [r["config"] for r in res] == labels
+    assert [r["status"] for r in res] == ["failed", "crashed", "ok"]
+    failed, crashed = res[0], res[1]
+    assert failed["error"] == "RuntimeError: injected fault" and "broken_run_config" in failed["traceback"]
+    assert "SIGKILL" in crashed["error"]
+    table = captured.out[captured.out.index("config "):]
+    assert "failed   RuntimeError: injected fault" in table and "crashed  " in table and "SIGKILL" in table
+    err = captured.err.strip().splitlines()[-1]
+    assert err.startswith("trueternary: error: 2 of 3 configs did not finish") and "Traceback" not in captured.err
+    assert main(["bench", "--configs", "BitNet_QAT", "--json", str(ref), *TINY]) == 0
+    want = json.loads(ref.read_text())["results"][0]
+    assert res[2]["losses"] == want["losses"] and res[2]["val_bpb"] == want["val_bpb"]
+
+
+def test_bench_jobs_stop_a_job_without_progress(tmp_path, capsys, monkeypatch):
+    """Jobs that report progress for 2 s and then stop are killed --job-timeout (1) seconds after their last
+    progress, not after 1 s of running, and reported as timed out; the bench ends (exit 3) instead of waiting
+    the 600 s they would sleep."""
+    monkeypatch.setattr(bench, "_job_main", _bench_faults.job_main)
+    js = tmp_path / "b.json"
+    t0 = time.monotonic()
+    rc = main(["bench", "--configs", "TrueTernary[lr=3.5],TrueTernary[lr=4.5]", "--reuse-base", "--jobs", "2",
+               "--job-timeout", "1", "--json", str(js), *TINY])
+    assert 3 < time.monotonic() - t0 < 60
+    assert rc == 3
+    res = json.loads(js.read_text())["results"]
+    assert [r["status"] for r in res] == ["timeout", "timeout"]
+    assert all(r["error"].startswith(f"no progress for 1 s (--job-timeout) after {_bench_faults.STALL_TICKS} progress")
+               and math.isnan(r["val_bpb"]) for r in res)
+    assert "timeout  no progress for 1 s" in capsys.readouterr().out
+
+
+def test_bench_sequential_config_that_raises_is_reported(tmp_path, capsys, monkeypatch):
+    """Without --jobs a config that raises is recorded the same way and the next config still runs."""
+    real = bench.run_config
+
+    def run_config(label, *args, **kwargs):
+        if label == "Adam_FP32":
+            raise MemoryError("injected")
+        return real(label, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_config", run_config)
+    js = tmp_path / "b.json"
+    assert main(["bench", "--configs", "Adam_FP32,TrueTernary", "--reuse-base", "--json", str(js), *TINY]) == 3
+    res = json.loads(js.read_text())["results"]
+    assert [(r["status"], r.get("error")) for r in res] == [("failed", "MemoryError: injected"), ("ok", None)]
+    assert len(res[1]["losses"]) == 6
+
+
+def test_bench_model_config_error_names_the_valid_fields(capsys):
+    assert main(["bench", *TINY, "--model-config", "bogus=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "'bogus'" in err and "mlp_ratio" in err and "head_std" in err
+
+
+def test_bench_model_config_reaches_the_model(tmp_path):
+    js = tmp_path / "b.json"
+    assert main(["bench", *TINY, "--configs", "TrueTernary", "--model-config", "mlp_ratio=2,subln=false",
+                 "--json", str(js)]) == 0
+    r = json.loads(js.read_text())["results"][0]
+    # d_model 64, 1 layer: qkv 64x192 + out 64x64 + mlp 2 x 64x128 + embedding/head 288x64 each
+    assert r["ternary_weights"] == 64 * 192 + 64 * 64 + 2 * 64 * 128 + 2 * 288 * 64

@@ -6,17 +6,31 @@ weights, ternary configs from its absmean ternarisation). Reported per config: p
 bytes, peak memory, median step time after warm-up, tokens/s, training loss (final, min, per-quarter
 segments), validation bits per byte on held-out text and the same measure on training text (the
 generalisation gap), flips per step.
+
+Every config ends with a status: ``ok``, ``diverged`` (a measured outcome: its loss blew up or its gradients
+went non-finite), ``failed`` (it raised), ``crashed`` (its ``--jobs`` process died without a result) or
+``timeout`` (its ``--jobs`` process made no progress for ``--job-timeout`` seconds and was stopped). The
+others' results are still reported and written; the exit code is then ``EXIT_JOBS_FAILED`` (3).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
+import io
 import json
 import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
 import statistics
+import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,6 +46,8 @@ from .rule import FlipRule
 from .weight import ternary_weights
 
 LN2 = math.log(2.0)
+EXIT_JOBS_FAILED = 3  # some configs failed, crashed or timed out; the others' results were written
+FAILED_STATUSES = ("failed", "crashed", "timeout")
 
 
 @torch.no_grad()
@@ -139,7 +155,10 @@ def zero_trit_fraction(recipe) -> float | None:
 
 
 def run_config(label: str, name: str, base, hp: Hparams, corpus, val_windows, args, device,
-               train_windows: torch.Tensor | None = None) -> dict:
+               train_windows: torch.Tensor | None = None, on_progress: Callable[[], None] | None = None) -> dict:
+    """Train config ``name`` from ``base`` and measure it. ``on_progress`` is called after every step and
+    before each evaluation (a ``--jobs`` process's liveness signal)."""
+    tick = on_progress or (lambda: None)
     memory.reset_peak(device)
     gen = torch.Generator().manual_seed(args.seed)  # identical batches for every config
     recipe = build_recipe(name, base, hp, device=device, backend=args.update_backend, seed=args.seed)
@@ -162,6 +181,7 @@ def run_config(label: str, name: str, base, hp: Hparams, corpus, val_windows, ar
         flips.append(recipe.flips_last_step())
         scale_flips.append(int(recipe.flip.last_scale_flips) if recipe.flip is not None else 0)
         losses.append(lv)
+        tick()
         if not math.isfinite(lv) or lv > 4 * math.log(base.cfg.vocab_size):
             diverged = f"loss {lv:.3g} at step {step}"
             break
@@ -169,13 +189,16 @@ def run_config(label: str, name: str, base, hp: Hparams, corpus, val_windows, ar
             print(f"  [{label}] step {step:5d}  loss {lv:.4f}  flips {flips[-1]}", flush=True)
     timed = step_s[burn_in:] or step_s
     med = statistics.median(timed) if timed else float("nan")
+    tick()
     bpb = validation_bpb(recipe.model, val_windows, device, autocast) if not diverged else float("nan")
+    tick()
     # the same measure on training text (mostly seen): val_bpb - train_bpb is the generalisation gap
     train_bpb = (validation_bpb(recipe.model, train_windows, device, autocast)
                  if train_windows is not None and not diverged else float("nan"))
     res = {
         "config": label,
         "recipe": name,
+        "status": "diverged" if diverged else "ok",
         "lr": hp.lr_for(name) if name != "TrueTernary_Naive" else None,
         "rule": hp.rule.to_dict() if name in TERNARY_CONFIGS else None,
         "quantizer": hp.qat_quantizer if name in LATENT_CONFIGS else None,
@@ -206,27 +229,38 @@ def run_config(label: str, name: str, base, hp: Hparams, corpus, val_windows, ar
     return res
 
 
+def failure_result(label: str, name: str, status: str, error: str, trace: str | None = None) -> dict:
+    """The record of a config that produced no measurements (``status`` one of FAILED_STATUSES). It keeps
+    the keys readers filter on (``val_bpb`` NaN, no losses, not diverged)."""
+    return {"config": label, "recipe": name, "status": status, "error": error, "traceback": trace,
+            "val_bpb": float("nan"), "train_bpb": float("nan"), "diverged": None, "losses": [], "segments": []}
+
+
 def format_table(results: list[dict]) -> str:
-    ref = next((r for r in results if r["recipe"] == "BitNet_QAT"), None)
+    measured = [r for r in results if r["status"] not in FAILED_STATUSES]
+    ref = next((r for r in measured if r["recipe"] == "BitNet_QAT"), None)
     w = max(19, max(len(r["config"]) for r in results) + 1)
-    hdr = (f"{'config':<{w}}{'float params':>13}{'ternary w':>11}{'weights MB':>11}{'opt MB':>8}"
+    hdr = (f"{'config':<{w}}{'status':<9}{'float params':>13}{'ternary w':>11}{'weights MB':>11}{'opt MB':>8}"
            f"{'train MB':>9}{'B/w':>6}{'peak MB':>9}{'ms/step':>9}{'tok/s':>10}{'final':>8}{'min':>8}"
            f"{'val bpb':>9}{'vs QAT':>8}{'flips/step':>11}")
     lines = [hdr, "-" * len(hdr)]
     mb = 1 / 2**20
     for r in results:
+        if r["status"] in FAILED_STATUSES:  # no numbers: the reason instead
+            lines.append(f"{r['config']:<{w}}{r['status']:<9}{r['error']}")
+            continue
         rel = r["val_bpb"] / ref["val_bpb"] if ref and ref["val_bpb"] == ref["val_bpb"] else float("nan")
         lines.append(
-            f"{r['config']:<{w}}{r['float_params']:>13,}{r['ternary_weights']:>11,}"
+            f"{r['config']:<{w}}{r['status']:<9}{r['float_params']:>13,}{r['ternary_weights']:>11,}"
             f"{r['model_weight_bytes'] * mb:>11.2f}{r['optimizer_state_bytes'] * mb:>8.2f}"
             f"{r['training_state_bytes'] * mb:>9.2f}{r['training_state_bytes_per_weight']:>6.2f}"
             f"{r['peak_memory_bytes'] * mb:>9.1f}{r['median_step_ms']:>9.2f}{r['tokens_per_s']:>10.0f}"
             f"{r['final_loss']:>8.4f}{r['min_loss']:>8.4f}{r['val_bpb']:>9.4f}{rel:>8.3f}"
-            f"{r['flips_per_step']:>11.1f}" + (f"   DIVERGED: {r['diverged']}" if r["diverged"] else "")
+            f"{r['flips_per_step']:>11.1f}" + (f"   {r['diverged']}" if r["diverged"] else "")
         )
-    lines.append("")
-    lines.append("loss segments (mean / min / trend per quarter of the run)")
-    for r in results:
+    if measured:
+        lines += ["", "loss segments (mean / min / trend per quarter of the run)"]
+    for r in measured:
         segs = "  ".join(f"Q{s['quarter']} {s['mean']:.3f}/{s['min']:.3f}/{s['trend']:+.3f}" for s in r["segments"])
         lines.append(f"  {r['config']:<{w}}{segs}")
     return "\n".join(lines)
@@ -274,10 +308,13 @@ def plot(results: list[dict], path: str, title: str) -> None:
 
 def _write_json(path: str, meta: dict, results: list[dict]) -> None:
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    tmp.replace(p)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        tmp.replace(p)
+    except OSError as e:
+        raise UsageError(f"cannot write --json {path}: {e.strerror or e}") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -289,7 +326,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--update-backend", default="dense-fallback")
     p.add_argument("--scale-update-interval", type=int, default=1)
     p.add_argument("--accum-threshold", type=int, default=None)
-    p.add_argument("--print-every", type=int, default=50)
+    p.add_argument("--print-every", type=int, default=50, help="print the loss every N steps (0: never)")
     p.add_argument("--reuse-base", action="store_true")
     p.add_argument("--data", default=None, help="text file, .gz, directory, 'enwik8'; default: embedded corpus")
     p.add_argument("--seed", type=int, default=0)
@@ -312,15 +349,116 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-frac", type=float, default=0.05, help="linear warm-up, fraction of --steps")
     p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decay ends at this fraction of the peak")
     p.add_argument("--jobs", type=int, default=1,
-                   help="run this many configs at once, each in its own process on --device (needs --reuse-base; "
-                        "step times and peak memory are then measured beside the other jobs)")
+                   help="run this many configs at once, each in its own spawned process on --device (needs "
+                        "--reuse-base; step times and peak memory are then measured beside the other jobs; each "
+                        "job gets an equal share of the CPU threads)")
+    p.add_argument("--job-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="with --jobs: stop a job that has gone this long without progress (a finished step or "
+                        "evaluation; its process start counts), report it as 'timeout'; 0: never")
     p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("--plot", default=None, metavar="PATH")
+
+
+# --model-config fields that have their own flag, or that the byte data fixes
+_MODEL_FLAG_FIELDS = {"ctx": "--ctx", "d_model": "--d-model", "n_layers": "--n-layers", "n_heads": "--n-heads"}
+_MODEL_FIXED_FIELDS = {"vocab_size": "the byte vocabulary of the data fixes it"}
+
+
+def model_config_overrides(model: str, items: list[str]) -> dict:
+    """``--model-config`` items -> {field: value}, each a field of ``model``'s config of the field's type
+    (UsageError naming the valid fields otherwise); the config's own checks run when the model is built."""
+    from .models import _MODELS
+
+    try:
+        over = parse_overrides(items, "--model-config")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    fields = {f.name: f for f in dataclasses.fields(_MODELS[model][1])}
+    settable = [k for k in fields if k not in _MODEL_FLAG_FIELDS and k not in _MODEL_FIXED_FIELDS]
+    for k, v in over.items():
+        if k in _MODEL_FLAG_FIELDS:
+            raise UsageError(f"--model-config {k}=...: set it with {_MODEL_FLAG_FIELDS[k]}")
+        if k in _MODEL_FIXED_FIELDS:
+            raise UsageError(f"--model-config {k}=...: {_MODEL_FIXED_FIELDS[k]}")
+        if k not in settable:
+            raise UsageError(f"--model-config: model {model!r} has no field {k!r}; valid: {', '.join(settable)}")
+        default = fields[k].default
+        kind = type(default) if default is not None else {"float | None": float}.get(str(fields[k].type))
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        ok = {bool: isinstance(v, bool), int: number and isinstance(v, int),
+              float: number and math.isfinite(v), str: isinstance(v, str)}.get(kind, True)
+        if not ok:
+            what = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[kind]
+            raise UsageError(f"--model-config {k} must be {what}, got {v!r}")
+        if kind is float:
+            over[k] = float(v)
+    return over
+
+
+def check_lr(name: str, lr, where: str) -> None:
+    """A config's peak learning rate: a finite number > 0, and only for configs that have one."""
+    if name == "TrueTernary_Naive":
+        raise UsageError(f"{where}: TrueTernary_Naive has no learning rate (its seed rule flips at a fixed "
+                         "threshold, --accum-threshold)")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
+        raise UsageError(f"{where}: the learning rate of {name} must be a finite number > 0, got {lr!r}")
+
+
+def _check_int(args: argparse.Namespace, flag: str, low: int) -> None:
+    v = getattr(args, flag)
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise UsageError(f"--{flag.replace('_', '-')} must be {what}, got {v!r}")
+
+
+def _check_output(flag: str, path: str) -> None:
+    """An output path that can be written: refuse it now, not after the whole benchmark ran."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file name")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot create directory {p.parent}: {e.strerror or e}") from None
+    if not os.access(p.parent, os.W_OK):
+        raise UsageError(f"{flag}: directory {p.parent} is not writable")
+
+
+def _check_plot_format(path: str) -> None:
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise UsageError("--plot needs matplotlib (pip install matplotlib)") from None
+    suffix = Path(path).suffix.lstrip(".").lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise UsageError(f"--plot {path}: unknown image format {suffix!r}; use one of .{', .'.join(sorted(formats))}")
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Every flag that needs no parsing, with its bounds (UsageError, one line)."""
+    for flag in ("steps", "batch", "ctx", "d_model", "n_layers", "n_heads", "eval_windows", "jobs"):
+        _check_int(args, flag, 1)
+    for flag in ("print_every", "seed", "scale_update_interval"):
+        _check_int(args, flag, 0)
+    if args.group_size is not None:
+        _check_int(args, "group_size", 1)
+    t = args.job_timeout
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 <= t < math.inf):
+        raise UsageError(f"--job-timeout must be a finite number of seconds >= 0 (0: never), got {t!r}")
+    if not 0 <= args.warmup_frac < 1 or not 0 <= args.min_lr_frac <= 1:
+        raise UsageError("--warmup-frac must be in [0, 1) and --min-lr-frac in [0, 1]")
+    if args.model not in model_names():
+        raise UsageError(f"unknown model {args.model!r}; choose from {', '.join(model_names())}")
+    if args.plot:
+        _check_plot_format(args.plot)
 
 
 def _with_overrides(hp: Hparams, name: str, over: dict) -> Hparams:
     over = dict(over)
     lr = over.pop("lr", None)
+    if lr is not None:
+        check_lr(name, lr, f"--configs {name}[lr=...]")
     rule = hp.rule
     quantizer = over.pop("quantizer", hp.qat_quantizer) if name in LATENT_CONFIGS else hp.qat_quantizer
     if quantizer not in QUANTIZERS:
@@ -364,22 +502,16 @@ def _with_overrides(hp: Hparams, name: str, over: dict) -> Hparams:
                                qat_normalize_first=normalize_first if name == "BitNet_QAT" else hp.qat_normalize_first)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
-    from .cli import UsageError
-
+def run(args: argparse.Namespace, on_progress: Callable[[], None] | None = None) -> list[dict]:
+    """The benchmark: validate every flag (UsageError), train each config, print the table, write the JSON
+    and plot. Sets ``args._exit_code`` to EXIT_JOBS_FAILED when a config failed, crashed or timed out."""
     device = resolve_device(args.device)
     try:
         specs = parse_config_specs(args.configs)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    for flag in ("steps", "batch", "ctx"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be >= 1")
-    if args.scale_update_interval < 0:
-        raise UsageError("--scale-update-interval must be >= 0")
-    if getattr(args, "jobs", 1) < 1:
-        raise UsageError("--jobs must be >= 1")
-    if getattr(args, "jobs", 1) > 1 and len(specs) > 1 and not args.reuse_base:
+    _check_flags(args)
+    if args.jobs > 1 and len(specs) > 1 and not args.reuse_base:
         raise UsageError("--jobs needs --reuse-base (every job must start from the same base model)")
     try:
         rule_over = parse_overrides(args.rule, "rule")
@@ -390,105 +522,229 @@ def run(args: argparse.Namespace) -> list[dict]:
         rule = FlipRule.for_run(args.steps, **rule_over)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
-    for k in lr_over:
+    for k, v in lr_over.items():
         if k not in CONFIG_NAMES:
-            raise UsageError(f"--lr names unknown config {k!r}")
+            raise UsageError(f"--lr names unknown config {k!r}; choose from {', '.join(CONFIG_NAMES)}")
+        check_lr(k, v, "--lr")
+    model_kw = dict(ctx=args.ctx, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads)
+    model_kw.update(model_config_overrides(args.model, args.model_config))
     try:
         resolve_backend(args.update_backend)
-        build_model(args.model, seed=0, ctx=args.ctx, d_model=args.d_model, n_layers=1, n_heads=args.n_heads)
-    except ValueError as e:
+        with torch.device("meta"):  # the config's own checks, without allocating (any size passes here)
+            build_model(args.model, seed=0, **model_kw)
+    except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
-    if not 0 <= args.warmup_frac < 1 or not 0 <= args.min_lr_frac <= 1:
-        raise UsageError("--warmup-frac must be in [0, 1) and --min-lr-frac in [0, 1]")
+    if args.compile:
+        try:
+            check_compile_ops(args.model)
+        except ValueError as e:
+            raise UsageError(f"--compile: {e}") from None
+    model_kw["compile_ops"] = args.compile
     hp = Hparams(steps=args.steps, rule=rule, lr=lr_over, warmup_frac=args.warmup_frac, min_lr_frac=args.min_lr_frac,
                  naive_threshold=args.accum_threshold if args.accum_threshold is not None else 8)
     if args.group_size is not None:
-        if args.group_size < 1:
-            raise UsageError("--group-size must be >= 1")
         hp.group_size = args.group_size
     hps = [_with_overrides(hp, name, over) for _, name, over in specs]  # bad brackets fail before any work
+    for flag in ("json", "plot"):
+        if getattr(args, flag):
+            _check_output(f"--{flag}", getattr(args, flag))
     corpus = load_corpus(args.data)
     val_windows = eval_windows(corpus.val, args.ctx, args.eval_windows)
     train_windows = eval_windows(corpus.train, args.ctx, args.eval_windows)
     print(f"bench: data {corpus.name} ({len(corpus.train):,} train / {len(corpus.val):,} held-out bytes), "
           f"device {device}, model {args.model} d={args.d_model} L={args.n_layers}, "
           f"{args.steps} steps x batch {args.batch} x ctx {args.ctx}", flush=True)
-    model_kw = dict(ctx=args.ctx, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads)
-    try:
-        model_kw.update(parse_overrides(args.model_config, "model config"))
-        build_model(args.model, seed=0, **dict(model_kw, n_layers=1))
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"bad --model-config: {e}") from None
-    compile_ops = getattr(args, "compile", False)
-    if compile_ops:
-        try:
-            check_compile_ops(args.model)
-        except ValueError as e:
-            raise UsageError(f"--compile: {e}") from None
-    model_kw["compile_ops"] = compile_ops
-    shared_base = build_model(args.model, seed=args.seed, **model_kw) if args.reuse_base else None
     meta = {
-        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "args": {k: v for k, v in vars(args).items() if k != "func" and not k.startswith("_")},
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "hparams": hp.to_dict(),
         "data": corpus.name,
     }
-    jobs = getattr(args, "jobs", 1)
-    if jobs > 1 and len(specs) > 1:
-        meta["jobs"] = jobs
-        results = _run_jobs(args, [label for label, _, _ in specs], jobs, meta)
+    if args.jobs > 1 and len(specs) > 1:
+        meta["jobs"] = args.jobs
+        results = _run_jobs(args, specs, meta)
     else:
-        results = _run_configs(args, specs, hps, shared_base, model_kw, corpus, val_windows, train_windows, device,
-                               meta)
+        results = _run_configs(args, specs, hps, model_kw, corpus, val_windows, train_windows, device, meta,
+                               on_progress)
     print()
     print(format_table(results))
     if args.plot:
         plot(results, args.plot, f"{args.model} d={args.d_model} L={args.n_layers}, "
              f"batch {args.batch} x ctx {args.ctx}, {corpus.name[:40]}")
+    failed = [r for r in results if r["status"] in FAILED_STATUSES]
+    if failed:
+        args._exit_code = EXIT_JOBS_FAILED
+        sys.stderr.write(f"trueternary: error: {len(failed)} of {len(results)} configs did not finish ("
+                         + ", ".join(f"{r['config']}: {r['status']}" for r in failed)
+                         + "); the table" + (" and --json" if args.json else "") + " say why\n")
     return results
 
 
-def _run_jobs(args: argparse.Namespace, labels: list[str], jobs: int, meta: dict) -> list[dict]:
-    """Each config in a child process (spawned: CUDA cannot fork), ``jobs`` at once; results in ``labels`` order.
-    Every child builds the same base model (--reuse-base) and data, so the runs are those of one process.
-    The JSON is rewritten as each job ends, so a cut-off run keeps what finished."""
-    import multiprocessing
-
-    children = [dict(vars(args), configs=label, jobs=1, json=None, plot=None) for label in labels]
-    done: dict[str, dict] = {}
-    with multiprocessing.get_context("spawn").Pool(min(jobs, len(labels))) as pool:
-        for out in pool.imap_unordered(_run_job, children):
-            done[out[0]["config"]] = out[0]
-            if args.json:
-                _write_json(args.json, meta, [done[k] for k in labels if k in done])
-    return [done[k] for k in labels]
+def _summary(r: dict, beside_jobs: bool = False) -> str:
+    """One progress line for a finished config."""
+    if r["status"] in FAILED_STATUSES:
+        return f"   {r['config']}: {r['status'].upper()}: {r['error']}"
+    return (f"   {r['config']}: val_bpb {r['val_bpb']:.4f}  train_bpb {r['train_bpb']:.4f}  "
+            f"final loss {r['final_loss']:.4f}  {r['median_step_ms']:.2f} ms/step"
+            + (" beside other jobs" if beside_jobs else "")
+            + f"  peak {r['peak_memory_bytes'] / 2**20:.1f} MB"
+            + (f"  DIVERGED ({r['diverged']})" if r["diverged"] else ""))
 
 
-def _run_job(child_args: dict) -> list[dict]:
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):  # the parent prints the table; children stay quiet
-        results = run(argparse.Namespace(**child_args))
-    r = results[0]
-    print(f"   {r['config']}: val_bpb {r['val_bpb']:.4f}  ({r['median_step_ms']:.2f} ms/step beside other jobs)",
-          flush=True)
-    return results
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def _run_configs(args, specs, hps, shared_base, model_kw, corpus, val_windows, train_windows, device, meta):
-    results = []
+def _run_configs(args, specs, hps, model_kw, corpus, val_windows, train_windows, device, meta, on_progress=None):
+    """The configs one after another in this process. A config that raises (its base model's build included)
+    is recorded as ``failed`` (its error in the table, its traceback in the JSON) and the next one runs."""
+    results, shared_base = [], None
     for i, ((label, name, _), spec_hp) in enumerate(zip(specs, hps)):
-        base = shared_base if shared_base is not None else build_model(args.model, seed=args.seed + i, **model_kw)
         print(f"== {label}", flush=True)
-        r = run_config(label, name, base, spec_hp, corpus, val_windows, args, device, train_windows)
+        try:
+            if not args.reuse_base:
+                base = build_model(args.model, seed=args.seed + i, **model_kw)
+            else:  # built once, by the first config that needs it
+                if shared_base is None:
+                    shared_base = build_model(args.model, seed=args.seed, **model_kw)
+                base = shared_base
+            r = run_config(label, name, base, spec_hp, corpus, val_windows, args, device, train_windows, on_progress)
+        except Exception as e:  # any error of one config is that config's result
+            r = failure_result(label, name, "failed", _one_line(e), traceback.format_exc())
+            gc.collect()  # the traceback's frames held the config's tensors
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         results.append(r)
-        print(f"   {label}: val_bpb {r['val_bpb']:.4f}  train_bpb {r['train_bpb']:.4f}  "
-              f"final loss {r['final_loss']:.4f}  {r['median_step_ms']:.2f} ms/step  "
-              f"peak {r['peak_memory_bytes'] / 2**20:.1f} MB"
-              + (f"  DIVERGED ({r['diverged']})" if r["diverged"] else ""), flush=True)
+        print(_summary(r), flush=True)
         if args.json:  # after every config, so a cut-off run keeps what it measured
             _write_json(args.json, meta, results)
     return results
+
+
+@dataclasses.dataclass
+class _Job:
+    """One ``--jobs`` child process: its result pipe, its progress counter and when that last moved."""
+
+    index: int
+    process: multiprocessing.process.BaseProcess
+    conn: multiprocessing.connection.Connection
+    progress: object  # a shared integer the child increments (multiprocessing RawValue)
+    seen: int = 0
+    last_progress: float = 0.0
+
+
+def _run_jobs(args: argparse.Namespace, specs: list[tuple[str, str, dict]], meta: dict) -> list[dict]:
+    """Each config in its own spawned process (CUDA cannot be forked), ``--jobs`` at once; results in
+    ``specs`` order. Every child builds the same base model (--reuse-base) and data, so the numbers are
+    those of one process. Each child sends one JSON message on its own pipe; the parent waits on the pipes
+    and on the processes' sentinels, so a child that dies is seen at once (``crashed``) and one without
+    progress for ``--job-timeout`` seconds is killed (``timeout``). The JSON is rewritten as each job ends,
+    so a cut-off run keeps what finished; an interrupt kills the children."""
+    spawn = multiprocessing.get_context("spawn")
+    n_procs = min(args.jobs, len(specs))
+    # an equal share of the intra-op threads: N children with every core's worth of OpenMP threads each
+    # oversubscribe the CPU, and the host-side work (data, the latent configs' trit counts) then waits on
+    # descheduled peer threads (docs/training.md measured such waits at ~10x)
+    threads = max(1, torch.get_num_threads() // n_procs)
+    meta["threads_per_job"] = threads
+    child_base = {k: v for k, v in vars(args).items() if k != "func" and not k.startswith("_")}
+    pending = list(range(len(specs)))
+    running: list[_Job] = []
+    done: dict[int, dict] = {}
+
+    def finish(job: _Job, result: dict) -> None:
+        running.remove(job)
+        job.conn.close()
+        done[job.index] = result
+        print(_summary(result, beside_jobs=True), flush=True)
+        if args.json:
+            _write_json(args.json, meta, [done[i] for i in range(len(specs)) if i in done])
+
+    try:
+        while pending or running:
+            while pending and len(running) < n_procs:
+                i = pending.pop(0)
+                recv, send = spawn.Pipe(duplex=False)
+                progress = spawn.RawValue("q", 0)
+                child = dict(child_base, configs=specs[i][0], jobs=1, json=None, plot=None)
+                proc = spawn.Process(target=_job_main, args=(child, send, progress, threads),
+                                     name=f"bench-{specs[i][0]}")
+                proc.start()
+                send.close()  # the child holds the write end: EOF on recv means it is gone
+                running.append(_Job(i, proc, recv, progress, last_progress=time.monotonic()))
+            multiprocessing.connection.wait([j.conn for j in running] + [j.process.sentinel for j in running],
+                                            timeout=0.5)
+            now = time.monotonic()
+            for job in list(running):
+                label, name, _ = specs[job.index]
+                if job.conn.poll():  # a message, or EOF from a dead child
+                    try:
+                        msg = json.loads(job.conn.recv_bytes())
+                    except (EOFError, OSError, ValueError):
+                        msg = None
+                    job.process.join(timeout=30)
+                    if job.process.is_alive():
+                        job.process.kill()
+                        job.process.join()
+                    if msg is None:
+                        finish(job, failure_result(label, name, "crashed", _exit_reason(job.process.exitcode)))
+                    elif "error" in msg:
+                        finish(job, failure_result(label, name, "failed", msg["error"], msg["traceback"]))
+                    else:
+                        finish(job, msg["result"])
+                elif not job.process.is_alive():
+                    job.process.join()
+                    finish(job, failure_result(label, name, "crashed", _exit_reason(job.process.exitcode)))
+                else:
+                    count = job.progress.value
+                    if count != job.seen:
+                        job.seen, job.last_progress = count, now
+                    elif args.job_timeout and now - job.last_progress > args.job_timeout:
+                        job.process.kill()
+                        job.process.join()
+                        why = (f"no progress for {args.job_timeout:g} s (--job-timeout) after {count} progress "
+                               "reports (start, steps, evaluations)" if count else
+                               f"not started within {args.job_timeout:g} s (--job-timeout)")
+                        finish(job, failure_result(label, name, "timeout", why + "; its process was killed"))
+    finally:  # an interrupt or an unwritable --json: no child outlives the bench
+        for job in running:
+            job.process.kill()
+        for job in running:
+            job.process.join()
+            job.conn.close()
+    return [done[i] for i in range(len(specs))]
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            how = f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"killed by signal {-code}"
+    else:
+        how = f"exit code {code}"
+    return f"its process died without a result ({how})"
+
+
+def _job_main(child_args: dict, conn, progress, threads: int) -> None:
+    """A ``--jobs`` child: one config with ``threads`` intra-op threads. Its Python output is silenced (the
+    parent prints each job's line and the table), SIGINT is left to the parent (which kills the children).
+    Sends ``{"result": ...}`` or ``{"error": ..., "traceback": ...}`` as JSON, never a pickle."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+
+    def tick() -> None:
+        progress.value += 1
+
+    try:
+        tick()  # started: the imports are done
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            result = run(argparse.Namespace(**child_args), on_progress=tick)[0]
+        payload = json.dumps({"result": result})
+    except Exception as e:  # reported to the parent, which records the job as failed
+        payload = json.dumps({"error": _one_line(e), "traceback": traceback.format_exc()})
+    conn.send_bytes(payload.encode())
+    conn.close()
