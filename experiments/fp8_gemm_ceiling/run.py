@@ -2,26 +2,30 @@
 """What tensor-core GEMMs alone allow at the 151M step (issue 5's 1.3x question): bf16 cuBLAS vs fp8 (e4m3)
 ``torch._scaled_mm`` for the three GEMMs of every linear layer, 16,384 tokens.
 
-    python3 scripts/gemm_ceiling.py          # CUDA only; writes $OUT/gemm_ceiling.json (OUT defaults to ./out)
+    python3 experiments/fp8_gemm_ceiling/run.py    # CUDA only; writes $OUT/gemm_ceiling.json (OUT defaults to ./out)
 
 Per layer (qkv, proj, up, down, head): forward ``x @ W.T``, backward-input ``gy @ W``, weight gradient
 ``gy.T @ x``, each in bf16 and in fp8 with row-wise scales (per token for x / gy; the weight-gradient form
 needs K-major copies, here ``gy.T`` and ``x.T`` made contiguous beforehand, untimed) and tensor-wise scales;
 plus what feeding fp8 costs: a per-row quantisation in plain PyTorch, a bare cast, a transposed cast.
-Median of 30 CUDA-event timings after 5 warm-up calls. Ternary values are exact in e4m3, so an fp8 weight
-operand loses nothing; the activations and gradients do (per-token scales).
+Median of 30 CUDA-event timings after 5 burn-in calls (harness.event_ms). Ternary values are exact in e4m3, so
+an fp8 weight operand loses nothing; the activations and gradients do (per-token scales). The answer and the
+measured numbers: README.md beside this file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
+from pathlib import Path
 
-import torch
-from script_args import out_dir
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "benchmarks")]
+
+import torch  # noqa: E402
+from harness import add_out_arg, env_info, event_ms, out_dir, require_cuda, write_json  # noqa: E402
 
 F8 = torch.float8_e4m3fn
 BF16 = torch.bfloat16
@@ -29,19 +33,8 @@ M = 16384
 SHAPES = {"qkv": (3072, 1024), "proj": (1024, 1024), "up": (4096, 1024), "down": (1024, 4096), "head": (288, 1024)}
 
 
-def bench(fn, n: int = 30, warm: int = 5) -> float:
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+def bench(fn) -> float:
+    return statistics.median(event_ms(fn, warmup=5, repeats=30, device="cuda"))
 
 
 def quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,17 +73,15 @@ def layer_row(name: str, N: int, K: int) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.environ.get("OUT", "out"), help="output folder (default $OUT or ./out)")
+    add_out_arg(p)
     args = p.parse_args()
     out = out_dir(p, args.out)
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA device")
+    require_cuda(p, "it times cuBLAS GEMMs")
     rows = []
     for name, (N, K) in SHAPES.items():
         rows.append(layer_row(name, N, K))
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
-    (out / "gemm_ceiling.json").write_text(json.dumps({"env": env, "layers": rows}, indent=1) + "\n")
+    write_json(out / "gemm_ceiling.json", {"env": env_info("cuda"), "layers": rows})
     return 0
 
 

@@ -2,20 +2,23 @@
 """Is a TrueTernary `gpu` training step deterministic at the 151M shape? Two identical runs of two eager steps
 from the same state, compared on every T_accum, with PyTorch's default SDPA backend and with the math backend.
 
-    python3 scripts/sdpa_determinism.py      # CUDA only; prints the fraction of T_accum entries that differ
+    python3 experiments/sdpa_determinism/run.py    # CUDA only; prints the fraction of T_accum entries that differ
 
-Why: bench_e2e's graph-replay check compares graphed steps with eager ones bit for bit, which assumes a
-deterministic backward (docs/performance.md, fifth measurement).
+Why: a CUDA-graphed step checked against eager steps, or a resumed GPU run against an uninterrupted one, can
+agree bit for bit only if the backward is deterministic. The answer: README.md beside this file.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import torch  # noqa: E402
+from harness import require_cuda  # noqa: E402
 
 from trueternary.models.transformer import ByteTransformer, TransformerConfig  # noqa: E402
 from trueternary.recipes import Hparams, build_recipe  # noqa: E402
@@ -37,9 +40,9 @@ def mismatch(x: torch.Tensor, y: torch.Tensor, steps: int = 2) -> float:
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("sdpa_determinism: error: needs a CUDA device", file=sys.stderr)
-        return 2
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.parse_args()
+    require_cuda(p, "it runs training steps on the GPU")
     seq = torch.randint(0, 256, (32, CFG.ctx + 1), generator=torch.Generator().manual_seed(99)).cuda()
     x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
     print("default SDPA: T_accum mismatch between two identical runs:", mismatch(x, y), flush=True)

@@ -1,6 +1,7 @@
-"""How the group size trades state bytes for fidelity of the ternary weight (docs/learning.md, "group size").
+#!/usr/bin/env python3
+"""How the group size trades state bytes for fidelity of the ternary weight (docs/learning.md, "Group size").
 
-    python scripts/group_size.py
+    python3 experiments/group_size/run.py      # any machine, a few seconds
 
 For each group size: training-state and inference bytes per weight of a 512 x 2048 matrix (measured from a
 real TernaryScaleTensor), and the relative error ||w - T * 2**E|| / ||w|| of ternarising float weights with
@@ -10,10 +11,15 @@ log-normally spread magnitudes (as trained layers do: some inputs and outputs ma
 
 from __future__ import annotations
 
-import torch
+import sys
+from pathlib import Path
 
-from trueternary.quant import group_absmean_log2
-from trueternary.weight import TernaryScaleTensor
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+
+import torch  # noqa: E402
+
+from trueternary.quant import group_absmean_log2  # noqa: E402
+from trueternary.weight import TernaryScaleTensor  # noqa: E402
 
 ROWS, COLS = 512, 2048
 

@@ -1,13 +1,14 @@
+#!/usr/bin/env python3
 """What each MORPH part earns: train MORPH with one part removed at a time, beside the transformer.
 
 Usage (GPU, from the repo root; CPU works too with small sizes):
 
-    OUT=out/morph_ablation python scripts/morph_ablation.py --steps 2000 --batch 32 --ctx 256 --d-model 512
+    python3 experiments/morph_ablation/run.py --steps 2000 --batch 32 --ctx 256 --d-model 512 --out out/morph_ablation
 
 Every variant is trained with the same recipe (``--config``, default TrueTernary), the same batches in the
 same order and the same step budget; reported per variant: ternary weights, median ms/step, mean training
-loss of the last 10% of steps, validation bits per byte on held-out text. Writes
-``$OUT/morph_ablation.json`` and ``.md`` (default ``OUT=./out``).
+loss of the last 10% of steps, validation bits per byte on held-out text. Writes ``morph_ablation.json`` and
+``.md`` to ``--out`` (default ``$OUT`` or ``./out``). What it found so far: README.md beside this file.
 
 Variants: ``full``; ``-lstm`` (no local recurrent encoder); ``-vq`` (no VQ, no code nodes, no same-code
 edges); ``-graph`` (no graph aggregation); ``-match`` (graph without same-code edges); ``dense-ffn``
@@ -17,20 +18,22 @@ edges); ``-graph`` (no graph aggregation); ``-match`` (graph without same-code e
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
 
-from trueternary.bench import validation_bpb
-from trueternary.data import eval_windows, load_corpus, random_batch
-from trueternary.models import build_model
-from trueternary.recipes import CONFIG_NAMES, Hparams, build_recipe
+import torch  # noqa: E402
+from harness import add_out_arg, out_dir, write_json  # noqa: E402
+
+from trueternary.bench import validation_bpb  # noqa: E402
+from trueternary.data import eval_windows, load_corpus, random_batch  # noqa: E402
+from trueternary.models import build_model  # noqa: E402
+from trueternary.recipes import CONFIG_NAMES, Hparams, build_recipe  # noqa: E402
 
 VARIANTS = {
     "full": {},
@@ -89,12 +92,13 @@ def main(argv=None) -> int:
     p.add_argument("--eval-windows", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--print-every", type=int, default=0)
+    add_out_arg(p)
     args = p.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
     bad = [v for v in names if v not in VARIANTS]
     if bad:
-        print(f"morph_ablation: error: unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
-        return 2
+        p.error(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
+    out = out_dir(p, args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny CPU models: thread hand-off costs more than it gains
@@ -107,11 +111,10 @@ def main(argv=None) -> int:
         r = results[-1]
         print(f"  {name}: {r['ternary_weights']:,} ternary weights, {r['median_step_ms']:.1f} ms/step, "
               f"final loss {r['final_loss']:.4f}, val {r['val_bpb']:.4f} bpb", flush=True)
-    out_dir = Path(os.environ.get("OUT", "./out"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"args": vars(args), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    meta = {"args": {k: v for k, v in vars(args).items() if k != "out"},
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "data": corpus.name}
-    (out_dir / "morph_ablation.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    write_json(out / "morph_ablation.json", {"meta": meta, "results": results})
     lines = [f"{args.config}, {args.steps} steps x batch {args.batch} x ctx {args.ctx}, d={args.d_model} "
              f"L={args.n_layers}, {meta['device']}, data {corpus.name}", "",
              "| variant | ternary weights | ms/step | final loss (nats) | val bpb |",
@@ -119,7 +122,7 @@ def main(argv=None) -> int:
     lines += [f"| {r['variant']} | {r['ternary_weights']:,} | {r['median_step_ms']:.1f} | {r['final_loss']:.4f} | "
               f"{r['val_bpb']:.4f} |" for r in results]
     md = "\n".join(lines) + "\n"
-    (out_dir / "morph_ablation.md").write_text(md)
+    (out / "morph_ablation.md").write_text(md)
     print()
     print(md)
     return 0

@@ -1,7 +1,10 @@
 """Compile every Triton kernel the gpu backends launch, for a Hopper GPU, on a machine without one.
 
     pip install triton==3.6.0      # the GPU machine's Triton; any version you want to check
-    python scripts/compile_check.py
+    python tests/compile_for_hopper.py
+
+Run by tests/test_kernels_compile.py in a subprocess of its own: it replaces Triton's kernel launch and the
+library's device probes (below) for the whole process, which must not leak into other tests.
 
 Why: the CPU tests run the kernels in Triton's interpreter, which does not type-check or lower them; a
 kernel can pass every interpreted test and still fail to compile on the GPU's Triton (seen: a bare

@@ -1,22 +1,23 @@
 """Data-parallel scaling of ``trueternary train`` on 1 and 2 GPUs, same global batch; results to ``$OUT``.
 
-    python scripts/multi_gpu_scaling.py --data PATH [--models d512,151M] [--configs TrueTernary,Adam_FP32]
-                                        [--steps-d512 600] [--steps-151M 60] [--nprocs 1,2]
+    python3 benchmarks/multi_gpu_scaling.py --data PATH [--models d512,151M] [--configs TrueTernary,Adam_FP32]
+                                            [--steps-d512 600] [--steps-151M 60] [--nprocs 1,2] [--out DIR]
 
 For every model, config and number of processes it launches ``torchrun --standalone --nproc_per_node N -m
 trueternary.cli train`` (NCCL, one GPU per rank; TrueTernary on the ``gpu`` update backend, whose fused vote
 kernels cast each rank's int8 votes before the integer all-reduce; Adam_FP32 with bf16 autocast under
 PyTorch DDP, fp32 gradient all-reduce) and reads what the run wrote:
 
-    tokens/s       the global batch's tokens over the median step time, after dropping the first 20% of steps
+    tokens/s       the global batch's tokens over the median step time, after the first 20% of steps (burn-in)
     peak memory    rank 0's CUDA allocator peak (torch.cuda.max_memory_allocated), from metrics.jsonl
     comm bytes     bytes passed to all-reduce per step, counted at every call (comm_bytes in metrics.jsonl)
     val bpb        validation bits per byte on the held-out split at the last step (rank 0)
 
 Scaling efficiency = tokens/s on N GPUs / (N x tokens/s on 1 GPU). Models: ``d512`` is the learning
 benchmark's (6 layers, d 512, ctx 256, global batch 32), ``151M`` the performance benchmark's (12 layers,
-d 1024, ctx 512, global batch 32). Writes ``$OUT/multi_gpu_scaling.json`` (after every run) and each run's
-log; ``--device cpu`` runs the same plan with gloo on the CPU (a dry run of this script).
+d 1024, ctx 512, global batch 32). Writes ``multi_gpu_scaling.json`` (after every run) and each run's log to
+``--out`` (default ``$OUT`` or ``./out``); ``--device cpu`` runs the same plan with gloo on the CPU (a dry run
+of this script).
 NVLink multicast stays off: NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1 are set for every run.
 """
 
@@ -25,11 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from harness import add_out_arg, out_dir, summary, write_json  # noqa: E402
 
 MODELS = {
     "d512": {"d_model": 512, "n_layers": 6, "n_heads": 8, "ctx": 256, "batch_size": 32},
@@ -54,6 +59,7 @@ def run_one(model: str, config: str, nproc: int, steps: int, a, out: Path) -> di
     if config.startswith("TrueTernary") and a.device != "cpu":
         cmd += ["--update_backend", "gpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1", **SAFE_ENV)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))  # this checkout
     if a.device == "cpu":
         env["TRUETERNARY_DIST_BACKEND"] = "gloo"
     print("$ " + " ".join(cmd), flush=True)
@@ -70,9 +76,9 @@ def run_one(model: str, config: str, nproc: int, steps: int, a, out: Path) -> di
     cfg = json.loads((run_dir / "config.json").read_text())
     train_rows = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "val_bpb" in r]
-    kept = train_rows[len(train_rows) // 5:]
-    step_s = statistics.median(m["batch_size"] * m["ctx"] / r["tokens_per_s"] for r in kept)
-    res.update(median_step_ms=1e3 * step_s, tokens_per_s=m["batch_size"] * m["ctx"] / step_s,
+    tokens = m["batch_size"] * m["ctx"]
+    timed = summary([1e3 * tokens / r["tokens_per_s"] for r in train_rows[len(train_rows) // 5:]], tokens)
+    res.update(median_step_ms=timed["median_ms"], tokens_per_s=timed["tokens_per_s"],
                val_bpb=evals[-1]["val_bpb"], peak_memory_bytes=evals[-1].get("peak_memory_bytes"),
                final_loss=train_rows[-1]["loss"], comm_bytes_per_step=train_rows[-1].get("comm_bytes"),
                comm_vote_bytes_per_step=train_rows[-1].get("comm_vote_bytes"),
@@ -96,14 +102,14 @@ def main() -> int:
     p.add_argument("--steps-tiny", type=int, default=20)
     p.add_argument("--eval-windows", type=int, default=128)
     p.add_argument("--timeout", type=int, default=600, help="seconds per run")
+    add_out_arg(p)
     a = p.parse_args()
     if a.data != "enwik8" and not Path(a.data).exists():
         p.error(f"--data {a.data}: no such file or directory")
     unknown = [m for m in a.models.split(",") if m not in MODELS]
     if unknown:
         p.error(f"unknown --models {','.join(unknown)}; choose from {', '.join(MODELS)}")
-    out = Path(os.environ.get("OUT", "out"))
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir(p, a.out)
     meta = {"argv": sys.argv[1:]}
     try:
         import torch
@@ -127,7 +133,7 @@ def main() -> int:
                     if base and "tokens_per_s" in r:
                         r["scaling_efficiency"] = r["tokens_per_s"] / (r["gpus"] * base["tokens_per_s"])
                         r["val_bpb_minus_1gpu"] = r["val_bpb"] - base["val_bpb"]
-                (out / "multi_gpu_scaling.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+                write_json(out / "multi_gpu_scaling.json", {"meta": meta, "results": results})
     print(f"{'run':<28}{'ms/step':>9}{'tok/s':>11}{'eff':>6}{'val bpb':>9}{'comm B/step':>14}{'peak MiB':>10}")
     for r in results:
         if "tokens_per_s" not in r:

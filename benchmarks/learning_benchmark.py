@@ -1,6 +1,6 @@
 """The learning benchmark of docs/learning.md in one go: tune every config's learning rate, then compare.
 
-    python scripts/learning_benchmark.py --data PATH [--device cuda] [--steps 1500] [--parallel 8]
+    python3 benchmarks/learning_benchmark.py --data PATH [--device cuda] [--steps 1500] [--parallel 8]
 
 1. Tuning: each config's peak learning rate (vote scale for TrueTernary) is swept on a run of the same
    model and batch (``--tune-steps``, default ``--steps``: the optimum moves with the run length), all in
@@ -19,14 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from trueternary.cli import main as cli_main
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from harness import add_out_arg, out_dir  # noqa: E402
+
+from trueternary.cli import main as cli_main  # noqa: E402
 
 GRID = {  # each bracketed its optimum at 1500 steps on the development corpus (docs/learning.md)
     "Adam_FP32": ["2.5e-4", "5e-4", "1e-3", "2e-3"],
@@ -43,7 +47,9 @@ def bench(argv: list[str]) -> None:
         sys.exit(rc)
 
 
-CLI = "import sys; from trueternary.cli import main; sys.exit(main(sys.argv[1:]))"
+# the tuning processes import the same trueternary as this script (src/ first, as above)
+CLI = (f"import sys; sys.path.insert(0, {str(ROOT / 'src')!r}); from trueternary.cli import main; "
+       "sys.exit(main(sys.argv[1:]))")
 
 
 def entry_spec(name: str, entry: str) -> str:
@@ -107,10 +113,9 @@ def main() -> None:
     p.add_argument("--lr", action="append", default=[])
     p.add_argument("--tune-only", action="store_true", help="stop after the tuning stage")
     p.add_argument("--extra", default="", help="extra bench flags for both stages (one string)")
-    p.add_argument("--out", default=os.environ.get("OUT", "out"))
+    add_out_arg(p)
     a = p.parse_args()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir(p, a.out)
     common = ["--data", a.data, "--device", a.device, "--reuse-base", "--batch", str(a.batch), "--ctx", str(a.ctx),
               "--d-model", str(a.d_model), "--n-layers", str(a.n_layers), "--n-heads", str(a.n_heads),
               "--update-backend", a.update_backend, "--print-every", "0", *shlex.split(a.extra)]

@@ -2,17 +2,17 @@
 
 Usage (on the GPU machine, from the repo root):
 
-    OUT=out/morph_kernels python scripts/bench_morph_kernels.py
+    python3 benchmarks/bench_morph_kernels.py --out out/morph_kernels
 
-Writes ``$OUT/morph_kernels.json`` and ``$OUT/morph_kernels.md`` (default ``OUT=./out``) and prints the
-tables. Everything is checked before it is timed: every Triton kernel's forward and backward against the
-naive reference on the benchmark shapes (max abs error reported; the run fails if it exceeds the
-tolerance), then
+Writes ``morph_kernels.json`` and ``morph_kernels.md`` to ``--out`` (default ``$OUT`` or ``./out``) and prints
+the tables. Every Triton kernel's forward and backward is checked against the naive reference on the benchmark
+shapes before it is timed (max abs error reported; a kernel beyond the tolerance is an error and is not timed);
+then
 
 1. **kernels** -- forward and forward+backward of gather-add, graph aggregation and MoE combine at
    MORPH's shapes (``--batch x --ctx`` positions, ``--d-model`` channels): median time of ``--reps``
-   runs (CUDA events), the naive time, and the *memory floor* = bytes that must move / ``--hbm-gbps``
-   (every input read once, every output written once; FLOPs are listed too but these ops are
+   runs after 3 burn-in runs (CUDA events), the naive time, and the *memory floor* = bytes that must move /
+   ``--hbm-gbps`` (every input read once, every output written once; FLOPs are listed too but these ops are
    memory-bound by 1-2 orders of magnitude);
 2. **components** -- forward+backward time of each MORPH stage inside the ternarised model (LSTM,
    VQ + gather-add, graph, one attention/MoE block);
@@ -26,38 +26,27 @@ for the Triton paths; timings are then meaningless).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
 
-from trueternary.ops.gather_add import gather_add
-from trueternary.ops.graph_aggregate import graph_aggregate
-from trueternary.ops.moe_combine import moe_combine
+import torch  # noqa: E402
+from harness import Bench, add_out_arg, event_ms, out_dir  # noqa: E402
+
+from trueternary.ops.gather_add import gather_add  # noqa: E402
+from trueternary.ops.graph_aggregate import graph_aggregate  # noqa: E402
+from trueternary.ops.moe_combine import moe_combine  # noqa: E402
+
+SECTIONS = ("kernels", "components", "model")
 
 
 def timer(fn, reps: int, device: torch.device) -> float:
-    """Median milliseconds of ``fn()`` over ``reps`` runs after 3 warm-up runs."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds of ``fn()`` over ``reps`` runs after 3 burn-in runs (CUDA events)."""
+    return statistics.median(event_ms(fn, warmup=3, repeats=reps, device=device))
 
 
 def fwd_bwd(fn, inputs, grad_idx):
@@ -88,7 +77,7 @@ def check(name, fn, inputs, grad_idx, tol):
     err = max([(out.float() - ref_out.float()).abs().max().item()]
               + [(a.float() - b.float()).abs().max().item() for a, b in zip(grads, ref_grads)])
     if err > tol:
-        raise SystemExit(f"{name}: triton differs from naive by {err:.3g} > {tol}")
+        raise AssertionError(f"{name}: triton differs from naive by {err:.3g} > {tol}")
     return err
 
 
@@ -137,7 +126,7 @@ def kernel_cases(args, device, dtype):
 
 def bench_kernels(args, device, results):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = []
+    rows = results.setdefault("kernels", [])
     for name, fn, inputs, grad_idx, b_fwd, b_all, flops in kernel_cases(args, device, dtype):
         err = check(name, fn, inputs, grad_idx, tol=args.tol)
         row = {"kernel": name, "max_abs_err": err, "bytes_fwd": b_fwd, "bytes_fwd_bwd": b_all, "flops_fwd": flops}
@@ -153,7 +142,6 @@ def bench_kernels(args, device, results):
               f"floor {row['floor_fwd_ms'] * 1e3:.1f}); fwd+bwd {row['triton_fwd_bwd_ms'] * 1e3:.1f} us (naive "
               f"{row['naive_fwd_bwd_ms'] * 1e3:.1f}, floor {row['floor_fwd_bwd_ms'] * 1e3:.1f}); max err {err:.2e}",
               flush=True)
-    results["kernels"] = rows
 
 
 def _morph(args, backend, device):
@@ -251,8 +239,8 @@ def bench_model(args, device, results):
 
 
 def markdown(results) -> str:
-    a = results["args"]
-    out = [f"MORPH kernels on {results['device_name']} (torch {results['torch']}, triton {results['triton']}); "
+    a, env = results["args"], results["env"]
+    out = [f"MORPH kernels on {env.get('gpu', env['device'])} (torch {env['torch']}, triton {env['triton']}); "
            f"batch {a['batch']} x ctx {a['ctx']}, d_model {a['d_model']}, floor at {a['hbm_gbps']} GB/s", "",
            "| kernel | naive fwd us | triton fwd us | floor fwd us | naive fwd+bwd us | triton fwd+bwd us | "
            "floor fwd+bwd us | triton/floor (fwd+bwd) | max abs err |",
@@ -290,35 +278,36 @@ def main(argv=None) -> int:
     p.add_argument("--hbm-gbps", type=float, default=3000.0, help="memory bandwidth of the floor (H100: ~3000)")
     p.add_argument("--tol", type=float, default=5e-2, help="max abs error allowed vs naive (bf16 inputs on GPU)")
     p.add_argument("--update-backend", default="dense-fallback")
-    p.add_argument("--skip", default="", help="comma list of sections to skip: kernels,components,model")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: " + ",".join(SECTIONS))
     p.add_argument("--quick", action="store_true", help="tiny shapes, for a CPU smoke test")
+    add_out_arg(p)
     args = p.parse_args(argv)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if skip - set(SECTIONS):
+        p.error(f"unknown --skip {', '.join(sorted(skip - set(SECTIONS)))} (choose from {', '.join(SECTIONS)})")
     if args.quick:
         args.batch, args.ctx, args.d_model, args.n_layers, args.n_heads = 2, 16, 32, 1, 2
         args.n_codes, args.window, args.graph_heads, args.reps, args.group_size = 8, 3, 2, 2, 16
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        print("no CUDA device: set TRITON_INTERPRET=1 (and --quick) to smoke-test on CPU", file=sys.stderr)
-        return 2
-    import triton
-
-    out_dir = Path(os.environ.get("OUT", "./out"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = {"args": vars(args), "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "triton": triton.__version__}
-    skip = set(filter(None, args.skip.split(",")))
-    sections = (("kernels", bench_kernels), ("components", bench_components), ("model", bench_model))
-    for name, fn in sections:
+        p.error("no CUDA device: set TRITON_INTERPRET=1 (and --quick) to smoke-test on CPU")
+    out = out_dir(p, args.out)
+    bench = Bench("morph_kernels", out, float("inf"), device)
+    bench.res["args"] = {k: v for k, v in vars(args).items() if k != "out"}
+    for name, fn in (("kernels", bench_kernels), ("components", bench_components), ("model", bench_model)):
         if name in skip:
             continue
         print(f"== {name}", flush=True)
-        fn(args, device, results)
-        (out_dir / "morph_kernels.json").write_text(json.dumps(results, indent=1))  # partial results survive
-    md = markdown(results)
-    (out_dir / "morph_kernels.md").write_text(md)
+        with bench.section(name) as go:
+            if go:
+                fn(args, device, bench.res)
+    md = markdown(bench.res)
+    (out / "morph_kernels.md").write_text(md)
     print()
     print(md)
-    return 0
+    for e in bench.res["errors"]:
+        print(f"ERROR {e['section']}: {e['error'][:300]}", file=sys.stderr)
+    return 1 if bench.res["errors"] else 0
 
 
 if __name__ == "__main__":
