@@ -139,7 +139,7 @@ def test_compile_trains_like_eager(tmp_path):
 
 def test_cuda_graph_refuses_what_it_cannot_capture():
     """Recipe.use_cuda_graph: TrueTernary on the gpu backend on CUDA only (the capture itself runs on the GPU:
-    scripts/bench_e2e.py checks replays against eager steps there)."""
+    tests/test_gpu.py checks replays against eager steps there)."""
     from trueternary.models import build_model
     from trueternary.recipes import Hparams, build_recipe
     from trueternary.rule import FlipRule
