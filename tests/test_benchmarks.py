@@ -198,9 +198,9 @@ def test_bench_morph_kernels_bad_input(tmp_path):
 
 @NO_CUDA
 @pytest.mark.parametrize("script", ["experiments/fp8_gemm_ceiling/run.py", "experiments/kernel_launches/run.py",
-                                    "experiments/sdpa_determinism/run.py"])
+                                    "experiments/cuda_graph_exactness/run.py"])
 def test_gpu_experiments_refuse_without_cuda(script, tmp_path):
-    args = [] if "sdpa" in script else ["--out", str(tmp_path / "out")]
+    args = [] if "exactness" in script else ["--out", str(tmp_path / "out")]
     assert _usage_error(_run(script, *args), "needs a CUDA device")
 
 

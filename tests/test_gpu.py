@@ -72,7 +72,7 @@ def test_graphed_steps_match_eager_steps():
     ``trueternary train`` runs on a GPU) against three eager steps from the same state with the same device lr:
     the same kernels with the same keys, so the integer state and the moving averages' codes agree bit for bit
     (they may differ only where a float op between the kernels is not deterministic: see
-    experiments/sdpa_determinism)."""
+    experiments/cuda_graph_exactness)."""
     x, y = _batch()
     graphed, eager = _seed_setting_recipe("gpu"), _seed_setting_recipe("gpu")
     for r in (graphed, eager):  # one eager step each first: the kernels compile, the step state exists

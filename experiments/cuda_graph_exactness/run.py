@@ -6,7 +6,7 @@ For each scaled-dot-product-attention backend, from one model state and one batc
 Compares every tensor of the model's state (T_packed, T_accum, E, E_accum) and the optimiser's codes, and times
 graph replays. CUDA only.
 
-    python3 experiments/cuda_graph_exactness/exactness.py [--setting 151M|small] [--compile] [--out FILE]
+    python3 experiments/cuda_graph_exactness/run.py [--setting 151M|small] [--compile] [--out FILE]
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def main() -> int:
             print(json.dumps({"micro": "gW = gy.T @ x bf16", "rows": rows, "cols": cols, "tokens": 16384,
                               "repeatable_20x": same}), flush=True)
     if not torch.cuda.is_available():
-        print("exactness: error: needs a CUDA device", file=sys.stderr)
+        print("cuda_graph_exactness: error: needs a CUDA device", file=sys.stderr)
         return 2
     results = []
     for b in a.backends.split(","):
