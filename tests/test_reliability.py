@@ -429,28 +429,33 @@ def disk(monkeypatch) -> FakeDisk:
 
 
 def _write_points(writes: list[tuple[str, int]]) -> list[tuple[int, str]]:
-    """(free bytes that run out half-way through it, its file) for each run of consecutive writes to one file."""
+    """(free bytes that run out half-way through it, its file) for each run of consecutive writes to one file,
+    and for the first row of each run of metrics rows (a row cut short right after a checkpoint, which the
+    next process must not append to)."""
     points, offset, i = [], 0, 0
     while i < len(writes):
         j, size = i, 0
         while j < len(writes) and writes[j][0] == writes[i][0]:
             size += writes[j][1]
             j += 1
-        points.append((offset + size // 2, Path(writes[i][0]).name))
+        name = Path(writes[i][0]).name
+        if name == "metrics.jsonl" and j - i > 1:
+            points.append((offset + writes[i][1] // 2, name))
+        points.append((offset + size // 2, name))
         offset, i = offset + size, j
     return points
 
 
 def test_disk_full_at_every_write_is_one_line_and_resumes(tmp_path, straight, disk, capsys):
     """Record every write of a run (config.json, metrics rows, two checkpoints, two plots), then fill the disk
-    half-way through each (and before the first): one line naming the path, exit 2, every checkpoint written
-    before intact, no temporary, no empty run directory. With space again, --resume auto ends each run that
-    left a directory bit-identical to the uninterrupted one."""
+    half-way through each (and before the first; :func:`_write_points`): one line naming the path, exit 2,
+    every checkpoint written before intact, no temporary, no empty run directory. With space again,
+    --resume auto ends each run that left a directory bit-identical to the uninterrupted one."""
     assert main(_flags(tmp_path, out_dir=disk.reset(tmp_path / "probe").root, save_every=6)) == 0
     points = [(0, "(run directory)")] + _write_points(disk.writes)
     names = [re.sub(r"^\.|\.tmp-\d+$", "", n) for _, n in points]
-    assert names[1:] == ["config.json", "metrics.jsonl", "step_0000006.safetensors", "plot.png", "metrics.jsonl",
-                         "step_0000012.safetensors", "plot.png"], points
+    assert names[1:] == ["config.json", "metrics.jsonl", "metrics.jsonl", "step_0000006.safetensors", "plot.png",
+                         "metrics.jsonl", "metrics.jsonl", "step_0000012.safetensors", "plot.png"], points
     capsys.readouterr()
     for (free, _), name in zip(points, names):
         out = tmp_path / f"full-{free}"
