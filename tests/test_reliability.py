@@ -63,10 +63,22 @@ def _env() -> dict:
     return dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
 
 
-def _spawn(flags: list[str], script: str | None = None, **kw) -> subprocess.Popen:
-    """``python -m trueternary.cli <flags>`` (or ``python -c script <flags>``) in a new process."""
-    head = ["-m", "trueternary.cli"] if script is None else ["-c", script]
-    return subprocess.Popen([sys.executable, *head, *flags], env=_env(), text=True, **kw)
+@pytest.fixture
+def spawn():
+    """``spawn(flags, script=None, **popen_kw)``: ``python -m trueternary.cli <flags>`` (or ``python -c script
+    <flags>``) in a new process; any still running when the test ends (a failed assertion) is killed."""
+    procs = []
+
+    def start(flags: list[str], script: str | None = None, **kw) -> subprocess.Popen:
+        head = ["-m", "trueternary.cli"] if script is None else ["-c", script]
+        procs.append(subprocess.Popen([sys.executable, *head, *flags], env=_env(), text=True, **kw))
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -151,7 +163,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_crash_loop_continues_bit_identically(tmp_path, straight, capsys):
+def test_crash_loop_continues_bit_identically(tmp_path, straight, spawn, capsys):
     """SIGKILL the run at random moments, and once inside the checkpoint writer, restarting it each time with
     ``--resume auto`` (a job's restart loop). A checkpoint and a plot are written every second step, so kills
     land in writes too. While one process runs, a second on the same run directory is refused in one line
@@ -163,14 +175,14 @@ def test_crash_loop_continues_bit_identically(tmp_path, straight, capsys):
     run = tmp_path / "runs" / "run"
 
     log = open(tmp_path / "stderr.txt", "w")
-    proc = _spawn(flags, _KILLED_IN_SERIALIZER, stdout=subprocess.DEVNULL, stderr=log)
+    proc = spawn(flags, _KILLED_IN_SERIALIZER, stdout=subprocess.DEVNULL, stderr=log)
     assert proc.wait(timeout=120) == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()
     assert [p.name for p in (run / "checkpoints").iterdir()] == [".tmpKi11ed"]  # died before its first save
 
     kills = []
     for i in range(3):
         before = _newest_step(run)
-        proc = _spawn(flags, stdout=subprocess.DEVNULL, stderr=log)
+        proc = spawn(flags, stdout=subprocess.DEVNULL, stderr=log)
         _wait_for(lambda before=before: _newest_step(run) > before, proc)  # (every process moves the run on)
         if i == 0:  # a second process on the same run directory: refused, naming the holder
             assert main(flags) == 2
@@ -187,12 +199,12 @@ def test_crash_loop_continues_bit_identically(tmp_path, straight, capsys):
     _assert_same_run(run, straight)
 
 
-def test_sigterm_saves_and_the_run_continues_bit_identically(tmp_path, straight):
+def test_sigterm_saves_and_the_run_continues_bit_identically(tmp_path, straight, spawn):
     """SIGTERM (what a job scheduler sends before its kill) with no checkpoint due (--save_every 0): the run
     saves after its current step, says how to continue, and exits 0; resuming ends like the uninterrupted run."""
     run = tmp_path / "runs" / "run"
-    proc = _spawn(_flags(tmp_path, save_every=0), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _wait_for(lambda: _last_logged_step(run) >= 3, proc)
+    proc = spawn(_flags(tmp_path, save_every=0), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(lambda: _last_logged_step(run) >= 2, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -200,7 +212,7 @@ def test_sigterm_saves_and_the_run_continues_bit_identically(tmp_path, straight)
                   rf"trueternary train --resume auto --run_name run --out_dir {re.escape(str(run.parent))}\n", out)
     assert m, out
     stopped = int(m.group(1))
-    assert 3 <= stopped < STEPS and _newest_step(run) == stopped == _last_logged_step(run)
+    assert 2 <= stopped < STEPS and _newest_step(run) == stopped == _last_logged_step(run)
     assert main(_flags(tmp_path, resume="auto")) == 0
     _assert_same_run(run, straight)
 
