@@ -68,7 +68,7 @@ def test_run_directory_layout(tmp_path):
 def test_fresh_run_never_overwrites_checkpoints(tmp_path):
     train(tiny_config(tmp_path, max_steps=2))
     before = ckpt_io.latest_checkpoint(tmp_path / "runs" / "run").read_bytes()
-    with pytest.raises(UsageError, match="already holds checkpoints"):
+    with pytest.raises(UsageError, match=r"already holds a run \(config.json, metrics.jsonl, plot.png; 1 checkpoint"):
         train(tiny_config(tmp_path, max_steps=2))
     assert ckpt_io.latest_checkpoint(tmp_path / "runs" / "run").read_bytes() == before
 

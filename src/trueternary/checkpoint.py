@@ -23,7 +23,9 @@ null), ``data`` (corpus name, sha256 fingerprint, data position: generator state
 
 Writes go to a hidden temporary file in the same directory (``.<name>.tmp-<pid>``), are fsynced and
 then ``os.replace``d over the target, and the directory is fsynced: a process killed mid-save leaves
-the previous file intact, and its partial temporary never matches a checkpoint name. Loads check the
+the previous file intact, and its partial temporary never matches a checkpoint name. A write that fails
+(disk full, read-only file system, no permission) removes its temporary and raises a one-line
+:class:`WriteError` (:class:`CheckpointError` for a checkpoint) naming the path. Loads check the
 header, the format and version, then every tensor against ``tensor_sha256``: a corrupt, truncated,
 foreign or newer file raises :class:`CheckpointError` with a one-line message.
 """
@@ -50,6 +52,7 @@ OPTIM_PREFIX = "optim/"
 CHECKPOINT_DIR = "checkpoints"
 _NAME_RE = re.compile(r"step_(\d+)\.safetensors")
 _TMP_RE = re.compile(r"\..+\.tmp-\d+")
+_SERIALIZER_TMP_RE = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # safetensors' own temporary (Rust's tempfile crate)
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 
@@ -107,12 +110,34 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 
 # ------------------------------------------------------------------------------------ writing
+class WriteError(ValueError):
+    """A file of a run could not be written (disk full, read-only file system, no permission): one line
+    naming the path, exit code 2. ``reason``: the operating system's words for it."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def write_error(path: str | os.PathLike, e: OSError, verb: str = "write") -> WriteError:
+    reason = e.strerror or _one_line(e)
+    return WriteError(f"cannot {verb} {path}: {reason}", reason)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:  # already gone, or the file system refuses: nothing more to do here
+        pass
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then fsync and rename over ``path``; on any failure ``path`` is untouched."""
+    """Call ``write(tmp_path)`` then fsync and rename over ``path``. On any failure (an exception, or an
+    interrupt) ``path`` is untouched and the temporary is removed; an OSError becomes a :class:`WriteError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(str(tmp))
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -120,9 +145,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(path, e) from None
     finally:
         if tmp.exists():
-            tmp.unlink()
+            _remove_quietly(tmp)
     _fsync_dir(path.parent)
 
 
@@ -139,8 +166,19 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+_OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")
+
+
+def _as_os_error(e: Exception) -> OSError | None:
+    """safetensors reports an I/O failure as its own exception type (``... I/O error: <text> (os error N)``):
+    the OSError it stands for, or None for any other failure."""
+    m = _OS_ERROR_RE.search(str(e))
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else None
+
+
 def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Write ``tensors`` and ``meta`` (JSON-able) to ``path`` atomically; returns the path."""
+    """Write ``tensors`` and ``meta`` (JSON-able) to ``path`` atomically; returns the path. A failed write
+    (disk full, permissions, ...) raises :class:`CheckpointError` and leaves the previous file untouched."""
     from safetensors.torch import save_file
 
     from . import __version__
@@ -163,10 +201,22 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
         "tensor_sha256": tensors_sha256(body),
     }
     header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "trueternary": json.dumps(_to_json(meta))}
+
+    def serialize(tmp: str) -> None:
+        try:
+            save_file(body, tmp, metadata=header)
+        except OSError:
+            raise
+        except Exception as e:
+            os_error = _as_os_error(e)
+            if os_error is None:
+                raise CheckpointError(f"cannot write checkpoint {path}: {_one_line(e)}") from None
+            raise os_error from None
+
     try:
-        atomic_write(path, lambda tmp: save_file(body, tmp, metadata=header))
-    except OSError as e:  # disk full, permissions, ...: the previous checkpoint is untouched
-        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+        atomic_write(path, serialize)
+    except WriteError as e:  # disk full, permissions, ...: the previous checkpoint is untouched
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.reason}") from None
     return Path(path)
 
 
@@ -372,13 +422,20 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
-    """Delete temporaries left by saves that were killed (``.<name>.tmp-<pid>``)."""
-    d = Path(run_dir) / CHECKPOINT_DIR
+    """Delete temporaries left by writes that were killed: ours (``.<name>.tmp-<pid>``, in the run directory
+    and in its checkpoints/) and the one safetensors writes in checkpoints/ before renaming it to ours
+    (``.tmpXXXXXX``). Only the process that holds the run directory's lock writes into it
+    (trueternary.train.RunDirectory), so every temporary found by that process is a dead process's."""
     removed = []
-    if d.is_dir():
+    for d, patterns in ((Path(run_dir), (_TMP_RE,)), (Path(run_dir) / CHECKPOINT_DIR, (_TMP_RE, _SERIALIZER_TMP_RE))):
+        if not d.is_dir():
+            continue
         for p in d.iterdir():
-            if _TMP_RE.fullmatch(p.name) and p.is_file():
-                p.unlink()
+            if any(r.fullmatch(p.name) for r in patterns) and p.is_file():
+                try:
+                    p.unlink()
+                except OSError as e:
+                    raise write_error(p, e, "remove") from None
                 removed.append(p)
     return removed
 
@@ -387,7 +444,10 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
     """Keep the newest ``keep`` checkpoints (0 keeps all)."""
     if keep > 0:
         for p in list_checkpoints(run_dir)[:-keep]:
-            p.unlink()
+            try:
+                p.unlink()
+            except OSError as e:
+                raise write_error(p, e, "remove") from None
 
 
 # ------------------------------------------------------------------------------------ info

@@ -4,8 +4,9 @@
     project   memory projection, checked by measurement     info      what a checkpoint holds
     bench     compare training configurations
 
-Exit codes: 0 success; 2 bad flags, data or checkpoint (UsageError, DataError, CheckpointError);
-1 training diverged (TrainingError); 130 interrupted.
+Exit codes: 0 success (also a training run stopped by SIGTERM after saving); 2 bad flags, data or
+checkpoint, or a file that cannot be written (UsageError, DataError, CheckpointError, WriteError; any
+other OSError naming a file); 1 training diverged (TrainingError); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, WriteError
     from .data import DataError
     from .train import TrainingError
 
@@ -88,8 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         args.func(args)
-    except (UsageError, DataError, CheckpointError) as e:
+    except (UsageError, DataError, CheckpointError, WriteError) as e:
         sys.stderr.write(f"trueternary: error: {e}\n")
+        return 2
+    except OSError as e:  # an I/O failure no caller turned into one of the errors above: still one line
+        if e.filename is None:
+            raise
+        sys.stderr.write(f"trueternary: error: {e.filename}: {e.strerror or e}\n")
         return 2
     except TrainingError as e:
         sys.stderr.write(f"trueternary: error: {e}\n")
@@ -101,4 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m trueternary.cli``: run the main of the module the rest of the package imports, not of this
+    # second copy named __main__, whose UsageError would be another class than the one train.py raises.
+    from trueternary.cli import main as package_main
+
+    sys.exit(package_main())

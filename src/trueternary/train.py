@@ -12,10 +12,17 @@ produces goes to ``<out_dir>/<run_name>/``:
     checkpoints/         step_<NNNNNNN>.safetensors (see trueternary.checkpoint); the newest
                          ``keep_checkpoints`` are kept
     tensorboard/         event files, only when the optional ``tensorboard`` package is installed
+    .lock                locked (flock) by the process that runs in the directory, and naming it
+                         (:class:`RunDirectory`): one process per run directory
+    replaced-<time>/     the files of an earlier run, moved here by ``--overwrite``
 
 ``step`` always counts completed optimiser steps. Resuming (``--resume PATH|auto``) restores model,
 optimiser, RNG and data position, so the continued run is bit-identical to one that never stopped
-(on CPU; see docs/training.md for GPU).
+(on CPU; see docs/training.md for GPU). A directory that holds another run's files is never written
+into without ``--resume`` or ``--overwrite``. SIGTERM (what job schedulers send before a kill) ends the
+run after its current step with a checkpoint (:class:`StopSignal`). A file that cannot be written (disk
+full, read-only, permissions) ends the run with a one-line error naming it; checkpoints already written
+stay intact. docs/training.md, "Reliability", lists what is guaranteed and which tests check it.
 
 Under ``torchrun --nproc_per_node N`` (see trueternary.distributed and docs/distributed.md) the same loop
 trains data-parallel: ``--batch_size`` is the global batch, split evenly over the ranks, each rank
@@ -27,9 +34,14 @@ position and resumes on any world size.
 from __future__ import annotations
 
 import argparse
+import fcntl
+import itertools
 import json
 import math
 import os
+import signal
+import socket
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
@@ -40,10 +52,10 @@ import torch
 from . import checkpoint as ckpt_io
 from . import distributed, memory
 from .bench import parse_overrides, validation_bpb
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, WriteError
 from .data import Corpus, RandomWindows, eval_windows, load_corpus
 from .models import build_model, check_compile_ops, model_names
-from .optim import BACKENDS, NonFiniteGradientError
+from .optim import BACKENDS, NonFiniteGradientError, resolve_backend
 from .recipes import CONFIG_NAMES, Hparams, build_recipe, lr_factor
 from .rule import FlipRule
 
@@ -92,12 +104,23 @@ class TrainConfig:
     run_name: str | None = None
     out_dir: str = "runs"
     resume: str | None = None  # checkpoint file, run directory, or "auto"
+    overwrite: bool = False  # a fresh run in a directory holding another run: move its files aside first
 
 
 # Flags that define the run: a resumed run must keep them (or it would not continue the same run).
 RUN_DEFINING = ("data", "model", "d_model", "n_layers", "n_heads", "group_size", "config", "lr",
                 "accum_threshold", "scale_update_interval", "rule", "batch_size", "ctx", "seed")
 _FIELDS = {f.name for f in fields(TrainConfig)}
+# Upper bounds of the integer flags (lower bounds: validate): step counts within int32 (beyond any run,
+# and within every integer type that holds one), shapes where a run could still fit some machine (the memory
+# check refuses most large ones sooner), the seed what torch.manual_seed takes.
+STEP_LIMIT = 2**31 - 1
+FLAG_LIMITS = {
+    "max_steps": STEP_LIMIT, "stop_at": STEP_LIMIT, "eval_every": STEP_LIMIT, "save_every": STEP_LIMIT,
+    "log_every": STEP_LIMIT, "keep_checkpoints": STEP_LIMIT, "scale_update_interval": STEP_LIMIT,
+    "d_model": 1 << 16, "n_layers": 1 << 12, "n_heads": 1 << 12, "group_size": 1 << 20, "ctx": 1 << 20,
+    "batch_size": 1 << 20, "eval_windows": 1 << 20, "threads": 1 << 10, "seed": 2**64 - 1,
+}
 
 
 # ------------------------------------------------------------------------------------ configuration
@@ -138,16 +161,20 @@ def validate(cfg: TrainConfig) -> Hparams:
     if cfg.update_backend not in BACKENDS:
         raise UsageError(f"unknown --update_backend {cfg.update_backend!r}; choose from {', '.join(BACKENDS)}")
     for name in ("max_steps", "batch_size", "ctx", "d_model", "n_layers", "n_heads", "group_size", "eval_windows",
-                 "log_every"):
+                 "log_every", "stop_at"):
         v = getattr(cfg, name)
+        if v is None and name == "stop_at":
+            continue
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise UsageError(f"--{name} must be a positive integer, got {v!r}")
     for name in ("eval_every", "save_every", "keep_checkpoints", "seed", "scale_update_interval", "threads"):
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise UsageError(f"--{name} must be an integer >= 0, got {v!r}")
-    if cfg.stop_at is not None and not 1 <= cfg.stop_at:
-        raise UsageError(f"--stop_at must be >= 1, got {cfg.stop_at}")
+    for name, limit in FLAG_LIMITS.items():
+        v = getattr(cfg, name)
+        if v is not None and v > limit:
+            raise UsageError(f"--{name} must be at most {limit}, got {v}")
     if cfg.lr is not None and not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise UsageError(f"--lr must be a finite number > 0, got {cfg.lr}")
     if cfg.run_name is not None and (not cfg.run_name or "/" in cfg.run_name or cfg.run_name in (".", "..")):
@@ -169,14 +196,61 @@ def validate(cfg: TrainConfig) -> Hparams:
     if cfg.cuda_graph is True and not graph_capable(cfg):
         raise UsageError("--cuda_graph is for TrueTernary / TrueTernary_Naive on the gpu update backend "
                          f"(got --config {cfg.config}, --update_backend {cfg.update_backend})")
+    if cfg.overwrite is not True and cfg.overwrite is not False:
+        raise UsageError(f"overwrite must be true or false, got {cfg.overwrite!r}")
+    if cfg.overwrite and cfg.resume is not None:
+        raise UsageError("--overwrite starts a fresh run and --resume continues one: give one of them")
     try:
         hp = hparams_for(cfg)
         model_config(cfg)
         if cfg.compile:
             check_compile_ops(cfg.model)
+        resolve_backend(cfg.update_backend)  # e.g. the gpu backend without CUDA: refused before anything is written
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
+    check_memory(cfg, world)
     return hp
+
+
+def memory_floor(cfg: TrainConfig, world: int = 1) -> int:
+    """Bytes a run needs at least, in one process: its float32 initial model twice over (the recipe is
+    built from a deep copy, and both exist until it is built) and one step's float32 logits. Weights
+    counted: the embedding, the output head and four d x d attention matrices per layer, which every
+    model family has (the transformer has three times as many; the bound is for refusing what cannot fit)."""
+    vocab = int(model_config(cfg).get("vocab_size", 256))
+    weights = cfg.n_layers * 4 * cfg.d_model ** 2 + 2 * vocab * cfg.d_model
+    return 8 * weights + 4 * (cfg.batch_size // world) * cfg.ctx * vocab
+
+
+def machine_memory() -> int | None:
+    """Physical memory of this machine, or the process's cgroup limit when smaller; None if unknown."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def check_memory(cfg: TrainConfig, world: int = 1) -> None:
+    """Refuse a run that cannot fit this machine's memory (:func:`memory_floor`), before anything is written
+    or allocated: a model too large to build would otherwise fail half-way, or draw the OOM killer."""
+    from .cli import UsageError
+
+    need, have = memory_floor(cfg, world), machine_memory()
+    if have is not None and need > have:
+        raise UsageError(f"--d_model {cfg.d_model} --n_layers {cfg.n_layers} --batch_size {cfg.batch_size} "
+                         f"--ctx {cfg.ctx}: the run needs at least {_gib(need)} of memory (the float initial model "
+                         f"twice and one step's logits), more than this machine's {_gib(have)}")
 
 
 def model_config(cfg: TrainConfig) -> dict:
@@ -242,6 +316,8 @@ def merge_resumed(ckpt: ckpt_io.Checkpoint, cfg: TrainConfig, explicit: set[str]
     merged.resume = cfg.resume
     if "stop_at" not in explicit:  # a one-off stop of the interrupted process, not part of the run
         merged.stop_at = None
+    if "overwrite" not in explicit:  # what the first process did to its directory, not part of the run
+        merged.overwrite = False
     if "out_dir" not in explicit:
         merged.out_dir = cfg.out_dir
     if merged.max_steps != saved.get("max_steps"):
@@ -256,17 +332,188 @@ def _explicit_fields(cfg: TrainConfig) -> set[str]:
 
 
 # ------------------------------------------------------------------------------------ run directory
+LOCK_FILE = ".lock"
+# What a run writes into its directory: finding any of these, a fresh run refuses to start (or, with
+# --overwrite, moves them into REPLACED_PREFIX<time>/).
+RUN_FILES = ("config.json", "metrics.jsonl", "plot.png", ckpt_io.CHECKPOINT_DIR, "tensorboard")
+REPLACED_PREFIX = "replaced-"
+
+
+class RunDirectory:
+    """A run directory, held by one process for the run's life (rank 0 of a data-parallel run).
+
+    ``<run_dir>/.lock`` is locked with ``flock`` and names its holder (pid, host, start time): a second
+    process is refused with a one-line error naming it, before it writes anything. The kernel releases the
+    lock when the holder exits, however it exits (SIGKILL included), so a killed run never blocks the next.
+    If the run fails before writing anything, :meth:`abandon` removes the lock file and the directories
+    this process created, so no empty run directory is left behind.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._created: list[Path] = []  # directories this process made, outermost first
+        self._lock_fd: int | None = None
+        self._lock_created = False
+
+    @classmethod
+    def claim(cls, out_dir: str, run_name: str | None, config_name: str) -> RunDirectory:
+        """Create (if needed) and lock ``<out_dir>/<run_name>``; with no ``run_name``, a new directory
+        ``<config>-<date>-<time>[-N]`` (created with ``mkdir``, which fails if another process took the name)."""
+        if run_name is None:
+            base = f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            self = cls(Path(out_dir) / base)
+            self._make_dirs(self.path.parent)
+            for i in itertools.count(1):
+                self.path = Path(out_dir) / (base if i == 1 else f"{base}-{i}")
+                try:
+                    self.path.mkdir()
+                except FileExistsError:
+                    continue
+                except OSError as e:
+                    self.abandon()
+                    raise ckpt_io.write_error(self.path, e, "create run directory") from None
+                self._created.append(self.path)
+                break
+        else:
+            self = cls(Path(out_dir) / run_name)
+            self._make_dirs(self.path)
+        try:
+            self._lock()
+        except BaseException:
+            self.abandon()
+            raise
+        return self
+
+    def _make_dirs(self, path: Path) -> None:
+        missing = []
+        p = path
+        while not p.exists() and p != p.parent:
+            missing.append(p)
+            p = p.parent
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self._created = [d for d in reversed(missing) if d.is_dir()]
+            self.abandon()
+            raise ckpt_io.write_error(path, e, "create run directory") from None
+        self._created += reversed(missing)
+
+    def _lock(self) -> None:
+        from .cli import UsageError
+
+        path = self.path / LOCK_FILE
+        while True:
+            existed = path.exists()
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise ckpt_io.write_error(path, e) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 500, 0).decode(errors="replace").strip() or "a process that is starting"
+                os.close(fd)
+                raise UsageError(f"{self.path} is in use by another training run ({holder}); wait for it "
+                                 "to end, or choose another --run_name") from None
+            except OSError as e:  # e.g. a file system without locks
+                os.close(fd)
+                raise ckpt_io.write_error(path, e, "lock") from None
+            try:  # the file locked must still be the one at the path (abandon() of another run may remove it)
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self._lock_fd, self._lock_created = fd, not existed
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, "
+                         f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        except OSError as e:
+            raise ckpt_io.write_error(path, e) from None
+
+    def run_files(self) -> list[str]:
+        return [n for n in RUN_FILES if (self.path / n).exists()]
+
+    def check_fresh(self, overwrite: bool) -> None:
+        """A fresh run starts only in a directory without another run's files; ``overwrite`` moves them into
+        ``replaced-<time>/`` (nothing is deleted)."""
+        from .cli import UsageError
+
+        found = self.run_files()
+        if not found:
+            return
+        ckpts = ckpt_io.list_checkpoints(self.path)
+        held = ", ".join(n for n in found if n != ckpt_io.CHECKPOINT_DIR) or "checkpoints/"
+        held += f"; {len(ckpts)} checkpoint(s), the newest {ckpts[-1].name}" if ckpts else "; no checkpoint"
+        if not overwrite:
+            raise UsageError(f"{self.path} already holds a run ({held}); continue it with --resume auto, "
+                             "move its files aside with --overwrite, or choose another --run_name")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dest = self.path / f"{REPLACED_PREFIX}{stamp}"
+        i = 1
+        while dest.exists():
+            i += 1
+            dest = self.path / f"{REPLACED_PREFIX}{stamp}-{i}"
+        try:
+            dest.mkdir()
+            for n in found:
+                os.rename(self.path / n, dest / n)
+        except OSError as e:
+            raise ckpt_io.write_error(dest, e, "move the previous run's files to") from None
+        _say(f"--overwrite: moved the previous run's files ({', '.join(found)}) to {dest}/")
+
+    def check_resumed(self, step: int) -> None:
+        """Resuming step ``step`` here must not go back behind a newer checkpoint of this directory."""
+        from .cli import UsageError
+
+        newest = ckpt_io.latest_checkpoint(self.path)
+        if newest is not None and ckpt_io.checkpoint_step(newest) > step:
+            raise UsageError(f"{self.path} has a newer checkpoint ({newest.name}) than the one resumed "
+                             f"(step {step}); resume into another --run_name to branch off")
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the last descriptor drops the flock
+            self._lock_fd = None
+
+    def abandon(self) -> None:
+        """After a failure: remove the lock file if this process created it, and the directories it created if
+        they hold nothing else; then release the lock. A run that wrote nothing leaves nothing behind."""
+        if self._lock_fd is not None and self._lock_created:
+            ckpt_io._remove_quietly(self.path / LOCK_FILE)  # (while still locked: see the inode check in _lock)
+            self._lock_created = False
+        for d in reversed(self._created):
+            try:
+                d.rmdir()  # only if empty
+            except FileNotFoundError:
+                continue
+            except OSError:
+                break
+        self._created = []
+        self.release()
+
+
 class RunLog:
     """metrics.jsonl (and TensorBoard when installed) of one run directory."""
 
     def __init__(self, run_dir: Path, start_step: int) -> None:
         self.path = run_dir / "metrics.jsonl"
-        if self.path.exists():  # drop rows after the resumed step (all, for a fresh run): they are recomputed
-            rows = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-            keep = [ln for ln in rows if start_step and _row_step(ln) <= start_step]
-            if len(keep) != len(rows):
+        self.failed = False
+        if self.path.exists():
+            # Keep the rows up to the resumed step (none, for a fresh run): later ones are recomputed. A row
+            # cut short by a kill or a full disk does not parse and is dropped with them; the file is rewritten
+            # if its last line lacks its newline, so the next row starts on a line of its own.
+            raw = self.path.read_bytes()
+            rows = [ln for ln in raw.decode(errors="replace").splitlines() if ln.strip()]
+            keep = [ln for ln in rows if start_step and 0 <= _row_step(ln) <= start_step]
+            if len(keep) != len(rows) or (raw and not raw.endswith(b"\n")):
                 ckpt_io.atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in keep)))
-        self.file = open(self.path, "a")
+        try:
+            self.file = open(self.path, "a")
+        except OSError as e:
+            raise ckpt_io.write_error(self.path, e) from None
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter  # optional dependency
@@ -276,17 +523,60 @@ class RunLog:
             self.tb = None
 
     def write(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as e:
+            self.failed = True
+            raise ckpt_io.write_error(self.path, e) from None
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, row["step"])
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError as e:
+            if not self.failed:  # (after a failed write, closing retries the same bytes: already reported)
+                raise ckpt_io.write_error(self.path, e) from None
         if self.tb is not None:
             self.tb.close()
+
+
+class StopSignal:
+    """SIGTERM, what job schedulers send before they kill a job: the run finishes its current step, saves a
+    checkpoint and ends like a finished ``--stop_at`` (exit 0). Installed for the run's life, in the main
+    thread only (where Python delivers signals). A second SIGTERM changes nothing (the save goes on); SIGINT
+    still interrupts at once (checkpoint writes are atomic, so an interrupted save leaves the previous one)."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous = None
+        self._installed = False
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
+
+
+def _on_any_rank(ctx: distributed.DistContext | None, flag: bool) -> bool:
+    """Collective under data parallelism (every rank calls it at every step): whether any rank's flag is set."""
+    if ctx is None or not ctx.has_group:
+        return flag
+    t = torch.tensor(float(flag), device=ctx.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=ctx.group)
+    return bool(t.item())
 
 
 def _row_step(line: str) -> int:
@@ -342,15 +632,6 @@ def plot_run(run_dir: str | os.PathLike, title: str = "") -> Path:
     return out
 
 
-def _unique_run_name(out_dir: str, config: str) -> str:
-    base = f"{config}-{time.strftime('%Y%m%d-%H%M%S')}"
-    name, i = base, 1
-    while (Path(out_dir) / name).exists():
-        i += 1
-        name = f"{base}-{i}"
-    return name
-
-
 def _device_text(device: torch.device) -> str:
     if device.type != "cpu":
         return str(device)
@@ -378,7 +659,6 @@ def save(run_dir: Path, recipe, batches: RandomWindows, cfg: TrainConfig, hp: Hp
         rng=ckpt_io.rng_state(device),
         data=data,
     )
-    ckpt_io.remove_stale_temporaries(run_dir)
     path = ckpt_io.save_checkpoint(ckpt_io.checkpoint_path(run_dir, recipe.step_count), tensors, meta)
     ckpt_io.prune_checkpoints(run_dir, cfg.keep_checkpoints)
     return path
@@ -388,7 +668,7 @@ def _declared_errors() -> tuple[type[BaseException], ...]:
     from .cli import UsageError
     from .data import DataError
 
-    return (UsageError, DataError, CheckpointError, TrainingError)
+    return (UsageError, DataError, CheckpointError, WriteError, TrainingError)
 
 
 def _on_all_ranks(ctx: distributed.DistContext | None, fn, run_here: bool = True):
@@ -460,21 +740,31 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
         device = ctx.device
     loaded = [ckpt]  # handed over so _train can drop the checkpoint's tensors once they are restored
     del ckpt
+    held: list[RunDirectory] = []  # the run directory _train claims (rank 0): given back here, however it ends
     try:
-        return _train(cfg, hp, loaded, device, ctx)
-    except _declared_errors() as e:
+        with StopSignal() as stop:
+            return _train(cfg, hp, loaded, device, ctx, held, stop)
+    except BaseException as e:
+        for run_directory in held:
+            run_directory.abandon()  # (removes it again if nothing was written into it)
         # Past setup every declared error is raised by all ranks together (agreed through a collective,
         # or deterministic in data every rank reads): rank 0 reports it for all of them.
-        if ctx is not None and ctx.has_group:
+        if isinstance(e, _declared_errors()) and ctx is not None and ctx.has_group:
             e.raised_on_all_ranks = True
         raise
     finally:
+        for run_directory in held:
+            run_directory.release()
         if ctx is not None:
             ctx.close()
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
+
+
 def _train(cfg: TrainConfig, hp: Hparams, loaded: list, device: torch.device,
-           ctx: distributed.DistContext | None) -> dict:
+           ctx: distributed.DistContext | None, held: list[RunDirectory], stop: StopSignal) -> dict:
     from .cli import UsageError
 
     ckpt: ckpt_io.Checkpoint | None = loaded.pop()
@@ -498,38 +788,45 @@ def _train(cfg: TrainConfig, hp: Hparams, loaded: list, device: torch.device,
                             seed=distributed.rank_data_seed(cfg.seed, rank))
     fingerprint = corpus.fingerprint()
 
-    # ---- run directory (rank 0 decides the name and writes; every rank learns of a failure)
+    # ---- run directory: rank 0 creates (or names) and locks it, and checks what it holds; every rank
+    # learns of a failure. From here on nothing else may write into it until the run ends.
+    def claim() -> RunDirectory:
+        run_directory = RunDirectory.claim(cfg.out_dir, cfg.run_name, cfg.config)
+        held.append(run_directory)
+        if ckpt is not None:
+            run_directory.check_resumed(ckpt.step)
+        elif cfg.resume is None:
+            run_directory.check_fresh(cfg.overwrite)
+        # (--resume auto without a checkpoint restarts the run at step 0, replacing the rows of a process
+        # that stopped before its first save, as a resume replaces every row after its step)
+        ckpt_io.remove_stale_temporaries(run_directory.path)
+        return run_directory
+
+    claimed = _on_all_ranks(ctx, claim, run_here=main)
     if cfg.run_name is None:
-        name = _unique_run_name(cfg.out_dir, cfg.config) if main else None
+        name = claimed.path.name if main else None
         cfg.run_name = ctx.broadcast_object(name) if ctx is not None else name
     run_dir = Path(cfg.out_dir) / cfg.run_name
-
-    def make_run_dir() -> None:
-        newest = ckpt_io.latest_checkpoint(run_dir)
-        if ckpt is None and newest is not None:
-            raise UsageError(f"{run_dir} already holds checkpoints; continue it with --resume auto "
-                             "or choose another --run_name")
-        if ckpt is not None and newest is not None and ckpt_io.checkpoint_step(newest) > ckpt.step:
-            raise UsageError(f"{run_dir} has a newer checkpoint ({newest.name}) than the one resumed "
-                             f"(step {ckpt.step}); resume into another --run_name to branch off")
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
-
-    _on_all_ranks(ctx, make_run_dir, run_here=main)
 
     # ---- model, optimisers, and the state to continue from
     if ckpt is not None:
         mcfg = ckpt.meta["model"]["config"]
     else:
         mcfg = model_config(cfg)
-    base = build_model(cfg.model, seed=cfg.seed, compile_ops=cfg.compile, **mcfg)
-    try:
-        recipe = build_recipe(cfg.config, base, hp, device=device, backend=cfg.update_backend, seed=cfg.seed)
-    except ValueError as e:  # e.g. a GPU backend without CUDA
-        raise UsageError(str(e)) from None
-    del base
+
+    def build():
+        try:
+            base = build_model(cfg.model, seed=cfg.seed, compile_ops=cfg.compile, **mcfg)
+            return build_recipe(cfg.config, base, hp, device=device, backend=cfg.update_backend, seed=cfg.seed)
+        except ValueError as e:  # e.g. a GPU backend without CUDA
+            raise UsageError(str(e)) from None
+        except (MemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
+            raise UsageError(f"not enough memory for --d_model {cfg.d_model} --n_layers {cfg.n_layers} on "
+                             f"{device} ({' '.join(str(e).split())[:200]})") from None
+
+    recipe = _on_all_ranks(ctx, build)
     start_step = 0
     if ckpt is not None:
         ckpt_io.restore_recipe(recipe, ckpt)
@@ -595,7 +892,7 @@ def _train(cfg: TrainConfig, hp: Hparams, loaded: list, device: torch.device,
     losses: list[float] = []
     comm_bytes: list[int] = []
     val_bpb = initial_val_bpb = None
-    last_saved = None
+    last_saved = stopped_at = None
     t_start = time.perf_counter()
     tok_s_ema = None
     memory.reset_peak(device)
@@ -627,6 +924,11 @@ def _train(cfg: TrainConfig, hp: Hparams, loaded: list, device: torch.device,
                 if ctx is None:
                     raise TrainingError(f"training diverged at step {done}: {e}") from None
                 loss, bad = torch.full((), float("nan")), e
+            except (MemoryError, RuntimeError) as e:
+                if not _out_of_memory(e):
+                    raise
+                raise UsageError(f"out of memory at step {done} on {device} ({' '.join(str(e).split())[:200]}); "
+                                 "lower --batch_size, --ctx or the model size") from None
             if ctx is not None:  # the global batch's loss, and one verdict for every rank
                 lv, any_bad = ctx.sync_step(loss, bad is not None)
                 if any_bad:
@@ -646,7 +948,10 @@ def _train(cfg: TrainConfig, hp: Hparams, loaded: list, device: torch.device,
             comm = meter.take_step() if meter is not None else {}
             if comm:
                 comm_bytes.append(comm["comm_bytes"])
-            if main and (done % cfg.log_every == 0 or done == end_step):
+            final = done == end_step
+            # SIGTERM: this step is the last; every rank stops at the same one (a collective at every step)
+            stopping = _on_any_rank(ctx, stop.received) and not final
+            if main and (done % cfg.log_every == 0 or final or stopping):
                 log.write({"step": done, "loss": lv, "train_bpb": lv / LN2,
                            "lr": hp.lr_for(cfg.config) * lr_factor(step, hp.steps, hp.warmup_frac, hp.min_lr_frac),
                            "flips": flips, "tokens_per_s": tok_s, "elapsed_s": time.perf_counter() - t_start,
@@ -654,7 +959,7 @@ def _train(cfg: TrainConfig, hp: Hparams, loaded: list, device: torch.device,
             bar.set_postfix_str(f"loss {lv:.3f} bpb {lv / LN2:.3f} {tok_s_ema:,.0f} tok/s flips/step {flips:,}",
                                 refresh=False)
             bar.update(1)
-            if main and ((cfg.eval_every and done % cfg.eval_every == 0) or done == end_step):
+            if main and ((cfg.eval_every and done % cfg.eval_every == 0) or final):
                 val_bpb = validation_bpb(recipe.model, val_windows, device, autocast)
                 log.write({"step": done, "val_bpb": val_bpb, "peak_memory_bytes": memory.peak(device)})
                 el = time.perf_counter() - t_start
@@ -662,7 +967,7 @@ def _train(cfg: TrainConfig, hp: Hparams, loaded: list, device: torch.device,
                 bar.write(f"step {done:>6}/{cfg.max_steps} | loss {lv:.4f} | train {lv / LN2:.3f} bpb | "
                           f"val {val_bpb:.3f} bpb | {tok_s_ema:,.0f} tok/s | flips/step {flips:,} | "
                           f"{el:.0f}s elapsed, ETA {eta:.0f}s")
-            if (cfg.save_every and done % cfg.save_every == 0) or done == end_step:
+            if (cfg.save_every and done % cfg.save_every == 0) or final or stopping:
                 positions = None
                 if ctx is not None:
                     positions = ctx.all_gather_objects(batches.state_dict())
@@ -671,7 +976,11 @@ def _train(cfg: TrainConfig, hp: Hparams, loaded: list, device: torch.device,
                         shown = ", ".join(diverged[:4]) + (" ..." if len(diverged) > 4 else "")
                         raise TrainingError(f"ranks hold different training state at step {done} ({shown}): "
                                             "some update was not applied identically on every rank")
-                last_saved = _on_all_ranks(ctx, partial(write_checkpoint, positions, done != end_step), run_here=main)
+                last_saved = _on_all_ranks(ctx, partial(write_checkpoint, positions, not (final or stopping)),
+                                           run_here=main)
+            if stopping:
+                stopped_at = done
+                break
     finally:
         bar.close()
         if log is not None:
@@ -682,7 +991,9 @@ def _train(cfg: TrainConfig, hp: Hparams, loaded: list, device: torch.device,
         print(f"nothing to do: the run is at step {start_step} of {end_step}")
     plot = plot_run(run_dir, title) if main else None
     summary = {
-        "run_dir": str(run_dir), "start_step": start_step, "end_step": max(start_step, end_step),
+        "run_dir": str(run_dir), "start_step": start_step,
+        "end_step": stopped_at if stopped_at is not None else max(start_step, end_step),
+        "stopped_by_signal": "SIGTERM" if stopped_at is not None else None,
         "seconds": seconds, "losses": losses,
         "initial_val_bpb": initial_val_bpb, "val_bpb": val_bpb,
         "final_loss": losses[-1] if losses else None,
@@ -702,9 +1013,14 @@ def _train(cfg: TrainConfig, hp: Hparams, loaded: list, device: torch.device,
             comm_line = (f"comm: {per_step:,.0f} bytes all-reduced per step, measured ({per_step / n_weights:.4f} "
                          f"B/weight; ring all-reduce: {distributed.ring_bytes_per_rank(per_step, world):,.0f} "
                          f"bytes sent per rank per step)\n")
+        val = f", {first}val {val_bpb:.3f} bits/byte" if val_bpb is not None else ""
         print(f"done: {len(losses)} steps in {seconds:.1f}s ({summary['tokens_per_s']:,.0f} tok/s), "
-              f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, {first}val {val_bpb:.3f} bits/byte\n{comm_line}"
+              f"loss {losses[0]:.3f} -> {losses[-1]:.3f}{val}\n{comm_line}"
               f"checkpoint {last_saved}\nplot {plot}", flush=True)
+    if stopped_at is not None and main:
+        out_dir = f" --out_dir {cfg.out_dir}" if cfg.out_dir != TrainConfig.out_dir else ""
+        print(f"stopped on SIGTERM after step {stopped_at} of {cfg.max_steps} (checkpoint saved); continue with: "
+              f"trueternary train --resume auto --run_name {cfg.run_name}{out_dir}", flush=True)
     return summary
 
 
@@ -770,6 +1086,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag("out_dir", help="parent of run directories")
     flag("resume", metavar="PATH|auto", help="continue from a checkpoint file, a run directory, or 'auto' "
          "(the newest checkpoint of --run_name; a fresh run if there is none)")
+    flag("overwrite", action="store_true", help="start a fresh run in a --run_name that holds another run: its "
+         "files (config.json, metrics.jsonl, plot.png, checkpoints/, tensorboard/) are moved into "
+         "<run dir>/replaced-<time>/ first (without this flag such a directory is refused)")
     p.add_argument("--comm_report", "--comm-report", dest="comm_report", default=None, metavar="N[,N...]",
                    help="print the bytes all-reduced per step per weight of every config for this model at "
                         "N data-parallel ranks (see docs/distributed.md) and exit without training")
