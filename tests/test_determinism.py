@@ -74,3 +74,30 @@ def test_graphed_step_equals_eager_step_bit_for_bit(deterministic_mode, compile_
     assert [k for k in se if not torch.equal(se[k], se2[k])] == []
     assert [k for k in se if not torch.equal(sg[k], se[k])] == []
     assert any(k.startswith("opt.") for k in se)  # the moving averages' codes were compared too
+
+
+def test_train_deterministic_flag_turns_the_mode_on(tmp_path, monkeypatch):
+    """``trueternary train --deterministic`` enables the mode before the model is built (CPU: the run is
+    deterministic anyway; the flag must still reach determinism.enable)."""
+    from trueternary import train as train_mod
+
+    calls = []
+    monkeypatch.setattr(train_mod.determinism, "enable", lambda: calls.append(True))
+    cfg, explicit = train_mod.config_from_args(_train_args(tmp_path, "--deterministic"))
+    assert cfg.deterministic is True
+    train_mod.train(cfg, explicit)
+    assert calls == [True]
+    cfg, _ = train_mod.config_from_args(_train_args(tmp_path, "--run_name", "b"))
+    assert cfg.deterministic is False
+
+
+def _train_args(tmp_path, *extra):
+    import argparse
+
+    from trueternary import train as train_mod
+
+    p = argparse.ArgumentParser()
+    train_mod.add_arguments(p)
+    return p.parse_args(["--out_dir", str(tmp_path), "--max_steps", "2", "--eval_every", "0", "--save_every", "0",
+                         "--d_model", "32", "--n_layers", "1", "--n_heads", "2", "--ctx", "16", "--batch_size", "2",
+                         *extra])

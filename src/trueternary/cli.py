@@ -6,7 +6,8 @@
 
 Exit codes: 0 success (also a training run stopped by SIGTERM after saving); 2 bad flags, data or
 checkpoint, or a file that cannot be written (UsageError, DataError, CheckpointError, WriteError; any
-other OSError naming a file); 1 training diverged (TrainingError); 130 interrupted.
+other OSError naming a file); 1 training diverged (TrainingError); 3 bench: some configs failed, crashed or
+timed out; 130 interrupted.
 """
 
 from __future__ import annotations
