@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import struct
@@ -34,11 +35,17 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+# A minimal consistent checkpoint: one ternary weight of 3 x 5 trits (3 packed bytes, one group per row) as the
+# only weights of a transformer small enough to be held by them.
+TINY_MODEL = {"name": "transformer", "config": {"vocab_size": 3, "ctx": 2, "d_model": 2, "n_layers": 1,
+                                                "n_heads": 1, "mlp_ratio": 1.0}}
+
+
 def test_round_trip_keeps_tensors_and_metadata(tmp_path):
     tensors = {"model/a.T_packed": torch.tensor([0, 121, 242], dtype=torch.uint8),
-               "model/a.E": torch.tensor([[-3, 4]], dtype=torch.int8),
+               "model/a.E": torch.tensor([[-3], [4], [0]], dtype=torch.int8),
                "optim/0/1/exp_avg": torch.randn(3, 2, dtype=torch.bfloat16)}
-    meta = {"recipe": "TrueTernary", "step": 7, "model": {"name": "transformer", "config": {}},
+    meta = {"recipe": "TrueTernary", "step": 7, "model": TINY_MODEL,
             "optimizers": [{"class": "AdamW", "state_dict": {"param_groups": [{"betas": (0.9, 0.95)}]}}]}
     path = save_checkpoint(tmp_path / "x.safetensors", tensors, meta)
     ck = load_checkpoint(path)
@@ -212,3 +219,242 @@ def test_info_on_bad_file_is_one_line_exit_2(tmp_path, capsys):
     assert main(["info", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("trueternary: error:") and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------ every field validated
+def _rewrite(src: Path, dst: Path, edit) -> Path:
+    """``src`` re-saved (atomically, fresh checksum) after ``edit(meta, tensors)`` changed its copy."""
+    ck = load_checkpoint(src)
+    meta = copy.deepcopy({k: v for k, v in ck.meta.items() if k != "tensor_sha256"})
+    tensors = {k: v.clone() for k, v in ck.tensors.items()}
+    edit(meta, tensors)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return save_checkpoint(dst, tensors, meta)
+
+
+def _set(*keys_and_value):
+    """An edit setting meta[k1][k2]... = value."""
+    *keys, value = keys_and_value
+
+    def edit(meta, tensors):
+        d = meta
+        for k in keys[:-1]:
+            d = d[k]
+        d[keys[-1]] = value
+    return edit
+
+
+def _tensor(name, index, value):
+    def edit(meta, tensors):
+        tensors[name].view(-1)[index] = value
+    return edit
+
+
+def _drop_rng(meta, tensors):
+    meta["rng"]["torch_cpu"] = meta["rng"]["torch_cpu"][:-8]
+
+
+def _two_positions(meta, tensors):
+    meta["data"]["world_size"] = 2
+    meta["data"]["positions"] = [meta["data"]["position"]]
+
+
+def _state_key(meta, tensors):
+    meta["optimizers"][0]["state_dict"]["state"]["abc"] = {}
+
+
+def _group_size_8(meta, tensors):  # hparams and flags agree, the scales' shapes do not
+    meta["hparams"]["group_size"] = meta["train_config"]["group_size"] = 8
+
+
+def _foreign_optim_tensor(meta, tensors):
+    tensors["optim/3/1/exp_avg"] = torch.zeros(2)
+
+
+QKV = "model/blocks.0.qkv.weight"
+BAD_META = {
+    "step-text": (_set("step", "abc"), "step must be an integer in [0, "),
+    "step-negative": (_set("step", -5), "step must be an integer"),
+    "step-huge": (_set("step", 2**60), "step must be an integer"),
+    "step-bool": (_set("step", True), "step must be an integer"),
+    "recipe": (_set("recipe", "GPT"), "unknown config 'GPT'"),
+    "format-version": (_set("format_version", "1"), "format_version must be an integer"),
+    "created": (_set("created_unix", "yesterday"), "created_unix"),
+    "model-name": (_set("model", "name", "gpt"), "unknown model 'gpt'"),
+    "model-config": (_set("model", "config", [1]), "model config must be an object"),
+    "d_model-text": (_set("model", "config", "d_model", "abc"), "model config field 'd_model' must be int"),
+    "d_model-huge": (_set("model", "config", "d_model", 10**6), "exceeds the"),
+    "d_model-other": (_set("model", "config", "d_model", 64), "does not match the embedding"),
+    "n_layers-other": (_set("model", "config", "n_layers", 2), "n_layers 2 does not match the file's 1 layers"),
+    "n_heads-odd": (_set("model", "config", "n_heads", 3), "bad model config"),
+    "ctx-huge": (_set("model", "config", "ctx", 2**25), "ctx 33554432 exceeds"),
+    "mlp-ratio-huge": (_set("model", "config", "mlp_ratio", 1e30), "mlp_ratio"),
+    "mlp-ratio-inf": (_set("model", "config", "mlp_ratio", float("inf")), "model config field 'mlp_ratio'"),
+    "train-batch-text": (_set("train_config", "batch_size", "abc"), "train_config field 'batch_size'"),
+    "train-lr-text": (_set("train_config", "lr", "fast"), "train_config field 'lr'"),
+    "train-stop-negative": (_set("train_config", "stop_at", -1), "train_config field 'stop_at'"),
+    "train-d_model": (_set("train_config", "d_model", 64), "train_config d_model 64 differs"),
+    "train-config": (_set("train_config", "config", "Adam_FP32"), "train_config config 'Adam_FP32' differs"),
+    "train-ctx": (_set("train_config", "ctx", 17), "train_config ctx 17 exceeds the model's context 16"),
+    "train-rule": (_set("train_config", "rule", [1]), "train_config field 'rule'"),
+    "hparams-group-size": (_set("hparams", "group_size", 0), "hparams group_size must be an integer in [1, "),
+    "hparams-group-size-other": (_group_size_8, "not one matrix in groups of 8"),
+    "hparams-rule": (_set("hparams", "rule", "accum_threshold", 500), "bad hparams rule"),
+    "hparams-lr": (_set("hparams", "lr", {"TrueTernary": -1.0}), "hparams lr of 'TrueTernary'"),
+    "optimizers": (_set("optimizers", "x"), "optimizers must be a list"),
+    "optimizer-class": (_set("optimizers", 0, "class", 3), "optimizer 0 class"),
+    "optimizer-state-key": (_state_key, "optimizer 0 state: bad entry 'abc'"),
+    "optimizer-params": (_set("optimizers", 0, "state_dict", "param_groups", 0, "params", ["a"]), "parameter ids"),
+    "optimizer-tensor": (_foreign_optim_tensor, "optim/3/1/exp_avg"),
+    "rng-truncated": (_drop_rng, "bad rng torch_cpu"),
+    "rng-not-base64": (_set("rng", "torch_cpu", "!!"), "bad rng torch_cpu"),
+    "rng-cuda": (_set("rng", "cuda", ["!!"]), "rng cuda states"),
+    "data-batches-text": (_set("data", "position", "batches_drawn", "abc"), "batches_drawn must be an integer"),
+    "data-batches-negative": (_set("data", "position", "batches_drawn", -5), "batches_drawn must be an integer"),
+    "data-generator": (_set("data", "position", "generator", "AAAA"), "bad data position generator"),
+    "data-world": (_set("data", "world_size", 0), "data world_size must be an integer in [1, "),
+    "data-positions": (_two_positions, "one position per rank (2)"),
+    "T_accum-128": (_tensor(QKV + ".T_accum", 0, -128), "T_accum holds -128, outside [-127, 127]"),
+    "E-128": (_tensor(QKV + ".E", 3, -128), "blocks.0.qkv.weight.E: E holds -128"),
+    "E_accum-128": (_tensor(QKV + ".E_accum", 0, -128), "E_accum holds -128"),
+    "T_packed-243": (_tensor(QKV + ".T_packed", 5, 243), "packed byte 243 > 242"),
+}
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(trained):
+    return ckpt_io.latest_checkpoint(trained)
+
+
+@pytest.mark.parametrize("case", list(BAD_META))
+def test_every_field_is_validated_when_read(good_checkpoint, tmp_path, case):
+    """Each field of a well-formed file (fresh checksum) out of its type, range, shape or agreement: a one-line
+    CheckpointError from load_checkpoint, before anything is built from it."""
+    edit, match = BAD_META[case]
+    bad = _rewrite(good_checkpoint, tmp_path / "bad.safetensors", edit)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(bad)
+    assert match in str(e.value) and "\n" not in str(e.value) and str(e.value).startswith(str(bad))
+
+
+@pytest.mark.parametrize("case", ["step-text", "step-negative", "T_accum-128", "data-batches-negative"])
+def test_resume_from_a_bad_field_is_one_line_exit_2_and_writes_nothing(good_checkpoint, tmp_path, capsys, case):
+    """`train --resume` of such a file (step -5 used to resume and write step_-000001.safetensors): exit 2, one
+    line, and neither the resumed run directory nor a new one gains a file."""
+    run = tmp_path / "runs" / "run"
+    bad = _rewrite(good_checkpoint, ckpt_io.checkpoint_path(run, 4), BAD_META[case][0])
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    data = load_checkpoint(good_checkpoint).meta["train_config"]["data"]
+    for target in (["--resume", "auto", "--run_name", "run"], ["--resume", str(bad), "--run_name", "branch"]):
+        argv = ["train", *target, "--out_dir", str(tmp_path / "runs"), "--data", data, "--device", "cpu"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("trueternary: error:") and err.count("\n") == 1 and BAD_META[case][1] in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    for cmd in (["info", str(bad)], ["generate", "--ckpt", str(bad), "--max_new_tokens", "2"]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("trueternary: error:") and err.count("\n") == 1
+
+
+def _header_edit(src: Path, dst: Path, edit) -> Path:
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    dst.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+    return dst
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda h: h[QKV + ".E"].pop("data_offsets"), "bad header entry"),
+    (lambda h: h[QKV + ".E"].update(dtype="X9"), "bad header entry"),
+    (lambda h: h[QKV + ".E"].update(shape=[-1, 2]), "bad header entry"),
+    (lambda h: h[QKV + ".E"].update(shape=[1, 2]), "bad header entry"),  # shape x dtype != the bytes it spans
+    (lambda h: h.update(weird=h.pop(QKV + ".E")), "unexpected tensor 'weird'"),
+], ids=["no-offsets", "dtype", "negative-dim", "shape-vs-bytes", "name"])
+def test_bad_tensor_index_is_a_checkpoint_error(good_checkpoint, tmp_path, edit, match):
+    bad = _header_edit(good_checkpoint, tmp_path / "bad.safetensors", edit)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(bad)
+
+
+def test_a_corrupt_value_reads_as_corruption_not_as_a_range_error(good_checkpoint, tmp_path):
+    """A byte > 242 from a damaged file (checksum no longer holds) is reported as corruption."""
+    bad = _copy(good_checkpoint, tmp_path / "bad.safetensors")
+    index, _ = ckpt_io.read_header(bad)
+    (n,) = struct.unpack("<Q", bad.read_bytes()[:8])
+    raw = bytearray(bad.read_bytes())
+    raw[8 + n + index[QKV + ".T_packed"]["data_offsets"][0]] = 250
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_checkpoint(bad)
+
+
+def test_float_state_must_be_finite(tmp_path):
+    tensors = {"model/a.T_packed": torch.tensor([0, 121, 242], dtype=torch.uint8),
+               "model/a.E": torch.tensor([[-3], [4], [0]], dtype=torch.int8),
+               "optim/0/1/exp_avg": torch.tensor([1.0, float("nan")])}
+    meta = {"recipe": "TrueTernary", "step": 7, "model": TINY_MODEL, "optimizers": [{"class": "AdamW",
+                                                                                      "state_dict": {}}]}
+    with pytest.raises(CheckpointError, match="optim/0/1/exp_avg holds NaN/inf"):
+        load_checkpoint(save_checkpoint(tmp_path / "x.safetensors", tensors, meta))
+
+
+@pytest.fixture(scope="module")
+def adam_checkpoint(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("adam")
+    train(tiny_config(tmp, config="Adam_FP32", max_steps=2))
+    return ckpt_io.latest_checkpoint(tmp / "runs" / "run")
+
+
+def _replace_tensor(name, value):
+    def edit(meta, tensors):
+        tensors[name] = value
+    return edit
+
+
+ADAM_GROUP = ("optimizers", 0, "state_dict", "param_groups", 0)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_set(*ADAM_GROUP, "lr", "fast"), "lr must be like"),
+    (_set(*ADAM_GROUP, "lr", -1.0), "Invalid learning rate"),
+    (_set(*ADAM_GROUP, "betas", [0.9, 1.5]), "Invalid beta parameter"),
+    (_set(*ADAM_GROUP, "amsgrad", 1), "amsgrad must be like False"),
+    (_set(*ADAM_GROUP, "params", [0]), "a param group of 1 parameters"),
+    (_replace_tensor("optim/0/0/exp_avg", torch.zeros(3)), "exp_avg is torch.float32 [3], expected"),
+    (_replace_tensor("optim/0/0/step", torch.zeros(2)), "step is torch.float32 [2], expected"),
+], ids=["lr-text", "lr-negative", "beta", "amsgrad-int", "params", "exp_avg-shape", "step-shape"])
+def test_float_optimizer_state_is_validated_on_restore(adam_checkpoint, tmp_path, capsys, edit, match):
+    """AdamW's hyper-parameters (by its own constructor's checks), switches and state shapes: resuming is one
+    line, exit 2, and the run directory gains nothing."""
+    run = tmp_path / "runs" / "run"
+    _rewrite(adam_checkpoint, ckpt_io.checkpoint_path(run, 2), edit)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    data = load_checkpoint(adam_checkpoint).meta["train_config"]["data"]
+    assert main(["train", "--resume", "auto", "--run_name", "run", "--out_dir", str(tmp_path / "runs"), "--data", data,
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trueternary: error:") and err.count("\n") == 1 and match in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_set("optimizers", 0, "state_dict", "trueternary", "step", "abc"), "FlipOptimizer step must be an integer"),
+    (_set("optimizers", 0, "state_dict", "trueternary", "seed", -1), "FlipOptimizer seed must be an integer"),
+    (_tensor("optim/0/1/norm_tile", 0, -32767), "norm_tile holds -32767"),
+    (_replace_tensor("optim/0/1/norm_row", torch.zeros(3, dtype=torch.int8)), "norm_row must be torch.int8"),
+], ids=["step-text", "seed-negative", "tile-code", "code-shape"])
+def test_flip_optimizer_state_is_validated_on_restore(good_checkpoint, tmp_path, capsys, edit, match):
+    run = tmp_path / "runs" / "run"
+    _rewrite(good_checkpoint, ckpt_io.checkpoint_path(run, 4), edit)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    data = load_checkpoint(good_checkpoint).meta["train_config"]["data"]
+    assert main(["train", "--resume", "auto", "--run_name", "run", "--out_dir", str(tmp_path / "runs"), "--data", data,
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trueternary: error:") and err.count("\n") == 1 and match in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

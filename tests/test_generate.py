@@ -101,3 +101,31 @@ def test_generate_bad_flags(runs, capsys, flags, msg):
 def test_generate_missing_checkpoint(tmp_path, capsys):
     assert main(["generate", "--ckpt", str(tmp_path / "none.safetensors")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def _with_scales(src, dst, edit):
+    ck = ckpt_io.load_checkpoint(src)
+    tensors = {k: v.clone() for k, v in ck.tensors.items()}
+    edit(tensors)
+    return ckpt_io.save_checkpoint(dst, tensors, {k: v for k, v in ck.meta.items() if k != "tensor_sha256"})
+
+
+@pytest.mark.parametrize("config", ["TrueTernary", "TrueTernary_Hybrid"])
+def test_scales_that_overflow_the_logits_are_a_one_line_error(runs, tmp_path, capsys, config):
+    """Scales within their bounds (E <= 127; a finite float log2_scale) whose products overflow float32: the
+    logits are inf/NaN, which softmax would turn into NaN probabilities (a traceback): one line, exit 2."""
+    def huge(tensors):  # the output layer's scales (earlier ones would be normalised away)
+        for k, v in tensors.items():
+            if k == "model/head.weight.E":
+                v.fill_(127)
+            elif k == "model/head.weight.log2_scale":
+                v.fill_(200.0)
+
+    bad = _with_scales(runs[config], tmp_path / "big.safetensors", huge)
+    for temperature in ("0", "0.8"):
+        assert main(["generate", "--ckpt", str(bad), "--max_new_tokens", "3", "--temperature", temperature]) == 2
+        out, err = capsys.readouterr()
+        assert err.startswith("trueternary: error:") and err.count("\n") == 1 and out == ""
+        assert str(bad) in err and "logits are not finite" in err
+    model, _ = load_for_inference(runs[config])
+    assert len(sample(model, b"a", 3)) == 3  # the check passes finite logits

@@ -240,6 +240,81 @@ def test_nonfinite_tiles_are_zeroed_and_the_layer_counted_once(impl):
     assert torch.equal(w.E_accum, EA)
 
 
+def huge_row_inputs(M, rows, cols, seed=0):
+    """Exact gradients near float32's limit: gW row 0 is 2**70 times small integers (its squares overflow float32,
+    so do its tile's row, column and tile sums), row 5 is 2**40 times (squares fine); the rest small integers."""
+    gy, x = int_inputs(M, rows, cols, seed)
+    gy[:, 0] *= 2.0**70
+    gy[:, 5] *= 2.0**40
+    return gy, x
+
+
+@pytest.mark.filterwarnings("error:invalid value encountered:RuntimeWarning")  # no NaN is ever formed
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy squares
+@pytest.mark.parametrize("impl", ["fused", "gemm"])
+@pytest.mark.parametrize("norm_memory", [False, True], ids=["per-call", "norm-memory"])
+def test_finite_gradients_near_float32_limit_are_not_flagged_and_vote_like_the_reference(impl, norm_memory):
+    """Finite gradients whose squares overflow: the non-finite count (_count_nonfinite, by element) stays 0, the
+    statistics saturate at FLOAT32_MAX as the reference's, so votes, gE and codes equal the reference bit for bit,
+    and the huge row votes with its sign (clipped: its s is lr / sqrt(FLOAT32_MAX)), not NaN."""
+    kt = kernels()
+    w = random_weight(40, 37, 8)
+    A0 = w.T_accum.clone()
+    gy, x = huge_row_inputs(9, 40, 37)
+    assert torch.isfinite(gy.t() @ x).all() and not torch.isfinite((gy.t() @ x).square()).all()
+    flag = torch.zeros((), device=DEVICE)
+    nonfinite = torch.zeros((), dtype=torch.int32, device=DEVICE)
+    gE = torch.zeros(40, w.n_groups, device=DEVICE)
+    norm = {}
+    if norm_memory:
+        codes = {k: v.to(DEVICE) for k, v in rule.empty_norm_codes((40, 37), 16, "cpu").items()}
+        norm = dict(norm_codes=codes, norm_beta=0.9, norm_key_base=kt.key_base(77, 4))
+    key = launch_votes(w, gy, x, decay=0.25, gE=gE, flag=flag, nonfinite=nonfinite, impl=impl, **norm)
+    if norm_memory:
+        norm_key = rng.stream_key(77, 4, 5 * CALLS + 2)
+        ref_codes, v = reference_norm_memory_votes(w, gy, x, rule.empty_norm_codes((40, 37), 16, "cpu"), lr=2.0,
+                                                   nb=16, beta=0.9, key=key, norm_key=norm_key, decay=0.25)
+        for k in codes:
+            assert torch.equal(codes[k].cpu(), ref_codes[k].cpu()), k
+        assert int(codes["norm_tile"].max()) == 32767  # the overflowing tiles' codes top out
+    else:
+        v, ref_gE, _ = matmul_votes_naive(gy, x, w, 2.0, key, vote="stochastic", vote_clip=8, norm_block=16,
+                                          decay=0.25, scale_grad=True, tile=(16, 16))
+        assert torch.equal(gE, ref_gE) and torch.isfinite(gE).all()
+    assert flag.item() == 0 and nonfinite.item() == 0
+    assert torch.equal(w.T_accum, accumulate(A0, v))
+    g0 = (gy.t() @ x)[0].cpu()
+    # the saturated row: clipped descent votes, not garbage; the decay term alone (|v| <= 1) where g == 0 or, with
+    # the codes' rounding up past FLOAT32_MAX, where ms overflowed (s = -0)
+    v0, descent = v[0].float().cpu(), -8 * g0.sign()
+    clipped = (v0 == descent) & (g0 != 0)
+    assert (clipped | (v0.abs() <= 1)).all() and clipped.sum() >= 30
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("vote,normalize", [("stochastic", "block_factored"), ("stochastic", "tensor"),
+                                            ("sign", "tensor")], ids=["stoch-block", "stoch-tensor", "sign"])
+def test_scale_votes_saturate_overflowed_group_sums(vote, normalize):
+    """gE sums that overflowed float32 (+-inf, and NaN from +inf + -inf partial sums) vote as the reference does
+    on rule.saturate_sums(gE): +-FLOAT32_MAX and 0."""
+    g = torch.Generator().manual_seed(5)
+    gE = torch.randint(-40, 41, (37, 20), generator=g).float()
+    gE[3, 4], gE[20, 7], gE[30, 19] = float("inf"), float("-inf"), float("nan")
+    gE = gE.to(DEVICE)
+    E_accum = torch.randint(-100, 101, (37, 20), generator=g, dtype=torch.int8).to(DEVICE)
+    kt = kernels()
+    key = rng.stream_key(1, 9, 6 * CALLS + 1).to(DEVICE)
+    ref = scale_votes_naive(rule.saturate_sums(gE), E_accum, 0.8, key, vote=vote, vote_clip=4, normalize=normalize,
+                            norm_block=16)
+    got = E_accum.clone()
+    kt.scale_votes_(gE, got, vote=vote, lr_e=0.8, vote_clip=4, normalize=normalize, norm_block=16,
+                    key_base=kt.key_base(1, 9), call=1, step=step_tensor(6), calls_per_step=CALLS, block=128)
+    assert torch.equal(got, ref)
+    d = got.int() - E_accum.int()
+    assert d[3, 4] < 0 and d[20, 7] > 0 and (vote == "sign") <= (d[30, 19] == 0)
+
+
 @pytest.mark.parametrize("vote,vote_clip,cols,bits", [("sign", 1, 36, 2), ("stochastic", 5, 34, 4),
                                                       ("stochastic", 8, 37, 8)],
                          ids=["bits2", "bits4", "bits8-ragged"])
@@ -354,12 +429,13 @@ RULES = {
 }
 
 
-def train_pair(rule_kw: dict, backend: str, steps: int = 3, calls_per_step: int = 1):
+def train_pair(rule_kw: dict, backend: str, steps: int = 3, calls_per_step: int = 1, loss_scale: float = 1.0,
+               check_finite: bool = False):
     """The MLP trained ``steps`` steps twice on the same exact data: dense-fallback and ``backend``."""
     ref = MLP()
     ker = copy.deepcopy(ref)
-    o_ref = FlipOptimizer(ref, backend="dense-fallback", seed=3, check_finite=False, **rule_kw)
-    o_ker = gpu_optimizer(ker, backend, seed=3, check_finite=False, **rule_kw)
+    o_ref = FlipOptimizer(ref, backend="dense-fallback", seed=3, check_finite=check_finite, **rule_kw)
+    o_ker = gpu_optimizer(ker, backend, seed=3, check_finite=check_finite, **rule_kw)
     g = torch.Generator().manual_seed(1)
     for step in range(steps):
         for _ in range(calls_per_step):
@@ -370,8 +446,8 @@ def train_pair(rule_kw: dict, backend: str, steps: int = 3, calls_per_step: int 
             assert type(yk.grad_fn).__name__ == "TernaryLinearKernelFunctionBackward"  # the kernel path ran
             assert type(yr.grad_fn).__name__ == "TernaryLinearFunctionBackward"
             assert torch.equal(yr, yk)
-            (yr * c).sum().backward()
-            (yk * c).sum().backward()
+            ((yr * c).sum() * loss_scale).backward()
+            ((yk * c).sum() * loss_scale).backward()
             assert torch.equal(xr.grad, xk.grad)
         o_ref.step()
         o_ker.step()
@@ -459,6 +535,23 @@ def test_gpu_path_has_no_host_sync(no_host_reads, norm_beta):
         opt.step()
     assert int(opt._step_dev[torch.device(DEVICE) if DEVICE == "cpu" else x.device]) == 2
     assert bool(opt.state) == (norm_beta > 0)  # the fused path kept the codes
+
+
+@pytest.mark.filterwarnings("error:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("rule", ["historyless-nb16", "norm-beta-nb16"])
+def test_gpu_backend_large_finite_gradients_train_like_dense_fallback(rule):
+    """loss * 2**63 (9.2e18: finite gradients whose squares overflow float32): with the NaN/inf check on, no layer
+    is reported non-finite on either path and the state stays the dense path's; loss * 2**40 (no overflow)
+    trains exactly as the unscaled loss (the votes are scale-invariant)."""
+    ref, o_ref, _, _ = train_pair(RULES[rule], "gpu", steps=2, loss_scale=2.0**63, check_finite=True)
+    assert o_ref.step_count == 2 and int(o_ref._nonfinite) == 0
+    assert any(bool((w.T_accum != 0).any()) for w in (ref.a.weight, ref.b.weight))
+    torch.manual_seed(0)  # MLP() draws its trits from the global generator
+    scaled = train_pair(RULES[rule], "gpu", steps=2, loss_scale=2.0**40, check_finite=True)[0].state_dict()
+    torch.manual_seed(0)
+    plain = train_pair(RULES[rule], "gpu", steps=2)[0].state_dict()
+    assert [n for n in plain if not torch.equal(plain[n], scaled[n])] == []
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -600,14 +693,14 @@ def test_log2_code_matches_the_reference_at_table_edges(frac, lo, hi, stochastic
 
 
 # ------------------------------------------------------------------ norm_beta: the moving averages in the epilogue
-def reference_norm_memory_votes(w, gy, x, codes, *, lr, nb, beta, key, norm_key):
+def reference_norm_memory_votes(w, gy, x, codes, *, lr, nb, beta, key, norm_key, decay=0.0):
     """One call of the dense path's norm_beta votes (FlipOptimizer._ema_scale + _votes): new codes, int8 votes."""
     from trueternary.ops.votes import weight_grad
 
     g = weight_grad(gy, x).float()
     factors, new = rule.ema_block_factored_stats(rule.block_factored_stats(g, nb), codes, beta, norm_key)
     s = rule.vote_multiplier(rule.factored_ms(*factors, g.shape), lr)
-    return new, rule.stochastic_votes(g, s, key, 8)
+    return new, rule.stochastic_votes(g, s, key, 8, w.trits(), decay)
 
 
 @pytest.mark.parametrize("rows,cols,nb,block", [(20, 36, 16, 16), (40, 50, 16, 32), (7, 9, 16, 16), (64, 48, 32, 64),

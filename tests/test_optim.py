@@ -253,6 +253,64 @@ def test_load_state_dict_rejects_foreign_or_bad_state():
     assert opt.param_groups[0]["accum_threshold"] == FlipRule().accum_threshold
 
 
+def _bad_T_accum(model, opt, sd):
+    model.fc1.weight.T_accum[0, 0] = -128  # int8 holds it; the accumulator never goes below -127
+
+
+def _bad_E(model, opt, sd):
+    model.fc2.weight.E[0, 0] = -128
+
+
+def _bad_tile_code(model, opt, sd):
+    sd["state"][1]["norm_tile"][0, 0] = -32767  # neither empty (-32768) nor a code >= NORM_TILE_MIN
+
+
+def _bad_code_shape(model, opt, sd):
+    sd["state"][1]["norm_row"] = sd["state"][1]["norm_row"][:, :0]
+
+
+def _codes_for_a_bias(model, opt, sd):
+    sd["state"][3] = dict(sd["state"][1])
+
+
+def _bad_step(model, opt, sd):
+    sd["trueternary"]["step"] = -5
+
+
+def _step_text(model, opt, sd):
+    sd["trueternary"]["step"] = "abc"
+
+
+def _bias_q(model, opt, sd):
+    model.fc1.bias.q[0] = -(2**31)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (_bad_T_accum, r"parameter 1: T_accum holds -128, outside \[-127, 127\]"), (_bad_E, r"E holds -128"),
+    (_bad_tile_code, "norm_tile holds -32767"), (_bad_code_shape, "norm_row must be torch.int8"),
+    (_codes_for_a_bias, "unexpected optimizer state"), (_bad_step, "step must be an integer"),
+    (_step_text, "step must be an integer"), (_bias_q, "bias q holds"),
+], ids=["T_accum-128", "E-128", "tile-code", "code-shape", "bias-codes", "step-negative", "step-text", "bias-q"])
+def test_load_state_dict_rejects_state_out_of_range(damage, match):
+    """What load_state_dict resumes is checked whole (ValueError) before anything changes: the modules' integer
+    state (loaded into them beforehand), step and seed, and the moving-average codes."""
+    model = TinyNet()
+    opt = FlipOptimizer(model, seed=5, accum_threshold=4)
+    train(model, opt, 2, data_seed=1)
+    sd = copy.deepcopy(opt.state_dict())
+    assert set(sd["state"][1]) == {"norm_tile", "norm_row", "norm_col"}  # fc1's codes: the damaged ones
+    fresh = FlipOptimizer(copy.deepcopy(model), seed=0)
+    fresh.load_state_dict(sd)  # undamaged: loads
+    target = FlipOptimizer(model, seed=0)
+    before = copy.deepcopy(target.state_dict())
+    damage(model, target, sd)
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(sd)
+    after = target.state_dict()
+    assert after["trueternary"] == before["trueternary"] and after["param_groups"] == before["param_groups"]
+    assert after["state"] == before["state"] == {}  # no codes loaded
+
+
 # ------------------------------------------------------------------------------------ lr schedulers
 def test_lr_schedulers_drive_the_vote_scale():
     model = TinyNet()
@@ -326,6 +384,35 @@ def test_non_finite_gradient_raises_and_integer_state_is_not_poisoned(bad):
     assert_states_equal(before, integer_state(model))  # and nothing flipped
     train(model, opt, 2, 1)  # training goes on
     assert states_differ(before, integer_state(model))
+
+
+def scaled_train(model, opt, steps: int, scale: float) -> None:
+    """``train`` with the loss multiplied by ``scale`` (data seed 0)."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, VOCAB, (16, 5), generator=g)
+        y = torch.randint(0, CLASSES, (16,), generator=g)
+        (F.cross_entropy(model(idx), y) * scale).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("rule", [{}, {"norm_beta": 0.0}, {"normalize": "tensor"}],
+                         ids=["default", "per-call", "tensor"])
+def test_finite_gradients_near_float32_limit_train_like_scaled_down_ones(rule):
+    """The NaN/inf check is by element: loss * 1e19 (gradients whose sum of squares overflows float32) trains on;
+    votes are scale-invariant (loss * 2**60: the state of loss * 1, bit for bit), and gradients whose squares
+    overflow (loss * 2**100) still cast valid votes, no NaN."""
+    base = TinyNet()
+    states = {}
+    for scale in (1.0, 2.0**60, 1e19, 2.0**100):
+        model = copy.deepcopy(base)
+        opt = FlipOptimizer(model, accum_threshold=3, **rule)
+        scaled_train(model, opt, 3, scale)  # raises NonFiniteGradientError if a layer were taken for NaN/inf
+        assert opt.step_count == 3 and int(opt._nonfinite) == 0
+        states[scale] = integer_state(model)
+        assert all(v.abs().max() <= 127 for k, v in states[scale].items() if k.endswith("accum"))
+    assert_states_equal(states[1.0], states[2.0**60])
+    assert states_differ(integer_state(base), states[1e19]) and states_differ(integer_state(base), states[2.0**100])
 
 
 def test_deferred_finite_check_drops_the_votes_and_reports_on_the_device():

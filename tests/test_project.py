@@ -56,8 +56,37 @@ def test_project_cli(capsys):
 
 @pytest.mark.parametrize("flags", [["--params", "0"], ["--group_size", "0"], ["--batch", "0"],
                                    ["--measure", "abc"], ["--measure", "1e12"],
-                                   ["--d_model", "100", "--n_heads", "3"]])
+                                   ["--d_model", "100", "--n_heads", "3"], ["--params", "1e30"], ["--params", "nan"],
+                                   ["--params", "inf"], ["--n_heads", "0"], ["--n_layers", "-1"],
+                                   ["--ctx", str(2**24 + 1)], ["--d_model", str(2**21)], ["--batch", str(2**40)]])
 def test_project_bad_flags(capsys, flags):
     assert main(["project", "--measure", "", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("trueternary: error:") and err.count("\n") == 1
+
+
+def test_project_params_bound_is_stated(capsys):
+    assert main(["project", "--measure", "", "--params", "1e30"]) == 2
+    assert "--params must be a number in [1, 1e+15], got 1e+30" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--params", "1e15"],
+                                   ["--params", "1e15", "--d_model", str(2**20), "--n_layers", str(2**20),
+                                    "--n_heads", "2", "--ctx", str(2**24), "--batch", str(2**20)]],
+                         ids=["params-max", "every-shape-flag-max"])
+def test_project_answers_in_little_memory_at_the_bounds(capsys, flags):
+    """The tables are closed formulas: at the largest accepted values (a million layers) the command allocates
+    no more than at the default (it used to list every layer's matrices: 23.5 GB for --params 1e30)."""
+    import tracemalloc
+
+    from trueternary.project import activation_coefficients
+
+    activation_coefficients(False), activation_coefficients(True)  # the fit on small models, cached
+    tracemalloc.start()
+    try:
+        assert main(["project", "--measure", "", *flags]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    out = capsys.readouterr().out
+    assert "Projected memory for 1e+15 weights" in out and peak < 5 * 2**20

@@ -10,11 +10,13 @@ import torch
 
 from trueternary import FlipOptimizer, FlipRule, TernaryLinear, rng
 from trueternary.rule import (
+    FLOAT32_MAX,
     accumulate,
     apply_flips,
     apply_scale_flips,
     block_factored_ms,
     group_sum,
+    saturate_sums,
     scale_gradient,
     sign_votes,
     stochastic_votes,
@@ -172,6 +174,36 @@ def test_normalised_votes_are_scale_invariant_per_tile():
     a = stochastic_votes(g, vote_scale(g, 4.0, "block_factored", 64), key, 8)
     b = stochastic_votes(g * 1e-3, vote_scale(g * 1e-3, 4.0, "block_factored", 64), key, 8)
     assert (a.int() - b.int()).abs().max() <= 1  # only rounding at integer boundaries can differ
+
+
+@pytest.mark.parametrize("normalize", ["block_factored", "tensor"])
+def test_votes_near_float32_limit_are_scale_invariant_then_saturate_without_nan(normalize):
+    """Power-of-two scales up to 2**50 (mean squares near 1e30; r_i * c_j alone would overflow from about 4e9)
+    cast the same votes bit for bit; at 2**70 the squares overflow: the means saturate at FLOAT32_MAX, the
+    multipliers stay finite and the votes keep the gradient's sign (clipped) or are 0, never NaN."""
+    g = torch.randn(70, 130, generator=torch.Generator().manual_seed(0))
+    key = rng.stream_key(0, 0, 5)
+
+    def votes(x):
+        return stochastic_votes(x, vote_scale(x, 4.0, normalize, 64), key, 8)
+
+    for k in (10, 32, 50):
+        assert torch.equal(votes(g * 2.0**k), votes(g)), k
+    s = vote_scale(g * 2.0**70, 4.0, normalize, 64)
+    assert torch.isfinite(s).all() and (s <= 0).all()
+    v = votes(g * 2.0**70)
+    assert (v.int() * g.sign().int() <= 0).all() and (v != 0).any()
+    ms = block_factored_ms(g * 2.0**70, 64) if normalize == "block_factored" else tensor_ms(g * 2.0**70)
+    assert not torch.isnan(ms).any() and (ms <= FLOAT32_MAX).any()
+
+
+def test_scale_gradient_saturates_overflowed_sums():
+    g = torch.tensor([[3e38, 3e38, 1.0, 2.0], [3e38, -3e38, 3e38, -3e38]])
+    T = torch.ones(2, 4, dtype=torch.int8)
+    assert scale_gradient(g, T, 2).tolist() == [[FLOAT32_MAX, 3.0], [0.0, 0.0]]
+    assert scale_gradient(-g, T, 4).tolist()[0] == [-FLOAT32_MAX]
+    inf = float("inf")
+    assert saturate_sums(torch.tensor([inf, -inf, float("nan"), -1.5])).tolist() == [FLOAT32_MAX, -FLOAT32_MAX, 0, -1.5]
 
 
 def test_stochastic_votes_bit_reproducible_and_key_dependent():

@@ -26,24 +26,30 @@ then ``os.replace``d over the target, and the directory is fsynced: a process ki
 the previous file intact, and its partial temporary never matches a checkpoint name. A write that fails
 (disk full, read-only file system, no permission) removes its temporary and raises a one-line
 :class:`WriteError` (:class:`CheckpointError` for a checkpoint) naming the path. Loads check the
-header, the format and version, then every tensor against ``tensor_sha256``: a corrupt, truncated,
-foreign or newer file raises :class:`CheckpointError` with a one-line message.
+header, the format and version, every tensor entry and metadata field with its bounds (``_check_meta``), every
+tensor against ``tensor_sha256``, then the tensors' values (``_bad_tensor_value``): a corrupt, truncated,
+foreign, newer or hand-edited file raises :class:`CheckpointError` with a one-line message before anything
+is built from it; ``restore_recipe`` then checks that the state fits the model and its optimisers.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import inspect
 import json
+import math
 import os
 import re
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+
+from .weight import DEFAULT_GROUP_SIZE
 
 FORMAT = "trueternary.checkpoint"
 FORMAT_VERSION = 1
@@ -270,7 +276,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
             raise ValueError
     except (KeyError, ValueError, TypeError):
         raise CheckpointError(f"{path}: checkpoint metadata is missing or not valid JSON") from None
-    end = max((int(v["data_offsets"][1]) for v in header.values() if isinstance(v, dict)), default=0)
+    _check_index(path, header)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end != size:
         raise CheckpointError(f"{path}: truncated or padded checkpoint ({size} bytes, header says {8 + n + end})")
     return header, meta
@@ -318,16 +325,16 @@ def load_checkpoint(path: str | os.PathLike, keep: Callable[[str], bool] | None 
 
     path = Path(path)
     index, meta = read_header(path)
-    for key in ("step", "recipe", "model"):
-        if key not in meta:
-            raise CheckpointError(f"{path}: checkpoint metadata lacks {key!r}")
+    _check_meta(path, meta, index)
     h = hashlib.sha256()
     tensors: dict[str, torch.Tensor] = {}
+    bad_value = None  # the first tensor value out of bounds, reported once the checksum holds (else: corrupt)
     try:
         with safe_open(str(path), framework="pt") as f:
             for name in sorted(f.keys()):
                 t = f.get_tensor(name)
                 _hash_update(h, name, t)
+                bad_value = bad_value or _bad_tensor_value(name, t, index)
                 if keep is None or keep(name):
                     tensors[name] = t
     except CheckpointError:
@@ -336,7 +343,359 @@ def load_checkpoint(path: str | os.PathLike, keep: Callable[[str], bool] | None 
         raise CheckpointError(f"{path}: unreadable checkpoint ({_one_line(e)})") from None
     if h.hexdigest() != meta.get("tensor_sha256"):
         raise CheckpointError(f"{path}: checksum mismatch: the checkpoint is corrupt")
+    if bad_value:
+        raise CheckpointError(f"{path}: {bad_value}")
     return Checkpoint(path=path, meta=meta, tensors=tensors, index=index)
+
+
+# ------------------------------------------------------------------------------------ validation (reading)
+# Every field is checked when a checkpoint is read (load_checkpoint), each with its bounds, so a damaged or
+# hand-edited file fails in one line before a model is built from it or anything is written next to it. Whether
+# the tensors fit the model and the optimisers is checked when they are restored (restore_recipe: load_state_dict,
+# FlipOptimizer.load_state_dict, _check_torch_optimizer).
+MAX_COUNT = 2**53 - 1  # steps, seeds, batches drawn, config integers: what every JSON reader keeps exact
+MAX_WORLD = 1 << 16  # data-parallel ranks
+MAX_CTX = 1 << 24  # model context: float32 counts positions exactly up to 2**24 (rotary tables)
+MAX_OPTIMIZERS = 16
+MAX_CUDA_STATE = 64  # bytes of one CUDA generator state (16 in torch 2.x: seed and offset)
+
+
+def _fail(path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {what}")
+
+
+def _show(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_int(path, name: str, v, lo: int, hi: int) -> int:
+    if not (_is_int(v) and lo <= v <= hi):
+        raise _fail(path, f"{name} must be an integer in [{lo}, {hi}], got {_show(v)}")
+    return v
+
+
+def _check_dict(path, name: str, v) -> dict:
+    if not isinstance(v, dict):
+        raise _fail(path, f"{name} must be an object, got {_show(v)}")
+    return v
+
+
+def _check_str(path, name: str, v, max_len: int = 4096) -> str:
+    if not (isinstance(v, str) and len(v) <= max_len):
+        raise _fail(path, f"{name} must be a string of at most {max_len} characters, got {_show(v)}")
+    return v
+
+
+def _check_index(path, index: dict) -> None:
+    """Every tensor entry of the header: a name under model/ or optim/, a known dtype, a shape of at most 8
+    non-negative integers, and data offsets that hold exactly shape x dtype bytes (read_header then checks that
+    they end where the file does)."""
+    for name, info in index.items():
+        if not name.startswith((MODEL_PREFIX, OPTIM_PREFIX)):
+            raise _fail(path, f"unexpected tensor {_show(name)} (not under {MODEL_PREFIX} or {OPTIM_PREFIX})")
+        ok = isinstance(info, dict) and info.get("dtype") in _DTYPE_BYTES
+        shape, offsets = (info.get("shape"), info.get("data_offsets")) if ok else (None, None)
+        ok = ok and isinstance(shape, list) and len(shape) <= 8 and all(_is_int(d) and d >= 0 for d in shape)
+        ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+        ok = ok and 0 <= offsets[0] <= offsets[1]
+        if not (ok and offsets[1] - offsets[0] == math.prod(shape) * _DTYPE_BYTES[info["dtype"]]):
+            raise _fail(path, f"bad header entry for tensor {_show(name)}: {_show(info)}")
+
+
+def _has_type(v, allowed: set[str]) -> bool:
+    """Whether a JSON value ``v`` is one of the annotated types ``allowed`` (ints in [0, MAX_COUNT], finite floats)."""
+    if v is None:
+        return "None" in allowed
+    if isinstance(v, bool):
+        return "bool" in allowed
+    if isinstance(v, int):
+        return ("int" in allowed and 0 <= v <= MAX_COUNT) or ("float" in allowed and abs(v) <= MAX_COUNT)
+    if isinstance(v, float):
+        return "float" in allowed and math.isfinite(v)
+    if isinstance(v, str):
+        return "str" in allowed and len(v) <= 4096
+    if isinstance(v, dict):
+        return bool(allowed & {"dict", "FlipRule"})  # a FlipRule is stored as its dict
+    if isinstance(v, (list, tuple)):
+        return bool(allowed & {"list", "tuple"})
+    return False
+
+
+def _check_fields(path, where: str, d: dict, cls) -> None:
+    """Each field of the dataclass ``cls`` present in ``d`` has its annotated type (``_has_type``); keys ``cls``
+    does not know are left alone (its readers ignore them)."""
+    annotations = {f.name: {t.strip() for t in str(f.type).split("|")} for f in fields(cls)}
+    for key, v in d.items():
+        allowed = annotations.get(key)
+        if allowed is not None and not _has_type(v, allowed):
+            kinds = " or ".join(sorted(allowed)).replace("int", f"int in [0, {MAX_COUNT}]")
+            raise _fail(path, f"{where} field {key!r} must be {kinds}, got {_show(v)}")
+
+
+def _check_generator_state(path, name: str, b64) -> None:
+    """Base64 of a CPU torch.Generator state that a generator accepts."""
+    _check_str(path, name, b64, 1 << 16)
+    try:
+        raw = base64.b64decode(b64, validate=True)
+        torch.Generator().set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    except (ValueError, RuntimeError) as e:
+        raise _fail(path, f"bad {name} ({_one_line(e)[:120]})") from None
+
+
+def _check_meta(path, meta: dict, index: dict) -> None:
+    """Every metadata field of the module docstring's list, with its bounds and its agreement with the tensors."""
+    from .recipes import CONFIG_NAMES
+
+    for key in ("step", "recipe", "model"):
+        if key not in meta:
+            raise _fail(path, f"checkpoint metadata lacks {key!r}")
+    _check_int(path, "format_version", meta.get("format_version", FORMAT_VERSION), 1, FORMAT_VERSION)
+    for key in ("trueternary_version", "torch_version"):
+        if key in meta:
+            _check_str(path, key, meta[key], 100)
+    created = meta.get("created_unix", 0)
+    if not (isinstance(created, (int, float)) and not isinstance(created, bool) and 0 <= created < 1e11):
+        raise _fail(path, f"created_unix must be a time in seconds, got {_show(created)}")
+    _check_int(path, "step", meta["step"], 0, MAX_COUNT)
+    if meta["recipe"] not in CONFIG_NAMES:
+        raise _fail(path, f"unknown config {_show(meta['recipe'])} (known: {', '.join(CONFIG_NAMES)})")
+    _check_model(path, meta["model"], index)
+    hparams = _check_dict(path, "hparams", meta.get("hparams", {}))
+    _check_hparams(path, hparams)
+    if "train_config" in meta:
+        _check_train_config(path, _check_dict(path, "train_config", meta["train_config"]), meta)
+    _check_ternary_shapes(path, index, hparams.get("group_size", DEFAULT_GROUP_SIZE))
+    _check_optimizers(path, meta.get("optimizers", []), index)
+    if "rng" in meta:
+        _check_rng(path, meta["rng"])
+    if "data" in meta:
+        _check_data(path, meta["data"])
+
+
+def _check_model(path, model, index: dict) -> None:
+    from .models import _MODELS, model_names
+
+    model = _check_dict(path, "model", model)
+    name = model.get("name")
+    if name not in model_names():
+        raise _fail(path, f"unknown model {_show(name)} (known: {', '.join(model_names())})")
+    config = _check_dict(path, "model config", model.get("config"))
+    cfg_cls = _MODELS[name][1]
+    _check_fields(path, "model config", config, cfg_cls)
+    try:
+        cfg = cfg_cls.from_dict(config).to_dict()
+    except (ValueError, TypeError, OverflowError) as e:
+        raise _fail(path, f"bad model config ({_one_line(e)[:200]})") from None
+    _check_model_size(path, cfg, index)
+
+
+def _stored_weights(index: dict) -> int:
+    """Weights the model tensors hold: their elements, packed trits counted 5 per byte."""
+    return sum(math.prod(info["shape"]) * (5 if name.endswith(".T_packed") else 1)
+               for name, info in index.items() if name.startswith(MODEL_PREFIX))
+
+
+def _check_model_size(path, cfg: dict, index: dict) -> None:
+    """The model the config describes is the one the file holds, so that a hand-edited config cannot make
+    ``generate`` or ``train`` build a model beyond the file's size: the token embedding's shape and the layer
+    count where the file shows them (the built-in families' ``embed.weight`` and ``blocks.<i>``), ``ctx`` at most
+    MAX_CTX, and every width, count and product of them that sizes a stored matrix at most the weights stored."""
+    stored = _stored_weights(index)
+    if cfg.get("ctx", 1) > MAX_CTX:
+        raise _fail(path, f"model config ctx {cfg['ctx']} exceeds {MAX_CTX}")
+    d, V, L = cfg.get("d_model", 1), cfg.get("vocab_size", 1), cfg.get("n_layers", 1)
+    sizes = {k: v for k, v in cfg.items() if _is_int(v) and k != "ctx"}
+    sizes.update({"vocab_size * d_model (the token embedding)": V * d, "n_layers * d_model**2": L * d * d,
+                  "mlp_ratio * d_model**2 (an MLP matrix)": cfg.get("mlp_ratio", 1) * d * d,  # (float: may be inf)
+                  "n_experts * d_model": cfg.get("n_experts", 1) * d,
+                  "n_codes * code_dim": cfg.get("n_codes", 1) * cfg.get("code_dim", 1)})
+    for what, n in sizes.items():
+        if n > stored:
+            raise _fail(path, f"model config {what} = {n} exceeds the {stored} weights the file holds")
+    emb = [index[k]["shape"] for k in (MODEL_PREFIX + "embed.weight", MODEL_PREFIX + "embed.weight.T_accum")
+           if k in index]
+    if emb and emb[0] != [V, d]:
+        raise _fail(path, f"model config vocab_size x d_model {V} x {d} does not match the embedding {emb[0]}")
+    blocks = {int(m.group(1)) for n in index if (m := _BLOCK_RE.match(n))}
+    if blocks and blocks != set(range(L)):
+        raise _fail(path, f"model config n_layers {L} does not match the file's {len(blocks)} layers")
+
+
+_BLOCK_RE = re.compile(re.escape(MODEL_PREFIX) + r"blocks\.(\d{1,9})\.")
+
+
+def _check_hparams(path, hparams: dict) -> None:
+    from .recipes import Hparams
+    from .rule import FlipRule
+
+    _check_fields(path, "hparams", hparams, Hparams)
+    if "group_size" in hparams:
+        _check_int(path, "hparams group_size", hparams["group_size"], 1, MAX_COUNT)
+    for name, lr in _check_dict(path, "hparams lr", hparams.get("lr", {})).items():
+        if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr < math.inf):
+            raise _fail(path, f"hparams lr of {_show(name)} must be a finite number > 0, got {_show(lr)}")
+    if hparams.get("rule") is not None:
+        try:
+            FlipRule.from_dict(hparams["rule"])
+        except (ValueError, TypeError) as e:
+            raise _fail(path, f"bad hparams rule ({_one_line(e)[:200]})") from None
+
+
+def _check_train_config(path, tc: dict, meta: dict) -> None:
+    """Types and bounds of every TrainConfig field (their finer ranges are the flags' own, checked by
+    ``train.validate`` when the run resumes), and agreement with the checkpoint's config, model and scales."""
+    from .train import TrainConfig
+
+    _check_fields(path, "train_config", tc, TrainConfig)
+    mcfg = meta["model"]["config"]
+    agree = {"config": meta["recipe"], "model": meta["model"]["name"],
+             **{k: mcfg[k] for k in ("d_model", "n_layers", "n_heads") if k in mcfg}}
+    if "group_size" in meta.get("hparams", {}):
+        agree["group_size"] = meta["hparams"]["group_size"]
+    for key, want in agree.items():
+        if key in tc and tc[key] != want:
+            raise _fail(path, f"train_config {key} {_show(tc[key])} differs from the checkpoint's {_show(want)}")
+    if _is_int(tc.get("ctx")) and _is_int(mcfg.get("ctx")) and tc["ctx"] > mcfg["ctx"]:
+        raise _fail(path, f"train_config ctx {tc['ctx']} exceeds the model's context {mcfg['ctx']}")
+    if "rule" in tc:
+        for k in tc["rule"]:
+            if not isinstance(k, str):
+                raise _fail(path, f"train_config rule keys must be strings, got {_show(k)}")
+
+
+def _check_ternary_shapes(path, index: dict, group_size) -> None:
+    """Each ternary weight (``<w>.T_packed``) is one consistent (rows, cols) matrix in groups of ``group_size``:
+    ``E`` (rows, n_groups) and ``E_accum`` / ``log2_scale`` alike, ``T_accum`` (rows, cols) with n_groups =
+    ceil(cols / group_size), ``T_packed`` ceil(rows * cols / 5) bytes (without ``T_accum``: some cols in the
+    groups' range gives that many bytes)."""
+    gs = _check_int(path, "group_size", group_size, 1, MAX_COUNT)
+    for name in index:
+        if not (name.startswith(MODEL_PREFIX) and name.endswith(".T_packed")):
+            continue
+        w = name[: -len(".T_packed")]
+        shape = {leaf: index[f"{w}.{leaf}"]["shape"] if f"{w}.{leaf}" in index else None
+                 for leaf in ("E", "E_accum", "log2_scale", "T_accum")}.get
+        packed, E = index[name]["shape"], shape("E")
+        if len(packed) != 1 or E is None or len(E) != 2 or min(E) < 1:
+            raise _fail(path, f"ternary weight {w[len(MODEL_PREFIX):]}: needs a 1-D T_packed and a 2-D E, "
+                              f"got {packed} and {E}")
+        rows, n_groups = E
+        for leaf in ("E_accum", "log2_scale"):
+            if shape(leaf) not in (None, E):
+                raise _fail(path, f"{w[len(MODEL_PREFIX):]}.{leaf} has shape {shape(leaf)}, E has {E}")
+        T = shape("T_accum")
+        if T is not None:
+            ok = len(T) == 2 and T[0] == rows and -(-T[1] // gs) == n_groups and packed[0] == -(-rows * T[1] // 5)
+        else:  # inference-only: the columns lie in the last group and pack into T_packed's bytes
+            lo = max((n_groups - 1) * gs + 1, -(-(5 * (packed[0] - 1) + 1) // rows))
+            ok = lo <= min(n_groups * gs, 5 * packed[0] // rows)
+        if not ok:
+            raise _fail(path, f"ternary weight {w[len(MODEL_PREFIX):]}: T_packed {packed}, E {E} and T_accum {T} "
+                              f"are not one matrix in groups of {gs}")
+
+
+def _check_optimizers(path, optimizers, index: dict) -> None:
+    """The optimisers' list: class names, state dicts with integer parameter ids and param groups; their tensors
+    named ``optim/<i>/<id>/<key>`` for a listed optimiser. Each optimiser's own state is checked when restored."""
+    if not (isinstance(optimizers, list) and len(optimizers) <= MAX_OPTIMIZERS):
+        raise _fail(path, f"optimizers must be a list of at most {MAX_OPTIMIZERS}, got {_show(optimizers)}")
+    for i, o in enumerate(optimizers):
+        o = _check_dict(path, f"optimizer {i}", o)
+        _check_str(path, f"optimizer {i} class", o.get("class"), 100)
+        sd = _check_dict(path, f"optimizer {i} state_dict", o.get("state_dict"))
+        for pid, st in _check_dict(path, f"optimizer {i} state", sd.get("state", {})).items():
+            if not (_is_id(pid) and isinstance(st, dict)):
+                raise _fail(path, f"optimizer {i} state: bad entry {_show(pid)}: {_show(st)}")
+        groups = sd.get("param_groups", [])
+        if not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups)):
+            raise _fail(path, f"optimizer {i} param_groups must be a list of objects, got {_show(groups)}")
+        for g in groups:
+            ids = g.get("params", [])
+            if not (isinstance(ids, list) and all(_is_int(p) and 0 <= p <= MAX_COUNT for p in ids)):
+                raise _fail(path, f"optimizer {i} param group params must be parameter ids, got {_show(ids)}")
+    for name in index:
+        if name.startswith(OPTIM_PREFIX):
+            parts = name[len(OPTIM_PREFIX):].split("/", 2)
+            if not (len(parts) == 3 and _is_id(parts[0]) and int(parts[0]) < len(optimizers) and _is_id(parts[1])):
+                raise _fail(path, f"tensor {_show(name)} is not optim/<listed optimiser>/<parameter id>/<key>")
+
+
+def _is_id(key) -> bool:
+    """A JSON object key that is a parameter (or optimiser) id: decimal digits."""
+    return isinstance(key, str) and 0 < len(key) <= 15 and key.isascii() and key.isdigit()
+
+
+def _check_rng(path, rng) -> None:
+    rng = _check_dict(path, "rng", rng)
+    _check_generator_state(path, "rng torch_cpu", rng.get("torch_cpu"))
+    cuda = rng.get("cuda")
+    if cuda is None:
+        return
+    if not (isinstance(cuda, list) and len(cuda) <= MAX_WORLD):
+        raise _fail(path, f"rng cuda must be null or a list of generator states, got {_show(cuda)}")
+    for s in cuda:
+        try:
+            n = len(base64.b64decode(_check_str(path, "rng cuda state", s, 256), validate=True))
+        except CheckpointError:
+            raise
+        except ValueError:  # (binascii.Error)
+            n = -1
+        if not 1 <= n <= MAX_CUDA_STATE:
+            raise _fail(path, f"rng cuda states must be base64 of 1 to {MAX_CUDA_STATE} bytes, got {_show(s)}")
+
+
+def _check_data(path, data) -> None:
+    """The corpus name and fingerprint, and the data position(s): a generator state and the batches drawn (per
+    data-parallel rank, ``positions``, one per rank of ``world_size``)."""
+    data = _check_dict(path, "data", data)
+    if data.get("name") is not None:
+        _check_str(path, "data name", data["name"])
+    _check_str(path, "data fingerprint", data.get("fingerprint", ""), 128)
+    world = _check_int(path, "data world_size", data.get("world_size", 1), 1, MAX_WORLD)
+    positions = data.get("positions")
+    if positions is not None and not (isinstance(positions, list) and len(positions) == world):
+        raise _fail(path, f"data positions must list one position per rank ({world}), got {_show(positions)}")
+    for i, pos in enumerate([data.get("position")] + (positions or [])):
+        where = "data position" if i == 0 else f"data position of rank {i - 1}"
+        pos = _check_dict(path, where, pos)
+        _check_generator_state(path, f"{where} generator", pos.get("generator"))
+        _check_int(path, f"{where} batches_drawn", pos.get("batches_drawn"), 0, MAX_COUNT)
+
+
+def _bad_tensor_value(name: str, t: torch.Tensor, index: dict) -> str | None:
+    """What is wrong with one tensor's values, or None: float tensors finite; a ternary weight's ``T_packed`` a
+    trit packing (bytes <= 242), its accumulators and scales int8 in rule.STATE_BOUNDS; an integer bias's ``q``
+    (int32, saturating at +-(2**31 - 1)) and ``exp`` (int8 in [-127, 127]). Optimiser integer state is checked by
+    the optimiser (FlipOptimizer.load_state_dict)."""
+    from . import packing
+    from .rule import INT8_MAX, STATE_BOUNDS, check_state_range
+
+    short = name[len(MODEL_PREFIX):] if name.startswith(MODEL_PREFIX) else name
+    if t.is_floating_point():
+        return None if bool(torch.isfinite(t).all()) else f"{short} holds NaN/inf"
+    prefix, _, leaf = name.rpartition(".")
+    if not name.startswith(MODEL_PREFIX):
+        return None
+    try:
+        if prefix + ".T_packed" in index and leaf == "T_packed":
+            packing.check_packed(t)
+        elif prefix + ".T_packed" in index and leaf in STATE_BOUNDS:
+            if t.dtype != torch.int8 or t.dim() != 2:
+                raise ValueError(f"must be a 2-D int8 tensor, got {t.dtype} {list(t.shape)}")
+            check_state_range(leaf, t, *STATE_BOUNDS[leaf])
+        elif {prefix + ".q", prefix + ".exp"} <= index.keys() and leaf in ("q", "exp"):
+            want = (torch.int32, 1, 2**31 - 1) if leaf == "q" else (torch.int8, 0, INT8_MAX)
+            if t.dtype != want[0] or t.dim() != want[1]:
+                raise ValueError(f"must be a {want[1]}-D {want[0]} tensor, got {t.dtype} {list(t.shape)}")
+            check_state_range(leaf, t, -want[2], want[2])
+    except (ValueError, TypeError) as e:
+        return f"{short}: {_one_line(e)}"
+    return None
 
 
 # ------------------------------------------------------------------------------------ training state
@@ -370,10 +729,63 @@ def restore_recipe(recipe, ckpt: Checkpoint) -> None:
     try:
         recipe.model.load_state_dict(ckpt.model_state_dict(), strict=True)
         for i, opt in enumerate(recipe.optimizers):
-            opt.load_state_dict(ckpt.optimizer_state_dict(i))
+            sd = ckpt.optimizer_state_dict(i)
+            _check_torch_optimizer(i, opt, sd)
+            opt.load_state_dict(sd)
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
         raise CheckpointError(f"{ckpt.path}: does not fit the model ({_one_line(e)[:300]})") from None
     recipe.step_count = ckpt.step
+
+
+def _kind(v) -> str:
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, (int, float)):
+        return "number"
+    return "sequence" if isinstance(v, (list, tuple)) else type(v).__name__
+
+
+_PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # torch's Adam/AdamW state, shaped like the parameter
+
+
+def _check_torch_optimizer(i: int, opt, sd: dict) -> None:
+    """ValueError unless a float optimiser's saved state fits ``opt`` (FlipOptimizer checks its own): as many
+    groups and parameters, hyper-parameters its constructor accepts (lr, betas, eps, weight_decay, ... of the
+    saved groups passed to a fresh one), switches of the same type, and state tensors floating point, ``step``
+    0-dim, moment estimates shaped like their parameter."""
+    from .optim import FlipOptimizer
+
+    if isinstance(opt, FlipOptimizer):
+        return
+    groups = sd.get("param_groups", [])
+    if len(groups) != len(opt.param_groups):
+        raise ValueError(f"optimizer {i}: {len(groups)} param groups, the config has {len(opt.param_groups)}")
+    accepted = inspect.signature(type(opt).__init__).parameters
+    params = {}
+    for g, live in zip(groups, opt.param_groups):
+        if len(g.get("params", [])) != len(live["params"]):
+            raise ValueError(f"optimizer {i}: a param group of {len(g.get('params', []))} parameters, the config's "
+                             f"has {len(live['params'])}")
+        params.update(zip(g["params"], live["params"]))
+        numbers = {}
+        for k, v in g.items():
+            if k == "params" or k not in live or live[k] is None or v is None:  # (None: a default left to torch)
+                continue
+            if _kind(v) != _kind(live[k]):
+                raise ValueError(f"optimizer {i}: {k} must be like {live[k]!r}, got {_show(v)}")
+            if k in accepted and _kind(v) in ("number", "sequence"):
+                numbers[k] = tuple(v) if isinstance(v, list) else v
+        type(opt)([torch.zeros(1, requires_grad=True)], **numbers)  # its own range checks (ValueError)
+    for pid, st in sd.get("state", {}).items():
+        if pid not in params:
+            raise ValueError(f"optimizer {i}: state for unknown parameter {pid}")
+        for k, v in st.items():
+            if not isinstance(v, torch.Tensor):
+                continue
+            want = () if k == "step" else tuple(params[pid].shape) if k in _PARAM_SHAPED else tuple(v.shape)
+            if not v.is_floating_point() or tuple(v.shape) != want:
+                raise ValueError(f"optimizer {i}: parameter {pid} {k} is {v.dtype} {list(v.shape)}, expected a "
+                                 f"floating tensor of shape {list(want)}")
 
 
 def rng_state(device: torch.device) -> dict:

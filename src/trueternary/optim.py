@@ -48,6 +48,7 @@ BACKENDS = ("auto", "dense-fallback", "none", "gpu", "gpu-signcache")
 _NORM_SALT = 0x4E4F524D  # RNG key salt of the norm_beta codes' rounding (one stream for all ranks)
 _CALLS_PER_STEP = 1024  # RNG counter slots per step: a layer may be called this often per step
 _BIAS_CLIP = 2**20
+_BIAS_Q_MAX = 2**31 - 1  # a bias's int32 q saturates at +-(2**31 - 1) (cast_bias_votes)
 
 
 class _VoteBuffers:
@@ -263,7 +264,7 @@ class FlipOptimizer(torch.optim.Optimizer):
         counter = self._nonfinite_counter(g.device)
         if counter is None:
             return None
-        bad = ~torch.isfinite(g.float().square().sum())
+        bad = ~torch.isfinite(g).all()  # by element: a sum of squares would overflow for finite g beyond 1.8e19
         counter += bad.to(torch.int32)
         return bad
 
@@ -637,7 +638,7 @@ class FlipOptimizer(torch.optim.Optimizer):
         v = self._votes(group, g, self._lr(group), 2 * bias.stream, self._counter(bias), _BIAS_CLIP, "tensor")
         v = self._reduce(v, group, _BIAS_CLIP)
         q = bias.q.to(torch.int64) + v.to(torch.int64)
-        bias.q.copy_(q.clamp(-(2**31) + 1, 2**31 - 1).to(torch.int32))
+        bias.q.copy_(q.clamp(-_BIAS_Q_MAX, _BIAS_Q_MAX).to(torch.int32))
 
     # ------------------------------------------------------------------ flips (once per step)
     @torch.no_grad()
@@ -730,12 +731,22 @@ class FlipOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict) -> None:
-        extra = state_dict.get("trueternary")
+        """Load ``state_dict`` after checking all of it (ValueError, nothing changed): the rule of every group, step
+        and seed, the moving-average codes, and the integer state of the trained modules it resumes (``T_accum``,
+        ``E``, ``E_accum`` in rule.STATE_BOUNDS, bias ``q``), loaded into them beforehand."""
+        extra = state_dict.get("trueternary") if isinstance(state_dict, dict) else None
         if not isinstance(extra, dict) or extra.get("format") != 1:
             raise ValueError("not a FlipOptimizer state_dict (missing or unknown 'trueternary' section)")
+        for key in ("step", "seed"):
+            v = extra.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
+                raise ValueError(f"FlipOptimizer {key} must be an integer in [0, 2**63), got {v!r}")
         sd = {k: v for k, v in state_dict.items() if k != "trueternary"}
-        for g in sd["param_groups"]:
-            FlipRule.from_dict({k: v for k, v in g.items() if k != "params"})
+        groups = sd.get("param_groups")
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            raise ValueError(f"expected {len(self.param_groups)} param groups, got {groups!r:.60}")
+        rules = [FlipRule.from_dict({k: v for k, v in g.items() if k != "params"}) for g in groups]
+        self._check_resumed_state(sd, rules)
         super().load_state_dict(sd)
         self._step = int(extra["step"])
         self.seed = int(extra["seed"])
@@ -745,6 +756,36 @@ class FlipOptimizer(torch.optim.Optimizer):
         self._dp_caches.clear()
         for t in self._step_dev.values():
             t.fill_(self._step)
+
+
+    def _check_resumed_state(self, sd: dict, rules: list[FlipRule]) -> None:
+        """ValueError unless the modules' integer state is in range and ``sd["state"]`` holds, per module, only the
+        moving-average codes its group's rule keeps, of the right dtypes, shapes and ranges."""
+        from .rule import STATE_BOUNDS, check_norm_codes, check_state_range
+
+        state = sd.get("state", {})
+        if not isinstance(state, dict):
+            raise ValueError(f"optimizer state must be a dict, got {type(state).__name__}")
+        ids = {}
+        for g, mods, rule in zip(sd["param_groups"], self._group_modules, rules):
+            pids = g.get("params")
+            if not isinstance(pids, list) or len(pids) != len(mods):
+                raise ValueError(f"a param group lists {pids!r:.60} for its {len(mods)} modules")
+            ids.update({pid: (m, rule) for pid, m in zip(pids, mods)})
+        for pid, st in state.items():
+            if pid not in ids or not isinstance(st, dict):
+                raise ValueError(f"optimizer state for unknown parameter {pid!r:.40}")
+            m, rule = ids[pid]
+            if st and not (isinstance(m, TernaryScaleTensor) and uses_norm_memory(rule.to_dict())):
+                raise ValueError(f"unexpected optimizer state {sorted(st)} for parameter {pid}")
+            if st:
+                check_norm_codes(f"parameter {pid}", st, (m.rows, m.cols), rule.norm_block)
+        for pid, (m, _) in ids.items():
+            if isinstance(m, TernaryScaleTensor):
+                for name, (lo, hi) in STATE_BOUNDS.items():
+                    check_state_range(f"parameter {pid}: {name}", getattr(m, name), lo, hi)
+            else:
+                check_state_range(f"parameter {pid}: bias q", m.q, -_BIAS_Q_MAX, _BIAS_Q_MAX)
 
 
 def norm_codes_of(model: nn.Module, norm_block: int) -> list[dict[str, torch.Tensor]]:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -66,13 +65,15 @@ class Shape:
     def d_hidden(self) -> int:
         return int(round(self.mlp_ratio * self.d_model))
 
-    def matrices(self) -> list[tuple[int, int]]:
-        """(rows, cols) of every weight matrix of ByteTransformer, in registration order."""
+    def matrices(self) -> list[tuple[int, int, int]]:
+        """(rows, cols, count) of ByteTransformer's weight matrices: embedding and head, then the layers' four
+        (counted, not listed: the formulas take time and memory independent of n_layers)."""
         d, h, V = self.d_model, self.d_hidden, self.vocab_size
-        return [(V, d)] + [(3 * d, d), (d, d), (h, d), (d, h)] * self.n_layers + [(V, d)]
+        return [(V, d, 2), (3 * d, d, self.n_layers), (d, d, self.n_layers), (h, d, self.n_layers),
+                (d, h, self.n_layers)]
 
     def n_weights(self) -> int:
-        return sum(r * c for r, c in self.matrices())
+        return sum(r * c * n for r, c, n in self.matrices())
 
     def model_kwargs(self) -> dict:
         return dict(ctx=self.ctx, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
@@ -94,11 +95,11 @@ def shape_for_params(params: float, ctx: int = 2048, batch: int = 1) -> Shape:
 
 
 # ------------------------------------------------------------------------------------ formulas
-def ternary_state_bytes(matrices: list[tuple[int, int]], group_size: int) -> dict[str, int]:
-    """The formula for the TernaryScaleTensor buffers of these matrices (module docstring)."""
-    t_packed = sum(-(-(r * c) // 5) for r, c in matrices)
-    groups = sum(r * -(-c // group_size) for r, c in matrices)
-    t_accum = sum(r * c for r, c in matrices)
+def ternary_state_bytes(matrices: list[tuple[int, int, int]], group_size: int) -> dict[str, int]:
+    """The formula for the TernaryScaleTensor buffers of these (rows, cols, count) matrices (module docstring)."""
+    t_packed = sum(n * -(-(r * c) // 5) for r, c, n in matrices)
+    groups = sum(n * r * -(-c // group_size) for r, c, n in matrices)
+    t_accum = sum(n * r * c for r, c, n in matrices)
     return {"T_packed": t_packed, "E": groups, "E_accum": groups, "T_accum": t_accum,
             "training": t_packed + 2 * groups + t_accum, "inference": t_packed + groups}
 
@@ -125,8 +126,8 @@ def adamw_bytes(params: float) -> dict[str, float]:
 def transient_bytes(shape: Shape, compute_bytes: int = 4) -> dict[str, int]:
     """Largest one-matrix transients of TrueTernary's backward (dense-fallback): fp32 gradient, dense weight."""
     d, V = shape.d_model, shape.vocab_size
-    linear = [(r, c) for r, c in shape.matrices()[1:]]  # the embedding's gradient covers only touched rows
-    biggest = max(r * c for r, c in linear)
+    # the head and the layers' matrices (the embedding's gradient covers only its touched rows)
+    biggest = max(r * c for r, c, _ in shape.matrices())
     emb_rows = min(V, shape.batch * shape.ctx)
     return {"gradient": 4 * max(biggest, emb_rows * d), "dense_weight": compute_bytes * biggest}
 
@@ -411,7 +412,8 @@ def measured_table(shapes: list[Shape], group_size: int) -> tuple[str, bool]:
 
 # ------------------------------------------------------------------------------------ command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", type=float, default=3e9, help="weights to project (default 3e9)")
+    p.add_argument("--params", type=float, default=3e9,
+                   help=f"weights to project (default 3e9, at most {MAX_PARAMS:.0e})")
     p.add_argument("--group_size", "--group-size", dest="group_size", type=int, default=DEFAULT_GROUP_SIZE)
     p.add_argument("--batch", type=int, default=1, help="sequences, for the activation rows (default 1)")
     p.add_argument("--ctx", type=int, default=2048, help="bytes per sequence, for the activation rows")
@@ -423,22 +425,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma list of weight counts to measure on real objects ('' skips; default 1e5,1e6,1e7)")
 
 
+# Bounds of the flags. The tables are closed formulas (time and memory independent of the sizes); the bounds keep
+# them meaningful: 1e15 weights is a thousand times the largest models trained, and the shape flags stay within
+# what such a model could use (2**24 positions: float32 counts them exactly).
+MAX_PARAMS = 1e15
+FLAG_BOUNDS = {"group_size": 1 << 20, "batch": 1 << 20, "ctx": 1 << 24, "d_model": 1 << 20, "n_layers": 1 << 20,
+               "n_heads": 1 << 20}
+
+
 def run(args: argparse.Namespace) -> dict:
     from .cli import UsageError
 
-    if not (args.params >= 1 and math.isfinite(args.params)):
-        raise UsageError(f"--params must be a number >= 1, got {args.params}")
-    for name in ("group_size", "batch", "ctx"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not (1 <= args.params <= MAX_PARAMS):  # (NaN fails both)
+        raise UsageError(f"--params must be a number in [1, {MAX_PARAMS:.0e}], got {args.params:g}")
+    for name, hi in FLAG_BOUNDS.items():
+        v = getattr(args, name)
+        if v is not None and not 1 <= v <= hi:
+            raise UsageError(f"--{name} must be an integer in [1, {hi}], got {v}")
     shape = shape_for_params(args.params, ctx=args.ctx, batch=args.batch)
     if args.d_model is not None or args.n_layers is not None or args.n_heads is not None:
         d = args.d_model or shape.d_model
         shape = Shape(d_model=d, n_layers=args.n_layers or shape.n_layers,
                       n_heads=args.n_heads or max(2, d // HEAD_DIM), ctx=args.ctx, batch=args.batch)
-    for name in ("d_model", "n_layers", "n_heads"):
-        if getattr(shape, name) < 1:
-            raise UsageError(f"--{name} must be >= 1")
     if shape.d_model % shape.n_heads or (shape.d_model // shape.n_heads) % 2:
         raise UsageError(f"--d_model {shape.d_model} must split into --n_heads {shape.n_heads} heads of even size")
     try:

@@ -18,7 +18,7 @@ by the optimiser. No float survives a step.
 For each call of a layer in backward (``stochastic_votes`` ...) and once per optimiser step
 (``apply_*``), with g the weight gradient of that call:
 
-    normalise  ms_ij = r_i * c_j / m      'block_factored' (default): r_i, c_j, m the mean of g**2
+    normalise  ms_ij = r_i * (c_j / m)    'block_factored' (default): r_i, c_j, m the mean of g**2
                                           over row i, column j and all of the norm_block x norm_block
                                           tile holding (i, j) (Adafactor's factored second moment,
                                           per tile and per call)
@@ -39,6 +39,16 @@ For each call of a layer in backward (``stochastic_votes`` ...) and once per opt
                (rows, n_groups) matrix voted like the weights (normalised per call, lr * scale_lr) into E_accum,
                on steps that are multiples of scale_update_interval; |E_accum| >= scale_threshold moves E by one.
 
+Large gradients. A weight gradient is non-finite iff an element is NaN/inf (the optimiser's check, by element).
+Votes are scale-invariant: a gradient scaled by a power of two casts the same votes bit for bit (``c_j / m`` is
+scale-free, ``r_i`` and ``s`` scale exactly) while every mean of ``g**2`` stays below float32's largest finite
+value ``FLOAT32_MAX`` (3.4e38: elements up to about 1.6e18 in a full 128-wide row, 1.8e19 alone) and every
+``ms_ij`` above 2**-75 (where ``+ 1e-30`` stops mattering). Beyond, a mean that overflows saturates at
+``FLOAT32_MAX`` (never inf, whose ratio inf / inf would be NaN): the elements it normalises get a smaller ``s``
+(or -0 where ``ms`` itself overflows), so they cast fewer or no gradient votes, never NaN ones; with
+``norm_beta`` the codes top out near 2**128 and relax back at the moving average's rate. A group sum ``gE``
+that overflows saturates at +-FLOAT32_MAX (NaN, from +inf and -inf partial sums, counts as 0).
+
 A positive gradient votes toward -1 (gradient descent). ``u`` makes the expected vote equal to
 ``s * g``: the vote carries the gradient's magnitude, not just its sign, while staying an integer.
 Normalising each call's gradient makes ``lr`` the expected number of votes per weight per call for a
@@ -58,6 +68,9 @@ VOTE_MODES = ("sign", "stochastic")
 NORMALIZE_MODES = ("tensor", "block_factored")
 ACCUM_INITS = ("residual", "zero")
 MS_EPS = 1e-30  # keeps s finite for an all-zero gradient (whose votes are then 0)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # where the statistics of g**2 saturate (module docstring)
+# The integer state's ranges: what training keeps, and what loading a state must satisfy (check_state_range).
+STATE_BOUNDS = {"T_accum": (-INT8_MAX, INT8_MAX), "E": (-INT8_MAX, INT8_MAX), "E_accum": (-INT8_MAX, INT8_MAX)}
 
 
 @dataclass
@@ -187,11 +200,11 @@ def tensor_ms(g: torch.Tensor, n_rows: torch.Tensor | None = None) -> torch.Tens
     ``sum(g[:n]**2) / (n * C)`` (the divisor at least 1, so an empty gradient gives 0).
     """
     if n_rows is None:
-        return g.float().square().mean()
+        return g.float().square().mean().clamp_max(FLOAT32_MAX)
     g2 = g.float().square().reshape(g.shape[0], -1)
     g2 = torch.where(real_rows(n_rows, g2.shape[0], g2.device)[:, None], g2, 0.0)
     count = (n_rows.to(g2.device) * g2.shape[1]).clamp_min(1).to(torch.float32)
-    return g2.sum() / count
+    return (g2.sum() / count).clamp_max(FLOAT32_MAX)
 
 
 def vote_multiplier(ms: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
@@ -244,7 +257,7 @@ def sign_votes(g: torch.Tensor) -> torch.Tensor:
 def block_factored_ms(g: torch.Tensor, block: int, n_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Per-element mean-square estimate from each ``block`` x ``block`` tile's own row/column statistics.
 
-    For the tile holding (i, j): ``r_i c_j / m`` with r, c, m the mean of ``g**2`` over the tile's part of
+    For the tile holding (i, j): ``r_i (c_j / m)`` with r, c, m the mean of ``g**2`` over the tile's part of
     row i, of column j, and over the whole tile (edge tiles average over their real elements only).
     Computable in the epilogue of a tiled weight-gradient kernel: no statistic of the whole matrix needed.
     ``n_rows``: as in ``block_factored_stats``.
@@ -281,8 +294,8 @@ def block_factored_stats(g: torch.Tensor, block: int, n_rows: torch.Tensor | Non
         # counts as device tensors: PyTorch's CUDA division by a Python number multiplies by its reciprocal,
         # which is not the IEEE quotient the padded path (and the vote kernel) compute
         # (new_full: a fill on the device, no host copy, so a captured CUDA graph may hold it)
-        return (t.sum(3) / g2.new_full((), bc), t.sum(1) / g2.new_full((), br),
-                t.sum((1, 3)) / g2.new_full((), br * bc))
+        return _saturated((t.sum(3) / g2.new_full((), bc), t.sum(1) / g2.new_full((), br),
+                           t.sum((1, 3)) / g2.new_full((), br * bc)))
     if n_rows is None:
         real = torch.ones_like(g2)
     else:  # 1 on the real rows' elements, 0 elsewhere (rows from n_rows on count as padding)
@@ -293,14 +306,23 @@ def block_factored_stats(g: torch.Tensor, block: int, n_rows: torch.Tensor | Non
     row = pad.sum(3) / ones.sum(3).clamp_min(1)  # (Rb, br, Cb)
     col = pad.sum(1) / ones.sum(1).clamp_min(1)  # (Rb, Cb, bc)
     tile = pad.sum((1, 3)) / ones.sum((1, 3)).clamp_min(1)  # (Rb, Cb)
-    return row, col, tile
+    return _saturated((row, col, tile))
+
+
+def _saturated(means: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Means of g**2 that overflowed float32 held at FLOAT32_MAX (finite ones unchanged): c / m is then never
+    inf / inf (module docstring)."""
+    return tuple(m.clamp_max(FLOAT32_MAX) for m in means)
 
 
 def factored_ms(row: torch.Tensor, col: torch.Tensor, tile: torch.Tensor, shape) -> torch.Tensor:
-    """``r_i c_j / m`` per element of a ``shape`` matrix from ``block_factored_stats``' three means."""
+    """``r_i * (c_j / m)`` per element of a ``shape`` matrix from ``block_factored_stats``' three means.
+
+    The quotient first: ``r_i * c_j`` is of order g**4 and would overflow float32 for gradients near 4e9, while
+    ``c_j / m`` is scale-free (module docstring)."""
     Rb, br, Cb = row.shape
     bc = col.shape[2]
-    ms = row[:, :, :, None] * col[:, None, :, :] / tile[:, None, :, None].clamp_min(1e-38)
+    ms = row[:, :, :, None] * (col / tile[:, :, None].clamp_min(1e-38))[:, None, :, :]
     return ms.reshape(Rb * br, Cb * bc)[: shape[0], : shape[1]]
 
 
@@ -403,8 +425,10 @@ def ema_block_factored_stats(
     row, col, tile = (t.float() for t in stats)
     empty = codes["norm_tile"] == NORM_TILE_EMPTY
     m_old = code_value(codes["norm_tile"], NORM_TILE_FRAC)
-    r_old = m_old[:, None, :] * code_value(codes["norm_row"], NORM_RATIO_FRAC)
-    c_old = m_old[:, :, None] * code_value(codes["norm_col"], NORM_RATIO_FRAC)
+    # means decoded from the codes saturate like this call's (a top tile code times a ratio above 1 would be inf,
+    # and inf - inf NaN in the moving average)
+    r_old, c_old = _saturated((m_old[:, None, :] * code_value(codes["norm_row"], NORM_RATIO_FRAC),
+                               m_old[:, :, None] * code_value(codes["norm_col"], NORM_RATIO_FRAC)))
     w = 1.0 - beta
     m = torch.where(empty, tile, m_old + w * (tile - m_old))
     r = torch.where(empty[:, None, :], row, r_old + w * (row - r_old))
@@ -416,8 +440,8 @@ def ema_block_factored_stats(
     row_code = log2_code(r / den[:, None, :], NORM_RATIO_FRAC, -128, 127, u[: r.numel()].view(r.shape))
     col_code = log2_code(c / den[:, :, None], NORM_RATIO_FRAC, -128, 127, u[r.numel():].view(c.shape))
     row_code, col_code = row_code.to(torch.int8), col_code.to(torch.int8)
-    rq = mq[:, None, :] * code_value(row_code, NORM_RATIO_FRAC)
-    cq = mq[:, :, None] * code_value(col_code, NORM_RATIO_FRAC)
+    rq, cq = _saturated((mq[:, None, :] * code_value(row_code, NORM_RATIO_FRAC),
+                         mq[:, :, None] * code_value(col_code, NORM_RATIO_FRAC)))
     return (rq, cq, mq), {"norm_tile": tile_code, "norm_row": row_code, "norm_col": col_code}
 
 
@@ -476,5 +500,42 @@ def group_sum(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def scale_gradient(g: torch.Tensor, T: torch.Tensor, group_size: int) -> torch.Tensor:
-    """dL/dE per group, up to the positive factor 2**E ln 2: ``sum_group(g * T)`` in float32."""
-    return group_sum(g.float() * T.float(), group_size)
+    """dL/dE per group, up to the positive factor 2**E ln 2: ``sum_group(g * T)`` in float32, a sum that
+    overflowed saturated at +-FLOAT32_MAX (NaN, from +inf and -inf partial sums, as 0; ``saturate_sums``)."""
+    return saturate_sums(group_sum(g.float() * T.float(), group_size))
+
+
+def saturate_sums(x: torch.Tensor) -> torch.Tensor:
+    """Sums of finite numbers that overflowed float32: +-inf -> +-FLOAT32_MAX, NaN (inf - inf) -> 0."""
+    return torch.nan_to_num(x, nan=0.0, posinf=FLOAT32_MAX, neginf=-FLOAT32_MAX)
+
+
+# --------------------------------------------------------------------------------------------
+# checks of loaded state
+# --------------------------------------------------------------------------------------------
+
+
+def check_state_range(name: str, t: torch.Tensor, lo: int, hi: int) -> None:
+    """ValueError unless every element of the integer tensor ``t`` lies in [lo, hi] (reads ``t`` on the host)."""
+    if t.numel():
+        mn, mx = int(t.min()), int(t.max())
+        if mn < lo or mx > hi:
+            raise ValueError(f"{name} holds {mn if mn < lo else mx}, outside [{lo}, {hi}]")
+
+
+def check_norm_codes(name: str, codes: dict, shape: tuple[int, int], block: int) -> None:
+    """ValueError unless ``codes`` are a (R, C) weight's moving-average codes for ``norm_block`` ``block``: the keys,
+    dtypes and shapes of ``empty_norm_codes``, tile codes NORM_TILE_EMPTY or in [NORM_TILE_MIN, 32767] (every
+    int8 ratio code is valid)."""
+    Rb, br, Cb, bc = norm_tiles(shape, block)
+    want = {"norm_tile": (torch.int16, (Rb, Cb)), "norm_row": (torch.int8, (Rb, br, Cb)),
+            "norm_col": (torch.int8, (Rb, Cb, bc))}  # as empty_norm_codes makes them
+    if set(codes) != set(want):
+        raise ValueError(f"{name}: moving-average codes must be {sorted(want)}, got {sorted(codes)}")
+    for k, (dtype, shp) in want.items():
+        t = codes[k]
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shp:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: {k} must be {dtype} {shp}, got {got}")
+    tile = codes["norm_tile"]
+    check_state_range(f"{name}: norm_tile", tile[tile != NORM_TILE_EMPTY], NORM_TILE_MIN, _INT16_MAX)

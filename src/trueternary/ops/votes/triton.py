@@ -6,11 +6,13 @@ forms the weight-gradient tile ``g = gy[:, rows].T @ x[:, cols]`` in registers (
 accumulation, reduction over the M tokens: no split-K, the epilogue needs the complete tile) and, in the
 epilogue, without ever writing ``g`` to memory:
 
-    non-finite   a tile holding NaN/inf is zeroed; the first such tile of the call sets ``flag`` and adds 1
-                 to the optimiser's ``nonfinite`` counter (so a layer counts once)
+    non-finite   a tile holding a NaN/inf element (counted by element: finite values of any size pass) is
+                 zeroed; the first such tile of the call sets ``flag`` and adds 1 to the optimiser's
+                 ``nonfinite`` counter (so a layer counts once)
     normalise    per NB x NB sub-tile: r_i, c_j, m = means of g**2 over the sub-tile's part of row i, of
-                 column j, and over the sub-tile (edge sub-tiles: over their real elements), then
-                 ms = (r_i * c_j) / max(m, 1e-38)                                 (rule.block_factored_ms)
+                 column j, and over the sub-tile (edge sub-tiles: over their real elements; a mean that
+                 overflows float32 held at FLOAT32_MAX, rule.py's "Large gradients"), then
+                 ms = r_i * (c_j / max(m, 1e-38))                                 (rule.block_factored_ms)
                  s  = reciprocal(sqrt(ms + 1e-30)) * -lr                          (rule.vote_multiplier)
     trits        T decoded from ``T_packed`` only when needed (decay term, scale gradient)
     votes        'stochastic': v = clamp(floor(g*s - decay*T + u), -clip, clip), u = rng.uniform at the
@@ -18,7 +20,8 @@ epilogue, without ever writing ``g`` to memory:
                  'sign':       v = -sign(g)                                        (no normalisation)
     accumulate   T_accum = clamp(T_accum + v, -127, 127)                   (CACHE_BITS == 0)
                  or the votes are written to a compact vote cache            (CACHE_BITS 2/4/8, gpu-signcache)
-    scale grad   gE[r, group] (+)= sum over the tile's columns of the group of g * T     (float32 buffer)
+    scale grad   gE[r, group] (+)= sum over the tile's columns of the group of g * T     (float32 buffer;
+                 _scale_votes_kernel reads overflowed sums as rule.saturate_sums does)
 
 With ``NORM_MEMORY`` (rules with ``norm_beta > 0``, the default) the epilogue also keeps the normaliser's
 moving averages (rule.ema_block_factored_stats): it loads the tile's integer codes (an int16 per NB x NB
@@ -62,7 +65,7 @@ import triton
 import triton.language as tl
 
 from ... import rng
-from ...rule import NORM_RATIO_FRAC, NORM_TILE_EMPTY, NORM_TILE_FRAC, NORM_TILE_MIN, code_lut, norm_tiles
+from ...rule import FLOAT32_MAX, NORM_RATIO_FRAC, NORM_TILE_EMPTY, NORM_TILE_FRAC, NORM_TILE_MIN, code_lut, norm_tiles
 from ..triton_utils import (
     check_kernel_numel,
     check_kernel_offsets,
@@ -81,6 +84,7 @@ MODE_STOCHASTIC, MODE_SIGN = 0, 1
 assert (NORM_TILE_FRAC, NORM_RATIO_FRAC) == (8, 3), "update the literals in _ema_means"
 _TILE_EMPTY = tl.constexpr(NORM_TILE_EMPTY)
 _TILE_MIN = tl.constexpr(NORM_TILE_MIN)
+_F32_MAX = tl.constexpr(FLOAT32_MAX)  # (in float32's normal range: Triton types it float32)
 GE_NONE, GE_ALIGNED, GE_ATOMIC = 0, 1, 2
 
 
@@ -110,13 +114,13 @@ def _device_key(step_ptr, call, key_base, CALLS_PER_STEP: tl.constexpr, K_STEP: 
 
 @triton.jit
 def _scale_from_full(r_full, c_full, m_full, neg_lr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``s = reciprocal(sqrt(r * c / max(m, 1e-38) + 1e-30)) * -lr`` elementwise (rule.factored_ms,
+    """``s = reciprocal(sqrt(r * (c / max(m, 1e-38)) + 1e-30)) * -lr`` elementwise (rule.factored_ms,
     rule.vote_multiplier)."""
-    # rule: ms = r*c / clamp_min(m, 1e-38); m == 0 means an all-zero sub-tile (ms = 0 there either way, and
+    # rule: ms = r * (c / clamp_min(m, 1e-38)); m == 0 means an all-zero sub-tile (ms = 0 there either way, and
     # the where() keeps that true even if the 1e-38 subnormal were flushed to zero)
     # (1e-38 as an explicit float32 constant: Triton 3.6 types a bare 1e-38 literal as fp64)
     m_min = tl.full((BLOCK_R, BLOCK_C), 1e-38, tl.float32)
-    ms = tl.where(m_full > 0, tl.div_rn(r_full * c_full, tl.maximum(m_full, m_min)), 0.0)
+    ms = r_full * tl.where(m_full > 0, tl.div_rn(c_full, tl.maximum(m_full, m_min)), 0.0)
     return tl.div_rn(tl.full((BLOCK_R, BLOCK_C), 1.0, tl.float32), tl.sqrt_rn(ms + 1e-30)) * neg_lr
 
 
@@ -136,7 +140,20 @@ def _sub_tile_means(g, r0, c0, R, C, NB: tl.constexpr, BLOCK_R: tl.constexpr, BL
     r_mean = tl.div_rn(row_sum, tl.broadcast_to(n_cols[None, :], (BLOCK_R, SC)))
     c_mean = tl.div_rn(col_sum, tl.broadcast_to(n_rows[:, None], (SR, BLOCK_C)))
     m = tl.div_rn(tile_sum, n_rows[:, None] * n_cols[None, :])
-    return r_mean, c_mean, m
+    return _saturate(r_mean), _saturate(c_mean), _saturate(m)
+
+
+@triton.jit
+def _saturate(mean_sq):
+    """rule._saturated: a mean of g**2 that overflowed float32 (inf) held at FLOAT32_MAX (never NaN: g is finite)."""
+    return tl.minimum(mean_sq, _F32_MAX)
+
+
+@triton.jit
+def _saturate_sums(x):
+    """rule.saturate_sums: +-inf -> +-FLOAT32_MAX, NaN (from +inf + -inf) -> 0 (NaN first: on the GPU
+    min/max would return the other operand)."""
+    return tl.where(x != x, 0.0, tl.minimum(tl.maximum(x, -_F32_MAX), _F32_MAX))
 
 
 @triton.jit
@@ -155,7 +172,7 @@ def _means_from_sums(row_sum, col_sum, r0, c0, R, C, NB: tl.constexpr, BLOCK_R: 
     tile_sum = tl.sum(col_sum, axis=0)
     r_mean = tl.div_rn(row_sum, tl.full((BLOCK_R,), 1.0, tl.float32) * n_cols)
     c_mean = tl.div_rn(col_sum, tl.full((BLOCK_C,), 1.0, tl.float32) * n_rows)
-    return r_mean, c_mean, tl.div_rn(tile_sum, n_rows * n_cols)
+    return _saturate(r_mean), _saturate(c_mean), _saturate(tl.div_rn(tile_sum, n_rows * n_cols))
 
 
 @triton.jit
@@ -173,7 +190,7 @@ def _full_from_means(r_mean, c_mean, m, NB: tl.constexpr, BLOCK_R: tl.constexpr,
 
 @triton.jit
 def _block_factored_scale(g, r0, c0, R, C, neg_lr, NB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``s = reciprocal(sqrt(r_i * c_j / m + 1e-30)) * -lr`` for a (BLOCK_R, BLOCK_C) gradient tile at (r0, c0),
+    """``s = reciprocal(sqrt(r_i * (c_j / m) + 1e-30)) * -lr`` for a (BLOCK_R, BLOCK_C) gradient tile at (r0, c0),
     statistics per NB x NB sub-tile (rule.block_factored_ms); lanes outside the matrix hold g = 0."""
     SR: tl.constexpr = BLOCK_R // NB
     SC: tl.constexpr = BLOCK_C // NB
@@ -254,8 +271,9 @@ def _ema_means(r_mean, c_mean, m, n_bad, tile_code_ptr, row_code_ptr, col_code_p
     col_code = tl.load(col_code_ptr + col_off, mask=col_mask, other=0).to(tl.int32)
     empty = tile_code == _TILE_EMPTY  # no statistics yet: take this call's as they are
     m_old = _code_value(tile_code, lut_tile_ptr, 8)
-    r_old = _tile_to_rows(m_old, NB, BLOCK_R, BLOCK_C) * _code_value(row_code, lut_ratio_ptr, 3)
-    c_old = _tile_to_cols(m_old, NB, BLOCK_R, BLOCK_C) * _code_value(col_code, lut_ratio_ptr, 3)
+    # (decoded means saturate like this call's: rule.ema_block_factored_stats)
+    r_old = _saturate(_tile_to_rows(m_old, NB, BLOCK_R, BLOCK_C) * _code_value(row_code, lut_ratio_ptr, 3))
+    c_old = _saturate(_tile_to_cols(m_old, NB, BLOCK_R, BLOCK_C) * _code_value(col_code, lut_ratio_ptr, 3))
     m_new = tl.where(empty, m, m_old + ema_w * (m - m_old))
     r_new = tl.where(_tile_to_rows(empty, NB, BLOCK_R, BLOCK_C), r_mean, r_old + ema_w * (r_mean - r_old))
     c_new = tl.where(_tile_to_cols(empty, NB, BLOCK_R, BLOCK_C), c_mean, c_old + ema_w * (c_mean - c_old))
@@ -274,8 +292,8 @@ def _ema_means(r_mean, c_mean, m, n_bad, tile_code_ptr, row_code_ptr, col_code_p
     tl.store(tile_code_ptr + tile_off, tile_code.to(tl.int16), mask=tile_mask & (tile_off * 0 + n_bad == 0))
     tl.store(row_code_ptr + row_off, row_code.to(tl.int8), mask=row_mask & (row_off * 0 + n_bad == 0))
     tl.store(col_code_ptr + col_off, col_code.to(tl.int8), mask=col_mask & (col_off * 0 + n_bad == 0))
-    rq = _tile_to_rows(mq, NB, BLOCK_R, BLOCK_C) * _code_value(row_code, lut_ratio_ptr, 3)
-    cq = _tile_to_cols(mq, NB, BLOCK_R, BLOCK_C) * _code_value(col_code, lut_ratio_ptr, 3)
+    rq = _saturate(_tile_to_rows(mq, NB, BLOCK_R, BLOCK_C) * _code_value(row_code, lut_ratio_ptr, 3))
+    cq = _saturate(_tile_to_cols(mq, NB, BLOCK_R, BLOCK_C) * _code_value(col_code, lut_ratio_ptr, 3))
     return rq, cq, mq
 
 
@@ -563,7 +581,7 @@ def _scale_votes_kernel(gE_ptr, E_accum_ptr, flag_ptr, step_ptr, lr_ptr, rows, n
         offs_c = (pid % n_col_tiles) * NB + tl.arange(0, BLOCK_G)
         mask = (offs_r < rows)[:, None] & (offs_c < n_groups)[None, :]
         flat = offs_r[:, None] * n_groups + offs_c[None, :]
-        g = tl.load(gE_ptr + flat, mask=mask, other=0.0)
+        g = _saturate_sums(tl.load(gE_ptr + flat, mask=mask, other=0.0))  # as rule.scale_gradient's
         s = _block_factored_scale(g, (pid // n_col_tiles) * NB, (pid % n_col_tiles) * NB, rows, n_groups, neg_lr,
                                   NB, NB, BLOCK_G)
         key = _device_key(step_ptr, call, key_base, CALLS_PER_STEP, K_STEP)
@@ -578,19 +596,19 @@ def _scale_votes_kernel(gE_ptr, E_accum_ptr, flag_ptr, step_ptr, lr_ptr, rows, n
             acc = tl.zeros((BLOCK,), dtype=tl.float32)
             for i0 in range(0, n, BLOCK):
                 offs = i0 + tl.arange(0, BLOCK)
-                g = tl.load(gE_ptr + offs, mask=offs < n, other=0.0)
+                g = _saturate_sums(tl.load(gE_ptr + offs, mask=offs < n, other=0.0))
                 acc += g * g
             total = tl.sum(acc, axis=0)
             if MEAN_BY_RECIPROCAL:  # PyTorch's CUDA mean: sum * float32(1 / n)
-                ms = total * inv_n
+                ms = _saturate(total * inv_n)
             else:  # PyTorch's CPU mean: sum / n
-                ms = tl.div_rn(total, n.to(tl.float32))
+                ms = _saturate(tl.div_rn(total, n.to(tl.float32)))
             s = tl.div_rn(tl.full([], 1.0, tl.float32), tl.sqrt_rn(ms + 1e-30)) * neg_lr
             key = _device_key(step_ptr, call, key_base, CALLS_PER_STEP, K_STEP)
         for i0 in range(0, n, BLOCK):
             offs = i0 + tl.arange(0, BLOCK)
             mask = offs < n
-            g = tl.load(gE_ptr + offs, mask=mask, other=0.0)
+            g = _saturate_sums(tl.load(gE_ptr + offs, mask=mask, other=0.0))
             if MODE == 0:
                 v = tl.floor(g * s + uniform01(offs, key))
                 v = tl.minimum(tl.maximum(v, -vote_clip), vote_clip).to(tl.int32)
