@@ -73,6 +73,8 @@ if not ARGS.smoke and not torch.cuda.is_available():
     print("bench_e2e: error: no CUDA device (use --smoke for a CPU check of the script)", file=sys.stderr)
     sys.exit(2)
 
+from trueternary.backends import UpdateBackend  # noqa: E402
+from trueternary.layers import set_linear_kernel  # noqa: E402
 from trueternary.models.transformer import ByteTransformer, TransformerConfig  # noqa: E402
 from trueternary.recipes import Hparams, build_recipe, capture_cuda_graph  # noqa: E402
 from trueternary.rule import FlipRule  # noqa: E402
@@ -94,7 +96,6 @@ if ARGS.smoke:
 FUSED_TT = "TrueTernary[norm_beta=0]"
 CONFIGS = [("Adam_FP32", None), ("BitNet_QAT", None), ("TrueTernary", "dense-fallback"), ("TrueTernary", "gpu"),
            ("TrueTernary", "gpu-signcache"), (FUSED_TT, "gpu")]
-GPU_BACKENDS = ("gpu", "gpu-signcache")
 
 
 class Bench:
@@ -197,9 +198,10 @@ def hparams() -> Hparams:
 
 def make_recipe(setting: str, name: str, backend: str | None):
     """``build_recipe`` on the device. On CPU (--smoke) the gpu backends are refused by the constructor (they
-    need CUDA), so the optimiser is built dense and switched: its kernels then run in Triton's interpreter.
+    need CUDA), so the optimiser is built dense and switched, and the linear layers set to the kernels that go
+    with it: the kernels then run in Triton's interpreter.
     ``TrueTernary[norm_beta=0]``: the rule with history-less normalisation."""
-    gpu_on_cpu = DEV.type == "cpu" and backend in GPU_BACKENDS
+    gpu_on_cpu = DEV.type == "cpu" and backend is not None and UpdateBackend(backend).runs_kernels
     hp = hparams()
     if name == FUSED_TT:
         name, hp.rule = "TrueTernary", FlipRule.for_run(hp.steps, norm_beta=0.0)
@@ -207,6 +209,7 @@ def make_recipe(setting: str, name: str, backend: str | None):
                      backend="dense-fallback" if gpu_on_cpu or backend is None else backend, seed=0)
     if gpu_on_cpu:
         r.flip.backend = backend
+        set_linear_kernel(r.model, r.flip.backend.linear_kernel)
     return r
 
 
@@ -271,7 +274,7 @@ def run_eager(setting: str, name: str, backend: str | None) -> dict:
            "training_state_bytes": rep["training_state_bytes"], "first_loss": losses[0], "last_loss": losses[-1],
            "steps": len(losses)}
     if r.flip is not None:
-        row["vote_cache_bytes"] = sum(c.nbytes for _, c in r.flip._vote_caches.values())
+        row["vote_cache_bytes"] = sum(c.nbytes for _, c in getattr(r.flip._votes, "caches", {}).values())
     B.res["eager"].append(row)
     print(f"  {setting:5} {row['config']:30} {med:9.2f} ms/step  {row['tokens_per_s']:12,.0f} tok/s  "
           f"peak {row['peak_bytes'] or 0:,} B", file=sys.stderr)
@@ -422,7 +425,8 @@ def graph_ternary(setting: str) -> dict:
     B.check(f"{setting}: {k} graph-replayed TrueTernary[gpu] steps vs eager steps (all ternary weights)",
             frac < 1e-3, bit_identical=not bad, differing=bad[:10], compared=len(sg), T_accum_mismatch_fraction=frac,
             norm_codes_identical=codes_equal,
-            step_count_device=int(next(iter(r.flip._step_dev.values()))), step_count_host=r.flip._step)
+            step_count_device=int(next(iter(r.flip._ctx.counters.device_steps.values()))),
+            step_count_host=r.flip.step_count)
     del ref, sg, se
     cleanup()
     reset_peak()  # from here: the graphed model alone (its graph pool included)

@@ -86,7 +86,7 @@ import triton.testing  # noqa: E402
 
 import trueternary.ops.votes as votes_ops  # noqa: E402
 from trueternary import rng  # noqa: E402
-from trueternary.layers import TernaryLinear  # noqa: E402
+from trueternary.layers import TernaryLinear, set_linear_kernel  # noqa: E402
 from trueternary.ops.flip import apply_flips_, apply_flips_naive_  # noqa: E402
 from trueternary.ops.flip.triton import flip_triton_  # noqa: E402
 from trueternary.ops.ternary_matmul import ternary_matmul, ternary_matmul_naive  # noqa: E402
@@ -348,6 +348,7 @@ def run_training_pair(rule: dict, backend: str, steps=3, calls=1) -> dict:
     o_ker = FlipOptimizer(ker, backend="dense-fallback" if DEV.type == "cpu" else backend, seed=5, check_finite=False,
                           **rule)
     o_ker.backend = backend  # (on CPU, --smoke: the constructor refuses gpu backends; the interpreter runs them)
+    set_linear_kernel(ker, o_ker.backend.linear_kernel)
     for step in range(steps):
         for _ in range(calls):
             x = torch.randint(-1, 2, (3, 7, dims[0]), generator=gen(fresh_seed()), device=DEV).float()
@@ -492,12 +493,12 @@ def time_votes(setting, layer, rows, cols, M, op_ms):
         opt.backend = backend
 
         def run(opt=opt, w=w):
-            for _, cache in opt._vote_caches.values():
+            for _, cache in opt._votes.caches.values():
                 cache.pending = False  # time the cast alone (a pending cache would be flushed first)
             opt.cast_matmul_votes(w, gy, x, None)
 
         run()
-        cache = next(iter(opt._vote_caches.values()), (None, None))[1]
+        cache = next(iter(opt._votes.caches.values()), (None, None))[1]
         cb = nbytes if cache is None else nbytes - 2.0 * rows * cols + cache.bits / 8 * rows * cols
         impl = f"{backend} {vote} (+E{'' if cache is None else f', {cache.bits}-bit cache'})"
         fused[(backend, vote)] = record(setting, layer, "votes", impl, run, flops, cb, dense_ms=dense)
@@ -513,7 +514,7 @@ def time_votes(setting, layer, rows, cols, M, op_ms):
         votes_ops.VOTES_FUSED_MAX_TOKENS = limit
         try:
             record(setting, layer, "votes", f"gpu stochastic (+E), gW {where}",
-                   lambda: (opt1.cast_matmul_votes(w1, gy, x, None), opt1._calls.clear()), flops, nbytes,
+                   lambda: (opt1.cast_matmul_votes(w1, gy, x, None), opt1.zero_grad()), flops, nbytes,
                    dense_ms=dense, graph=DEV.type == "cuda")
         finally:
             votes_ops.VOTES_FUSED_MAX_TOKENS = saved

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from trueternary.backends import DEFAULT_UPDATE_BACKEND
 from trueternary.bench import validation_bpb
 from trueternary.data import eval_windows, load_corpus, random_batch
 from trueternary.models import build_model
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--config", default="TrueTernary", choices=CONFIG_NAMES)
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--update-backend", default="dense-fallback")
+    p.add_argument("--update-backend", default=DEFAULT_UPDATE_BACKEND.value)
     p.add_argument("--data", default=None)
     p.add_argument("--eval-windows", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)

@@ -340,7 +340,7 @@ def test_deferred_finite_check_drops_the_votes_and_reports_on_the_device():
     (model(torch.randint(1, VOCAB, (4, 5))).sum() * float("inf")).backward()
     assert_states_equal(before, integer_state(model))  # votes of the bad backward were dropped
     opt.step()
-    assert int(opt.last_step_nonfinite) > 0 and int(opt._nonfinite) == 0
+    assert int(opt.last_step_nonfinite) > 0 and int(opt._ctx.finite.count) == 0
     train(model, opt, 2, 1)
     assert int(opt.last_step_nonfinite) == 0 and states_differ(before, integer_state(model))
 
