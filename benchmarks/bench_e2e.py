@@ -75,6 +75,8 @@ if not ARGS.smoke and not torch.cuda.is_available():
     print("bench_e2e: error: no CUDA device (use --smoke for a CPU check of the script)", file=sys.stderr)
     sys.exit(2)
 
+from trueternary.backends import UpdateBackend  # noqa: E402
+from trueternary.layers import set_linear_kernel  # noqa: E402
 from trueternary.models.transformer import ByteTransformer, TransformerConfig  # noqa: E402
 from trueternary.recipes import Hparams, build_recipe, capture_cuda_graph  # noqa: E402
 from trueternary.rule import FlipRule  # noqa: E402
@@ -94,7 +96,6 @@ if ARGS.smoke:
 HISTORYLESS_TT = "TrueTernary[norm_beta=0]"
 CONFIGS = [("Adam_FP32", None), ("BitNet_QAT", None), ("TrueTernary", "dense-fallback"), ("TrueTernary", "gpu"),
            ("TrueTernary", "gpu-signcache"), (HISTORYLESS_TT, "gpu")]
-GPU_BACKENDS = ("gpu", "gpu-signcache")
 
 B = Bench("bench_e2e", ARGS.out, ARGS.budget if ARGS.budget is not None else (1e9 if ARGS.smoke else 270.0), DEV)
 
@@ -145,9 +146,10 @@ def hparams() -> Hparams:
 
 def make_recipe(setting: str, name: str, backend: str | None):
     """``build_recipe`` on the device. On CPU (--smoke) the gpu backends are refused by the constructor (they
-    need CUDA), so the optimiser is built dense and switched: its kernels then run in Triton's interpreter.
+    need CUDA), so the optimiser is built dense and switched, and the linear layers set to the kernels that go
+    with it: the kernels then run in Triton's interpreter.
     ``TrueTernary[norm_beta=0]``: the rule with history-less normalisation."""
-    gpu_on_cpu = DEV.type == "cpu" and backend in GPU_BACKENDS
+    gpu_on_cpu = DEV.type == "cpu" and backend is not None and UpdateBackend(backend).runs_kernels
     hp = hparams()
     if name == HISTORYLESS_TT:
         name, hp.rule = "TrueTernary", FlipRule.for_run(hp.steps, norm_beta=0.0)
@@ -155,6 +157,7 @@ def make_recipe(setting: str, name: str, backend: str | None):
                      backend="dense-fallback" if gpu_on_cpu or backend is None else backend, seed=0)
     if gpu_on_cpu:
         r.flip.backend = backend
+        set_linear_kernel(r.model, r.flip.backend.linear_kernel)
     return r
 
 
@@ -194,7 +197,7 @@ def run_eager(setting: str, name: str, backend: str | None) -> dict:
                training_state_bytes=rep["training_state_bytes"], first_loss=losses[0], last_loss=losses[-1],
                steps=len(losses))
     if r.flip is not None:
-        row["vote_cache_bytes"] = sum(c.nbytes for _, c in r.flip._vote_caches.values())
+        row["vote_cache_bytes"] = sum(c.nbytes for _, c in getattr(r.flip._votes, "caches", {}).values())
     B.add("eager", row)
     print(f"  {setting:5} {row['config']:30} {row['median_ms']:9.2f} ms/step  {row['tokens_per_s']:12,.0f} tok/s  "
           f"peak {row['peak_bytes'] or 0:,} B", file=sys.stderr)

@@ -230,12 +230,12 @@ def time_votes(setting, layer, rows, cols, M, op_ms):
         opt.backend = backend
 
         def run(opt=opt, w=w):
-            for _, cache in opt._vote_caches.values():
+            for _, cache in opt._votes.caches.values():
                 cache.pending = False  # time the cast alone (a pending cache would be flushed first)
             opt.cast_matmul_votes(w, gy, x, None)
 
         run()
-        cache = next(iter(opt._vote_caches.values()), (None, None))[1]
+        cache = next(iter(opt._votes.caches.values()), (None, None))[1]
         cb = nbytes if cache is None else nbytes - 2.0 * rows * cols + cache.bits / 8 * rows * cols
         impl = f"{backend} {vote} (+E{'' if cache is None else f', {cache.bits}-bit cache'})"
         fused[(backend, vote)] = record(setting, layer, "votes", impl, run, flops, cb, dense_ms=dense)

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 from harness import Bench, add_out_arg, event_ms, out_dir  # noqa: E402
 
+from trueternary.backends import DEFAULT_UPDATE_BACKEND  # noqa: E402
 from trueternary.ops.gather_add import gather_add  # noqa: E402
 from trueternary.ops.graph_aggregate import graph_aggregate  # noqa: E402
 from trueternary.ops.moe_combine import moe_combine  # noqa: E402
@@ -157,10 +158,11 @@ def _morph(args, backend, device):
 def bench_components(args, device, results):
     """Forward+backward time of each MORPH stage (ternarised, votes cast by a FlipOptimizer, no step)."""
     from trueternary import FlipOptimizer
+    from trueternary.layers import set_linear_kernel
     from trueternary.models.transformer import rms_norm
 
     m = _morph(args, "auto", device)
-    FlipOptimizer(m, backend=args.update_backend)
+    set_linear_kernel(m, FlipOptimizer(m, backend=args.update_backend).backend.linear_kernel)
     B, L, d = args.batch, args.ctx, args.d_model
     gen = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(B, L, d, generator=gen).to(device)
@@ -277,7 +279,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--hbm-gbps", type=float, default=3000.0, help="memory bandwidth of the floor (H100: ~3000)")
     p.add_argument("--tol", type=float, default=5e-2, help="max abs error allowed vs naive (bf16 inputs on GPU)")
-    p.add_argument("--update-backend", default="dense-fallback")
+    p.add_argument("--update-backend", default=DEFAULT_UPDATE_BACKEND.value)
     p.add_argument("--skip", default="", help="comma list of sections to skip: " + ",".join(SECTIONS))
     p.add_argument("--quick", action="store_true", help="tiny shapes, for a CPU smoke test")
     add_out_arg(p)

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _kernel_env import interpreter_fallback  # noqa: E402
 from trueternary import packing  # noqa: E402
-from trueternary.layers import IntegerBias  # noqa: E402
+from trueternary.backends import LinearKernel  # noqa: E402
+from trueternary.layers import IntegerBias, TernaryLinear, set_linear_kernel  # noqa: E402
 from trueternary.ops.linear import ternary_linear  # noqa: E402
 from trueternary.ops.ternary_matmul import (  # noqa: E402
     resolve_impl,
@@ -204,7 +205,7 @@ def test_dispatcher_impls_agree(impl):
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_kernel_linear_function_matches_reference_function(bias):
-    """TernaryLinearKernelFunction (fused kernels) vs ops.linear's TernaryLinearFunction, both voting through
+    """The linear op on the fused kernels (ternary_linear_kernel) vs its dense reference, both voting through
     a dense-fallback FlipOptimizer: same outputs, input gradients and integer state (integer inputs: exact)."""
     w_ref = random_weight(12, 20, 8, e_low=-1, e_high=1)
     w_ker = copy.deepcopy(w_ref)
@@ -221,7 +222,7 @@ def test_kernel_linear_function_matches_reference_function(bias):
         xr, xk = x.clone().requires_grad_(), x.clone().requires_grad_()
         yr = ternary_linear(xr, w_ref, b_ref)
         yk = ternary_linear_kernel(xk, w_ker, b_ker, impl="fused")
-        assert yk.shape == yr.shape
+        assert yk.shape == yr.shape and yk.grad_fn.impl == "fused" and yr.grad_fn.impl is None
         assert torch.equal(yk, yr)
         (yr * c).sum().backward()
         (yk * c).sum().backward()
@@ -245,18 +246,34 @@ def test_kernel_linear_function_input_checks():
         ternary_linear_kernel(torch.zeros(3, 6, device=DEVICE), hybrid)
 
 
-@pytest.mark.parametrize("backend,scale_mode,kernel", [("gpu", "int", True), ("gpu-signcache", "int", True),
-                                                       ("dense-fallback", "int", False), ("gpu", "float", False)],
-                         ids=["gpu", "gpu-signcache", "dense-fallback", "gpu-hybrid-float-scale"])
-def test_ternary_linear_dispatches_to_kernels_for_gpu_backends(backend, scale_mode, kernel):
-    """ops.linear.ternary_linear runs TernaryLinearKernelFunction when the weight's voter is a gpu backend
-    (switched after construction on CPU-only machines, where the constructor needs CUDA) and its scales are
-    integers; otherwise the dense TernaryLinearFunction. Both give the same output."""
+@pytest.mark.parametrize("kernel,scale_mode,voter_backend,runs_kernels", [
+    ("triton", "int", "dense-fallback", True), ("triton", "int", "gpu", True), ("dense", "int", "gpu", False),
+    ("triton", "float", "gpu", False)],
+    ids=["triton", "triton-gpu-voter", "dense-gpu-voter", "triton-hybrid-float-scale"])
+def test_ternary_linear_runs_the_kernels_it_is_given(kernel, scale_mode, voter_backend, runs_kernels):
+    """ops.linear.ternary_linear runs the Triton kernels when its caller asks for them and they apply (integer
+    scales), whatever the backend of the weight's voter (switched after construction on CPU-only machines, where
+    the constructor needs CUDA for 'gpu'); otherwise the dense reference. Both give the same output."""
     w = TernaryScaleTensor(12, 20, 8, scale_mode=scale_mode, device=DEVICE)
     opt = FlipOptimizer(w, backend="dense-fallback")
+    opt.backend = voter_backend
     x = torch.randint(-2, 3, (3, 20), generator=torch.Generator().manual_seed(0)).float().to(DEVICE)
     y_dense = ternary_linear(x, w)
-    opt.backend = backend
-    y = ternary_linear(x.requires_grad_(), w)
-    assert type(y.grad_fn).__name__.startswith("TernaryLinearKernelFunction" if kernel else "TernaryLinearFunction")
+    y = ternary_linear(x.requires_grad_(), w, kernel=kernel)
+    assert (y.grad_fn.impl is not None) == runs_kernels
     assert torch.equal(y.detach(), y_dense)
+
+
+def test_linear_layers_run_the_kernel_set_on_them():
+    """TernaryLinear(kernel=...) and set_linear_kernel(model, ...) choose the layer's kernels."""
+    model = torch.nn.Sequential(TernaryLinear(20, 12, group_size=8, device=DEVICE),
+                                TernaryLinear(12, 4, group_size=4, device=DEVICE, kernel="triton"))
+    x = torch.randint(-2, 3, (3, 20), generator=torch.Generator().manual_seed(0)).float().to(DEVICE)
+    assert [m.kernel for m in model] == [LinearKernel.DENSE, LinearKernel.TRITON]
+    assert model[0](x).grad_fn.impl is None and model[1](model[0](x)).grad_fn.impl is not None
+    dense = model(x)
+    assert set_linear_kernel(model, LinearKernel.TRITON) is model
+    assert all(m.kernel is LinearKernel.TRITON for m in model) and model[0](x).grad_fn.impl is not None
+    assert torch.equal(model(x), dense)
+    with pytest.raises(ValueError, match="unknown linear kernel 'cuda'"):
+        set_linear_kernel(model, "cuda")

@@ -289,9 +289,9 @@ def test_embedding_only_padding_or_empty_batch_casts_no_votes():
 def _reference_embedding_votes(opt, weight, idx, gy, padding_idx, call=0):
     """The embedding's votes as cast before backward had static shapes (a copy of that algorithm, one process):
     ``torch.unique`` compaction, the padding row dropped by boolean indexing, no call for an empty row set, the
-    host RNG counter ``step * _CALLS_PER_STEP + call`` and the host scale-interval test."""
+    host RNG counter ``step * CALLS_PER_STEP + call`` and the host scale-interval test."""
     from trueternary import rng
-    from trueternary.optim import _CALLS_PER_STEP
+    from trueternary.optim import CALLS_PER_STEP
     from trueternary.rule import accumulate, scale_gradient, sign_votes, stochastic_votes, vote_scale
 
     group = opt.param_groups[weight._group_index]
@@ -303,7 +303,7 @@ def _reference_embedding_votes(opt, weight, idx, gy, padding_idx, call=0):
     if rows.numel() == 0:
         return
     T = weight.trits()[rows]
-    counter = opt.step_count * _CALLS_PER_STEP + call
+    counter = opt.step_count * CALLS_PER_STEP + call
 
     def votes(group, g, lr, stream, T=None, decay=0.0, index=None):
         if group["vote"] == "sign":
@@ -400,7 +400,7 @@ def test_embedding_backward_and_step_have_no_host_sync(no_host_reads, normalize)
         for _ in range(2):  # a scale-vote step and one without
             TernaryEmbeddingFunction.apply(idx, _ANCHOR, w.log2_scale, w, torch.float32, 0).backward(gy)
             opt.step()
-    assert int(opt._step_dev[torch.device("cpu")]) == 3
+    assert int(opt._ctx.counters.device_steps[torch.device("cpu")]) == 3
     untouched = [r for r in range(21) if r not in (3, 5, 9, 20)]
     assert not torch.equal(w.T_accum, before["T_accum"]) and not torch.equal(w.E_accum, before["E_accum"])
     assert torch.equal(w.T_accum[untouched], before["T_accum"][untouched])

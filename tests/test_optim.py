@@ -129,6 +129,71 @@ def test_backend_names():
             FlipOptimizer(TinyNet(), backend=bad)
 
 
+def test_backend_names_are_one_enum_and_the_state_dict_keeps_the_name():
+    from trueternary.backends import LinearKernel, UpdateBackend
+    from trueternary.optim import BACKENDS
+
+    assert BACKENDS == ("auto", "dense-fallback", "none", "gpu", "gpu-signcache")
+    assert [UpdateBackend(b).linear_kernel for b in BACKENDS] == [LinearKernel.DENSE] * 3 + [LinearKernel.TRITON] * 2
+    opt = FlipOptimizer(TinyNet())
+    assert opt.backend is UpdateBackend.DENSE and opt.backend == "dense-fallback"
+    backend = opt.state_dict()["trueternary"]["backend"]
+    assert type(backend) is str and backend == "dense-fallback"  # checkpoints hold the plain name
+
+
+class TwoRanks:
+    """A data-parallel comm of world size 2 whose other rank casts no votes."""
+
+    world_size, rank = 2, 0
+
+    def sum_votes(self, v):
+        return v.to(torch.int32)
+
+
+def test_vote_backend_follows_the_update_backend_and_data_parallelism():
+    """FlipOptimizer hands votes and flips to one vote backend, chosen from its backend and comm (switching
+    after construction skips the constructor's CUDA check: on the CPU the kernels run interpreted)."""
+    from trueternary.optim.backend import VoteBackend
+    from trueternary.optim.data_parallel import DataParallelKernelVotes, DataParallelVotes
+    from trueternary.optim.dense import DenseVotes
+    from trueternary.optim.kernel import KernelVotes
+
+    model = TinyNet()
+    opt = FlipOptimizer(model)
+    assert type(opt._votes) is DenseVotes and opt.world_size == 1
+    opt.comm = TwoRanks()
+    assert type(opt._votes) is DataParallelVotes and opt.world_size == 2
+    opt.backend = "gpu"
+    assert type(opt._votes) is DataParallelKernelVotes
+    opt.comm = None
+    assert type(opt._votes) is KernelVotes and not opt._votes.signcache
+    opt.backend = "gpu-signcache"
+    assert type(opt._votes) is KernelVotes and opt._votes.signcache
+    opt.backend = "none"
+    assert type(opt._votes) is VoteBackend and all(m._voter is None for m in opt.modules_trained())
+    opt.backend = "dense-fallback"
+    assert type(opt._votes) is DenseVotes and all(m._voter is opt for m in opt.modules_trained())
+    with pytest.raises(ValueError, match="unknown update backend"):
+        opt.backend = "cuda"
+
+
+def test_graph_step_methods_move_the_host_step_only():
+    """after_graph_capture / after_graph_replay: the host side of step() that a capture ran without executing,
+    and that a replay executes without running; the device step (which the votes read) is the graph's."""
+    model = TinyNet()
+    opt = FlipOptimizer(model)
+    opt.create_step_state("cpu")
+    train(model, opt, 2, 0)
+    device_step = opt._ctx.counters.device_steps[torch.device("cpu")]
+    assert opt.step_count == 2 and int(device_step) == 2
+    opt.after_graph_capture()
+    assert opt.step_count == 1 and int(device_step) == 2
+    opt.after_graph_replay()
+    opt.after_graph_replay()
+    assert opt.step_count == 3 and int(device_step) == 2
+    assert opt.state_dict()["trueternary"]["step"] == 2  # the device step is authoritative
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
 @pytest.mark.parametrize("backend", ["gpu", "gpu-signcache"])
 def test_gpu_backend_without_cuda_is_a_clear_error(backend):
@@ -427,7 +492,7 @@ def test_deferred_finite_check_drops_the_votes_and_reports_on_the_device():
     (model(torch.randint(1, VOCAB, (4, 5))).sum() * float("inf")).backward()
     assert_states_equal(before, integer_state(model))  # votes of the bad backward were dropped
     opt.step()
-    assert int(opt.last_step_nonfinite) > 0 and int(opt._nonfinite) == 0
+    assert int(opt.last_step_nonfinite) > 0 and int(opt._ctx.finite.count) == 0
     train(model, opt, 2, 1)
     assert int(opt.last_step_nonfinite) == 0 and states_differ(before, integer_state(model))
 

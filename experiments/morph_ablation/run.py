@@ -30,6 +30,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
 import torch  # noqa: E402
 from harness import add_out_arg, out_dir, write_json  # noqa: E402
 
+from trueternary.backends import DEFAULT_UPDATE_BACKEND  # noqa: E402
 from trueternary.bench import validation_bpb  # noqa: E402
 from trueternary.data import eval_windows, load_corpus, random_batch  # noqa: E402
 from trueternary.models import build_model  # noqa: E402
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--config", default="TrueTernary", choices=CONFIG_NAMES)
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--update-backend", default="dense-fallback")
+    p.add_argument("--update-backend", default=DEFAULT_UPDATE_BACKEND.value)
     p.add_argument("--data", default=None)
     p.add_argument("--eval-windows", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)

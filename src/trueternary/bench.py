@@ -36,10 +36,11 @@ from pathlib import Path
 import torch
 
 from . import memory
+from .backends import DEFAULT_UPDATE_BACKEND, resolve_backend
 from .cli import UsageError, resolve_device
 from .data import eval_windows, load_corpus, random_batch
 from .models import build_model, check_compile_ops, model_names
-from .optim import NonFiniteGradientError, resolve_backend
+from .optim import NonFiniteGradientError
 from .qat import QUANTIZERS, forward_trits
 from .recipes import CONFIG_NAMES, LATENT_CONFIGS, QAT_OPTIMIZERS, TERNARY_CONFIGS, Hparams, build_recipe
 from .rule import FlipRule
@@ -323,7 +324,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--ctx", type=int, default=33)
-    p.add_argument("--update-backend", default="dense-fallback")
+    p.add_argument("--update-backend", default=DEFAULT_UPDATE_BACKEND.value)
     p.add_argument("--scale-update-interval", type=int, default=1)
     p.add_argument("--accum-threshold", type=int, default=None)
     p.add_argument("--print-every", type=int, default=50, help="print the loss every N steps (0: never)")

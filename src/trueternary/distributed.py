@@ -3,7 +3,7 @@
 Launch any script (or ``trueternary train``) with ``torchrun --nproc_per_node N``; each rank trains on
 its own shard of the data. For ternary weights nothing float is exchanged:
 
-    rank r    votes v_r = votes(g_r, lr / N, stream_r)     int8, |v_r| <= vote_clip  (FlipOptimizer._votes)
+    rank r    votes v_r = votes(g_r, lr / N, stream_r)     int8, |v_r| <= vote_clip  (optim/data_parallel.py)
     all       V = sum_r v_r                               integer all-reduce (VoteAllReduce.sum_votes)
               T_accum = clamp(T_accum + clamp(V, -vote_clip, vote_clip), -127, 127)   on every rank
 
@@ -52,7 +52,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .layers import IntegerBias
-from .optim import _BIAS_CLIP, FlipOptimizer, norm_codes_of
+from .optim import BIAS_VOTE_CLIP, FlipOptimizer, norm_codes_of
 from .rule import uses_norm_memory
 from .weight import ternary_weights
 
@@ -283,7 +283,7 @@ class VoteAllReduce:
         if vote_dtype == torch.int8:
             return max(vote_bound(g) for g in self.opt.param_groups)
         if vote_dtype == torch.int32:  # integer-bias votes (FlipOptimizer clips them to +-2**20)
-            return _BIAS_CLIP
+            return BIAS_VOTE_CLIP
         raise TypeError(f"votes must be int8 or int32, got {vote_dtype}")
 
     def transport_dtype(self, vote_dtype: torch.dtype) -> torch.dtype:
@@ -468,7 +468,7 @@ def vote_payload(model: nn.Module, bound: int, world_size: int, scale_votes: boo
     """
     dt = vote_transport_dtype(bound, world_size)
     b = torch.tensor([], dtype=dt).element_size()
-    bias_b = torch.tensor([], dtype=vote_transport_dtype(_BIAS_CLIP, world_size)).element_size()
+    bias_b = torch.tensor([], dtype=vote_transport_dtype(BIAS_VOTE_CLIP, world_size)).element_size()
     t_votes = e_votes = calls = 0
     for w in ternary_weights(model):
         t_votes += w.numel()

@@ -3,6 +3,10 @@
 The modules only hold state and call the autograd functions in ``trueternary.ops``. Neither has an
 ``nn.Parameter`` unless the hybrid float scale is asked for (``scale_mode="float"``).
 
+Which kernels run a TernaryLinear is its ``kernel`` (``LinearKernel.DENSE`` by default, or ``TRITON``), set by
+whoever builds the model: :func:`set_linear_kernel` sets every layer of a model (``recipes.build_recipe`` sets
+the one that goes with its update backend).
+
 Bias: ``IntegerBias`` keeps the bias as an int32 buffer ``q`` with a fixed power-of-two unit,
 ``b = q * 2**exp`` (default unit 2**-10). It is trained by the same stochastic votes as the trits,
 added straight into ``q`` (an int32 has room to be its own accumulator).
@@ -13,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .backends import LinearKernel
 from .ops.embedding import ternary_embedding
 from .ops.linear import ternary_linear
 from .weight import DEFAULT_GROUP_SIZE, TernaryScaleTensor
@@ -52,7 +57,8 @@ class IntegerBias(nn.Module):
 
 
 class TernaryLinear(nn.Module):
-    """``y = x @ (T * 2**E).T (+ b)``: a drop-in replacement for ``nn.Linear``."""
+    """``y = x @ (T * 2**E).T (+ b)``: a drop-in replacement for ``nn.Linear``, run by ``kernel``'s kernels
+    (``ops.linear.ternary_linear``)."""
 
     def __init__(
         self,
@@ -66,9 +72,11 @@ class TernaryLinear(nn.Module):
         device=None,
         generator: torch.Generator | None = None,
         init: bool = True,
+        kernel: LinearKernel | str = LinearKernel.DENSE,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.kernel = LinearKernel.parse(kernel)
         self.weight = TernaryScaleTensor(
             out_features, in_features, group_size, init_std=init_std, scale_mode=scale_mode,
             device=device, generator=generator, init=init,
@@ -89,10 +97,19 @@ class TernaryLinear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ternary_linear(x, self.weight, self.bias)
+        return ternary_linear(x, self.weight, self.bias, self.kernel)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def set_linear_kernel(model: nn.Module, kernel: LinearKernel | str) -> nn.Module:
+    """Run every :class:`TernaryLinear` in ``model`` on ``kernel``'s kernels; returns ``model``."""
+    kernel = LinearKernel.parse(kernel)
+    for m in model.modules():
+        if isinstance(m, TernaryLinear):
+            m.kernel = kernel
+    return model
 
 
 class TernaryEmbedding(nn.Module):

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backends import DEFAULT_UPDATE_BACKEND, UpdateBackend, resolve_backend
 from .convert import ternarize
-from .layers import IntegerBias
+from .layers import IntegerBias, set_linear_kernel
 from .optim import FlipOptimizer, SignGSD, TileNormSGD, hybrid_optimizers
 from .qat import fake_ternarize, forward_trits
 from .rule import FlipRule
@@ -170,7 +171,7 @@ class Recipe:
         from .ops.votes import fused_votes_supported
 
         flip = self.flip
-        if flip is None or self.optimizers != [flip] or flip.backend != "gpu":
+        if flip is None or self.optimizers != [flip] or flip.backend is not UpdateBackend.GPU:
             raise ValueError("a CUDA-graphed step needs a TrueTernary config (no float parameters) on the 'gpu' "
                              "backend and a CUDA device")
         # votes on the dense path key their random numbers from the host step, which a graph would freeze
@@ -178,7 +179,7 @@ class Recipe:
                 isinstance(m, IntegerBias) for m in self.model.modules()):
             raise ValueError("a CUDA-graphed step needs every vote on the fused kernels: this rule (or an integer "
                              "bias) takes the dense path, whose random keys come from the host step")
-        if x.device.type != "cuda" or flip._world() > 1:
+        if x.device.type != "cuda" or flip.world_size > 1:
             raise ValueError("a CUDA-graphed step runs on a CUDA device in one process (no data parallelism)")
         flip.defer_finite_check(x.device)
         flip.use_device_lr(x.device)
@@ -193,8 +194,7 @@ class Recipe:
             out[:] = [loss.detach().masked_fill(flip.last_step_nonfinite > 0, float("nan"))]
 
         graph = capture_cuda_graph(whole_step, warm_up=lambda: self._warm_up(whole_step, 3, x.device))
-        flip._step -= 1  # the capture ran step()'s host code (step counter + 1) but executed nothing
-        flip._calls.clear()
+        flip.after_graph_capture()
         self._graph = (graph, sx, sy, out[0])
 
     def _warm_up(self, whole_step, n: int, device: torch.device) -> None:
@@ -212,7 +212,6 @@ class Recipe:
             whole_step()
         self.model.load_state_dict(saved_model)  # the warm-up steps trained: back to where the run is
         flip.load_state_dict(saved_flip)
-        flip._calls.clear()
 
     def _replay(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         graph, sx, sy, loss = self._graph
@@ -221,8 +220,7 @@ class Recipe:
         sx.copy_(x)
         sy.copy_(y)
         graph.replay()
-        self.flip._step += 1  # what step() does on the host, which a replay does not run
-        self.flip._calls.clear()
+        self.flip.after_graph_replay()
         self.step_count += 1
         return loss.clone()
 
@@ -288,8 +286,9 @@ class Recipe:
 
 
 def build_recipe(name: str, base_model: nn.Module, hp: Hparams, device: torch.device | str = "cpu",
-                 backend: str = "dense-fallback", seed: int = 0) -> Recipe:
-    """Make config ``name`` from a deep copy of ``base_model`` (the base is left untouched)."""
+                 backend: UpdateBackend | str = DEFAULT_UPDATE_BACKEND, seed: int = 0) -> Recipe:
+    """Make config ``name`` from a deep copy of ``base_model`` (the base is left untouched). A ternary config's
+    linear layers run on the kernels that go with its update ``backend`` (``UpdateBackend.linear_kernel``)."""
     if name not in CONFIG_NAMES:
         raise ValueError(f"unknown config {name!r}; choose from {', '.join(CONFIG_NAMES)}")
     model = copy.deepcopy(base_model).to(device)
@@ -313,17 +312,21 @@ def build_recipe(name: str, base_model: nn.Module, hp: Hparams, device: torch.de
         fake_ternarize(model, hp.qat_quantizer, hp.group_size)
         opt = SignGSD(model.parameters(), lr=lr, weight_decay=0.0)
         return Recipe(name, model, [opt], hp, float_clip=False)
+    backend = resolve_backend(backend)
     if name == "TrueTernary":
         ternarize(model, hp.group_size, accum_threshold=hp.rule.init_accum_threshold())
+        set_linear_kernel(model, backend.linear_kernel)
         flip = FlipOptimizer(model, lr=lr, rule=hp.rule, backend=backend, seed=seed)
         return Recipe(name, model, [flip], hp, flip=flip)
     if name == "TrueTernary_Naive":
         ternarize(model, hp.group_size)
+        set_linear_kernel(model, backend.linear_kernel)
         rule = FlipRule.naive(hp.naive_threshold, hp.rule.scale_update_interval)
         flip = FlipOptimizer(model, rule=rule, backend=backend, seed=seed)
         return Recipe(name, model, [flip], hp, flip=flip)
-    # TrueTernary_Hybrid
+    # TrueTernary_Hybrid (float log2 scales: its linear layers run dense whatever their kernel)
     ternarize(model, hp.group_size, scale_mode="float", accum_threshold=hp.rule.init_accum_threshold())
+    set_linear_kernel(model, backend.linear_kernel)
     flip, adam = hybrid_optimizers(model, scale_lr=hp.hybrid_scale_lr, lr=lr, rule=hp.rule,
                                    backend=backend, seed=seed)
     return Recipe(name, model, [flip, adam], hp, flip=flip)

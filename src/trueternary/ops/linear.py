@@ -1,17 +1,22 @@
-"""Autograd function of the ternary linear map ``y = x @ (T * 2**E).T + b``.
+"""The ternary linear map ``y = x @ (T * 2**E).T + b``: its one autograd function and the kernel dispatch.
 
-Forward and input-gradient dequantise the packed weight and multiply; the weight gradient is
-formed in backward only long enough to be handed to the weight's voter (the FlipOptimizer),
-which turns it into integer votes, and is then dropped: no float weight gradient is ever stored
-on a module, and at most one layer's float gradient exists at a time.
+Forward and input-gradient multiply by the packed weight; the weight gradient is formed in backward only
+long enough to be handed to the weight's voter (the FlipOptimizer), which turns it into integer votes, and
+is then dropped: no float weight gradient is ever stored on a module, and at most one layer's float
+gradient exists at a time.
+
+Which kernels multiply is the caller's explicit choice (:class:`~trueternary.backends.LinearKernel`, the
+``kernel`` argument of :func:`ternary_linear`; ``TernaryLinear.kernel`` for a layer):
+
+    DENSE   ``weight.dense(dtype)`` (unpack + scale) and torch matmuls: the reference
+    TRITON  the packed-weight matmul kernels of ``ops.ternary_matmul`` (forward ``x @ W.T``, input gradient
+            ``gy @ W``), and the voter gets ``T=None`` (a kernel voter decodes the trits itself), so the trits
+            are never unpacked. Where they cannot run (:func:`kernels_apply`: a float-scale hybrid weight,
+            float64, a device without them) the layer runs DENSE.
 
 The ``anchor`` argument is a 0-dim leaf tensor that requires grad: it makes autograd call our
 backward even when ``x`` needs no gradient (the first layer of a network), because the votes are
 produced there. It never receives a gradient.
-
-When the weight is trained by a ``gpu`` / ``gpu-signcache`` FlipOptimizer and the input lives where the
-Triton kernels run, :func:`ternary_linear` dispatches to ``ops.ternary_matmul.TernaryLinearKernelFunction``
-instead (packed-weight matmul kernels forward and backward-input, fused votes): same contract.
 """
 
 from __future__ import annotations
@@ -20,11 +25,11 @@ import math
 
 import torch
 
+from ..backends import LinearKernel
 from ..rule import group_sum
 
 LN2 = math.log(2.0)
 _ANCHOR = torch.zeros((), requires_grad=True)
-KERNEL_BACKENDS = ("gpu", "gpu-signcache")  # FlipOptimizer backends that run the Triton kernels
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # operand dtypes the kernels take (not float64)
 
 
@@ -43,16 +48,10 @@ def kernels_can_run(t: torch.Tensor) -> bool:
     return interpreting()
 
 
-def uses_kernels(x: torch.Tensor, weight) -> bool:
-    """Whether :func:`ternary_linear` runs on the Triton kernels for this input and weight: the weight is
-    trained by a gpu backend, has integer scales (the hybrid float scale needs the dense weight gradient),
-    and ``x`` is on a device the kernels run on, in a dtype they take (after autocast)."""
-    return (getattr(weight._voter, "backend", None) in KERNEL_BACKENDS and weight.scale_mode == "int"
-            and compute_dtype(x) in KERNEL_DTYPES and kernels_can_run(x))
-
-
-def grad_anchor() -> torch.Tensor:
-    return _ANCHOR
+def kernels_apply(x: torch.Tensor, weight) -> bool:
+    """Whether the Triton kernels can run this input and weight: integer scales (the hybrid float scale needs
+    the dense weight gradient), ``x`` in a dtype they take (after autocast), on a device they run on."""
+    return weight.scale_mode == "int" and compute_dtype(x) in KERNEL_DTYPES and kernels_can_run(x)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -69,14 +68,26 @@ def scale_param_grad(g: torch.Tensor, T: torch.Tensor, log2_scale: torch.Tensor,
 
 
 class TernaryLinearFunction(torch.autograd.Function):
+    """``y = x @ (T * 2**E).T + b``; votes in backward through ``weight._voter``.
+
+    ``impl``: None for the dense reference, else the ``ops.ternary_matmul`` impl of the Triton kernels (kept on
+    ``ctx.impl``, so ``y.grad_fn.impl`` says which ran)."""
+
     @staticmethod
-    def forward(ctx, x, anchor, log2_scale, bias_value, weight, bias_module):
+    def forward(ctx, x, anchor, log2_scale, bias_value, weight, bias_module, impl):
         dtype = compute_dtype(x)
         xc = x.to(dtype)
-        W = weight.dense(dtype)
         b = bias_value.to(dtype) if bias_value is not None else None
-        y = torch.nn.functional.linear(xc, W, b)
-        ctx.weight, ctx.bias_module = weight, bias_module
+        if impl is None:
+            y = torch.nn.functional.linear(xc, weight.dense(dtype), b)
+        else:
+            from .ternary_matmul import ternary_matmul
+
+            y = ternary_matmul(xc.reshape(-1, weight.cols), weight, impl=impl)
+            if b is not None:
+                y = y + b
+            y = y.view(*x.shape[:-1], weight.rows)
+        ctx.weight, ctx.bias_module, ctx.impl = weight, bias_module, impl
         ctx.save_for_backward(xc, log2_scale if log2_scale is not None else torch.empty(0))
         ctx.has_log2 = log2_scale is not None
         return y
@@ -85,18 +96,24 @@ class TernaryLinearFunction(torch.autograd.Function):
     def backward(ctx, gy):
         xc, log2_scale = ctx.saved_tensors
         weight = ctx.weight
-        out_f = gy.shape[-1]
-        gy2 = gy.reshape(-1, out_f)
-        T = weight.trits()
+        gy2 = gy.reshape(-1, weight.rows)
+        # the kernels never unpack the trits; the reference needs them for gx and the votes
+        T = weight.trits() if ctx.impl is None else None
         gx = g_ls = None
         if ctx.needs_input_grad[0]:
-            W = T.to(gy.dtype) * weight.expand_groups(weight.scale(gy.dtype))
-            gx = (gy2 @ W).view(*gy.shape[:-1], weight.cols)
+            if ctx.impl is None:
+                W = T.to(gy.dtype) * weight.expand_groups(weight.scale(gy.dtype))
+                gx = gy2 @ W
+            else:
+                from .ternary_matmul import ternary_matmul
+
+                gx = ternary_matmul(gy2, weight, transposed=True, impl=ctx.impl)
+            gx = gx.view(*gy.shape[:-1], weight.cols)
         # An empty batch carries no gradient information: cast no votes (a zero gradient would
         # otherwise reset the voter's running gradient scale).
         empty = gy2.shape[0] == 0
         voter = None if empty else weight._voter
-        want_ls = ctx.has_log2 and ctx.needs_input_grad[2]
+        want_ls = ctx.has_log2 and ctx.needs_input_grad[2]  # (hybrid weights: the dense reference only)
         x2 = xc.reshape(-1, weight.cols).to(gy.dtype)
         if want_ls:  # hybrid: the float scale needs the weight gradient itself
             gW = (gy2.t() @ x2).float()
@@ -110,21 +127,30 @@ class TernaryLinearFunction(torch.autograd.Function):
         bm = ctx.bias_module
         if bm is not None and bm._voter is not None and not empty:
             bm._voter.cast_bias_votes(bm, gy2.float().sum(0))
-        return gx, None, g_ls, None, None, None
+        return gx, None, g_ls, None, None, None, None
 
 
-def ternary_linear(x, weight, bias_module=None):
-    """Functional form: ``x @ weight.dense().T (+ bias)`` with votes in backward."""
+def check_input(x, weight) -> None:
+    """The linear op's checks of its input: a floating-point tensor ending in the weight's ``cols`` features."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"ternary linear expects a torch.Tensor input, got {type(x).__name__}")
     if x.dim() == 0 or x.shape[-1] != weight.cols:
         raise ValueError(f"input of shape {tuple(x.shape)} does not end in the layer's {weight.cols} input features")
     if not x.is_floating_point():
         raise TypeError(f"ternary linear expects a floating-point input, got {x.dtype}")
-    if uses_kernels(x, weight):
-        from .ternary_matmul import ternary_linear_kernel
 
-        return ternary_linear_kernel(x, weight, bias_module)
+
+def apply_linear(x, weight, bias_module, impl: str | None):
+    """:class:`TernaryLinearFunction` on a checked input (``impl``: see there)."""
     anchor = _ANCHOR if torch.is_grad_enabled() else None
     bias_value = bias_module.value() if bias_module is not None else None
-    return TernaryLinearFunction.apply(x, anchor, weight.log2_scale, bias_value, weight, bias_module)
+    return TernaryLinearFunction.apply(x, anchor, weight.log2_scale, bias_value, weight, bias_module, impl)
+
+
+def ternary_linear(x, weight, bias_module=None, kernel: LinearKernel | str = LinearKernel.DENSE,
+                   impl: str = "auto"):
+    """``x @ weight.dense().T (+ bias)`` with votes in backward, on ``kernel``'s kernels where they apply
+    (:func:`kernels_apply`; else the dense reference). ``impl``: the Triton matmul impl (ops.ternary_matmul)."""
+    check_input(x, weight)
+    triton = LinearKernel.parse(kernel) is LinearKernel.TRITON and kernels_apply(x, weight)
+    return apply_linear(x, weight, bias_module, impl if triton else None)

@@ -1,0 +1,208 @@
+"""The dense vote backend: rule.py's plain-PyTorch votes on the formed weight gradient, rule.py's flips.
+
+The reference every other backend reproduces (the kernels bit for bit on integer state; docs/performance.md).
+For one process; data_parallel.DataParallelVotes overrides the four hooks marked below.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import rng
+from ..rule import (
+    accumulate,
+    apply_flips,
+    apply_scale_flips,
+    block_factored_stats,
+    ema_block_factored_stats,
+    factored_ms,
+    leak,
+    real_rows,
+    scale_gradient,
+    sign_votes,
+    stochastic_votes,
+    uses_norm_memory,
+    vote_multiplier,
+    vote_scale,
+)
+from ..weight import TernaryScaleTensor
+from .backend import FlipCounts, VoteBackend
+from .context import BIAS_Q_MAX, BIAS_VOTE_CLIP, CALLS_PER_STEP, NORM_SALT
+
+
+class DenseVotes(VoteBackend):
+    """Votes and flips in plain PyTorch, any device (the ``dense-fallback`` backend)."""
+
+    # ------------------------------------------------------------------ hooks (data_parallel.py)
+    world_size = 1
+
+    def _vote_seed(self) -> int:
+        """The RNG seed of this process's votes."""
+        return self.ctx.seed
+
+    def _reduce(self, v: torch.Tensor, vote: str, clip: int) -> torch.Tensor:
+        """The votes every rank adds: this process's own."""
+        return v
+
+    def _pool_stats(self, stats: tuple, bad: torch.Tensor | None) -> tuple[tuple, torch.Tensor | None]:
+        """The normaliser's statistics (and non-finite flag) the moving averages take: this process's own."""
+        return stats, bad
+
+    def _exchange_rows(self, accum: torch.Tensor, v: torch.Tensor, rows):
+        """The votes of a row call as the accumulator receives them: ``(v, rows)`` as they are."""
+        return v, rows
+
+    # ------------------------------------------------------------------ backward
+    @torch.no_grad()
+    def cast_votes(self, weight: TernaryScaleTensor, g: torch.Tensor, T: torch.Tensor, group: dict, lr,
+                   rows: torch.Tensor | None = None, n_rows: torch.Tensor | None = None) -> None:
+        """Votes of ``g`` into ``T_accum`` / ``E_accum``.
+
+        Row calls (``rows`` given: an embedding's backward, ``ops.embedding``) read no tensor on the host, so a
+        CUDA graph can capture them with the rest of the step: ``g`` and ``T`` are the weight's rows ``rows``,
+        of which only the first ``n_rows`` (a 0-dim device tensor; default all) are real. The normalisation
+        averages over the real rows, the others cast no votes and their accumulators keep their values. Their
+        RNG counter is the device step times ``CALLS_PER_STEP`` plus the call index (the host counter's value,
+        which a replayed graph would not advance), and the scale-vote interval is tested on the device step.
+        Dense calls (``rows`` None) keep the host counter and host interval test.
+        """
+        counters = self.ctx.counters
+        g = g.float()
+        bad = self.ctx.finite.flag(g)
+        if bad is not None:  # a layer whose gradient has NaN/inf casts no votes
+            g = torch.where(bad, torch.zeros_like(g), g)
+        interval = group["scale_update_interval"]
+        scale_votes = weight.scale_mode == "int" and interval > 0
+        index = real = None
+        if rows is None:
+            counter = counters.host_counter(weight)
+            scale_votes = scale_votes and counters.step % interval == 0
+        else:
+            step = counters.device_step(g.device)
+            counter = step * CALLS_PER_STEP + counters.call_index(weight)
+            cols = torch.arange(weight.cols, device=g.device)
+            index = (rows.reshape(-1, 1) * weight.cols + cols).reshape(-1)  # RNG offsets: the rows' weight positions
+            n = rows.numel()
+            # (n, 1): the rows that vote (all of them without n_rows)
+            real = real_rows(n_rows, n, g.device)[:, None] if n_rows is not None else None
+        s = None
+        if uses_norm_memory(group) and rows is None and g.dim() == 2:  # (embedding rows: per call, no memory)
+            s = self._ema_scale(weight, group, lr, g, counter, bad)
+        v = self._votes(group["vote"], group, g, lr, 2 * weight.stream, counter, group["vote_clip"],
+                        group["normalize"], T, group["decay"], index, s=s, n_rows=n_rows)
+        self._accumulate(weight.T_accum, v, rows, group["vote"], group["vote_clip"], real)
+
+        if not scale_votes:
+            return
+        gE = scale_gradient(g, T, weight.group_size)
+        eidx = None
+        if rows is not None:
+            gidx = torch.arange(weight.n_groups, device=g.device)
+            eidx = (rows.reshape(-1, 1) * weight.n_groups + gidx).reshape(-1)
+            on = step % interval == 0  # scale steps decided on the device (no host step read)
+            real = on if real is None else real & on
+        vE = self._votes(group["scale_vote"], group, gE, lr * group["scale_lr"], 2 * weight.stream + 1, counter,
+                         group["vote_clip"], group["normalize"], index=eidx, n_rows=n_rows)
+        self._accumulate(weight.E_accum, vE, rows, group["scale_vote"], group["vote_clip"], real)
+
+    @torch.no_grad()
+    def cast_bias_votes(self, bias, g: torch.Tensor, group: dict, lr) -> None:
+        """Votes for an integer bias go straight into its int32 ``q`` (it is its own accumulator)."""
+        g = g.float()
+        bad = self.ctx.finite.flag(g)
+        if bad is not None:
+            g = torch.where(bad, torch.zeros_like(g), g)
+        counter = self.ctx.counters.host_counter(bias)
+        v = self._votes(group["vote"], group, g, lr, 2 * bias.stream, counter, BIAS_VOTE_CLIP, "tensor")
+        v = self._reduce(v, group["vote"], BIAS_VOTE_CLIP)
+        q = bias.q.to(torch.int64) + v.to(torch.int64)
+        bias.q.copy_(q.clamp(-BIAS_Q_MAX, BIAS_Q_MAX).to(torch.int32))
+
+    def _votes(self, vote: str, group: dict, g, lr, stream, counter, clip, normalize, T=None, decay=0.0, index=None,
+               s=None, n_rows=None):
+        """Votes for one gradient: sign votes, or stochastic votes normalised per call (rule.py). ``vote``: the
+        group's ``vote`` (trits, biases) or ``scale_vote`` (scales).
+
+        ``n_rows`` (0-dim tensor): only the first ``n_rows`` rows of ``g`` are real; the normalisation averages
+        over them (rule.vote_scale). The votes of the other rows are not zero (decay, the random offset):
+        the caller drops them (:meth:`_accumulate`'s ``real``).
+
+        Under data parallelism each rank votes on its own gradient with ``lr / world_size`` and
+        ``decay / world_size`` and its own random stream (:meth:`_vote_seed`); :meth:`_reduce` then sums the ranks'
+        votes, so the expected total is ``s * mean(gradients) - decay * T`` and every rank adds the same
+        integers to its state.
+        """
+        if vote == "sign":
+            return sign_votes(g)
+        p = group["vote_power"]
+        if s is None and p != 1:  # compress (p < 1) the normalised magnitudes: g -> sign(g) |g / rms|**p, s = -lr
+            s1 = vote_scale(g, 1.0, normalize, group["norm_block"], n_rows)
+            g = torch.sign(g) * (g * s1).abs().pow(p)
+            s = torch.as_tensor(-lr, dtype=torch.float32, device=g.device)
+        elif s is None:  # (given: from the statistics' moving averages, norm_beta's _ema_scale)
+            s = vote_scale(g, lr, normalize, group["norm_block"], n_rows)
+        key = rng.stream_key(self._vote_seed(), stream, counter)
+        if self.world_size > 1:  # both terms of the vote are split over the ranks, so their sum is one vote's
+            s = s / self.world_size
+            decay = decay / self.world_size
+        return stochastic_votes(g, s, key, clip, T, decay, index)
+
+    def _ema_scale(self, weight: TernaryScaleTensor, group: dict, lr, g: torch.Tensor, counter: int,
+                   bad: torch.Tensor | None = None) -> torch.Tensor:
+        """``s`` of the votes under ``norm_beta > 0``: the 'block_factored' statistics as moving averages kept in
+        integer codes in the optimiser's state of the weight (rule.ema_block_factored_stats). A non-finite
+        gradient (``bad``, a 0-dim device flag: no host sync) leaves the codes as they were."""
+        stats, bad = self._pool_stats(block_factored_stats(g, group["norm_block"]), bad)
+        factors = self._norm_memory(weight, group, counter, stats, bad)
+        return vote_multiplier(factored_ms(*factors, g.shape), lr)
+
+    def _norm_memory(self, weight: TernaryScaleTensor, group: dict, counter: int, stats, bad=None):
+        """One step of the weight's moving averages from this call's ``stats`` (rule.ema_block_factored_stats):
+        stores the new codes (kept as they were where ``bad``) and returns the means they stand for. ``counter``
+        keys the codes' rounding (the fused kernels derive the same key on the device)."""
+        key = rng.stream_key(self.ctx.seed ^ NORM_SALT, weight.stream, counter)
+        codes = self.ctx.norm_codes(weight, group)
+        factors, new = ema_block_factored_stats(stats, codes, group["norm_beta"], key)
+        for k, v in new.items():
+            codes[k].copy_(v if bad is None else torch.where(bad, codes[k], v))
+        return factors
+
+    def _accumulate(self, accum: torch.Tensor, v: torch.Tensor, rows, vote: str, clip: int, real=None) -> None:
+        """Add the votes ``v`` of ``rows`` (default all) to ``accum``, summed over data-parallel ranks.
+
+        ``real`` (bool, broadcastable to ``v``; row calls): the votes that count. The others are zeroed by a
+        mask, not dropped by boolean indexing (no data-dependent shapes): a saturating add of 0 keeps ``accum``
+        bit for bit.
+        """
+        if real is not None:
+            v = torch.where(real, v, torch.zeros_like(v))
+        v, rows = self._exchange_rows(accum, v, rows)
+        v = self._reduce(v, vote, clip)
+        if rows is None:
+            accum.copy_(accumulate(accum, v))
+        else:
+            accum[rows] = accumulate(accum[rows], v)
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def apply_flips(self, groups):
+        counts = FlipCounts()
+        for group, mods in groups:
+            for m in mods:
+                if isinstance(m, TernaryScaleTensor):
+                    self._flip(m, group, counts)
+        return counts.totals()
+
+    def _flip(self, m: TernaryScaleTensor, group: dict, counts: FlipCounts) -> None:
+        """Leak, flips and repack of one weight (rule.py), then its scale flips."""
+        A = leak(m.T_accum, group["leak"]) if group["leak"] else m.T_accum
+        T, A, n = apply_flips(m.trits(), A, group["accum_threshold"], group["clip_at_bounds"],
+                              group.get("flip_reset", 0))
+        m._store_trits(T)
+        m.T_accum.copy_(A)
+        ne = None
+        if m.scale_mode == "int" and group["scale_update_interval"]:
+            E, EA, ne = apply_scale_flips(m.E, m.E_accum, group["scale_threshold"])
+            m.E.copy_(E)
+            m.E_accum.copy_(EA)
+        counts.add(n, ne)
