@@ -473,7 +473,7 @@ def test_finite_gradients_near_float32_limit_train_like_scaled_down_ones(rule):
         model = copy.deepcopy(base)
         opt = FlipOptimizer(model, accum_threshold=3, **rule)
         scaled_train(model, opt, 3, scale)  # raises NonFiniteGradientError if a layer were taken for NaN/inf
-        assert opt.step_count == 3 and int(opt._nonfinite) == 0
+        assert opt.step_count == 3 and int(opt._ctx.finite.count) == 0
         states[scale] = integer_state(model)
         assert all(v.abs().max() <= 127 for k, v in states[scale].items() if k.endswith("accum"))
     assert_states_equal(states[1.0], states[2.0**60])
