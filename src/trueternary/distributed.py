@@ -36,6 +36,10 @@ Library use without the CLI::
     ... each rank: forward / backward on its own batch, opt.step() ...
     ctx.close()
 
+``trueternary train`` asks its questions of a :class:`Ranks` (``join()``): am I the main process, run this on
+rank 0 and let every rank learn of its error, does any rank want to stop, which slice of the data is mine.
+In one process every answer is trivial; :class:`GroupRanks` answers them with collectives.
+
 The communication model (bytes per step per weight, ring all-reduce traffic) is :func:`comm_table`;
 docs/distributed.md has the math and measurements.
 """
@@ -45,12 +49,14 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .data import RandomWindows
 from .layers import IntegerBias
 from .optim import BIAS_VOTE_CLIP, FlipOptimizer, norm_codes_of
 from .rule import uses_norm_memory
@@ -97,6 +103,12 @@ def is_main_process() -> bool:
         return _env_int("RANK", 0) == 0
     except ValueError:  # setup() reports the bad RANK; until then this process speaks
         return True
+
+
+def say(*args) -> None:
+    """``print`` on the main process only (every line of a data-parallel run would otherwise appear once per rank)."""
+    if is_main_process():
+        print(*args, flush=True)
 
 
 # ------------------------------------------------------------------------------------ the context
@@ -245,6 +257,152 @@ def setup(device: str | torch.device = "auto", backend: str = "auto",
     except (RuntimeError, ValueError) as e:  # bad address, port in use, store timeout, ...
         raise ValueError(f"cannot start torch.distributed ({chosen}): {' '.join(str(e).split())[:300]}") from None
     return DistContext(world, rank, local_rank, chosen, dev, owns_group=True)
+
+
+# ------------------------------------------------------------------------------------ the ranks of a run
+class Ranks:
+    """The processes one training run spans, as its loop asks about them. This class is one process, where every
+    answer is trivial; :class:`GroupRanks` is one rank of a process group. :func:`join` gives this process's.
+
+    ``declared``: the error classes a rank raises only together with every other rank (through :meth:`run`, or
+    because every rank reads the same input), so one of them reports it for all; any other exception propagates
+    on its own rank.
+    """
+
+    parallel = False  # True in a process group (even of one rank): steps, positions and errors are exchanged
+
+    def __init__(self, device: torch.device, declared: tuple[type[BaseException], ...] = ()) -> None:
+        self.device, self.declared = device, declared
+        self.world_size, self.rank, self.local_rank, self.backend = 1, 0, 0, "none"
+        self.comm_model: dict | None = None  # recipe_comm() of the recipe prepare() made data-parallel
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that prints and writes the run directory."""
+        return self.rank == 0
+
+    def run(self, fn: Callable, here: bool = True):
+        """``fn()`` where ``here`` (None elsewhere); a declared error it raises on any rank is raised on every rank."""
+        return fn() if here else None
+
+    def node_first(self, fn: Callable):
+        """``fn()`` on every rank, local rank 0 of each node first (so it alone fills the node's caches)."""
+        return fn()
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` (small, picklable), on every rank."""
+        return obj
+
+    def any(self, flag: bool) -> bool:
+        """Whether the flag is set on any rank (every rank calls this at the same point)."""
+        return flag
+
+    def sync_step(self, loss: torch.Tensor, bad: bool) -> tuple[float, bool]:
+        """Once per step: the global batch's loss, and whether any rank saw non-finite gradients."""
+        return float(loss), bad  # (float() waits for the device, so the step's time is complete)
+
+    def windows(self, data: torch.Tensor, batch_size: int, ctx: int, seed: int,
+                resumed_at: int | None = None) -> RandomWindows:
+        """This rank's slice of the data: ``batch_size / world_size`` windows a step from its own stream. A run
+        resumed (at step ``resumed_at``) from a checkpoint of another world size starts new streams instead."""
+        if resumed_at is None:
+            return RandomWindows(data, batch_size // self.world_size, ctx, seed=rank_data_seed(seed, self.rank))
+        windows = RandomWindows(data, batch_size // self.world_size, ctx,
+                                seed=rank_data_seed(seed, self.rank, self.world_size, resumed_at))
+        windows.batches_drawn = resumed_at
+        return windows
+
+    def data_positions(self, position: dict) -> list[dict] | None:
+        """Every rank's data position in rank order, for a checkpoint; None in one process (whose checkpoint
+        holds its own position only)."""
+        return None
+
+    def differing_tensors(self, tensors: Callable[[], dict[str, torch.Tensor]]) -> list[str]:
+        """Names of the tensors ``tensors()`` (called only in a group) whose bytes differ between ranks."""
+        return []
+
+    def prepare(self, recipe, grad_dtype: str = "fp32") -> None:
+        """Make a built (and restored) Recipe data-parallel (:func:`prepare_recipe`); one process trains it as is."""
+
+    def comm_step(self) -> dict:
+        """Bytes all-reduced since the previous call (one step), as metrics columns; none in one process."""
+        return {}
+
+    def close(self) -> None:
+        """Leave the process group if :func:`join` created it."""
+
+    def __enter__(self) -> Ranks:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+
+class GroupRanks(Ranks):
+    """One rank of a torch.distributed process group (its :class:`DistContext`)."""
+
+    parallel = True
+
+    def __init__(self, ctx: DistContext, declared: tuple[type[BaseException], ...] = ()) -> None:
+        super().__init__(ctx.device, declared)
+        self.ctx = ctx
+        self.world_size, self.rank, self.local_rank = ctx.world_size, ctx.rank, ctx.local_rank
+        self.backend = ctx.backend
+        self._meter: CommMeter | None = None
+
+    def run(self, fn: Callable, here: bool = True):
+        out, err = None, None
+        try:
+            out = fn() if here else None
+        except self.declared as e:
+            err = e
+        self.ctx.agree(err, self.declared)
+        return out
+
+    def node_first(self, fn: Callable):
+        first = self.run(fn, here=self.local_rank == 0)
+        rest = self.run(fn, here=self.local_rank != 0)
+        return first if self.local_rank == 0 else rest
+
+    def broadcast(self, obj):
+        return self.ctx.broadcast_object(obj)
+
+    def any(self, flag: bool) -> bool:
+        t = torch.tensor(float(flag), device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ctx.group)
+        return bool(t.item())
+
+    def sync_step(self, loss: torch.Tensor, bad: bool) -> tuple[float, bool]:
+        return self.ctx.sync_step(loss, bad)
+
+    def data_positions(self, position: dict) -> list[dict]:
+        return self.ctx.all_gather_objects(position)
+
+    def differing_tensors(self, tensors: Callable[[], dict[str, torch.Tensor]]) -> list[str]:
+        return mismatched_replicas(tensors(), self.ctx)
+
+    def prepare(self, recipe, grad_dtype: str = "fp32") -> None:
+        self._meter = prepare_recipe(recipe, self.ctx, grad_dtype)
+        self.comm_model = recipe_comm(recipe, self.world_size, grad_dtype)
+
+    def comm_step(self) -> dict:
+        return self._meter.take_step()
+
+    def close(self) -> None:
+        self.ctx.close()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if isinstance(exc, self.declared):  # raised by every rank together: rank 0 reports it for all of them
+            exc.raised_on_all_ranks = True
+        self.close()
+
+
+def join(device: torch.device, declared: tuple[type[BaseException], ...] = ()) -> Ranks:
+    """This process's :class:`Ranks`: a rank of the process group torchrun describes (:func:`setup`; ``close()``
+    leaves it again if it was created here), or the one process of a run that torchrun did not launch."""
+    if launched():
+        return GroupRanks(setup(device), declared)
+    return Ranks(device, declared)
 
 
 # ------------------------------------------------------------------------------------ vote all-reduce

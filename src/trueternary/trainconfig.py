@@ -1,0 +1,365 @@
+"""The flags of one training run: :class:`TrainConfig`, their checks and bounds, and ``trueternary train``'s parser.
+
+:func:`validate` refuses a bad configuration in one line (``UsageError``) before anything is written or
+allocated; :func:`merge_resumed` puts the flags given on top of a resumed checkpoint's configuration;
+:func:`add_arguments` / :func:`config_from_args` map the command line onto :class:`TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from . import distributed
+from .bench import parse_overrides
+from .checkpoint import Checkpoint
+from .models import check_compile_ops, model_names
+from .optim import BACKENDS, resolve_backend
+from .recipes import CONFIG_NAMES, Hparams
+from .rule import FlipRule
+
+
+@dataclass
+class TrainConfig:
+    """One training run's flags (``trueternary train --help`` describes each); saved in every checkpoint."""
+
+    # data
+    data: str | None = None  # None: the embedded default corpus (Python stdlib sources)
+    data_dir: str | None = None  # data cache: the enwik8 download, decompressed .gz files and directories
+    # model
+    model: str = "transformer"
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    group_size: int = 64
+    # training configuration (trueternary.recipes)
+    config: str = "TrueTernary"
+    lr: float | None = None  # peak lr (vote scale for TrueTernary); None: the recipe's default
+    accum_threshold: int | None = None  # None: FlipRule's default
+    scale_update_interval: int = 1
+    rule: dict = field(default_factory=dict)  # further FlipRule field overrides
+    update_backend: str = "auto"
+    compile: bool = False  # torch.compile the model's shared ops (norms, attention, activations; transformer)
+    # TrueTernary, gpu backend: the whole step as one CUDA graph (Recipe.use_cuda_graph); "auto": where it can be
+    cuda_graph: bool | str = "auto"
+    # bit-for-bit repeatable steps on a GPU too (trueternary.determinism: deterministic algorithms, math attention)
+    deterministic: bool = False
+    ddp_grad_dtype: str = "fp32"  # data parallelism: dtype of the float gradients DDP all-reduces (fp32, bf16)
+    # run
+    max_steps: int = 300
+    batch_size: int = 16  # the global batch: split evenly over data-parallel ranks
+    ctx: int = 64
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # CPU intra-op threads; 0: auto (1 for models up to d_model 256, else torch's default)
+    eval_every: int = 100
+    eval_windows: int = 128
+    save_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 1
+    stop_at: int | None = None  # stop (and save) after this step, keeping the --max_steps schedule
+    run_name: str | None = None
+    out_dir: str = "runs"
+    resume: str | None = None  # checkpoint file, run directory, or "auto"
+    overwrite: bool = False  # a fresh run in a directory holding another run: move its files aside first
+
+
+# Flags that define the run: a resumed run must keep them (or it would not continue the same run).
+RUN_DEFINING = ("data", "model", "d_model", "n_layers", "n_heads", "group_size", "config", "lr",
+                "accum_threshold", "scale_update_interval", "rule", "batch_size", "ctx", "seed")
+_FIELDS = {f.name for f in fields(TrainConfig)}
+# Upper bounds of the integer flags (lower bounds: validate): step counts within int32 (beyond any run,
+# and within every integer type that holds one), shapes where a run could still fit some machine (the memory
+# check refuses most large ones sooner), the seed what torch.manual_seed takes.
+STEP_LIMIT = 2**31 - 1
+FLAG_LIMITS = {
+    "max_steps": STEP_LIMIT, "stop_at": STEP_LIMIT, "eval_every": STEP_LIMIT, "save_every": STEP_LIMIT,
+    "log_every": STEP_LIMIT, "keep_checkpoints": STEP_LIMIT, "scale_update_interval": STEP_LIMIT,
+    "d_model": 1 << 16, "n_layers": 1 << 12, "n_heads": 1 << 12, "group_size": 1 << 20, "ctx": 1 << 20,
+    "batch_size": 1 << 20, "eval_windows": 1 << 20, "threads": 1 << 10, "seed": 2**64 - 1,
+}
+
+
+# ------------------------------------------------------------------------------------ checks
+def graph_capable(cfg: TrainConfig) -> bool:
+    """Whether the configuration can run its step as one CUDA graph (on a CUDA device, in one process):
+    TrueTernary / TrueTernary_Naive on the gpu update backend (``Recipe.use_cuda_graph`` checks the rest)."""
+    return cfg.config in ("TrueTernary", "TrueTernary_Naive") and cfg.update_backend in ("auto", "gpu")
+
+
+def hparams_for(cfg: TrainConfig) -> Hparams:
+    """The recipe hyper-parameters: recipe defaults, FlipRule defaults, and the run's overrides."""
+    rule_over = dict(cfg.rule)
+    rule_over["scale_update_interval"] = cfg.scale_update_interval
+    if cfg.accum_threshold is not None:
+        rule_over["accum_threshold"] = cfg.accum_threshold
+    rule = FlipRule.for_run(cfg.max_steps, **rule_over)
+    hp = Hparams(steps=cfg.max_steps, group_size=cfg.group_size, rule=rule,
+                 lr={cfg.config: cfg.lr} if cfg.lr is not None else {})
+    if cfg.accum_threshold is not None:
+        hp.naive_threshold = cfg.accum_threshold
+    return hp
+
+
+def validate(cfg: TrainConfig) -> Hparams:
+    """Check every flag; raise UsageError with a one-line message. Returns the hyper-parameters."""
+    from .cli import UsageError
+
+    if cfg.config not in CONFIG_NAMES:
+        raise UsageError(f"unknown --config {cfg.config!r}; choose from {', '.join(CONFIG_NAMES)}")
+    if cfg.model not in model_names():
+        raise UsageError(f"unknown --model {cfg.model!r}; choose from {', '.join(model_names())}")
+    if cfg.update_backend not in BACKENDS:
+        raise UsageError(f"unknown --update_backend {cfg.update_backend!r}; choose from {', '.join(BACKENDS)}")
+    for name in ("max_steps", "batch_size", "ctx", "d_model", "n_layers", "n_heads", "group_size", "eval_windows",
+                 "log_every", "stop_at"):
+        v = getattr(cfg, name)
+        if v is None and name == "stop_at":
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UsageError(f"--{name} must be a positive integer, got {v!r}")
+    for name in ("eval_every", "save_every", "keep_checkpoints", "seed", "scale_update_interval", "threads"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise UsageError(f"--{name} must be an integer >= 0, got {v!r}")
+    for name, limit in FLAG_LIMITS.items():
+        v = getattr(cfg, name)
+        if v is not None and v > limit:
+            raise UsageError(f"--{name} must be at most {limit}, got {v}")
+    if cfg.lr is not None and not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise UsageError(f"--lr must be a finite number > 0, got {cfg.lr}")
+    if cfg.run_name is not None and (not cfg.run_name or "/" in cfg.run_name or cfg.run_name in (".", "..")):
+        raise UsageError(f"--run_name must be a plain directory name, got {cfg.run_name!r}")
+    if cfg.ddp_grad_dtype not in distributed.GRAD_DTYPES:
+        raise UsageError(f"--ddp_grad_dtype must be one of {', '.join(distributed.GRAD_DTYPES)}, "
+                         f"got {cfg.ddp_grad_dtype!r}")
+    try:
+        world = distributed.requested_world_size()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if cfg.batch_size % world:
+        raise UsageError(f"--batch_size {cfg.batch_size} is the global batch and must be divisible by the "
+                         f"{world} data-parallel ranks (each rank trains on batch_size / {world} sequences)")
+    if cfg.compile is not True and cfg.compile is not False:
+        raise UsageError(f"compile must be true or false, got {cfg.compile!r}")
+    if cfg.deterministic is not True and cfg.deterministic is not False:
+        raise UsageError(f"deterministic must be true or false, got {cfg.deterministic!r}")
+    if cfg.cuda_graph is not True and cfg.cuda_graph is not False and cfg.cuda_graph != "auto":
+        raise UsageError(f"cuda_graph must be true, false or 'auto', got {cfg.cuda_graph!r}")
+    if cfg.cuda_graph is True and not graph_capable(cfg):
+        raise UsageError("--cuda_graph is for TrueTernary / TrueTernary_Naive on the gpu update backend "
+                         f"(got --config {cfg.config}, --update_backend {cfg.update_backend})")
+    if cfg.overwrite is not True and cfg.overwrite is not False:
+        raise UsageError(f"overwrite must be true or false, got {cfg.overwrite!r}")
+    if cfg.overwrite and cfg.resume is not None:
+        raise UsageError("--overwrite starts a fresh run and --resume continues one: give one of them")
+    try:
+        hp = hparams_for(cfg)
+        model_config(cfg)
+        if cfg.compile:
+            check_compile_ops(cfg.model)
+        resolve_backend(cfg.update_backend)  # e.g. the gpu backend without CUDA: refused before anything is written
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    check_memory(cfg, world)
+    return hp
+
+
+def memory_floor(cfg: TrainConfig, world: int = 1) -> int:
+    """Bytes a run needs at least, in one process: its float32 initial model twice over (the recipe is
+    built from a deep copy, and both exist until it is built) and one step's float32 logits. Weights
+    counted: the embedding, the output head and four d x d attention matrices per layer, which every
+    model family has (the transformer has three times as many; the bound is for refusing what cannot fit)."""
+    vocab = int(model_config(cfg).get("vocab_size", 256))
+    weights = cfg.n_layers * 4 * cfg.d_model ** 2 + 2 * vocab * cfg.d_model
+    return 8 * weights + 4 * (cfg.batch_size // world) * cfg.ctx * vocab
+
+
+def machine_memory() -> int | None:
+    """Physical memory of this machine, or the process's cgroup limit when smaller; None if unknown."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def check_memory(cfg: TrainConfig, world: int = 1) -> None:
+    """Refuse a run that cannot fit this machine's memory (:func:`memory_floor`), before anything is written
+    or allocated: a model too large to build would otherwise fail half-way, or draw the OOM killer."""
+    from .cli import UsageError
+
+    need, have = memory_floor(cfg, world), machine_memory()
+    if have is not None and need > have:
+        raise UsageError(f"--d_model {cfg.d_model} --n_layers {cfg.n_layers} --batch_size {cfg.batch_size} "
+                         f"--ctx {cfg.ctx}: the run needs at least {_gib(need)} of memory (the float initial model "
+                         f"twice and one step's logits), more than this machine's {_gib(have)}")
+
+
+def model_config(cfg: TrainConfig) -> dict:
+    """The model family's config for this run (validated by building the config object)."""
+    from .models import _MODELS
+
+    _, cfg_cls = _MODELS[cfg.model]
+    return cfg_cls.from_dict(dict(ctx=cfg.ctx, d_model=cfg.d_model, n_layers=cfg.n_layers,
+                                  n_heads=cfg.n_heads)).to_dict()
+
+
+SMALL_MODEL_D = 256
+
+
+def cpu_threads(cfg: TrainConfig) -> int:
+    """Intra-op threads on CPU. Small models get one by default: their matrices are small, and whether a
+    second thread helps depends on what else runs on the cores (measured in docs/training.md: from ~1.4x
+    faster on a quiet machine to ~10x slower on a busy one, where OpenMP threads wait for descheduled
+    peers). One thread bounds the worst case; ``--threads`` chooses."""
+    if cfg.threads:
+        return cfg.threads
+    return 1 if cfg.d_model <= SMALL_MODEL_D else torch.get_num_threads()
+
+
+# ------------------------------------------------------------------------------------ resuming
+def merge_resumed(ckpt: Checkpoint, cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
+    """The checkpoint's TrainConfig with the flags the user gave on top; run-defining ones must agree."""
+    from .cli import UsageError
+
+    saved = {k: v for k, v in (ckpt.meta.get("train_config") or {}).items() if k in _FIELDS}
+    merged = TrainConfig(**saved)
+    mcfg = ckpt.meta["model"].get("config", {})
+    if "ctx" in explicit and isinstance(mcfg.get("ctx"), int) and cfg.ctx > mcfg["ctx"]:
+        raise UsageError(f"--ctx {cfg.ctx} exceeds the model's context {mcfg['ctx']} (from {ckpt.path})")
+    clashes = [f"--{k} {getattr(cfg, k)!r} (checkpoint: {saved.get(k)!r})" for k in RUN_DEFINING
+               if k in explicit and k in saved and getattr(cfg, k) != saved[k]]
+    if clashes:
+        raise UsageError(f"resuming continues the same run; these flags differ from {ckpt.path}: "
+                         + "; ".join(clashes))
+    for k in explicit:
+        setattr(merged, k, getattr(cfg, k))
+    merged.resume = cfg.resume
+    if "stop_at" not in explicit:  # a one-off stop of the interrupted process, not part of the run
+        merged.stop_at = None
+    if "overwrite" not in explicit:  # what the first process did to its directory, not part of the run
+        merged.overwrite = False
+    if "out_dir" not in explicit:
+        merged.out_dir = cfg.out_dir
+    if merged.max_steps != saved.get("max_steps"):
+        distributed.say(f"note: --max_steps {merged.max_steps} differs from the checkpoint's "
+                        f"{saved.get('max_steps')}: the learning-rate schedule changes from here on")
+    return merged
+
+
+def explicit_fields(cfg: TrainConfig) -> set[str]:
+    """The fields of ``cfg`` that differ from their defaults (what a caller of train() set)."""
+    default = TrainConfig()
+    return {f for f in _FIELDS if getattr(cfg, f) != getattr(default, f)}
+
+
+# ------------------------------------------------------------------------------------ command line
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``trueternary train`` flags. Every default is None here so a resumed run can tell which flags
+    were given; the real defaults are TrainConfig's. Both ``--max_steps`` and ``--max-steps`` work."""
+    d = TrainConfig()
+
+    def flag(name, **kw):
+        names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        default = getattr(d, name, None)
+        kw.setdefault("help", "")
+        if default is not None and kw.get("action") is None:
+            kw["help"] += f" (default: {default})"
+        p.add_argument(*names, dest=name, default=None, **kw)
+
+    flag("data", metavar="SPEC", help="text file, .gz file, directory (files in sorted order) or 'enwik8'; "
+         "default: the embedded corpus (Python stdlib sources)")
+    flag("data_dir", metavar="DIR", help="data cache: the enwik8 download, decompressed .gz files and directories "
+         "(default: $TRUETERNARY_CACHE or ~/.cache/trueternary)")
+    flag("model", help="model family: " + ", ".join(model_names()))
+    flag("d_model", type=int, help="model width")
+    flag("n_layers", type=int, help="transformer blocks")
+    flag("n_heads", type=int, help="attention heads")
+    flag("group_size", type=int, help="weights per int8 scale E")
+    flag("config", help="training configuration: " + ", ".join(CONFIG_NAMES))
+    p.add_argument("--strict_ternary", dest="strict_ternary", default=None,
+                   action=argparse.BooleanOptionalAction,
+                   help="strict ternary (TrueTernary, the default); --no-strict_ternary selects TrueTernary_Hybrid "
+                        "(float log2 scales trained by AdamW)")
+    flag("lr", type=float, help="peak learning rate (vote scale for TrueTernary; default: the recipe's)")
+    flag("accum_threshold", type=int, help="votes a trit needs to flip (default: FlipRule's)")
+    flag("scale_update_interval", type=int, help="steps between scale votes; 0 freezes E")
+    p.add_argument("--rule", action="append", default=None, metavar="FIELD=VALUE",
+                   help="further FlipRule overrides, e.g. vote_clip=4,decay=0.01")
+    flag("update_backend", help="vote/flip backend: " + ", ".join(BACKENDS))
+    p.add_argument("--compile", dest="compile", default=None, action=argparse.BooleanOptionalAction,
+                   help="torch.compile the model's norms, attention and activations (the linear layers stay eager): "
+                        "on a GPU, float configs' steps about 2x faster after a compile of up to a minute "
+                        "(TrueTernary's eager step is host-bound and gains little); transformer only (default: off)")
+    p.add_argument("--cuda_graph", "--cuda-graph", dest="cuda_graph", default=None,
+                   action=argparse.BooleanOptionalAction,
+                   help="TrueTernary on the gpu backend: capture the whole training step in one CUDA graph and "
+                        "replay it (no Python per layer: 2-7x faster steps on an H200, the same results); one "
+                        "process, CUDA only (default: auto, on wherever it can be; --no-cuda_graph: eager steps)")
+    p.add_argument("--deterministic", dest="deterministic", default=None, action=argparse.BooleanOptionalAction,
+                   help="bit-for-bit repeatable steps on a GPU too: deterministic algorithms and math attention "
+                        "(PyTorch's flash/cuDNN/memory-efficient attention backward is not deterministic at long "
+                        "contexts); about 3.3x the step time at 151M on an H100 (default: off)")
+    flag("ddp_grad_dtype", help="under torchrun: dtype of the float gradients DDP all-reduces for float "
+         "parameters (fp32, or bf16 via torch's bf16_compress_hook)")
+    flag("max_steps", type=int, help="optimiser steps (also the length of the lr schedule)")
+    flag("batch_size", type=int, help="sequences per step, over all data-parallel ranks together")
+    flag("ctx", type=int, help="bytes per sequence (the model's context)")
+    flag("seed", type=int, help="seed of the model init, the data order and the vote RNG")
+    flag("device", help="auto, cpu, cuda or cuda:N")
+    flag("threads", type=int, help="CPU threads; 0: 1 for small models (d_model <= 256), else torch's default")
+    flag("eval_every", type=int, help="steps between validation evaluations (0: only at the end)")
+    flag("eval_windows", type=int, help="held-out windows per evaluation")
+    flag("save_every", type=int, help="steps between checkpoints (0: only at the end)")
+    flag("keep_checkpoints", type=int, help="newest checkpoints kept (0: all)")
+    flag("log_every", type=int, help="steps between metrics.jsonl rows")
+    flag("stop_at", type=int, help="stop and save after this step, keeping the --max_steps schedule "
+         "(for jobs with a time limit; continue with --resume)")
+    flag("run_name", help="directory under --out_dir (default: <config>-<date>-<time>)")
+    flag("out_dir", help="parent of run directories")
+    flag("resume", metavar="PATH|auto", help="continue from a checkpoint file, a run directory, or 'auto' "
+         "(the newest checkpoint of --run_name; a fresh run if there is none)")
+    flag("overwrite", action="store_true", help="start a fresh run in a --run_name that holds another run: its "
+         "files (config.json, metrics.jsonl, plot.png, checkpoints/, tensorboard/) are moved into "
+         "<run dir>/replaced-<time>/ first (without this flag such a directory is refused)")
+    p.add_argument("--comm_report", "--comm-report", dest="comm_report", default=None, metavar="N[,N...]",
+                   help="print the bytes all-reduced per step per weight of every config for this model at "
+                        "N data-parallel ranks (see docs/distributed.md) and exit without training")
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
+    """TrainConfig from parsed flags, and the set of fields the user gave."""
+    from .cli import UsageError
+
+    given = {k: v for k, v in vars(args).items() if k in _FIELDS and v is not None}
+    if args.rule:
+        try:
+            given["rule"] = parse_overrides(args.rule, "rule")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    strict = args.strict_ternary
+    if strict is False:
+        if given.get("config", "TrueTernary_Hybrid") not in ("TrueTernary", "TrueTernary_Hybrid"):
+            raise UsageError(f"--no-strict_ternary selects TrueTernary_Hybrid; "
+                             f"it contradicts --config {given['config']}")
+        given["config"] = "TrueTernary_Hybrid"
+    elif strict is True and given.get("config") is not None and given["config"] not in ("TrueTernary",
+                                                                                       "TrueTernary_Naive"):
+        raise UsageError(f"--strict_ternary contradicts --config {given['config']} (not a strict ternary config)")
+    return TrainConfig(**given), set(given)
