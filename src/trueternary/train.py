@@ -43,7 +43,7 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from functools import partial
 from pathlib import Path
 
@@ -51,62 +51,16 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import determinism, distributed, memory
-from .bench import parse_overrides, validation_bpb
-from .checkpoint import CheckpointError, WriteError
 from .data import Corpus, RandomWindows, eval_windows, load_corpus
+from .errors import CheckpointError, DataError, NonFiniteGradientError, TrainingError, UsageError, WriteError
+from .evaluate import validation_bpb
+from .flags import parse_overrides, resolve_device
 from .models import build_model, check_compile_ops, model_names
-from .optim import BACKENDS, NonFiniteGradientError, resolve_backend
+from .optim import BACKENDS, resolve_backend
 from .recipes import CONFIG_NAMES, Hparams, build_recipe, lr_factor
-from .rule import FlipRule
+from .train_config import TrainConfig
 
 LN2 = math.log(2.0)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (diverged); reported in one line, exit code 1."""
-
-
-@dataclass
-class TrainConfig:
-    # data
-    data: str | None = None  # None: the embedded default corpus (Python stdlib sources)
-    data_dir: str | None = None  # data cache: the enwik8 download, decompressed .gz files and directories
-    # model
-    model: str = "transformer"
-    d_model: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
-    group_size: int = 64
-    # training configuration (trueternary.recipes)
-    config: str = "TrueTernary"
-    lr: float | None = None  # peak lr (vote scale for TrueTernary); None: the recipe's default
-    accum_threshold: int | None = None  # None: FlipRule's default
-    scale_update_interval: int = 1
-    rule: dict = field(default_factory=dict)  # further FlipRule field overrides
-    update_backend: str = "auto"
-    compile: bool = False  # torch.compile the model's shared ops (norms, attention, activations; transformer)
-    # TrueTernary, gpu backend: the whole step as one CUDA graph (Recipe.use_cuda_graph); "auto": where it can be
-    cuda_graph: bool | str = "auto"
-    # bit-for-bit repeatable steps on a GPU too (trueternary.determinism: deterministic algorithms, math attention)
-    deterministic: bool = False
-    ddp_grad_dtype: str = "fp32"  # data parallelism: dtype of the float gradients DDP all-reduces (fp32, bf16)
-    # run
-    max_steps: int = 300
-    batch_size: int = 16  # the global batch: split evenly over data-parallel ranks
-    ctx: int = 64
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0  # CPU intra-op threads; 0: auto (1 for models up to d_model 256, else torch's default)
-    eval_every: int = 100
-    eval_windows: int = 128
-    save_every: int = 100
-    keep_checkpoints: int = 3
-    log_every: int = 1
-    stop_at: int | None = None  # stop (and save) after this step, keeping the --max_steps schedule
-    run_name: str | None = None
-    out_dir: str = "runs"
-    resume: str | None = None  # checkpoint file, run directory, or "auto"
-    overwrite: bool = False  # a fresh run in a directory holding another run: move its files aside first
 
 
 # Flags that define the run: a resumed run must keep them (or it would not continue the same run).
@@ -139,23 +93,14 @@ def graph_capable(cfg: TrainConfig) -> bool:
 
 
 def hparams_for(cfg: TrainConfig) -> Hparams:
-    """The recipe hyper-parameters: recipe defaults, FlipRule defaults, and the run's overrides."""
-    rule_over = dict(cfg.rule)
-    rule_over["scale_update_interval"] = cfg.scale_update_interval
-    if cfg.accum_threshold is not None:
-        rule_over["accum_threshold"] = cfg.accum_threshold
-    rule = FlipRule.for_run(cfg.max_steps, **rule_over)
-    hp = Hparams(steps=cfg.max_steps, group_size=cfg.group_size, rule=rule,
-                 lr={cfg.config: cfg.lr} if cfg.lr is not None else {})
-    if cfg.accum_threshold is not None:
-        hp.naive_threshold = cfg.accum_threshold
-    return hp
+    """The run's hyper-parameters (:meth:`Hparams.for_run`, which bench uses too): the run's flags on the defaults."""
+    return Hparams.for_run(cfg.max_steps, lr={cfg.config: cfg.lr} if cfg.lr is not None else {}, rule=cfg.rule,
+                           accum_threshold=cfg.accum_threshold, scale_update_interval=cfg.scale_update_interval,
+                           group_size=cfg.group_size)
 
 
 def validate(cfg: TrainConfig) -> Hparams:
     """Check every flag; raise UsageError with a one-line message. Returns the hyper-parameters."""
-    from .cli import UsageError
-
     if cfg.config not in CONFIG_NAMES:
         raise UsageError(f"unknown --config {cfg.config!r}; choose from {', '.join(CONFIG_NAMES)}")
     if cfg.model not in model_names():
@@ -248,8 +193,6 @@ def _gib(n: int) -> str:
 def check_memory(cfg: TrainConfig, world: int = 1) -> None:
     """Refuse a run that cannot fit this machine's memory (:func:`memory_floor`), before anything is written
     or allocated: a model too large to build would otherwise fail half-way, or draw the OOM killer."""
-    from .cli import UsageError
-
     need, have = memory_floor(cfg, world), machine_memory()
     if have is not None and need > have:
         raise UsageError(f"--d_model {cfg.d_model} --n_layers {cfg.n_layers} --batch_size {cfg.batch_size} "
@@ -281,8 +224,6 @@ def cpu_threads(cfg: TrainConfig) -> int:
 
 def _resume_source(cfg: TrainConfig) -> Path | None:
     """The checkpoint file ``--resume`` names, or None for a fresh run."""
-    from .cli import UsageError
-
     if cfg.resume is None:
         return None
     if cfg.resume == "auto":
@@ -303,8 +244,6 @@ def _resume_source(cfg: TrainConfig) -> Path | None:
 
 def merge_resumed(ckpt: ckpt_io.Checkpoint, cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     """The checkpoint's TrainConfig with the flags the user gave on top; run-defining ones must agree."""
-    from .cli import UsageError
-
     saved = {k: v for k, v in (ckpt.meta.get("train_config") or {}).items() if k in _FIELDS}
     merged = TrainConfig(**saved)
     mcfg = ckpt.meta["model"].get("config", {})
@@ -403,8 +342,6 @@ class RunDirectory:
         self._created += reversed(missing)
 
     def _lock(self) -> None:
-        from .cli import UsageError
-
         path = self.path / LOCK_FILE
         while True:
             existed = path.exists()
@@ -443,8 +380,6 @@ class RunDirectory:
     def check_fresh(self, overwrite: bool) -> None:
         """A fresh run starts only in a directory without another run's files; ``overwrite`` moves them into
         ``replaced-<time>/`` (nothing is deleted)."""
-        from .cli import UsageError
-
         found = self.run_files()
         if not found:
             return
@@ -470,8 +405,6 @@ class RunDirectory:
 
     def check_resumed(self, step: int) -> None:
         """Resuming step ``step`` here must not go back behind a newer checkpoint of this directory."""
-        from .cli import UsageError
-
         newest = ckpt_io.latest_checkpoint(self.path)
         if newest is not None and ckpt_io.checkpoint_step(newest) > step:
             raise UsageError(f"{self.path} has a newer checkpoint ({newest.name}) than the one resumed "
@@ -669,9 +602,6 @@ def save(run_dir: Path, recipe, batches: RandomWindows, cfg: TrainConfig, hp: Hp
 
 
 def _declared_errors() -> tuple[type[BaseException], ...]:
-    from .cli import UsageError
-    from .data import DataError
-
     return (UsageError, DataError, CheckpointError, WriteError, TrainingError)
 
 
@@ -725,8 +655,6 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
     is data-parallel (trueternary.distributed); the process group is created here if needed and
     destroyed at the end if it was.
     """
-    from .cli import UsageError, resolve_device
-
     explicit = _explicit_fields(cfg) if explicit is None else set(explicit)
     # ---- resume: the checkpoint's config, the user's flags on top
     source = _resume_source(cfg)
@@ -769,8 +697,6 @@ def _out_of_memory(e: BaseException) -> bool:
 
 def _train(cfg: TrainConfig, hp: Hparams, loaded: list, device: torch.device,
            ctx: distributed.DistContext | None, held: list[RunDirectory], stop: StopSignal) -> dict:
-    from .cli import UsageError
-
     ckpt: ckpt_io.Checkpoint | None = loaded.pop()
 
     main = ctx is None or ctx.is_main
@@ -1106,8 +1032,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
     """TrainConfig from parsed flags, and the set of fields the user gave."""
-    from .cli import UsageError
-
     given = {k: v for k, v in vars(args).items() if k in _FIELDS and v is not None}
     if args.rule:
         try:
@@ -1128,8 +1052,6 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
 
 def comm_report(cfg: TrainConfig, world_sizes: str) -> str:
     """The ``--comm_report`` table for the model ``cfg`` describes (trueternary.distributed.comm_table)."""
-    from .cli import UsageError
-
     try:
         sizes = [int(v) for v in str(world_sizes).split(",") if v.strip()]
     except ValueError:
