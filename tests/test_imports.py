@@ -1,9 +1,10 @@
 """The package's import graph has no cycles.
 
 Built from the source (AST), not by importing: every ``import`` counts, at module level and inside function bodies
-alike, since a cycle hidden in a function body is still two modules that each need the other. An edge goes to the
-module an import names (``from .x import y``: ``x``, or ``x.y`` where that is a submodule), not to the packages
-around it, whose ``__init__`` Python runs on the way.
+alike, since a cycle hidden in a function body is still two modules that each need the other. Only imports under
+``if TYPE_CHECKING:`` are left out (they never run). An edge goes to the module an import names (``from .x import
+y``: ``x``, or ``x.y`` where that is a submodule), not to the packages around it, whose ``__init__`` Python runs on
+the way.
 """
 
 from __future__ import annotations
@@ -49,6 +50,24 @@ def _imported(module: str, is_package: bool, node: ast.AST, modules: set[str]) -
     return found
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imports(tree: ast.AST):
+    """Every import statement of ``tree`` that can run (anywhere but the body of an ``if TYPE_CHECKING:``)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif isinstance(node, ast.If) and _is_type_checking(node.test):
+            stack.extend(node.orelse)
+        else:
+            stack.extend(ast.iter_child_nodes(node))
+
+
 def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
     """{module: the package's modules it imports anywhere in its source}."""
     files = module_files(root)
@@ -57,9 +76,8 @@ def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
     for module, path in files.items():
         tree = ast.parse(path.read_text(), filename=str(path))
         edges = set()
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                edges.update(_imported(module, path.name == "__init__.py", node, modules))
+        for node in _imports(tree):
+            edges.update(_imported(module, path.name == "__init__.py", node, modules))
         graph[module] = edges
     return graph
 
@@ -109,3 +127,7 @@ def test_the_checker_sees_cycles_through_function_level_and_relative_imports(tmp
     assert set(cycle) == {f"{PACKAGE}.a", f"{PACKAGE}.sub.b", f"{PACKAGE}.c"}
     (pkg / "c.py").write_text("import os\n\ndef g():\n    return os\n")
     assert find_cycle(import_graph(pkg)) is None
+    # an import for annotations only never runs: no edge
+    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import f\n"
+                              "else:\n    import trueternary.sub\n")
+    assert import_graph(pkg)[f"{PACKAGE}.c"] == {f"{PACKAGE}.sub"}

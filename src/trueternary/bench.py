@@ -72,8 +72,9 @@ def segment_table(losses: list[float]) -> list[dict]:
 def parse_config_specs(text: str) -> list[tuple[str, str, dict]]:
     """``"Adam_FP32,TrueTernary[lr=4,leak=3]"`` -> [(label, config name, overrides)].
 
-    Overrides in brackets apply to that entry only: ``lr`` (its peak learning rate / vote scale) and,
-    for ternary configs, any FlipRule field. One run can so compare rule variants side by side.
+    Overrides in brackets apply to that entry only: ``lr`` (its peak learning rate / vote scale), for ternary
+    configs any FlipRule field, for the latent configs ``quantizer`` and for BitNet_QAT ``wd`` (its weight decay;
+    ``_with_overrides``). One run can so compare rule variants side by side.
     """
     specs, depth, cur = [], 0, ""
     for ch in text + ",":

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, WriteError
-from .train_config import TrainConfig
+from .trainconfig import TrainConfig
 from .weight import DEFAULT_GROUP_SIZE
 
 FORMAT = "trueternary.checkpoint"

@@ -58,7 +58,7 @@ from .flags import parse_overrides, resolve_device
 from .models import build_model, check_compile_ops, model_names
 from .optim import BACKENDS, resolve_backend
 from .recipes import CONFIG_NAMES, Hparams, build_recipe, lr_factor
-from .train_config import TrainConfig
+from .trainconfig import TrainConfig
 
 LN2 = math.log(2.0)
 
