@@ -100,6 +100,28 @@ def test_no_subcommand_prints_help(capsys):
     assert "train" in capsys.readouterr().out
 
 
+def test_user_errors_are_defined_once_and_keep_their_old_homes():
+    import ast
+
+    from trueternary import checkpoint, cli, data, errors, optim
+    from trueternary import train as train_mod
+    from trueternary.optim import context
+
+    assert cli.UsageError is errors.UsageError and data.DataError is errors.DataError
+    assert checkpoint.CheckpointError is errors.CheckpointError and checkpoint.WriteError is errors.WriteError
+    assert train_mod.TrainingError is errors.TrainingError
+    assert optim.NonFiniteGradientError is context.NonFiniteGradientError is errors.NonFiniteGradientError
+    assert set(errors.USAGE_ERRORS) == {errors.UsageError, errors.DataError, errors.CheckpointError,
+                                        errors.WriteError}
+    # no error class is defined anywhere else (RankError: another rank's undeclared failure, never reported as a
+    # user error: it ends the rank with its traceback like the error it stands for)
+    src = Path(errors.__file__).parent
+    elsewhere = {f"{p.relative_to(src)}:{node.name}" for p in src.rglob("*.py") if p.name != "errors.py"
+                 for node in ast.walk(ast.parse(p.read_text()))
+                 if isinstance(node, ast.ClassDef) and node.name.endswith("Error")}
+    assert elsewhere == {"distributed.py:RankError"}
+
+
 def _console_script() -> str:
     exe = Path(sys.executable).with_name("trueternary")
     return str(exe) if exe.exists() else shutil.which("trueternary")

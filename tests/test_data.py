@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trueternary import cli, data, enwik8
+from trueternary import cli, data, datafiles, enwik8
 from trueternary.data import (
     DataError,
     RandomWindows,
@@ -31,7 +31,7 @@ TEXT = b"".join(b"line %d of a small test corpus\n" % i for i in range(200))
 def _cache_in_tmp(tmp_path, monkeypatch):
     """The data cache of every test here is its own (never ~/.cache)."""
     monkeypatch.setenv("TRUETERNARY_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache" / data.CACHE_SUBDIR
+    return tmp_path / "cache" / datafiles.CACHE_SUBDIR
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_gz_cache_is_reused_then_replaced_when_the_source_changes(tmp_path, _cac
 
 def test_fingerprint_is_the_sha256_of_the_corpus_bytes_streamed(tmp_path, monkeypatch):
     (tmp_path / "a.txt").write_bytes(TEXT)
-    monkeypatch.setattr(data, "_CHUNK", 64)  # 1 KiB slices: several per split
+    monkeypatch.setattr(datafiles, "_CHUNK", 64)  # 1 KiB slices: several per split
     c = load_corpus(str(tmp_path / "a.txt"), val_fraction=0.1)
     # The definition checkpoints recorded before memory maps: resumed runs must still match.
     assert c.fingerprint() == hashlib.sha256(TEXT).hexdigest()

@@ -28,10 +28,9 @@ from _kernel_env import interpreter_fallback  # noqa: E402
 from trueternary import packing  # noqa: E402
 from trueternary.backends import LinearKernel  # noqa: E402
 from trueternary.layers import IntegerBias, TernaryLinear, set_linear_kernel  # noqa: E402
-from trueternary.ops.linear import ternary_linear  # noqa: E402
+from trueternary.ops.linear import ternary_linear, ternary_linear_kernel  # noqa: E402
 from trueternary.ops.ternary_matmul import (  # noqa: E402
     resolve_impl,
-    ternary_linear_kernel,
     ternary_matmul,
     ternary_matmul_fp8_naive,
     ternary_matmul_naive,

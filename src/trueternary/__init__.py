@@ -5,8 +5,9 @@ per-weight accumulators and trit flips (no float weights, no optimiser state).
 """
 
 from .convert import ternarize
+from .errors import NonFiniteGradientError
 from .layers import IntegerBias, TernaryEmbedding, TernaryLinear
-from .optim import FlipOptimizer, NonFiniteGradientError, SignGSD, hybrid_optimizers
+from .optim import FlipOptimizer, SignGSD, hybrid_optimizers
 from .packing import pack_trits, unpack_trits
 from .rule import FlipRule
 from .weight import DEFAULT_GROUP_SIZE, TernaryScaleTensor, ternary_weights

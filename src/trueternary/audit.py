@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import UsageError
+from .flags import Parser
 from .layers import IntegerBias
 from .optim import norm_codes_of
 from .rule import FlipRule, uses_norm_memory
@@ -141,7 +143,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .cli import UsageError
     from .convert import ternarize
     from .models import build_model, model_names
     from .weight import DEFAULT_GROUP_SIZE
@@ -179,9 +180,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """``trueternary audit`` as a standalone entry point: one-line errors, exit 2 on bad input."""
-    from .cli import UsageError, _Parser
-
-    p = _Parser(prog="trueternary audit", description="What a model holds: ternary weights, integer state, "
+    p = Parser(prog="trueternary audit", description="What a model holds: ternary weights, integer state, "
                 "float parameters and buffers.")
     add_arguments(p)
     args = p.parse_args(argv)

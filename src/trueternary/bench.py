@@ -37,37 +37,18 @@ import torch
 
 from . import memory
 from .backends import DEFAULT_UPDATE_BACKEND, resolve_backend
-from .cli import UsageError, resolve_device
 from .data import eval_windows, load_corpus, random_batch
+from .errors import NonFiniteGradientError, UsageError
+from .evaluate import LN2, validation_bpb
+from .flags import parse_overrides, resolve_device
 from .models import build_model, check_compile_ops, model_names
-from .optim import NonFiniteGradientError
 from .qat import QUANTIZERS, forward_trits
-from .recipes import CONFIG_NAMES, LATENT_CONFIGS, QAT_OPTIMIZERS, TERNARY_CONFIGS, Hparams, build_recipe
+from .recipes import CONFIG_NAMES, LATENT_CONFIGS, TERNARY_CONFIGS, Hparams, build_recipe
 from .rule import FlipRule
 from .weight import ternary_weights
 
-LN2 = math.log(2.0)
 EXIT_JOBS_FAILED = 3  # some configs failed, crashed or timed out; the others' results were written
 FAILED_STATUSES = ("failed", "crashed", "timeout")
-
-
-@torch.no_grad()
-def validation_bpb(model, windows: torch.Tensor, device, autocast: bool, batch: int = 32) -> float:
-    """Mean next-byte cross-entropy over the windows, in bits per byte."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(windows), batch):
-        w = windows[i : i + batch].to(device)
-        x, y = w[:, :-1], w[:, 1:]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(x)
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
-        )
-        total += float(loss)
-        count += y.numel()
-    model.train()
-    return total / count / LN2
 
 
 def segment_table(losses: list[float]) -> list[dict]:
@@ -91,8 +72,9 @@ def segment_table(losses: list[float]) -> list[dict]:
 def parse_config_specs(text: str) -> list[tuple[str, str, dict]]:
     """``"Adam_FP32,TrueTernary[lr=4,leak=3]"`` -> [(label, config name, overrides)].
 
-    Overrides in brackets apply to that entry only: ``lr`` (its peak learning rate / vote scale) and,
-    for ternary configs, any FlipRule field. One run can so compare rule variants side by side.
+    Overrides in brackets apply to that entry only: ``lr`` (its peak learning rate / vote scale), for ternary
+    configs any FlipRule field, for the latent configs ``quantizer`` and for BitNet_QAT ``wd`` (its weight decay;
+    ``_with_overrides``). One run can so compare rule variants side by side.
     """
     specs, depth, cur = [], 0, ""
     for ch in text + ",":
@@ -118,30 +100,6 @@ def parse_config_specs(text: str) -> list[tuple[str, str, dict]]:
     if not out:
         raise ValueError("--configs is empty")
     return out
-
-
-def parse_overrides(items: list[str], what: str) -> dict:
-    out = {}
-    for item in items:
-        for part in item.split(","):
-            if not part:
-                continue
-            if "=" not in part:
-                raise ValueError(f"{what} override {part!r} must look like key=value")
-            k, v = part.split("=", 1)
-            out[k.strip()] = _parse_value(v.strip())
-    return out
-
-
-def _parse_value(v: str):
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
 
 
 def zero_trit_fraction(recipe) -> float | None:
@@ -203,8 +161,6 @@ def run_config(label: str, name: str, base, hp: Hparams, corpus, val_windows, ar
         "lr": hp.lr_for(name) if name != "TrueTernary_Naive" else None,
         "rule": hp.rule.to_dict() if name in TERNARY_CONFIGS else None,
         "quantizer": hp.qat_quantizer if name in LATENT_CONFIGS else None,
-        "qat_optimizer": hp.qat_optimizer if name == "BitNet_QAT" else None,
-        "qat_betas": list(hp.qat_betas) if name == "BitNet_QAT" and hp.qat_betas else None,
         "weight_decay": hp.weight_decay if name in ("Adam_FP32", "BitNet_QAT") else None,
         "zero_trit_fraction": zero_trit_fraction(recipe),
         **recipe.state_report(),
@@ -325,7 +281,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--ctx", type=int, default=33)
     p.add_argument("--update-backend", default=DEFAULT_UPDATE_BACKEND.value)
-    p.add_argument("--scale-update-interval", type=int, default=1)
+    p.add_argument("--scale-update-interval", type=int, default=FlipRule.scale_update_interval)
     p.add_argument("--accum-threshold", type=int, default=None)
     p.add_argument("--print-every", type=int, default=50, help="print the loss every N steps (0: never)")
     p.add_argument("--reuse-base", action="store_true")
@@ -345,10 +301,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="peak learning rate (vote scale for TrueTernary) of a config, e.g. Adam_FP32=1e-3")
     p.add_argument("--rule", action="append", default=[], metavar="FIELD=VALUE",
                    help="FlipRule field overrides for TrueTernary configs, e.g. vote_clip=4,decay=0.01")
+    # On purpose twice train's --eval_windows: bench evaluates each config once, at the end, where train evaluates
+    # every --eval_every steps.
     p.add_argument("--eval-windows", type=int, default=256,
                    help="windows for validation bpb (and as many training windows for train_bpb)")
-    p.add_argument("--warmup-frac", type=float, default=0.05, help="linear warm-up, fraction of --steps")
-    p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decay ends at this fraction of the peak")
+    p.add_argument("--warmup-frac", type=float, default=Hparams.warmup_frac,
+                   help="linear warm-up, fraction of --steps")
+    p.add_argument("--min-lr-frac", type=float, default=Hparams.min_lr_frac,
+                   help="cosine decay ends at this fraction of the peak")
     p.add_argument("--jobs", type=int, default=1,
                    help="run this many configs at once, each in its own spawned process on --device (needs "
                         "--reuse-base; step times and peak memory are then measured beside the other jobs; each "
@@ -456,6 +416,8 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def _with_overrides(hp: Hparams, name: str, over: dict) -> Hparams:
+    """``hp`` with one ``--configs`` entry's brackets on top: ``lr``; the latent configs' ``quantizer``;
+    BitNet_QAT's ``wd``; any FlipRule field for the ternary configs (UsageError for anything else)."""
     over = dict(over)
     lr = over.pop("lr", None)
     if lr is not None:
@@ -464,43 +426,34 @@ def _with_overrides(hp: Hparams, name: str, over: dict) -> Hparams:
     quantizer = over.pop("quantizer", hp.qat_quantizer) if name in LATENT_CONFIGS else hp.qat_quantizer
     if quantizer not in QUANTIZERS:
         raise UsageError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {quantizer!r}")
-    qat_optimizer = over.pop("optimizer", hp.qat_optimizer) if name == "BitNet_QAT" else hp.qat_optimizer
-    if qat_optimizer not in QAT_OPTIMIZERS:
-        raise UsageError(f"optimizer must be one of {', '.join(QAT_OPTIMIZERS)}, got {qat_optimizer!r}")
-    qat_betas, weight_decay = hp.qat_betas, hp.weight_decay
+    weight_decay = hp.weight_decay
     if name == "BitNet_QAT":
-        default = (0.0, 0.0) if qat_optimizer == "tile_sgd" else (0.9, 0.95)
-        betas = [over.pop(k, d) for k, d in zip(("beta1", "beta2"), hp.qat_betas or default)]
-        if not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-            raise UsageError(f"beta1 and beta2 must be numbers in [0, 1), got {betas}")
-        qat_betas = tuple(float(b) for b in betas)
         weight_decay = over.pop("wd", weight_decay)
-        normalize_first = over.pop("normalize_first", hp.qat_normalize_first)
-        if normalize_first not in (0, 1) or (normalize_first and qat_optimizer != "tile_sgd"):
-            raise UsageError(f"normalize_first must be 0 or 1, and only with optimizer=tile_sgd, "
-                             f"got {normalize_first!r}")
-        normalize_first = bool(normalize_first)
-        if qat_optimizer == "tile_sgd" and "norm_block" in over:  # TileNormSGD normalises like the rule
-            try:
-                rule = FlipRule.from_dict({**rule.to_dict(), "norm_block": over.pop("norm_block")})
-            except (ValueError, TypeError) as e:
-                raise UsageError(str(e)) from None
         if not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < float("inf"):
             raise UsageError(f"wd must be a finite number >= 0, got {weight_decay!r}")
     if over:
         if name not in TERNARY_CONFIGS:
-            extra = {"BitNet_QAT": ", quantizer=..., optimizer=..., beta1=..., beta2=..., wd=... (and norm_block=... "
-                                   "with optimizer=tile_sgd)",
-                     "SignSGD_Old": " and quantizer=..."}
+            extra = {"BitNet_QAT": ", quantizer=... and wd=...", "SignSGD_Old": " and quantizer=..."}
             raise UsageError(f"{name} takes only lr=...{extra.get(name, '')} in brackets, got {sorted(over)}")
         try:
             rule = FlipRule.from_dict({**rule.to_dict(), **over})
         except (ValueError, TypeError) as e:
             raise UsageError(str(e)) from None
     lrs = dict(hp.lr, **({name: lr} if lr is not None else {}))
-    return dataclasses.replace(hp, rule=rule, lr=lrs, qat_quantizer=quantizer, qat_optimizer=qat_optimizer,
-                               qat_betas=qat_betas, weight_decay=weight_decay,
-                               qat_normalize_first=normalize_first if name == "BitNet_QAT" else hp.qat_normalize_first)
+    return dataclasses.replace(hp, rule=rule, lr=lrs, qat_quantizer=quantizer, weight_decay=weight_decay)
+
+
+def hparams_from_args(args: argparse.Namespace) -> Hparams:
+    """The hyper-parameters bench's flags give, built like ``train``'s (``Hparams.for_run``); UsageError for a
+    bad ``--rule`` or ``--lr`` item. A ``--rule scale_update_interval=...`` wins over ``--scale-update-interval``."""
+    try:
+        rule_over = parse_overrides(args.rule, "rule")
+        rule_over.setdefault("scale_update_interval", args.scale_update_interval)
+        return Hparams.for_run(args.steps, lr=parse_overrides(args.lr, "lr"), rule=rule_over,
+                               accum_threshold=args.accum_threshold, group_size=args.group_size,
+                               warmup_frac=args.warmup_frac, min_lr_frac=args.min_lr_frac)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
 
 
 def run(args: argparse.Namespace, on_progress: Callable[[], None] | None = None) -> list[dict]:
@@ -514,16 +467,8 @@ def run(args: argparse.Namespace, on_progress: Callable[[], None] | None = None)
     _check_flags(args)
     if args.jobs > 1 and len(specs) > 1 and not args.reuse_base:
         raise UsageError("--jobs needs --reuse-base (every job must start from the same base model)")
-    try:
-        rule_over = parse_overrides(args.rule, "rule")
-        lr_over = parse_overrides(args.lr, "lr")
-        rule_over.setdefault("scale_update_interval", args.scale_update_interval)
-        if args.accum_threshold is not None:
-            rule_over["accum_threshold"] = args.accum_threshold
-        rule = FlipRule.for_run(args.steps, **rule_over)
-    except (ValueError, TypeError) as e:
-        raise UsageError(str(e)) from None
-    for k, v in lr_over.items():
+    hp = hparams_from_args(args)
+    for k, v in hp.lr.items():
         if k not in CONFIG_NAMES:
             raise UsageError(f"--lr names unknown config {k!r}; choose from {', '.join(CONFIG_NAMES)}")
         check_lr(k, v, "--lr")
@@ -541,10 +486,6 @@ def run(args: argparse.Namespace, on_progress: Callable[[], None] | None = None)
         except ValueError as e:
             raise UsageError(f"--compile: {e}") from None
     model_kw["compile_ops"] = args.compile
-    hp = Hparams(steps=args.steps, rule=rule, lr=lr_over, warmup_frac=args.warmup_frac, min_lr_frac=args.min_lr_frac,
-                 naive_threshold=args.accum_threshold if args.accum_threshold is not None else 8)
-    if args.group_size is not None:
-        hp.group_size = args.group_size
     hps = [_with_overrides(hp, name, over) for _, name, over in specs]  # bad brackets fail before any work
     for flag in ("json", "plot"):
         if getattr(args, flag):

@@ -49,6 +49,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import CheckpointError, WriteError
+from .trainconfig import TrainConfig
 from .weight import DEFAULT_GROUP_SIZE
 
 FORMAT = "trueternary.checkpoint"
@@ -60,10 +62,6 @@ _NAME_RE = re.compile(r"step_(\d+)\.safetensors")
 _TMP_RE = re.compile(r"\..+\.tmp-\d+")
 _SERIALIZER_TMP_RE = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # safetensors' own temporary (Rust's tempfile crate)
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, truncated, foreign or from a newer format (one line)."""
 
 
 # ------------------------------------------------------------------------------------ JSON helpers
@@ -116,15 +114,6 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 
 # ------------------------------------------------------------------------------------ writing
-class WriteError(ValueError):
-    """A file of a run could not be written (disk full, read-only file system, no permission): one line
-    naming the path, exit code 2. ``reason``: the operating system's words for it."""
-
-    def __init__(self, message: str, reason: str = "") -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 def write_error(path: str | os.PathLike, e: OSError, verb: str = "write") -> WriteError:
     reason = e.strerror or _one_line(e)
     return WriteError(f"cannot {verb} {path}: {reason}", reason)
@@ -549,8 +538,6 @@ def _check_hparams(path, hparams: dict) -> None:
 def _check_train_config(path, tc: dict, meta: dict) -> None:
     """Types and bounds of every TrainConfig field (their finer ranges are the flags' own, checked by
     ``train.validate`` when the run resumes), and agreement with the checkpoint's config, model and scales."""
-    from .train import TrainConfig
-
     _check_fields(path, "train_config", tc, TrainConfig)
     mcfg = meta["model"]["config"]
     agree = {"config": meta["recipe"], "model": meta["model"]["name"],

@@ -2,12 +2,14 @@
 
     train     train one model (trueternary.train)          generate  sample from a checkpoint
     project   memory projection, checked by measurement     info      what a checkpoint holds
-    bench     compare training configurations
+    bench     compare training configurations              audit     what a model holds (float or integer)
 
 Exit codes: 0 success (also a training run stopped by SIGTERM after saving); 2 bad flags, data or
-checkpoint, or a file that cannot be written (UsageError, DataError, CheckpointError, WriteError; any
-other OSError naming a file); 1 training diverged (TrainingError); 3 bench: some configs failed, crashed or
-timed out; 130 interrupted.
+checkpoint, or a file that cannot be written (trueternary.errors.USAGE_ERRORS: UsageError, DataError,
+CheckpointError, WriteError; any other OSError naming a file); 1 training diverged (TrainingError); 3 bench: some
+configs failed, crashed or timed out; 130 interrupted.
+
+The sub-commands are imported when the parser is built; they import ``flags`` and ``errors``, never this module.
 """
 
 from __future__ import annotations
@@ -15,31 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-
-class UsageError(ValueError):
-    """A bad flag value or combination: reported in one line, exit code 2."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but no CUDA device is available")
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"unsupported device {name!r} (use cpu, cuda, cuda:N or auto)")
-    return dev
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        sys.stderr.write(f"trueternary: error: {message}\n")
-        sys.exit(2)
+from .errors import USAGE_ERRORS, TrainingError, UsageError  # noqa: F401 (UsageError: its old home, kept)
+from .flags import Parser
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -51,8 +30,8 @@ def _info(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import audit, bench, generate, project, train
 
-    p = _Parser(prog="trueternary", description="Train and ship purely ternary neural networks.")
-    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    p = Parser(prog="trueternary", description="Train and ship purely ternary neural networks.")
+    sub = p.add_subparsers(dest="command", parser_class=Parser)
     t = sub.add_parser("train", help="train a model (default: TrueTernary on the embedded corpus)",
                        description="Train one model; everything goes to <out_dir>/<run_name>/ (see docs/training.md).")
     train.add_arguments(t)
@@ -76,10 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError, WriteError
-    from .data import DataError
-    from .train import TrainingError
-
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -90,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         args.func(args)
-    except (UsageError, DataError, CheckpointError, WriteError) as e:
+    except USAGE_ERRORS as e:
         sys.stderr.write(f"trueternary: error: {e}\n")
         return 2
     except OSError as e:  # an I/O failure no caller turned into one of the errors above: still one line
@@ -107,9 +82,5 @@ def main(argv: list[str] | None = None) -> int:
     return getattr(args, "_exit_code", 0)
 
 
-if __name__ == "__main__":
-    # ``python -m trueternary.cli``: run the main of the module the rest of the package imports, not of this
-    # second copy named __main__, whose UsageError would be another class than the one train.py raises.
-    from trueternary.cli import main as package_main
-
-    sys.exit(package_main())
+if __name__ == "__main__":  # python -m trueternary.cli
+    sys.exit(main())

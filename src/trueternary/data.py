@@ -24,6 +24,7 @@ source hash covers each source file's size and mtime (enwik8: the archive's sha2
 source reuses its cache and a changed one is decompressed again, replacing the older copy. A cache file
 is streamed in 1 MiB chunks to a temporary file in the same directory and renamed into place when
 complete, so an interrupted or failed decompression leaves nothing that a later load would use.
+:class:`Corpus`, the reading of files and the cache are :mod:`trueternary.datafiles`' (enwik8 uses them too).
 
 Held-out text: the last ``val_fraction`` of the bytes (contiguous, never trained on); enwik8 uses
 its standard split instead.
@@ -38,37 +39,18 @@ from __future__ import annotations
 
 import base64
 import gzip
-import hashlib
-import json
-import mmap
 import os
-import re
 import stat
 import sysconfig
-import tempfile
-import warnings
-import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
+from .datafiles import SPEC_HELP, Corpus, cached_copy, copy_chunks, file_kind, map_file, open_regular
+from .errors import DataError
+
 DEFAULT_CORPUS_BYTES = 8 << 20
-CACHE_SUBDIR = "corpora"
-_CHUNK = 1 << 20
-_SPEC_HELP = "a regular file, a .gz file, a directory, 'default' or 'enwik8'"
-
-
-class DataError(ValueError):
-    """Bad, missing or empty training data (reported to the user in one line)."""
-
-
-def default_cache_dir() -> Path:
-    """``$TRUETERNARY_CACHE``, else ``~/.cache/trueternary``: downloads and the data cache."""
-    env = os.environ.get("TRUETERNARY_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "trueternary"
 
 
 def default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> bytes:
@@ -85,65 +67,6 @@ def default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> bytes:
     return bytes(out[:max_bytes])
 
 
-# ------------------------------------------------------------------------------------ files and maps
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"),
-                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
-        if test(mode):
-            return name
-    return "special file"
-
-
-def open_regular(path: Path) -> BinaryIO:
-    """``path`` opened for reading; anything but a regular file is a DataError.
-
-    Opened non-blocking, so a FIFO that replaced the file after it was checked is refused instead
-    of waiting for a writer (regular files ignore the flag).
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise DataError(f"data path not found: {path}") from None
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise DataError(f"data path {path} is a {_kind(mode)}; data is {_SPEC_HELP}")
-    return os.fdopen(fd, "rb")
-
-
-def map_file(path: Path) -> torch.Tensor:
-    """The bytes of a regular file as a uint8 tensor on a read-only memory map: nothing is read until used."""
-    with open_regular(path) as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return torch.empty(0, dtype=torch.uint8)  # mmap refuses empty files
-        try:
-            # Read-only, not copy-on-write: a private writable map is charged in full against the
-            # kernel's commit limit, which refuses corpora larger than RAM + swap.
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot map {path}: {getattr(e, 'strerror', None) or e}") from None
-    with warnings.catch_warnings():  # torch warns that the tensor could write to a read-only buffer; nothing does
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        return torch.frombuffer(mapped, dtype=torch.uint8)  # holds a reference to the map
-
-
-def copy_chunks(read: Callable[[int], bytes], out: BinaryIO, source: Path, bad: str = "cannot be read",
-                errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)) -> None:
-    """Stream ``read`` into ``out`` in 1 MiB chunks. A failure to read (``errors``) is the source's: a
-    DataError naming it, ``bad`` saying how; a failure to write is the cache's (OSError, passed on)."""
-    while True:
-        try:
-            chunk = read(_CHUNK)
-        except errors as e:
-            raise DataError(f"{source} {bad} ({getattr(e, 'strerror', None) or e})") from None
-        if not chunk:
-            return
-        out.write(chunk)
-
-
 def _copy_source_file(p: Path, out: BinaryIO) -> None:
     """One file into the cache, decompressed when its name ends in ``.gz``."""
     with open_regular(p) as f:
@@ -151,50 +74,6 @@ def _copy_source_file(p: Path, out: BinaryIO) -> None:
             copy_chunks(gzip.GzipFile(fileobj=f, mode="rb").read, out, p, "is not a valid gzip file")
         else:
             copy_chunks(f.read, out, p)
-
-
-def _hash_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-
-
-def cached_copy(source: Path, identity: object, write: Callable[[BinaryIO], None], doing: str,
-                cache_dir: str | os.PathLike | None = None) -> Path:
-    """The cache file holding what ``write`` produces from ``source`` (see the module docstring).
-
-    ``identity`` (JSON-ready) changes whenever the source does: the cache file is reused while it is
-    the same, and written again (the older copy removed) when it is not.
-    """
-    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / CACHE_SUBDIR
-    resolved = source.resolve()  # "data" and "./data/" are one source
-    stem = f"{re.sub(r'[^A-Za-z0-9._-]', '_', resolved.name) or 'root'}-{_hash_text(str(resolved))}"
-    path = root / f"{stem}-{_hash_text(json.dumps(identity, sort_keys=True))}.bytes"
-    if path.is_file():
-        return path
-    where = "(choose another cache with --data_dir or $TRUETERNARY_CACHE)"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{stem}-", suffix=".part", dir=root)
-    except OSError as e:
-        raise DataError(f"cannot write the data cache {root}: {e.strerror or e} {where}") from None
-    print(f"data: {doing} {source} into {path} (once; reused while the source is unchanged)", flush=True)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            write(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise DataError(f"cannot write {path}: {e.strerror or e} {where}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    for older in root.glob(f"{stem}-*.bytes"):
-        if older != path:
-            try:
-                older.unlink()  # a process still mapping it keeps its pages
-            except OSError:
-                pass
-    return path
 
 
 def _source_bytes(p: Path, cache_dir: str | os.PathLike | None) -> torch.Tensor:
@@ -221,32 +100,11 @@ def _source_bytes(p: Path, cache_dir: str | os.PathLike | None) -> torch.Tensor:
 
         return map_file(cached_copy(p, identity, write, "concatenating the files of", cache_dir))
     if not stat.S_ISREG(st.st_mode):
-        raise DataError(f"data path {p} is a {_kind(st.st_mode)}; data is {_SPEC_HELP}")
+        raise DataError(f"data path {p} is a {file_kind(st.st_mode)}; data is {SPEC_HELP}")
     if p.suffix == ".gz":
         identity = [st.st_size, st.st_mtime_ns]
         return map_file(cached_copy(p, identity, lambda out: _copy_source_file(p, out), "decompressing", cache_dir))
     return map_file(p)
-
-
-# ------------------------------------------------------------------------------------ corpora
-@dataclass
-class Corpus:
-    name: str
-    train: torch.Tensor  # uint8, usually a view of a memory map
-    val: torch.Tensor  # uint8
-    test: torch.Tensor | None = None
-
-    def fingerprint(self) -> str:
-        """sha256 of the training then held-out bytes: recorded in checkpoints to detect a data change.
-
-        Streamed in 16 MiB slices of the (mapped) tensors, so it needs no copy of the corpus; it reads
-        every byte once: 0.2 s for 512 MiB in the page cache (a 2-core test VM), disk speed otherwise.
-        """
-        h = hashlib.sha256()
-        for part in (self.train, self.val):
-            for i in range(0, len(part), 16 * _CHUNK):
-                h.update(part[i:i + 16 * _CHUNK].numpy())
-        return h.hexdigest()
 
 
 def load_corpus(spec: str | os.PathLike | None = None, val_fraction: float = 0.05, min_bytes: int = 1024,
@@ -254,14 +112,14 @@ def load_corpus(spec: str | os.PathLike | None = None, val_fraction: float = 0.0
     """Load a corpus by spec (see module docstring) and split off held-out text.
 
     ``cache_dir``: where enwik8 is downloaded and .gz files and directories are decompressed
-    (default: :func:`default_cache_dir`).
+    (default: :func:`trueternary.datafiles.default_cache_dir`).
     """
     if not 0.0 < val_fraction < 0.5:
         raise DataError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
     if spec is not None and not isinstance(spec, (str, os.PathLike)):
         raise DataError(f"data spec must be a path or a name, got {type(spec).__name__}")
     if spec == "":
-        raise DataError(f"the data spec is empty; give {_SPEC_HELP}")
+        raise DataError(f"the data spec is empty; give {SPEC_HELP}")
     if spec in (None, "default"):
         data, name = torch.frombuffer(bytearray(default_corpus()), dtype=torch.uint8), "default (python stdlib sources)"
     elif spec == "enwik8":

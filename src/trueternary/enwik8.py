@@ -16,7 +16,7 @@ Cache: ``<cache_dir>/enwik8.zip`` with ``cache_dir`` = ``--data_dir``, else ``$T
 else ``~/.cache/trueternary``. A download goes to a temporary file in the cache directory, is
 hashed while it streams, and is renamed into place only when its sha256 equals ``ENWIK8_SHA256``;
 a cached archive is hashed again at every load, so a damaged cache is reported, never trained on.
-The member is extracted once (zip's CRC checked) into the data cache (:mod:`trueternary.data`,
+The member is extracted once (zip's CRC checked) into the data cache (:mod:`trueternary.datafiles`,
 ``<cache_dir>/corpora/enwik8.zip-*.bytes``, keyed by the archive's sha256) and memory-mapped from there.
 """
 
@@ -32,7 +32,8 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO
 
-from .data import Corpus, DataError, cached_copy, copy_chunks, default_cache_dir, map_file
+from .datafiles import Corpus, cached_copy, copy_chunks, default_cache_dir, map_file
+from .errors import DataError
 
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_SHA256 = "547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc"

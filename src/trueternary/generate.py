@@ -19,18 +19,11 @@ import warnings
 
 import torch
 
-from .checkpoint import (
-    MODEL_PREFIX,
-    TERNARY_INFERENCE,
-    CheckpointError,
-    inference_tensor_names,
-    load_checkpoint,
-    read_header,
-)
+from .checkpoint import MODEL_PREFIX, TERNARY_INFERENCE, inference_tensor_names, load_checkpoint, read_header
+from .errors import CheckpointError, UsageError
+from .flags import resolve_device
 from .vocab import N_BYTES, decode, encode
 from .weight import DEFAULT_GROUP_SIZE, ternary_weights
-
-FLOAT_QAT = ("BitNet_QAT", "SignSGD_Old")
 
 
 def build_inference_model(recipe: str, model_name: str, model_config: dict, group_size: int):
@@ -41,7 +34,7 @@ def build_inference_model(recipe: str, model_name: str, model_config: dict, grou
     from .convert import ternarize
     from .models import build_model
     from .qat import fake_ternarize
-    from .recipes import CONFIG_NAMES, TERNARY_CONFIGS
+    from .recipes import CONFIG_NAMES, LATENT_CONFIGS, TERNARY_CONFIGS
 
     if recipe not in CONFIG_NAMES:
         raise CheckpointError(f"checkpoint holds unknown config {recipe!r}")
@@ -52,7 +45,7 @@ def build_inference_model(recipe: str, model_name: str, model_config: dict, grou
             ternarize(model, group_size, scale_mode="float" if recipe == "TrueTernary_Hybrid" else "int")
         for w in ternary_weights(model):
             w.release_training_state()
-    elif recipe in FLOAT_QAT:
+    elif recipe in LATENT_CONFIGS:
         fake_ternarize(model)
     return model
 
@@ -133,8 +126,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .cli import UsageError, resolve_device
-
     if args.max_new_tokens < 0:
         raise UsageError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
     if not (args.temperature >= 0 and math.isfinite(args.temperature)):

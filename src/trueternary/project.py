@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .errors import UsageError
 from .vocab import VOCAB_SIZE
 from .weight import DEFAULT_GROUP_SIZE
 
@@ -434,8 +435,6 @@ FLAG_BOUNDS = {"group_size": 1 << 20, "batch": 1 << 20, "ctx": 1 << 24, "d_model
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .cli import UsageError
-
     if not (1 <= args.params <= MAX_PARAMS):  # (NaN fails both)
         raise UsageError(f"--params must be a number in [1, {MAX_PARAMS:.0e}], got {args.params:g}")
     for name, hi in FLAG_BOUNDS.items():

@@ -11,12 +11,17 @@ differ.
     TrueTernary         strict: packed trits + int8 accumulators, FlipOptimizer, zero float parameters
     TrueTernary_Naive   strict, the seed's plain sign-vote rule (kept to show why it fails)
     TrueTernary_Hybrid  trits by votes, float log2 scales by AdamW (non-strict)
+
+Each is a builder function registered with ``@recipe(name, weights, default_lr)`` in :data:`RECIPES`;
+``CONFIG_NAMES``, ``TERNARY_CONFIGS`` and ``LATENT_CONFIGS`` are read from the registry, and ``build_recipe``
+looks the name up there. ``Hparams.for_run`` is the one way ``train`` and ``bench`` build the hyper-parameters.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -26,36 +31,16 @@ from torch import nn
 from .backends import DEFAULT_UPDATE_BACKEND, UpdateBackend, resolve_backend
 from .convert import ternarize
 from .layers import IntegerBias, set_linear_kernel
-from .optim import FlipOptimizer, SignGSD, TileNormSGD, hybrid_optimizers
+from .optim import ADAMW_BETAS, HYBRID_SCALE_LR, FlipOptimizer, SignGSD, hybrid_optimizers
 from .qat import fake_ternarize, forward_trits
-from .rule import FlipRule
+from .rule import NAIVE_ACCUM_THRESHOLD, FlipRule
 from .weight import DEFAULT_GROUP_SIZE, ternary_weights
-
-CONFIG_NAMES = (
-    "Adam_FP32",
-    "BitNet_QAT",
-    "SignSGD_Old",
-    "TrueTernary",
-    "TrueTernary_Naive",
-    "TrueTernary_Hybrid",
-)
-TERNARY_CONFIGS = ("TrueTernary", "TrueTernary_Naive", "TrueTernary_Hybrid")
-QAT_OPTIMIZERS = ("adamw", "tile_sgd")
-LATENT_CONFIGS = ("BitNet_QAT", "SignSGD_Old")  # float latent weights behind a ternary forward
-
-# Peak learning rates (vote scale for TrueTernary), tuned on the development corpus; see docs/learning.md.
-DEFAULT_LR = {
-    "Adam_FP32": 2e-3,
-    "BitNet_QAT": 3e-3,
-    "SignSGD_Old": 1e-4,
-    "TrueTernary": None,  # FlipRule().lr
-    "TrueTernary_Naive": None,
-    "TrueTernary_Hybrid": None,
-}
 
 
 @dataclass
 class Hparams:
+    """A run's hyper-parameters (all configs'); build them with :meth:`for_run`, as ``train`` and ``bench`` do."""
+
     steps: int = 200
     warmup_frac: float = 0.05
     min_lr_frac: float = 0.1
@@ -64,21 +49,37 @@ class Hparams:
     group_size: int = DEFAULT_GROUP_SIZE
     lr: dict = field(default_factory=dict)  # per-config overrides
     rule: FlipRule | None = None  # None: FlipRule.for_run(steps)
-    naive_threshold: int = 8
-    qat_quantizer: str = "absmean"  # the latent configs' forward: BitNet's, or "group_pow2" (diagnostic)
-    qat_optimizer: str = "adamw"  # BitNet_QAT's optimiser: AdamW, or "tile_sgd" (TileNormSGD, diagnostic)
-    qat_betas: tuple | None = None  # BitNet_QAT's (beta1, beta2); None: AdamW (0.9, 0.95), tile_sgd (0, 0)
-    qat_normalize_first: bool = False  # tile_sgd: momentum of the normalised step (not of the gradient)
-    hybrid_scale_lr: float = 1e-3
+    naive_threshold: int = NAIVE_ACCUM_THRESHOLD
+    qat_quantizer: str = "absmean"  # the latent configs' forward: BitNet's, or "group_pow2" (TrueTernary's format)
+    hybrid_scale_lr: float = HYBRID_SCALE_LR
 
     def __post_init__(self) -> None:
         if self.rule is None:
             self.rule = FlipRule.for_run(self.steps)
 
+    @classmethod
+    def for_run(cls, steps: int, *, lr: dict | None = None, rule: dict | None = None,
+                accum_threshold: int | None = None, scale_update_interval: int | None = None,
+                group_size: int | None = None, warmup_frac: float | None = None,
+                min_lr_frac: float | None = None) -> Hparams:
+        """The hyper-parameters of a run of ``steps`` optimiser steps: these defaults and
+        ``FlipRule.for_run(steps)``'s, with every argument that is not None on top. ``lr``: peak learning rates by
+        config name; ``rule``: FlipRule field overrides, under ``scale_update_interval`` and ``accum_threshold``
+        (which is the naive rule's threshold too). ValueError / TypeError for a bad rule field."""
+        over = dict(rule or {})
+        if scale_update_interval is not None:
+            over["scale_update_interval"] = scale_update_interval
+        if accum_threshold is not None:
+            over["accum_threshold"] = accum_threshold
+        given = {"group_size": group_size, "warmup_frac": warmup_frac, "min_lr_frac": min_lr_frac,
+                 "naive_threshold": accum_threshold}
+        return cls(steps=steps, rule=FlipRule.for_run(steps, **over), lr=dict(lr or {}),
+                   **{k: v for k, v in given.items() if v is not None})
+
     def lr_for(self, name: str) -> float:
         if name in self.lr:
             return float(self.lr[name])
-        v = DEFAULT_LR[name]
+        v = RECIPES[name].default_lr
         return float(self.rule.lr if v is None else v)
 
     def to_dict(self) -> dict:
@@ -285,48 +286,100 @@ class Recipe:
         }
 
 
+# ------------------------------------------------------------------------------------ the registry
+# (config name, model: a deep copy of the base on the run's device, hp, peak lr (Hparams.lr_for), update backend
+# (resolved for ternary configs), seed) -> Recipe
+Builder = Callable[[str, nn.Module, Hparams, float, UpdateBackend, int], Recipe]
+
+
+@dataclass(frozen=True)
+class RecipeEntry:
+    """A training configuration: how it is built and what its weights are."""
+
+    build: Builder
+    weights: str  # "float", "latent" (float latent weights behind a ternary forward) or "ternary"
+    default_lr: float | None  # peak learning rate (vote scale); None: the rule's (FlipRule.lr)
+
+
+RECIPES: dict[str, RecipeEntry] = {}  # by config name, in the order they are listed to users
+
+
+def recipe(name: str, weights: str, default_lr: float | None = None) -> Callable[[Builder], Builder]:
+    """Register the decorated builder as config ``name`` (see :class:`RecipeEntry`)."""
+    if weights not in ("float", "latent", "ternary"):
+        raise ValueError(f"weights must be 'float', 'latent' or 'ternary', got {weights!r}")
+
+    def register(build: Builder) -> Builder:
+        if name in RECIPES:
+            raise ValueError(f"config {name!r} is registered twice")
+        RECIPES[name] = RecipeEntry(build, weights, default_lr)
+        return build
+
+    return register
+
+
+# Peak learning rates (vote scale for TrueTernary), tuned on the development corpus; see docs/learning.md.
+@recipe("Adam_FP32", "float", default_lr=2e-3)
+def _adam_fp32(name, model, hp, lr, backend, seed) -> Recipe:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=ADAMW_BETAS, weight_decay=hp.weight_decay)
+    return Recipe(name, model, [opt], hp)
+
+
+@recipe("BitNet_QAT", "latent", default_lr=3e-3)
+def _bitnet_qat(name, model, hp, lr, backend, seed) -> Recipe:
+    fake_ternarize(model, hp.qat_quantizer, hp.group_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=ADAMW_BETAS, weight_decay=hp.weight_decay)
+    return Recipe(name, model, [opt], hp)
+
+
+@recipe("SignSGD_Old", "latent", default_lr=1e-4)
+def _signsgd_old(name, model, hp, lr, backend, seed) -> Recipe:
+    fake_ternarize(model, hp.qat_quantizer, hp.group_size)
+    opt = SignGSD(model.parameters(), lr=lr, weight_decay=0.0)
+    return Recipe(name, model, [opt], hp, float_clip=False)
+
+
+@recipe("TrueTernary", "ternary")
+def _true_ternary(name, model, hp, lr, backend, seed) -> Recipe:
+    ternarize(model, hp.group_size, accum_threshold=hp.rule.init_accum_threshold())
+    set_linear_kernel(model, backend.linear_kernel)
+    flip = FlipOptimizer(model, lr=lr, rule=hp.rule, backend=backend, seed=seed)
+    return Recipe(name, model, [flip], hp, flip=flip)
+
+
+@recipe("TrueTernary_Naive", "ternary")
+def _true_ternary_naive(name, model, hp, lr, backend, seed) -> Recipe:
+    ternarize(model, hp.group_size)
+    set_linear_kernel(model, backend.linear_kernel)
+    rule = FlipRule.naive(hp.naive_threshold, hp.rule.scale_update_interval)
+    flip = FlipOptimizer(model, rule=rule, backend=backend, seed=seed)  # (the seed rule has no lr)
+    return Recipe(name, model, [flip], hp, flip=flip)
+
+
+@recipe("TrueTernary_Hybrid", "ternary")
+def _true_ternary_hybrid(name, model, hp, lr, backend, seed) -> Recipe:
+    # float log2 scales: its linear layers run dense whatever their kernel
+    ternarize(model, hp.group_size, scale_mode="float", accum_threshold=hp.rule.init_accum_threshold())
+    set_linear_kernel(model, backend.linear_kernel)
+    flip, adam = hybrid_optimizers(model, scale_lr=hp.hybrid_scale_lr, lr=lr, rule=hp.rule, backend=backend,
+                                   seed=seed)
+    return Recipe(name, model, [flip, adam], hp, flip=flip)
+
+
+CONFIG_NAMES = tuple(RECIPES)
+TERNARY_CONFIGS = tuple(n for n, e in RECIPES.items() if e.weights == "ternary")
+LATENT_CONFIGS = tuple(n for n, e in RECIPES.items() if e.weights == "latent")
+
+
 def build_recipe(name: str, base_model: nn.Module, hp: Hparams, device: torch.device | str = "cpu",
                  backend: UpdateBackend | str = DEFAULT_UPDATE_BACKEND, seed: int = 0) -> Recipe:
     """Make config ``name`` from a deep copy of ``base_model`` (the base is left untouched). A ternary config's
     linear layers run on the kernels that go with its update ``backend`` (``UpdateBackend.linear_kernel``)."""
-    if name not in CONFIG_NAMES:
+    if name not in RECIPES:
         raise ValueError(f"unknown config {name!r}; choose from {', '.join(CONFIG_NAMES)}")
+    entry = RECIPES[name]
     model = copy.deepcopy(base_model).to(device)
     lr = hp.lr_for(name)
-    if name == "Adam_FP32":
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=hp.weight_decay)
-        return Recipe(name, model, [opt], hp)
-    if name == "BitNet_QAT":
-        if hp.qat_optimizer not in QAT_OPTIMIZERS:
-            raise ValueError(f"qat_optimizer must be one of {QAT_OPTIMIZERS}, got {hp.qat_optimizer!r}")
-        fake_ternarize(model, hp.qat_quantizer, hp.group_size)
-        if hp.qat_optimizer == "tile_sgd":
-            beta1, beta2 = hp.qat_betas or (0.0, 0.0)
-            opt = TileNormSGD(model.parameters(), lr=lr, norm_block=hp.rule.norm_block, beta1=beta1, beta2=beta2,
-                              normalize_first=hp.qat_normalize_first)
-            return Recipe(name, model, [opt], hp, float_clip=False)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=hp.qat_betas or (0.9, 0.95),
-                                weight_decay=hp.weight_decay)
-        return Recipe(name, model, [opt], hp)
-    if name == "SignSGD_Old":
-        fake_ternarize(model, hp.qat_quantizer, hp.group_size)
-        opt = SignGSD(model.parameters(), lr=lr, weight_decay=0.0)
-        return Recipe(name, model, [opt], hp, float_clip=False)
-    backend = resolve_backend(backend)
-    if name == "TrueTernary":
-        ternarize(model, hp.group_size, accum_threshold=hp.rule.init_accum_threshold())
-        set_linear_kernel(model, backend.linear_kernel)
-        flip = FlipOptimizer(model, lr=lr, rule=hp.rule, backend=backend, seed=seed)
-        return Recipe(name, model, [flip], hp, flip=flip)
-    if name == "TrueTernary_Naive":
-        ternarize(model, hp.group_size)
-        set_linear_kernel(model, backend.linear_kernel)
-        rule = FlipRule.naive(hp.naive_threshold, hp.rule.scale_update_interval)
-        flip = FlipOptimizer(model, rule=rule, backend=backend, seed=seed)
-        return Recipe(name, model, [flip], hp, flip=flip)
-    # TrueTernary_Hybrid (float log2 scales: its linear layers run dense whatever their kernel)
-    ternarize(model, hp.group_size, scale_mode="float", accum_threshold=hp.rule.init_accum_threshold())
-    set_linear_kernel(model, backend.linear_kernel)
-    flip, adam = hybrid_optimizers(model, scale_lr=hp.hybrid_scale_lr, lr=lr, rule=hp.rule,
-                                   backend=backend, seed=seed)
-    return Recipe(name, model, [flip, adam], hp, flip=flip)
+    if entry.weights == "ternary":  # (the others have no update backend)
+        backend = resolve_backend(backend)
+    return entry.build(name, model, hp, lr, backend, seed)

@@ -67,6 +67,7 @@ INT8_MAX = 127
 VOTE_MODES = ("sign", "stochastic")
 NORMALIZE_MODES = ("tensor", "block_factored")
 ACCUM_INITS = ("residual", "zero")
+NAIVE_ACCUM_THRESHOLD = 8  # the seed rule's threshold (FlipRule.naive; recipes.Hparams.naive_threshold)
 MS_EPS = 1e-30  # keeps s finite for an all-zero gradient (whose votes are then 0)
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # where the statistics of g**2 saturate (module docstring)
 # The integer state's ranges: what training keeps, and what loading a state must satisfy (check_state_range).
@@ -152,7 +153,7 @@ class FlipRule:
         return cls.from_dict({"scale_lr": min(0.25, 75.0 / steps), **overrides})
 
     @classmethod
-    def naive(cls, accum_threshold: int = 8, scale_update_interval: int = 1) -> FlipRule:
+    def naive(cls, accum_threshold: int = NAIVE_ACCUM_THRESHOLD, scale_update_interval: int = 1) -> FlipRule:
         """The seed's rule: one sign vote per weight per step, reset on flip, E voted the same way."""
         return cls(
             vote="sign",

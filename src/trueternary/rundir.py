@@ -30,6 +30,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt_io
 from . import distributed
+from .errors import UsageError
 
 LOCK_FILE = ".lock"
 # What a run writes into its directory: finding any of these, a fresh run refuses to start (or, with
@@ -98,7 +99,6 @@ class RunDirectory:
         self._created += reversed(missing)
 
     def _lock(self) -> None:
-        from .cli import UsageError
 
         path = self.path / LOCK_FILE
         while True:
@@ -138,7 +138,6 @@ class RunDirectory:
     def check_fresh(self, overwrite: bool) -> None:
         """A fresh run starts only in a directory without another run's files; ``overwrite`` moves them into
         ``replaced-<time>/`` (nothing is deleted)."""
-        from .cli import UsageError
 
         found = self.run_files()
         if not found:
@@ -165,7 +164,6 @@ class RunDirectory:
 
     def check_resumed(self, step: int) -> None:
         """Resuming step ``step`` here must not go back behind a newer checkpoint of this directory."""
-        from .cli import UsageError
 
         newest = ckpt_io.latest_checkpoint(self.path)
         if newest is not None and ckpt_io.checkpoint_step(newest) > step:

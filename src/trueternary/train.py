@@ -38,12 +38,11 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import determinism, distributed, memory
-from .bench import validation_bpb
-from .checkpoint import CheckpointError, WriteError
 from .data import Corpus, RandomWindows, eval_windows, load_corpus
 from .distributed import Ranks, say
+from .errors import CheckpointError, DataError, NonFiniteGradientError, TrainingError, UsageError, WriteError
+from .evaluate import validation_bpb
 from .models import build_model
-from .optim import NonFiniteGradientError
 from .recipes import Hparams, build_recipe, lr_factor
 from .rundir import LOCK_FILE, RunDirectory, RunLog, plot_run, read_metrics, write_json
 from .trainconfig import (
@@ -69,14 +68,8 @@ __all__ = ["FLAG_LIMITS", "LOCK_FILE", "RunDirectory", "StopSignal", "TrainConfi
 LN2 = math.log(2.0)
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (diverged); reported in one line, exit code 1."""
-
-
 def _declared_errors() -> tuple[type[BaseException], ...]:
     """The errors reported in one line (cli.main); past set-up, every rank raises them together."""
-    from .cli import UsageError
-    from .data import DataError
 
     return (UsageError, DataError, CheckpointError, WriteError, TrainingError)
 
@@ -255,7 +248,6 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
 # ------------------------------------------------------------------------------------ set-up
 def resume_source(cfg: TrainConfig) -> Path | None:
     """The checkpoint file ``--resume`` names, or None for a fresh run."""
-    from .cli import UsageError
 
     if cfg.resume is None:
         return None
@@ -278,7 +270,7 @@ def resume_source(cfg: TrainConfig) -> Path | None:
 def join_ranks(cfg: TrainConfig) -> Ranks:
     """This process's place in the run: the one process, or one rank of a data-parallel run (under torchrun, or
     in an initialised process group), whose group is joined here and left at the end if it was created here."""
-    from .cli import UsageError, resolve_device
+    from .flags import resolve_device
 
     device = resolve_device(cfg.device)  # ("auto" on CUDA: every rank then takes cuda:<LOCAL_RANK>)
     try:
@@ -289,7 +281,6 @@ def join_ranks(cfg: TrainConfig) -> Ranks:
 
 def prepare_device(cfg: TrainConfig, ranks: Ranks) -> None:
     """CPU threads and the deterministic mode, before the first computation; --cuda_graph's conditions."""
-    from .cli import UsageError
 
     if cfg.cuda_graph is True and (ranks.device.type != "cuda" or ranks.parallel):
         raise UsageError("--cuda_graph needs a CUDA device and one process (no torchrun data parallelism)")
@@ -321,7 +312,6 @@ def claim_run_directory(cfg: TrainConfig, ckpt: ckpt_io.Checkpoint | None, held:
 
 def build_training_recipe(cfg: TrainConfig, hp: Hparams, model_cfg: dict, device: torch.device):
     """The model, initialised from the run's seed, and its optimisers (a trueternary.recipes.Recipe)."""
-    from .cli import UsageError
 
     try:
         base = build_model(cfg.model, seed=cfg.seed, compile_ops=cfg.compile, **model_cfg)
@@ -417,7 +407,6 @@ def _device_text(device: torch.device) -> str:
 def capture_step_graph(cfg: TrainConfig, recipe, ranks: Ranks, autocast: bool) -> None:
     """Run every step as one replayed CUDA graph (Recipe.use_cuda_graph) where --cuda_graph asks for it, or
     where it can be with --cuda_graph auto: a graph-capable config on a CUDA device, in one process."""
-    from .cli import UsageError
 
     device = ranks.device
     auto = cfg.cuda_graph == "auto" and graph_capable(cfg) and device.type == "cuda" and not ranks.parallel
@@ -439,7 +428,6 @@ def take_step(recipe, x: torch.Tensor, y: torch.Tensor, autocast: bool, step: in
               device: torch.device) -> tuple[torch.Tensor, NonFiniteGradientError | None]:
     """One optimiser step: its loss, and the error of a step that met NaN/inf gradients (and dropped their votes),
     which every rank then learns of (Ranks.sync_step). Running out of memory is a one-line error."""
-    from .cli import UsageError
 
     try:
         return recipe.train_step(x, y, autocast), None
@@ -536,7 +524,6 @@ def print_summary(summary: dict, cfg: TrainConfig, n_weights: int) -> None:
 # ------------------------------------------------------------------------------------ command line
 def comm_report(cfg: TrainConfig, world_sizes: str) -> str:
     """The ``--comm_report`` table for the model ``cfg`` describes (trueternary.distributed.comm_table)."""
-    from .cli import UsageError
 
     try:
         sizes = [int(v) for v in str(world_sizes).split(",") if v.strip()]

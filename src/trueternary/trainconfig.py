@@ -12,21 +12,27 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import distributed
-from .bench import parse_overrides
-from .checkpoint import Checkpoint
+from .backends import UpdateBackend
+from .errors import UsageError
+from .flags import parse_overrides
 from .models import check_compile_ops, model_names
 from .optim import BACKENDS, resolve_backend
 from .recipes import CONFIG_NAMES, Hparams
 from .rule import FlipRule
+from .weight import DEFAULT_GROUP_SIZE
+
+if TYPE_CHECKING:  # checkpoint reads TrainConfig from here
+    from .checkpoint import Checkpoint
 
 
 @dataclass
 class TrainConfig:
-    """One training run's flags (``trueternary train --help`` describes each); saved in every checkpoint."""
+    """Everything ``trueternary train`` is told (its flags, one field each), stored in every checkpoint."""
 
     # data
     data: str | None = None  # None: the embedded default corpus (Python stdlib sources)
@@ -36,14 +42,16 @@ class TrainConfig:
     d_model: int = 128
     n_layers: int = 2
     n_heads: int = 4
-    group_size: int = 64
+    group_size: int = DEFAULT_GROUP_SIZE
     # training configuration (trueternary.recipes)
     config: str = "TrueTernary"
     lr: float | None = None  # peak lr (vote scale for TrueTernary); None: the recipe's default
     accum_threshold: int | None = None  # None: FlipRule's default
-    scale_update_interval: int = 1
+    scale_update_interval: int = FlipRule.scale_update_interval
     rule: dict = field(default_factory=dict)  # further FlipRule field overrides
-    update_backend: str = "auto"
+    # On purpose not the library's DEFAULT_UPDATE_BACKEND (dense-fallback, which bench and build_recipe use): a
+    # training run takes the fastest backend this machine has (auto: gpu where CUDA and Triton are, else dense).
+    update_backend: str = UpdateBackend.AUTO.value
     compile: bool = False  # torch.compile the model's shared ops (norms, attention, activations; transformer)
     # TrueTernary, gpu backend: the whole step as one CUDA graph (Recipe.use_cuda_graph); "auto": where it can be
     cuda_graph: bool | str = "auto"
@@ -93,22 +101,14 @@ def graph_capable(cfg: TrainConfig) -> bool:
 
 
 def hparams_for(cfg: TrainConfig) -> Hparams:
-    """The recipe hyper-parameters: recipe defaults, FlipRule defaults, and the run's overrides."""
-    rule_over = dict(cfg.rule)
-    rule_over["scale_update_interval"] = cfg.scale_update_interval
-    if cfg.accum_threshold is not None:
-        rule_over["accum_threshold"] = cfg.accum_threshold
-    rule = FlipRule.for_run(cfg.max_steps, **rule_over)
-    hp = Hparams(steps=cfg.max_steps, group_size=cfg.group_size, rule=rule,
-                 lr={cfg.config: cfg.lr} if cfg.lr is not None else {})
-    if cfg.accum_threshold is not None:
-        hp.naive_threshold = cfg.accum_threshold
-    return hp
+    """The run's hyper-parameters (:meth:`Hparams.for_run`, which bench uses too): the run's flags on the defaults."""
+    return Hparams.for_run(cfg.max_steps, lr={cfg.config: cfg.lr} if cfg.lr is not None else {}, rule=cfg.rule,
+                           accum_threshold=cfg.accum_threshold, scale_update_interval=cfg.scale_update_interval,
+                           group_size=cfg.group_size)
 
 
 def validate(cfg: TrainConfig) -> Hparams:
     """Check every flag; raise UsageError with a one-line message. Returns the hyper-parameters."""
-    from .cli import UsageError
 
     if cfg.config not in CONFIG_NAMES:
         raise UsageError(f"unknown --config {cfg.config!r}; choose from {', '.join(CONFIG_NAMES)}")
@@ -202,7 +202,6 @@ def _gib(n: int) -> str:
 def check_memory(cfg: TrainConfig, world: int = 1) -> None:
     """Refuse a run that cannot fit this machine's memory (:func:`memory_floor`), before anything is written
     or allocated: a model too large to build would otherwise fail half-way, or draw the OOM killer."""
-    from .cli import UsageError
 
     need, have = memory_floor(cfg, world), machine_memory()
     if have is not None and need > have:
@@ -236,7 +235,6 @@ def cpu_threads(cfg: TrainConfig) -> int:
 # ------------------------------------------------------------------------------------ resuming
 def merge_resumed(ckpt: Checkpoint, cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     """The checkpoint's TrainConfig with the flags the user gave on top; run-defining ones must agree."""
-    from .cli import UsageError
 
     saved = {k: v for k, v in (ckpt.meta.get("train_config") or {}).items() if k in _FIELDS}
     merged = TrainConfig(**saved)
@@ -345,7 +343,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
     """TrainConfig from parsed flags, and the set of fields the user gave."""
-    from .cli import UsageError
 
     given = {k: v for k, v in vars(args).items() if k in _FIELDS and v is not None}
     if args.rule:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
@@ -13,3 +15,14 @@ def triton_available() -> bool:
     except Exception:
         return False
     return True
+
+
+def kernels_can_run(t: torch.Tensor) -> bool:
+    """Triton kernels run on CUDA tensors, and on CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1)."""
+    if t.is_cuda:
+        return True
+    if t.device.type != "cpu" or not triton_available():
+        return False
+    from .triton_utils import interpreting
+
+    return interpreting()

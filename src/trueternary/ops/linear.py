@@ -27,25 +27,11 @@ import torch
 
 from ..backends import LinearKernel
 from ..rule import group_sum
+from . import kernels_can_run
 
 LN2 = math.log(2.0)
 _ANCHOR = torch.zeros((), requires_grad=True)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # operand dtypes the kernels take (not float64)
-
-
-def kernels_can_run(t: torch.Tensor) -> bool:
-    """Triton kernels run on CUDA tensors, and on CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1)."""
-    if t.is_cuda:
-        return True
-    if t.device.type != "cpu":
-        return False
-    from . import triton_available
-
-    if not triton_available():
-        return False
-    from .triton_utils import interpreting
-
-    return interpreting()
 
 
 def kernels_apply(x: torch.Tensor, weight) -> bool:
@@ -145,6 +131,15 @@ def apply_linear(x, weight, bias_module, impl: str | None):
     anchor = _ANCHOR if torch.is_grad_enabled() else None
     bias_value = bias_module.value() if bias_module is not None else None
     return TernaryLinearFunction.apply(x, anchor, weight.log2_scale, bias_value, weight, bias_module, impl)
+
+
+def ternary_linear_kernel(x: torch.Tensor, weight, bias_module=None, impl: str = "auto") -> torch.Tensor:
+    """:func:`ternary_linear` on the Triton kernels, asked for explicitly: matmul ``impl`` whatever the input's
+    device (``auto`` resolves per call, ``ops.ternary_matmul.resolve_impl``); ValueError for float-scale weights."""
+    if weight.scale_mode != "int":
+        raise ValueError("the kernel linear path needs integer scales (scale_mode='int')")
+    check_input(x, weight)
+    return apply_linear(x, weight, bias_module, impl)
 
 
 def ternary_linear(x, weight, bias_module=None, kernel: LinearKernel | str = LinearKernel.DENSE,

@@ -6,8 +6,7 @@
     kernel.py         the kernel backends ``gpu`` / ``gpu-signcache`` (Triton: ops.votes, ops.flip)
     data_parallel.py  both under data parallelism (votes summed over ranks; the kernels' vote bucket)
     context.py        what every vote shares: RNG seed and step counters, the NaN/inf check
-    sign.py           SignGSD (the seed's latent baseline), hybrid.py the hybrid's optimiser pair,
-    tile_norm.py      TileNormSGD (diagnostic)
+    sign.py           SignGSD (the seed's latent baseline), hybrid.py the hybrid's optimiser pair
 
 Backend names are :class:`trueternary.backends.UpdateBackend`.
 """
@@ -16,24 +15,24 @@ from __future__ import annotations
 
 from ..backends import UPDATE_BACKENDS as BACKENDS
 from ..backends import UpdateBackend, resolve_backend
-from .context import BIAS_VOTE_CLIP, CALLS_PER_STEP, NonFiniteGradientError
+from ..errors import NonFiniteGradientError
+from .context import BIAS_VOTE_CLIP, CALLS_PER_STEP
 from .flip import FlipOptimizer, norm_codes_of
-from .hybrid import hybrid_optimizers
+from .hybrid import ADAMW_BETAS, HYBRID_SCALE_LR, hybrid_optimizers
 from .sign import SignGSD, signgsd_update_
-from .tile_norm import TileNormSGD, tile_norm_update_
 
 __all__ = [
+    "ADAMW_BETAS",
     "BACKENDS",
     "BIAS_VOTE_CLIP",
     "CALLS_PER_STEP",
     "FlipOptimizer",
+    "HYBRID_SCALE_LR",
     "NonFiniteGradientError",
     "SignGSD",
-    "TileNormSGD",
     "UpdateBackend",
     "hybrid_optimizers",
     "norm_codes_of",
     "resolve_backend",
     "signgsd_update_",
-    "tile_norm_update_",
 ]

@@ -18,14 +18,12 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import NonFiniteGradientError  # noqa: F401 (raised by FlipOptimizer.step; its former home)
+
 CALLS_PER_STEP = 1024  # RNG counter slots per step: a weight may be called this often per step
 BIAS_VOTE_CLIP = 2**20  # largest |vote| of an integer bias (its int32 q is its own accumulator)
 BIAS_Q_MAX = 2**31 - 1  # a bias's int32 q saturates at +-(2**31 - 1)
 NORM_SALT = 0x4E4F524D  # RNG key salt of the norm_beta codes' rounding (one stream for all ranks)
-
-
-class NonFiniteGradientError(FloatingPointError):
-    """Raised by ``FlipOptimizer.step`` when a backward pass produced NaN or inf weight gradients."""
 
 
 class StepCounters:

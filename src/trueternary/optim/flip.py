@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 from ..backends import DEFAULT_UPDATE_BACKEND, UpdateBackend, resolve_backend
+from ..errors import NonFiniteGradientError
 from ..layers import IntegerBias
 from ..rule import STATE_BOUNDS, FlipRule, check_norm_codes, check_state_range, empty_norm_codes, uses_norm_memory
 from ..weight import TernaryScaleTensor, ternary_weights
 from .backend import VoteBackend
-from .context import BIAS_Q_MAX, NonFiniteGradientError, VoteContext
+from .context import BIAS_Q_MAX, VoteContext
 from .data_parallel import DataParallelKernelVotes, DataParallelVotes
 from .dense import DenseVotes
 from .kernel import KernelVotes

@@ -8,9 +8,12 @@ from torch import nn
 from ..weight import ternary_weights
 from .flip import FlipOptimizer
 
+ADAMW_BETAS = (0.9, 0.95)  # every AdamW the package builds: the hybrid's scales, recipes' Adam_FP32 and BitNet_QAT
+HYBRID_SCALE_LR = 1e-3  # the float log2 scales' AdamW learning rate (recipes.Hparams.hybrid_scale_lr)
+
 
 def hybrid_optimizers(
-    model: nn.Module, scale_lr: float = 1e-3, scale_weight_decay: float = 0.0, **flip_kwargs
+    model: nn.Module, scale_lr: float = HYBRID_SCALE_LR, scale_weight_decay: float = 0.0, **flip_kwargs
 ) -> tuple[FlipOptimizer, torch.optim.AdamW]:
     """The non-strict hybrid: trits move by votes, float ``log2_scale`` parameters by AdamW.
 
@@ -20,5 +23,5 @@ def hybrid_optimizers(
     if not scales:
         raise ValueError("hybrid training needs weights with scale_mode='float' (ternarize(model, scale_mode='float'))")
     flip = FlipOptimizer(model, **flip_kwargs)
-    adam = torch.optim.AdamW(scales, lr=scale_lr, betas=(0.9, 0.95), weight_decay=scale_weight_decay)
+    adam = torch.optim.AdamW(scales, lr=scale_lr, betas=ADAMW_BETAS, weight_decay=scale_weight_decay)
     return flip, adam

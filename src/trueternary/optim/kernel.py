@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 
 from ..ops import flip as flip_ops
+from ..ops import kernels_can_run
 from ..ops import votes as vote_ops
-from ..ops.linear import KERNEL_DTYPES, kernels_can_run
+from ..ops.linear import KERNEL_DTYPES
 from ..rule import uses_norm_memory
 from ..weight import TernaryScaleTensor
 from .backend import FlipCounts

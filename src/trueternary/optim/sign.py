@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .context import NonFiniteGradientError
+from ..errors import NonFiniteGradientError
 
 
 def check_lr(lr) -> None:

@@ -13,16 +13,16 @@
                measured by scripts/bench_kernels.py)
 
 ``ops.linear.TernaryLinearFunction`` runs these kernels for a layer whose kernel is ``LinearKernel.TRITON``
-(forward with ``transposed=False``, input gradient with ``transposed=True``); :func:`ternary_linear_kernel`
+(forward with ``transposed=False``, input gradient with ``transposed=True``); ``ops.linear.ternary_linear_kernel``
 is that path asked for explicitly. Integer-scale weights only (the hybrid float-scale mode needs the float
-weight gradient, which the reference path forms).
+weight gradient, which the reference path forms). This module imports nothing of ``ops.linear``, which calls it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..linear import apply_linear, check_input, kernels_can_run
+from .. import kernels_can_run
 from .naive import quantize_rows_fp8, ternary_matmul_fp8_naive, ternary_matmul_naive
 
 MATMUL_IMPLS = ("auto", "naive", "fused", "fused-fp8", "dequant")
@@ -53,21 +53,11 @@ def ternary_matmul(x: torch.Tensor, weight, transposed: bool = False, impl: str 
     return ternary_matmul_triton(x, weight, transposed, fp8=impl == "fused-fp8", config=config)
 
 
-def ternary_linear_kernel(x: torch.Tensor, weight, bias_module=None, impl: str = "auto") -> torch.Tensor:
-    """``ops.linear.ternary_linear`` on these kernels, asked for explicitly: matmul ``impl`` whatever the
-    input's device (``auto`` resolves per call, :func:`resolve_impl`); ValueError for float-scale weights."""
-    if weight.scale_mode != "int":
-        raise ValueError("the kernel linear path needs integer scales (scale_mode='int')")
-    check_input(x, weight)
-    return apply_linear(x, weight, bias_module, impl)
-
-
 __all__ = [
     "FUSED_MAX_TOKENS",
     "MATMUL_IMPLS",
     "quantize_rows_fp8",
     "resolve_impl",
-    "ternary_linear_kernel",
     "ternary_matmul",
     "ternary_matmul_fp8_naive",
     "ternary_matmul_naive",

@@ -60,6 +60,7 @@ import torch
 
 from ...rule import uses_norm_memory
 from .naive import (
+    FUSED_NORM_BLOCKS,
     cast_matmul_votes_naive,
     decode_vote_cache,
     encode_vote_cache,
@@ -69,7 +70,6 @@ from .naive import (
     zero_nonfinite_tiles,
 )
 
-FUSED_NORM_BLOCKS = (16, 32, 64, 128)  # norm_block values the kernel epilogue implements (tile edges are multiples)
 VOTES_IMPLS = ("auto", "fused", "gemm")
 # auto: the gradient tile formed in the vote kernel up to this many tokens, by cuBLAS above. At 16,384 tokens
 # the kernel's mainloop ran at about half cuBLAS's speed on the H200 (docs/performance.md); the gradient

@@ -25,6 +25,9 @@ from ...rule import accumulate, scale_gradient, sign_votes, stochastic_votes, vo
 #   bits 8: one int8 vote per byte                       (any vote_clip)
 # lowest bits hold the lowest flat index. bits 2 / 4 need cols % 4 / cols % 2 == 0 (no byte spans two rows).
 CACHE_BIAS = {2: 1, 4: 8}
+# norm_block values the kernel epilogue implements (tile edges are multiples): here, where both the dispatcher
+# (ops.votes) and the kernels (triton.py) read it, so neither imports the other
+FUSED_NORM_BLOCKS = (16, 32, 64, 128)
 
 
 def weight_grad(gy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

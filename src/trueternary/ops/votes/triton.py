@@ -76,7 +76,7 @@ from ..triton_utils import (
     uniform01,
     upcast_dot,
 )
-from . import FUSED_NORM_BLOCKS
+from .naive import FUSED_NORM_BLOCKS
 
 MODE_STOCHASTIC, MODE_SIGN = 0, 1
 # the norm_beta codes' layout (rule.py), as constants the compiled kernels may read; the fractional bits are
