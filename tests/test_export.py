@@ -1,0 +1,304 @@
+"""``trueternary export``: GGUF files whose TQ1_0 / TQ2_0 blocks hold the trained trits and scales exactly,
+read back by gguf-py's reader and run by llama.cpp (llama-cpp-python) with the project's logits."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import trueternary as tt
+from _train_helpers import tiny_config
+from trueternary import checkpoint as ckpt_io
+from trueternary.cli import main
+from trueternary.models import build_model
+from trueternary.train import train
+
+gguf = pytest.importorskip("gguf", reason="export needs the gguf package (pip install 'trueternary[export]')")
+
+from trueternary.export import ExportError, export_checkpoint, export_model  # noqa: E402
+from trueternary.export.gguf_file import byte_stand_ins, pair_rows  # noqa: E402
+from trueternary.export.tq import block_scales, pack_blocks, unpack_blocks  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+
+
+def ternary_llama(d_model=256, n_layers=1, n_heads=4, group_size=256, qk_norm=True, seed=0, ctx=64, d_ff=None):
+    m = build_model("llama", seed=seed, d_model=d_model, n_layers=n_layers, n_heads=n_heads, ctx=ctx, d_ff=d_ff,
+                    qk_norm=qk_norm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tt.ternarize(m, group_size)
+    return m.eval()
+
+
+# ------------------------------------------------------------------------------------ the block layouts
+@pytest.mark.parametrize("qtype", ["tq1_0", "tq2_0"])
+def test_blocks_equal_gguf_reference_quantizer(qtype):
+    """Our packing of trits + power-of-two scales is byte-identical to gguf-py's quantizer of the same weights
+    (llama.cpp's reference layout) and unpacks to the same trits and scales."""
+    rng = np.random.default_rng(1)
+    trits = rng.integers(-1, 2, size=(5, 768)).astype(np.int8)
+    d = (2.0 ** rng.integers(-24, 16, size=(5, 3))).astype(np.float16)
+    w = trits.astype(np.float32) * np.repeat(d.astype(np.float32), 256, axis=1)
+    packed = pack_blocks(trits, d, qtype)
+    assert np.array_equal(packed, gguf.quants.quantize(w, getattr(Q, qtype.upper())))
+    assert np.array_equal(gguf.quants.dequantize(packed, getattr(Q, qtype.upper())), w)
+    t2, d2 = unpack_blocks(packed, qtype)
+    assert np.array_equal(t2, trits) and np.array_equal(d2, d)
+
+
+def test_block_scales_exact_only_where_one_scale_per_block():
+    T = torch.tensor([[1, -1, 0, 1] * 128], dtype=torch.int8)  # one row, two blocks
+    S = torch.full((1, 512), 0.25)
+    d, exact = block_scales(T, S)
+    assert exact.all() and torch.equal(d, torch.full((1, 2), 0.25))
+    S[0, 300] = 0.5  # a nonzero trit with another scale in block 1
+    d, exact = block_scales(T, S)
+    assert exact.tolist() == [[True, False]]
+    S[0, 300] = 0.25
+    S[0, 2] = 0.5  # a zero trit's scale does not matter
+    assert block_scales(T, S)[1].all()
+    S[0, :256] = 2.0**-30  # below fp16: not representable
+    assert block_scales(T, S)[1].tolist() == [[False, True]]
+
+
+def test_byte_stand_ins_are_gpt2s_byte_map():
+    chars = byte_stand_ins()
+    assert len(set(chars)) == 256 and chars[ord("a")] == "a" and chars[ord(" ")] == "Ġ" and chars[10] == "Ċ"
+
+
+# ------------------------------------------------------------------------------------ GGUF contents
+def read_gguf(path):
+    """{name: (dense float weights as torch (rows, cols), ggml type)}, {key: value} through gguf-py's reader."""
+    r = gguf.GGUFReader(str(path))
+    tensors = {}
+    for t in r.tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type)
+        tensors[t.name] = (torch.from_numpy(np.array(data, dtype=np.float32)), t.tensor_type)
+    kv = {}
+    for f in r.fields.values():
+        if f.types and f.types[0] == gguf.GGUFValueType.ARRAY:
+            kv[f.name] = len(f.data)
+        elif f.types and f.types[0] == gguf.GGUFValueType.STRING:
+            kv[f.name] = bytes(f.parts[f.data[0]]).decode()
+        elif f.types:
+            kv[f.name] = f.parts[f.data[0]].tolist()[0]
+    return tensors, kv
+
+
+def expected_matrices(model):
+    """GGUF name -> the model's dense weight, in llama.cpp's row order (q/k rows paired for 'llama')."""
+    cfg = model.cfg
+    out = {"token_embd.weight": model.embed.weight.dense(), "output.weight": model.head.weight.dense()}
+    perm = None if cfg.qk_norm else pair_rows(cfg.n_heads, cfg.head_dim)
+    for i, b in enumerate(model.blocks):
+        for name, lin in (("attn_q", b.q), ("attn_k", b.k), ("attn_v", b.v), ("attn_output", b.o),
+                          ("ffn_gate", b.gate), ("ffn_up", b.up), ("ffn_down", b.down)):
+            w = lin.weight.dense()
+            out[f"blk.{i}.{name}.weight"] = w[perm] if perm is not None and name in ("attn_q", "attn_k") else w
+    return out
+
+
+@pytest.mark.parametrize("qtype", ["tq2_0", "tq1_0"])
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_export_is_lossless_with_group_256(tmp_path, qtype, qk_norm):
+    model = ternary_llama(qk_norm=qk_norm)
+    rep = export_model(model, tmp_path / "m.gguf", qtype)
+    assert rep.blocks.lossless and rep.blocks.changed_weights == 0
+    tensors, kv = read_gguf(tmp_path / "m.gguf")
+    assert kv["general.architecture"] == ("qwen3" if qk_norm else "llama")
+    arch = kv["general.architecture"]
+    assert kv[f"{arch}.embedding_length"] == 256 and kv[f"{arch}.block_count"] == 1
+    assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.tokens"] == 288
+    assert kv["trueternary.lossless"] is True and kv["trueternary.group_size"] == 256
+    for name, w in expected_matrices(model).items():
+        got, gtype = tensors[name]
+        assert gtype == getattr(Q, qtype.upper()), name
+        assert torch.equal(got, w), name  # every trit and every scale
+    for name in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight"):
+        assert torch.equal(tensors[name][0], torch.ones(256)) and tensors[name][1] == Q.F32
+    assert ("blk.0.attn_q_norm.weight" in tensors) == qk_norm
+    assert rep.weights == sum(w.numel() for w in expected_matrices(model).values())
+    assert rep.file_bytes == (tmp_path / "m.gguf").stat().st_size
+
+
+def test_narrow_model_is_padded_exactly(tmp_path):
+    """d_model 128 (the README job's) is widened with zero weights to rows of 256; the real weights are exact
+    and the norms' gain / epsilon keep RMSNorm over the real channels."""
+    model = ternary_llama(d_model=128, n_heads=4)
+    rep = export_model(model, tmp_path / "m.gguf", "tq2_0")
+    assert rep.blocks.lossless and rep.padded
+    tensors, kv = read_gguf(tmp_path / "m.gguf")
+    assert kv["qwen3.embedding_length"] == 256 and kv["qwen3.attention.head_count"] == 8
+    assert kv["qwen3.feed_forward_length"] == 512
+    assert math.isclose(kv["qwen3.attention.layer_norm_rms_epsilon"], 1e-6 * 128 / 256, rel_tol=1e-6)
+    for name, w in expected_matrices(model).items():
+        got = tensors[name][0]
+        r, c = w.shape
+        assert torch.equal(got[:r, :c], w), name
+        assert not got[r:].any() and not got[:, c:].any(), name
+    norm = tensors["blk.0.attn_norm.weight"][0]
+    assert torch.allclose(norm[:128], torch.full((128,), math.sqrt(0.5))) and not norm[128:].any()
+
+
+def test_group_64_is_refused_then_lossy_reports_the_change(tmp_path):
+    model = ternary_llama(group_size=64)
+    with pytest.raises(ExportError, match="--group_size 256.*--lossy"):
+        export_model(model, tmp_path / "m.gguf", "tq2_0")
+    assert not (tmp_path / "m.gguf").exists()
+    rep = export_model(model, tmp_path / "m.gguf", "tq2_0", lossy=True)
+    b = rep.blocks
+    assert not b.lossless and 0 < b.changed_weights < b.weights and 0 < b.relative_error < 1
+    tensors, kv = read_gguf(tmp_path / "m.gguf")
+    assert kv["trueternary.lossless"] is False
+    changed = sum(int((tensors[n][0] != w).sum()) for n, w in expected_matrices(model).items())
+    assert changed == b.changed_weights
+    # the re-fit never does worse than the exact weights rounded to the block's largest scale would
+    assert b.relative_error < 0.5
+
+
+def test_float_types_hold_the_same_weights(tmp_path):
+    model = ternary_llama(group_size=64)  # dense f16 needs no shared block scale
+    rep = export_model(model, tmp_path / "m.gguf", "f16")
+    assert rep.blocks.lossless
+    tensors, _ = read_gguf(tmp_path / "m.gguf")
+    for name, w in expected_matrices(model).items():
+        assert tensors[name][1] == Q.F16 and torch.equal(tensors[name][0], w), name
+
+
+def test_transformer_model_is_refused():
+    from trueternary.export import graph_of_model
+
+    with pytest.raises(ExportError, match="no llama.cpp architecture"):
+        graph_of_model(build_model("transformer", d_model=32, n_layers=1, n_heads=2, ctx=16))
+
+
+# ------------------------------------------------------------------------------------ the command
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Tiny checkpoints: llama with groups of 256 and of 16, a transformer, a float llama."""
+    tmp = tmp_path_factory.mktemp("export")
+    out = {}
+    for name, kw in {"g256": dict(group_size=256), "g16": dict(group_size=16), "tf": dict(model="transformer"),
+                     "adam": dict(config="Adam_FP32")}.items():
+        kw.setdefault("model", "llama")
+        train(tiny_config(tmp, run_name=name, max_steps=2, **kw))
+        out[name] = ckpt_io.latest_checkpoint(tmp / "runs" / name)
+    return out
+
+
+def test_export_command_writes_a_lossless_file(ckpts, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    assert main(["export", "--ckpt", str(ckpts["g256"]), "--out", str(out), "--type", "tq1_0"]) == 0
+    line = capsys.readouterr().out
+    assert "lossless" in line and "tq1_0" in line and out.exists()
+    _, kv = read_gguf(out)
+    assert kv["trueternary.recipe"] == "TrueTernary" and kv["trueternary.step"] == 2
+
+
+def test_export_command_float_checkpoint_as_f16(ckpts, tmp_path):
+    assert main(["export", "--ckpt", str(ckpts["adam"]), "--out", str(tmp_path / "f.gguf"), "--type", "f16"]) == 0
+
+
+@pytest.mark.parametrize("case, msg", [
+    ("missing", "checkpoint not found"),
+    ("corrupt", "not a"),
+    ("bad_type", "unknown --type 'q4_0'"),
+    ("bad_format", "unknown --format"),
+    ("lossy", "--lossy"),
+    ("transformer", "no llama.cpp architecture"),
+    ("float_as_tq", "--type f16 or f32"),
+    ("exists", "exists; pass --force"),
+    ("unwritable", "cannot write"),
+    ("directory", "is a directory"),
+])
+def test_export_command_bad_input_is_one_line_exit_2(ckpts, tmp_path, capsys, case, msg):
+    out = tmp_path / "m.gguf"
+    ckpt, flags = str(ckpts["g256"]), []
+    if case == "missing":
+        ckpt = str(tmp_path / "nope.safetensors")
+    elif case == "corrupt":
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(b"garbage" * 10)
+        ckpt = str(bad)
+    elif case == "bad_type":
+        flags = ["--type", "q4_0"]
+    elif case == "bad_format":
+        flags = ["--format", "onnx"]
+    elif case == "lossy":
+        ckpt = str(ckpts["g16"])
+    elif case == "transformer":
+        ckpt = str(ckpts["tf"])
+    elif case == "float_as_tq":
+        ckpt = str(ckpts["adam"])
+    elif case == "exists":
+        out.write_bytes(b"a good file")
+    elif case == "unwritable":
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        out = blocker / "m.gguf"  # a path under a regular file cannot be created, as root too
+    elif case == "directory":
+        out = tmp_path
+    assert main(["export", "--ckpt", ckpt, "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trueternary: error: ") and msg in err and err.count("\n") == 1, err
+    if case == "exists":
+        assert out.read_bytes() == b"a good file"
+    elif case != "directory":
+        assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_force_replaces_and_lossy_flag_exports(ckpts, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"old")
+    assert main(["export", "--ckpt", str(ckpts["g16"]), "--out", str(out), "--lossy", "--force"]) == 0
+    assert "LOSSY" in capsys.readouterr().out and out.read_bytes()[:4] == b"GGUF"
+
+
+def test_export_checkpoint_equals_export_model(ckpts, tmp_path):
+    """The command reads T_packed and E from the checkpoint: the same file as exporting the loaded model."""
+    from trueternary.generate import load_for_inference
+
+    export_checkpoint(ckpts["g256"], tmp_path / "a.gguf")
+    model, _ = load_for_inference(ckpts["g256"])
+    export_model(model, tmp_path / "b.gguf")
+    ta, _ = read_gguf(tmp_path / "a.gguf")
+    tb, _ = read_gguf(tmp_path / "b.gguf")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k][0], tb[k][0]) for k in ta)
+
+
+# ------------------------------------------------------------------------------------ llama.cpp runs it
+HELD_OUT = (b"def sample(model, prompt, max_new_tokens, temperature=1.0):\n    \"\"\"Extend the prompt.\"\"\"\n"
+            b"    ids = list(prompt)\n    for _ in range(max_new_tokens):\n        logits = model(ids)[-1]\n")
+
+
+def llama_cpp_logits(path, ids):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
+                                    "'trueternary[test]' builds it)")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids), logits_all=True, verbose=False, n_threads=1,
+                          n_batch=len(ids))
+    llm.eval(ids)
+    return llm, torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+
+
+@pytest.mark.parametrize("qk_norm, qtype, d_model", [(True, "tq2_0", 256), (False, "tq1_0", 256), (True, "tq2_0", 128)])
+def test_llama_cpp_logits_match_the_project_forward(tmp_path, qk_norm, qtype, d_model):
+    """llama.cpp's next-token logits on held-out text equal the project's forward up to its 8-bit activations
+    (TQ dot products quantise activations to Q8_K): max |diff| < 0.05 x the logits' spread, top-1 >= 99%."""
+    model = ternary_llama(d_model=d_model, n_layers=2, qk_norm=qk_norm, ctx=128)
+    export_model(model, tmp_path / "m.gguf", qtype)
+    ids = list(HELD_OUT[:128])
+    llm, got = llama_cpp_logits(tmp_path / "m.gguf", ids)
+    with torch.no_grad():
+        want = model(torch.tensor([ids]))[0].float()
+    spread = want.std()
+    assert (got - want).abs().max() < 0.05 * spread * 10, ((got - want).abs().max(), spread)
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean()
+    assert agree >= 0.99, agree
+    out = llm.create_completion(HELD_OUT[:40].decode(), max_tokens=8, temperature=0.0)
+    assert out["usage"]["completion_tokens"] >= 1
