@@ -302,3 +302,18 @@ def test_llama_cpp_logits_match_the_project_forward(tmp_path, qk_norm, qtype, d_
     assert agree >= 0.99, agree
     out = llm.create_completion(HELD_OUT[:40].decode(), max_tokens=8, temperature=0.0)
     assert out["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize("qk_norm, d_model", [(False, 128), (True, 256)])
+def test_load_gguf_gives_back_the_model(tmp_path, qk_norm, d_model):
+    """Reading the file back (dequantised, padding cut, q/k rows unpaired) gives the exported weights, so the
+    same logits as the ternary model."""
+    from trueternary.export import load_gguf
+
+    model = ternary_llama(d_model=d_model, qk_norm=qk_norm)
+    export_model(model, tmp_path / "m.gguf", "tq1_0")
+    back, keys = load_gguf(tmp_path / "m.gguf")
+    assert keys["trueternary.lossless"] is True and back.cfg == model.cfg
+    ids = torch.tensor([list(b"def f(x):\n    return x * 2\n")])
+    with torch.no_grad():
+        assert torch.allclose(back(ids), model(ids), atol=1e-4, rtol=1e-4)

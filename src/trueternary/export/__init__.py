@@ -16,11 +16,13 @@ scale per block and reports the weights it changed. docs/export.md has the layou
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -102,7 +104,7 @@ def graph_of_model(model: nn.Module) -> LlamaGraph:
             t[p + gg_name + ".weight"] = _matrix(mod, f"blocks.{i}.{gg_name}")
     t["output_norm.weight"] = torch.ones(cfg.d_model)
     t["output.weight"] = _matrix(model.head, "head")
-    meta = {"model": "llama", "config": str(cfg.to_dict())}
+    meta = {"model": "llama", "config": json.dumps(cfg.to_dict())}
     if (g := _group_size(t)) is not None:
         meta["group_size"] = g
     return LlamaGraph("qwen3" if cfg.qk_norm else "llama", cfg.vocab_size, cfg.ctx, cfg.d_model, cfg.n_layers,
@@ -223,6 +225,46 @@ def export_checkpoint(ckpt: str | os.PathLike, out, qtype: str = DEFAULT_TYPE, *
     return export_graph(g, out, qtype, lossy=lossy, overwrite=overwrite)
 
 
+def load_gguf(path: str | os.PathLike):
+    """(float LlamaModel in eval mode, the file's ``trueternary.*`` keys) from a file written by :func:`export_model`
+    or the command: every matrix dequantised to float32, padding cut off, q/k rows back in the model's order."""
+    import gguf
+
+    from ..models.llama import LlamaConfig, LlamaModel
+    from .gguf_file import pair_rows
+
+    try:
+        r = gguf.GGUFReader(str(path))
+        keys = {k: f.contents() for k, f in r.fields.items() if k.startswith(("trueternary.", "general.", "llama.",
+                                                                              "qwen3."))}
+        cfg = LlamaConfig.from_dict(json.loads(keys["trueternary.config"]))
+        arch = keys["general.architecture"]
+        n_heads_file = int(keys[f"{arch}.attention.head_count"])
+        tensors = {t.name: torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+                   for t in r.tensors}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = " ".join(str(e).split())
+        raise ExportError(f"{path}: not a GGUF file written by trueternary export ({why})") from None
+    model = LlamaModel(cfg)
+    unpair = torch.argsort(pair_rows(n_heads_file, cfg.head_dim)) if arch == "llama" else None
+
+    def put(mod: nn.Module, name: str) -> None:
+        w = tensors[name]
+        if unpair is not None and name.split(".")[-2] in ("attn_q", "attn_k"):
+            w = w[unpair]
+        rows, cols = mod.weight.shape
+        with torch.no_grad():
+            mod.weight.copy_(w[:rows, :cols])
+
+    put(model.embed, "token_embd.weight")
+    put(model.head, "output.weight")
+    for i, b in enumerate(model.blocks):
+        for gg_name, mod in (("attn_q", b.q), ("attn_k", b.k), ("attn_v", b.v), ("attn_output", b.o),
+                             ("ffn_gate", b.gate), ("ffn_up", b.up), ("ffn_down", b.down)):
+            put(mod, f"blk.{i}.{gg_name}.weight")
+    return model.eval(), {k: v for k, v in keys.items() if k.startswith("trueternary.")}
+
+
 # ------------------------------------------------------------------------------------ command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint of trueternary train --model llama")
@@ -256,4 +298,4 @@ def run(args: argparse.Namespace) -> ExportReport:
 
 
 __all__ = ["DEFAULT_TYPE", "ExportError", "ExportReport", "TYPES", "Vocab", "export_checkpoint", "export_graph",
-           "export_hf", "export_model", "graph_of_hf", "graph_of_model"]
+           "export_hf", "export_model", "graph_of_hf", "graph_of_model", "load_gguf"]
