@@ -109,8 +109,9 @@ def byte_vocab() -> Vocab:
     assert len(tokens) == VOCAB_SIZE
     # GGUF cannot hold an empty array and llama.cpp's BPE loader wants merges: one that can never apply (byte-level
     # BPE symbols are single characters, never "<BOS>"), so every byte stays its own token.
+    # No separator id: llama-cpp-python appends a model's separator token to every completion prompt (BERT style).
     return Vocab("gpt2", tokens, [int(t) for t in types], ["<BOS> <EOS>"],
-                 {"bos": SPECIAL["BOS"], "eos": SPECIAL["EOS"], "pad": SPECIAL["PAD"], "sep": SPECIAL["SEP"]})
+                 {"bos": SPECIAL["BOS"], "eos": SPECIAL["EOS"], "pad": SPECIAL["PAD"]})
 
 
 @dataclass
