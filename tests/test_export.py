@@ -356,3 +356,99 @@ def test_load_gguf_gives_back_the_model(tmp_path, qk_norm, d_model):
     ids = torch.tensor([list(b"def f(x):\n    return x * 2\n")])
     with torch.no_grad():
         assert torch.allclose(back(ids), model(ids), atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ a Hugging Face Llama
+class _RMSNorm(torch.nn.Module):
+    def __init__(self, n, eps):
+        super().__init__()
+        self.weight, self.eps = torch.nn.Parameter(1 + 0.1 * torch.randn(n)), eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class _HFLlama(torch.nn.Module):
+    """transformers' LlamaForCausalLM / Qwen3ForCausalLM in miniature: its module names, config fields and forward
+    (rotate-half rotary, grouped-query attention, weighted RMSNorms, SwiGLU; q/k norms per head for Qwen3)."""
+
+    def __init__(self, d=256, layers=2, heads=4, kv_heads=2, vocab=300, d_ff=512, qk_norm=False):
+        super().__init__()
+        from types import SimpleNamespace
+
+        from torch import nn
+
+        hd = d // heads
+        self.config = SimpleNamespace(hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
+                                      num_key_value_heads=kv_heads, head_dim=hd, rms_norm_eps=1e-5,
+                                      rope_theta=50000.0, max_position_embeddings=128, vocab_size=vocab,
+                                      intermediate_size=d_ff, rope_scaling=None)
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(vocab, d)
+        self.model.layers = nn.ModuleList()
+        for _ in range(layers):
+            layer = nn.Module()
+            layer.input_layernorm, layer.post_attention_layernorm = _RMSNorm(d, 1e-5), _RMSNorm(d, 1e-5)
+            a = layer.self_attn = nn.Module()
+            a.q_proj, a.o_proj = nn.Linear(d, heads * hd, bias=False), nn.Linear(heads * hd, d, bias=False)
+            a.k_proj, a.v_proj = (nn.Linear(d, kv_heads * hd, bias=False) for _ in range(2))
+            if qk_norm:
+                a.q_norm, a.k_norm = _RMSNorm(hd, 1e-5), _RMSNorm(hd, 1e-5)
+            m = layer.mlp = nn.Module()
+            m.gate_proj, m.up_proj = (nn.Linear(d, d_ff, bias=False) for _ in range(2))
+            m.down_proj = nn.Linear(d_ff, d, bias=False)
+            self.model.layers.append(layer)
+        self.model.norm = _RMSNorm(d, 1e-5)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids):
+        from trueternary.models.transformer import apply_rotary  # rotate-half, as transformers' rotary
+
+        c = self.config
+        B, L = ids.shape
+        hd, rep = c.head_dim, c.num_attention_heads // c.num_key_value_heads
+        inv = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
+        freqs = torch.outer(torch.arange(L).float(), inv)
+        cos, sin = freqs.cos(), freqs.sin()
+        h = self.model.embed_tokens(ids)
+        for layer in self.model.layers:
+            a, x = layer.self_attn, layer.input_layernorm(h)
+            q = a.q_proj(x).view(B, L, -1, hd).transpose(1, 2)
+            k = a.k_proj(x).view(B, L, -1, hd).transpose(1, 2)
+            v = a.v_proj(x).view(B, L, -1, hd).transpose(1, 2)
+            if hasattr(a, "q_norm"):
+                q, k = a.q_norm(q), a.k_norm(k)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            h = h + a.o_proj(o.transpose(1, 2).reshape(B, L, -1))
+            x = layer.post_attention_layernorm(h)
+            h = h + layer.mlp.down_proj(torch.nn.functional.silu(layer.mlp.gate_proj(x)) * layer.mlp.up_proj(x))
+        return self.lm_head(self.model.norm(h))
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_export_ternarised_hugging_face_llama(tmp_path, qk_norm):
+    """``export_hf``: a ternarised HF-style Llama (grouped-query attention, weighted norms) is written exactly, and
+    llama.cpp computes its logits (when llama-cpp-python is installed)."""
+    from trueternary.export import export_hf
+
+    torch.manual_seed(0)
+    hf = _HFLlama(qk_norm=qk_norm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tt.ternarize(hf, 256)
+    hf.eval()
+    rep = export_hf(hf, tmp_path / "hf.gguf", "tq2_0")
+    assert rep.blocks.lossless and not rep.padded
+    tensors, kv = read_gguf(tmp_path / "hf.gguf")
+    arch = "qwen3" if qk_norm else "llama"
+    assert kv["general.architecture"] == arch and kv[f"{arch}.attention.head_count_kv"] == 2
+    assert kv["tokenizer.ggml.model"] == "none"
+    v = hf.model.layers[1].self_attn.v_proj.weight.dense()
+    assert torch.equal(tensors["blk.1.attn_v.weight"][0], v)
+    assert torch.equal(tensors["blk.0.ffn_norm.weight"][0], hf.model.layers[0].post_attention_layernorm.weight)
+    ids = [list(range(3, 67))]
+    _, got = llama_cpp_logits(tmp_path / "hf.gguf", ids)
+    with torch.no_grad():
+        assert_logits_close(got, hf(torch.tensor(ids)))
