@@ -452,3 +452,18 @@ def test_export_ternarised_hugging_face_llama(tmp_path, qk_norm):
     _, got = llama_cpp_logits(tmp_path / "hf.gguf", ids)
     with torch.no_grad():
         assert_logits_close(got, hf(torch.tensor(ids)))
+
+
+def test_generate_from_a_gguf_file(ckpts, tmp_path, capsys):
+    """``trueternary generate --ckpt model.gguf`` samples from the file's weights: greedy text equal to the
+    checkpoint's; a file that is not an export is a one-line error."""
+    export_checkpoint(ckpts["g256"], tmp_path / "m.gguf")
+    flags = ["--prompt", "the quick", "--max_new_tokens", "10", "--temperature", "0"]
+    assert main(["generate", "--ckpt", str(ckpts["g256"]), *flags]) == 0
+    from_ckpt = capsys.readouterr().out
+    assert main(["generate", "--ckpt", str(tmp_path / "m.gguf"), *flags]) == 0
+    assert capsys.readouterr().out == from_ckpt
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 40)
+    assert main(["generate", "--ckpt", str(tmp_path / "bad.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trueternary: error: ") and "not a GGUF file written by trueternary export" in err

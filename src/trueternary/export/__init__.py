@@ -230,6 +230,7 @@ def load_gguf(path: str | os.PathLike):
     or the command: every matrix dequantised to float32, padding cut off, q/k rows back in the model's order."""
     import gguf
 
+    from ..checkpoint import CheckpointError
     from ..models.llama import LlamaConfig, LlamaModel
     from .gguf_file import pair_rows
 
@@ -244,7 +245,7 @@ def load_gguf(path: str | os.PathLike):
                    for t in r.tensors}
     except (OSError, ValueError, KeyError, TypeError) as e:
         why = " ".join(str(e).split())
-        raise ExportError(f"{path}: not a GGUF file written by trueternary export ({why})") from None
+        raise CheckpointError(f"{path}: not a GGUF file written by trueternary export ({why})") from None
     model = LlamaModel(cfg)
     unpair = torch.argsort(pair_rows(n_heads_file, cfg.head_dim)) if arch == "llama" else None
 
