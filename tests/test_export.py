@@ -200,8 +200,22 @@ def test_export_command_writes_a_lossless_file(ckpts, tmp_path, capsys):
     assert kv["trueternary.recipe"] == "TrueTernary" and kv["trueternary.step"] == 2
 
 
-def test_export_command_float_checkpoint_as_f16(ckpts, tmp_path):
-    assert main(["export", "--ckpt", str(ckpts["adam"]), "--out", str(tmp_path / "f.gguf"), "--type", "f16"]) == 0
+def test_export_command_float_checkpoint(ckpts, tmp_path, capsys):
+    """A float config's weights: exact as f32; as f16 only with --lossy (fp16 rounds them), which says so."""
+    assert main(["export", "--ckpt", str(ckpts["adam"]), "--out", str(tmp_path / "f.gguf"), "--type", "f32"]) == 0
+    assert "lossless" in capsys.readouterr().out
+    assert main(["export", "--ckpt", str(ckpts["adam"]), "--out", str(tmp_path / "h.gguf"), "--type", "f16"]) == 2
+    assert "are not fp16 numbers" in capsys.readouterr().err
+    assert main(["export", "--ckpt", str(ckpts["adam"]), "--out", str(tmp_path / "h.gguf"), "--type", "f16",
+                 "--lossy"]) == 0
+    assert "LOSSY" in capsys.readouterr().out
+
+
+def test_float_model_is_not_written_as_ternary(tmp_path):
+    model = build_model("llama", d_model=256, n_layers=1, n_heads=4, ctx=16)
+    with pytest.raises(ExportError, match="holds float weights"):
+        export_model(model, tmp_path / "m.gguf", "tq2_0")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 @pytest.mark.parametrize("case, msg", [

@@ -173,11 +173,10 @@ def export_graph(g: LlamaGraph, out: str | os.PathLike, qtype: str = DEFAULT_TYP
     try:
         padded, arrays, rep = build_gguf_tensors(g, qtype, lossy)
     except LossyExport as e:
-        hint = (f"it was trained with --group_size {gs}: llama.cpp keeps one scale per {tq.QK} weights, so train "
-                f"with --group_size {tq.QK} for an exact export" if gs and gs < tq.QK and qtype in tq.TYPES else
-                "the scales do not fit")
-        raise ExportError(f"cannot export exactly as {qtype}: {e} hold differing scales or scales outside fp16 "
-                          f"({hint}); pass --lossy to re-fit one scale per block (docs/export.md)") from None
+        hint = (f"; it was trained with --group_size {gs} and llama.cpp keeps one scale per {tq.QK} weights: train "
+                f"with --group_size {tq.QK} for an exact export" if gs and gs < tq.QK and qtype in tq.TYPES else "")
+        raise ExportError(f"cannot export exactly as {qtype}: {e}{hint}; pass --lossy to re-fit them "
+                          "(docs/export.md)") from None
     except ValueError as e:
         raise ExportError(str(e)) from None
     padded.meta.update({"lossless": rep.lossless, "type": qtype})

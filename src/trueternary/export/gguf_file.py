@@ -132,9 +132,6 @@ class LlamaGraph:
     name: str = "trueternary"
     meta: dict = field(default_factory=dict)  # extra "trueternary.*" keys (str, int, float or bool values)
 
-    def ternary_weights(self) -> int:
-        """Real (unpadded) ternary weights: nonzero-scale positions are not counted, padding is NaN-scaled."""
-        return sum(int((~torch.isnan(t.scales())).sum()) for t in self.tensors.values() if isinstance(t, Ternary))
 
 
 def _round_up(n: int, m: int) -> int:
@@ -213,20 +210,13 @@ class BlockReport:
         return math.sqrt(self.sq_error / self.sq_norm) if self.sq_norm else 0.0
 
 
-def ternary_blocks(t: Ternary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(trits, d, exact): the matrix's blocks, each with the scale that reproduces it (block_scales)."""
-    S = t.scales()
-    d, exact = tq.block_scales(t.T, S)
-    return t.T, d, exact
-
-
 def fit_ternary(t: Ternary, lossy: bool) -> tuple[np.ndarray, np.ndarray, int, float, float, int]:
     """(trits int8, d fp16, inexact blocks, squared error, squared norm, changed weights) of one matrix."""
-    T, d, exact = ternary_blocks(t)
+    T, S = t.T, t.scales()
+    d, exact = tq.block_scales(T, S)
     n_inexact = int((~exact).sum())
     W = t.dense()
     if n_inexact and lossy:
-        S = t.scales()
         rows = S.shape[0]
         live = (T != 0) & ~torch.isnan(S)
         Sb = torch.where(live, S, math.nan).view(rows, -1, tq.QK)
@@ -256,36 +246,32 @@ def _gguf_arrays(g: LlamaGraph, qtype: str, lossy: bool) -> tuple[dict[str, tupl
         if perm is not None and role in ("attn_q", "attn_k"):
             index = perm if role == "attn_q" else kv_perm
             w = w.rows_taken(index) if isinstance(w, Ternary) else w[index]
-        if not isinstance(w, Ternary):
-            if w.dim() == 1 or qtype == "f32":
-                out[name] = (w.float().contiguous().numpy(), None)
-            else:
-                out[name] = (w.half().contiguous().numpy(), None)
+        if not isinstance(w, Ternary) and w.dim() == 1:  # norm weights
+            out[name] = (w.float().contiguous().numpy(), None)
             continue
-        n_real = int((~torch.isnan(w.scales())).sum())
-        if qtype in FLOAT_TYPES:
-            W = w.dense()
+        if qtype in FLOAT_TYPES:  # a matrix written dense: exact unless fp16 rounds it
+            W = w.dense() if isinstance(w, Ternary) else w.float()
             W2 = W.half().float() if qtype == "f16" else W
-            inexact = int((W2 != W).sum())
-            if inexact and not lossy:
-                raise LossyExport(name, f"{inexact:,} weights of {name}")
-            rep.blocks += W.numel()
-            rep.exact_blocks += W.numel() - inexact
-            rep.weights += n_real
-            rep.changed_weights += inexact
-            rep.sq_error += float(((W2 - W) ** 2).sum())
-            rep.sq_norm += float((W**2).sum())
-            out[name] = (W2.half().numpy() if qtype == "f16" else W2.numpy(), None)
-            continue
-        trits, d, n_inexact, sq_err, sq_norm, changed = fit_ternary(w, lossy)
-        rep.blocks += d.size
-        rep.exact_blocks += d.size - n_inexact
+            n_inexact = int((W2 != W).sum())
+            if n_inexact and not lossy:
+                raise LossyExport(name, f"{n_inexact:,} weights of {name} are not fp16 numbers")
+            n_blocks, n_real, arr = W.numel(), W.numel(), (W2.half().numpy() if qtype == "f16" else W2.numpy(), None)
+            sq_err, sq_norm, changed = float(((W2 - W) ** 2).sum()), float((W**2).sum()), n_inexact
+        elif not isinstance(w, Ternary):
+            raise ValueError(f"{name} holds float weights: ternarise the model (trueternary.ternarize) to write "
+                             f"{qtype}, or export it as f16 / f32")
+        else:
+            n_real = int((~torch.isnan(w.scales())).sum())
+            trits, d, n_inexact, sq_err, sq_norm, changed = fit_ternary(w, lossy)
+            n_blocks, arr = d.size, (tq.pack_blocks(trits, d, qtype), raw[qtype])
+        rep.blocks += n_blocks
+        rep.exact_blocks += n_blocks - n_inexact
         rep.weights += n_real
         rep.changed_weights += changed
         rep.sq_error += sq_err
         rep.sq_norm += sq_norm
         inexact_by[name] = n_inexact
-        out[name] = (tq.pack_blocks(trits, d, qtype), raw[qtype])
+        out[name] = arr
     if inexact_by and max(inexact_by.values()):
         rep.worst = max(inexact_by, key=inexact_by.get)
         rep.worst_inexact = inexact_by[rep.worst]
@@ -317,7 +303,7 @@ def build_gguf_tensors(g: LlamaGraph, qtype: str, lossy: bool) -> tuple[LlamaGra
     arrays, rep = _gguf_arrays(g, qtype, lossy)
     if not rep.lossless and not lossy:
         raise LossyExport(rep.worst, f"{rep.blocks - rep.exact_blocks:,} of {rep.blocks:,} blocks of {tq.QK} weights "
-                          f"(most in {rep.worst}: {rep.worst_inexact:,})")
+                          f"hold differing scales or scales outside fp16 (most in {rep.worst}: {rep.worst_inexact:,})")
     return g, arrays, rep
 
 
