@@ -120,7 +120,12 @@ def measure_checkpoint(ckpt: Path, out: Path, args) -> dict:
         got = llama_cpp_logits(path, x)
         row["llama_cpp_bits_per_byte"] = round(bits_per_byte(got, y), 4)
         row["max_logit_diff_over_std"] = round(float((got - want).abs().max() / want.std()), 5)
-        row["top1_agreement"] = round(float((got.argmax(-1) == want.argmax(-1)).float().mean()), 5)
+        agree = got.argmax(-1) == want.argmax(-1)
+        row["top1_agreement"] = round(float(agree.float().mean()), 5)
+        top2 = want.float().topk(2, dim=-1).values
+        margin = top2[..., 0] - top2[..., 1]  # how decided the project's own top-1 is (logits: nats)
+        row["top1_disagreements"] = int((~agree).sum())
+        row["disagreements_with_project_margin_below_0.1"] = int((~agree & (margin < 0.1)).sum())
         if not rep.blocks.lossless:
             back, _ = load_gguf(path)
             with torch.no_grad():

@@ -3,8 +3,8 @@
 :class:`LlamaGraph` is what the exporters hand over: llama.cpp's architecture name (``llama`` or ``qwen3``),
 the shape keys, and every tensor under its GGUF name, as ``torch`` (out, in) matrices, ternary ones as
 :class:`Ternary` (trits and scales, never re-quantised from floats). q and k rows are in the rotate-halves
-rotary convention (the project's and Hugging Face's); :func:`write_gguf` permutes them into llama.cpp's
-adjacent-pair convention for ``llama`` (``qwen3`` rotates halves, as they are).
+rotary convention (the project's and Hugging Face's); :func:`build_gguf_tensors` permutes them into llama.cpp's
+adjacent-pair convention for ``llama`` (``qwen3`` rotates halves, as they are) and packs the blocks.
 
 :func:`pad_to_blocks` makes any width exportable: a TQ row must hold a multiple of 256 weights, so a model
 of width d (d_ff, heads x head_dim) not a multiple of 256 is widened with zero weights: extra residual
@@ -29,7 +29,7 @@ from . import tq
 
 ARCHS = ("llama", "qwen3")
 FLOAT_TYPES = ("f16", "f32")
-NORMS_OVER_D = ("attn_norm", "ffn_norm")  # per block, plus output_norm
+NORMS_OVER_D = ("attn_norm", "ffn_norm", "output_norm")  # the RMSNorms over the residual stream
 
 
 @dataclass
@@ -166,7 +166,7 @@ def pad_to_blocks(g: LlamaGraph) -> LlamaGraph:
                 p = torch.zeros(rows, cols)
                 p[: w.shape[0], : w.shape[1]] = w
                 out[name] = p
-        elif role in NORMS_OVER_D or role == "output_norm":
+        elif role in NORMS_OVER_D:
             p = torch.zeros(d2)
             p[: g.d_model] = w * norm_gain
             out[name] = p
