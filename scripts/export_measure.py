@@ -10,7 +10,8 @@ difference (as a fraction of the std of the project's logits), top-1 agreement. 
 project's forward of the file's weights (``load_gguf``) gives the bits/byte the re-fit costs without llama.cpp's
 8-bit activations. For each ``--shape`` an untrained ternary llama (groups of 256) is exported for size and speed
 only. Speed: llama.cpp's own timers (``llama_perf_context``) for a prompt of ctx/2 tokens and for ctx/2 tokens
-decoded one at a time, the best of ``--repeats``, at 1 and 2 threads. One JSON file per run in ``--out``.
+decoded one at a time; the files of a model take turns ``--repeats`` times and each keeps its best. One JSON file
+per run in ``--out``.
 """
 
 from __future__ import annotations
@@ -57,40 +58,53 @@ def llama_cpp_logits(path: Path, windows: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def speed(path: Path, ctx: int, threads: int, repeats: int) -> dict:
+def speeds(paths: dict[str, Path], ctx: int, threads: int, rounds: int) -> dict[str, dict]:
     """Tokens/s of llama.cpp's prompt processing (ctx/2 tokens in one batch) and of decoding ctx/2 tokens one at a
-    time, from its own timers (Python's per-call overhead excluded), best of ``repeats``."""
+    time, from its own timers (Python's per-call overhead excluded). The files take turns, ``rounds`` times, and
+    each keeps its best round: on a shared machine the other jobs' load then falls on every file alike."""
     lc = llama_cpp()
-    llm = lc.Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_threads=threads, n_threads_batch=threads,
-                   verbose=False)
+    llms = {k: lc.Llama(model_path=str(p), n_ctx=ctx, n_batch=ctx, n_threads=threads, n_threads_batch=threads,
+                        verbose=False) for k, p in paths.items()}
     half = max(ctx // 2, 1)
     prompt = [int(b) for b in (b"def f(x):\n    return x\n" * ctx)[:half]]
-    best_p = best_g = 0.0
-    for _ in range(repeats + 1):  # the first round warms up
-        llm.reset()
-        lc.llama_perf_context_reset(llm._ctx.ctx)
-        llm.eval(prompt)
-        lc.llama_synchronize(llm._ctx.ctx)  # llama.cpp adds a decode's time to its counters when it is synchronised
-        for tok in prompt[: ctx - half]:
-            llm.eval([tok])
-            lc.llama_synchronize(llm._ctx.ctx)
-        p = lc.llama_perf_context(llm._ctx.ctx)
-        if p.n_p_eval and p.t_p_eval_ms > 0:
-            best_p = max(best_p, p.n_p_eval / (p.t_p_eval_ms / 1e3))
-        if p.n_eval and p.t_eval_ms > 0:
-            best_g = max(best_g, p.n_eval / (p.t_eval_ms / 1e3))
-    return {"threads": threads, "prompt_tokens_per_s": round(best_p, 1), "decode_tokens_per_s": round(best_g, 1)}
+    best = {k: {"threads": threads, "prompt_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0} for k in paths}
+    for _ in range(rounds + 1):  # the first round warms up
+        for k, llm in llms.items():
+            llm.reset()
+            lc.llama_perf_context_reset(llm._ctx.ctx)
+            llm.eval(prompt)
+            lc.llama_synchronize(llm._ctx.ctx)  # llama.cpp adds a decode's time to its counters when synchronised
+            for tok in prompt[: ctx - half]:
+                llm.eval([tok])
+                lc.llama_synchronize(llm._ctx.ctx)
+            p = lc.llama_perf_context(llm._ctx.ctx)
+            b = best[k]
+            if p.n_p_eval and p.t_p_eval_ms > 0:
+                b["prompt_tokens_per_s"] = round(max(b["prompt_tokens_per_s"], p.n_p_eval / (p.t_p_eval_ms / 1e3)), 1)
+            if p.n_eval and p.t_eval_ms > 0:
+                b["decode_tokens_per_s"] = round(max(b["decode_tokens_per_s"], p.n_eval / (p.t_eval_ms / 1e3)), 1)
+    return best
 
 
-def measure_file(path: Path, rep, ctx: int, threads: list[int], repeats: int) -> dict:
-    row = {"file": path.name, "type": rep.qtype, "arch": rep.arch, "bytes": rep.file_bytes, "weights": rep.weights,
-           "bits_per_weight": round(rep.bits_per_weight, 4), "padded_from": rep.padded, "lossless": rep.blocks.lossless,
-           "blocks": rep.blocks.blocks, "inexact_blocks": rep.blocks.blocks - rep.blocks.exact_blocks,
-           "changed_weights": rep.blocks.changed_weights,
-           "changed_fraction": round(rep.blocks.changed_fraction, 6),
-           "relative_error": round(rep.blocks.relative_error, 6)}
-    row["speed"] = [speed(path, ctx, t, repeats) for t in threads]
-    return row
+def file_row(path: Path, rep) -> dict:
+    return {"file": path.name, "type": rep.qtype, "arch": rep.arch, "bytes": rep.file_bytes, "weights": rep.weights,
+            "bits_per_weight": round(rep.bits_per_weight, 4), "padded_from": rep.padded,
+            "lossless": rep.blocks.lossless, "blocks": rep.blocks.blocks,
+            "inexact_blocks": rep.blocks.blocks - rep.blocks.exact_blocks,
+            "changed_weights": rep.blocks.changed_weights,
+            "changed_fraction": round(rep.blocks.changed_fraction, 6),
+            "relative_error": round(rep.blocks.relative_error, 6)}
+
+
+def add_speeds(rows: list[dict], paths: dict[str, Path], ctx: int, args) -> None:
+    for t in args.threads:
+        for row, sp in zip(rows, speeds(paths, ctx, t, args.repeats).values()):
+            row.setdefault("speed", []).append(sp)
+    if not args.keep:
+        for p in paths.values():
+            p.unlink()
+    for row in rows:
+        print(json.dumps(row), flush=True)
 
 
 def measure_checkpoint(ckpt: Path, out: Path, args) -> dict:
@@ -109,14 +123,15 @@ def measure_checkpoint(ckpt: Path, out: Path, args) -> dict:
     result = {"checkpoint": str(ckpt), "model": meta["model"], "step": meta["step"], "recipe": meta["recipe"],
               "group_size": (meta.get("hparams") or {}).get("group_size"), "windows": int(x.shape[0]), "ctx": ctx,
               "project_bits_per_byte": round(bits_per_byte(want, y), 4), "files": []}
+    paths = {}
     for qtype in TYPES:
-        path = out / f"{ckpt.parent.parent.name}_{qtype}.gguf"
+        path = paths[qtype] = out / f"{ckpt.parent.parent.name}_{qtype}.gguf"
         try:
             rep = export_checkpoint(ckpt, path, qtype, overwrite=True)
         except ExportError as e:
             result.setdefault("refused", {})[qtype] = str(e)
             rep = export_checkpoint(ckpt, path, qtype, overwrite=True, lossy=True)
-        row = measure_file(path, rep, ctx, args.threads, args.repeats)
+        row = file_row(path, rep)
         got = llama_cpp_logits(path, x)
         row["llama_cpp_bits_per_byte"] = round(bits_per_byte(got, y), 4)
         row["max_logit_diff_over_std"] = round(float((got - want).abs().max() / want.std()), 5)
@@ -131,9 +146,7 @@ def measure_checkpoint(ckpt: Path, out: Path, args) -> dict:
             with torch.no_grad():
                 row["file_weights_project_bits_per_byte"] = round(bits_per_byte(back(x), y), 4)
         result["files"].append(row)
-        if not args.keep:
-            path.unlink()
-        print(json.dumps(row), flush=True)
+    add_speeds(result["files"], paths, ctx, args)
     return result
 
 
@@ -149,14 +162,11 @@ def measure_shape(shape: str, out: Path, args) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tt.ternarize(model, 256)
+    paths = {}
     for qtype in TYPES:
-        path = out / f"shape_{d}_{n_layers}_{qtype}.gguf"
-        rep = export_model(model, path, qtype, overwrite=True)
-        row = measure_file(path, rep, args.ctx, args.threads, args.repeats)
-        result["files"].append(row)
-        if not args.keep:
-            path.unlink()
-        print(json.dumps(row), flush=True)
+        path = paths[qtype] = out / f"shape_{d}_{n_layers}_{qtype}.gguf"
+        result["files"].append(file_row(path, export_model(model, path, qtype, overwrite=True)))
+    add_speeds(result["files"], paths, args.ctx, args)
     return result
 
 
@@ -167,8 +177,8 @@ def main() -> None:
                    help="an untrained ternary llama of this shape (size and speed only)")
     p.add_argument("--ctx", type=int, default=256, help="context of the --shape models")
     p.add_argument("--windows", type=int, default=64, help="held-out windows per checkpoint")
-    p.add_argument("--threads", default="1,2", help="llama.cpp threads to time, comma-separated")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", default="1", help="llama.cpp threads to time, comma-separated")
+    p.add_argument("--repeats", type=int, default=5, help="timing rounds (each file's best is kept)")
     p.add_argument("--keep", action="store_true", help="keep the .gguf files")
     p.add_argument("--out", default="export_measure")
     args = p.parse_args()
