@@ -483,3 +483,14 @@ def test_generate_from_a_gguf_file(ckpts, tmp_path, capsys):
     assert main(["generate", "--ckpt", str(tmp_path / "bad.gguf")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("trueternary: error: ") and "not a GGUF file written by trueternary export" in err
+
+
+def test_export_measure_script_bad_input():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "export_measure.py"
+    r = subprocess.run([sys.executable, str(script), "--ckpt", "/no/such.safetensors"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "--ckpt /no/such.safetensors: no such file" in r.stderr and "Traceback" not in r.stderr
