@@ -53,7 +53,7 @@ class ExportReport:
 
     def summary(self) -> str:
         b = self.blocks
-        exact = ("lossless: every trit and scale exact" if b.lossless else
+        exact = ("lossless: every weight exact" if b.lossless else
                  f"LOSSY: {b.blocks - b.exact_blocks:,} of {b.blocks:,} blocks re-fitted, "
                  f"{b.changed_weights:,} of {b.weights:,} weights changed ({100 * b.changed_fraction:.2f}%), "
                  f"relative error {b.relative_error:.4f}")
