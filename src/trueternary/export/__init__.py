@@ -227,11 +227,14 @@ def export_checkpoint(ckpt: str | os.PathLike, out, qtype: str = DEFAULT_TYPE, *
 def load_gguf(path: str | os.PathLike):
     """(float LlamaModel in eval mode, the file's ``trueternary.*`` keys) from a file written by :func:`export_model`
     or the command: every matrix dequantised to float32, padding cut off, q/k rows back in the model's order."""
-    import gguf
-
     from ..checkpoint import CheckpointError
     from ..models.llama import LlamaConfig, LlamaModel
     from .gguf_file import pair_rows
+
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError("reading a GGUF file needs the gguf package: pip install 'trueternary[export]'") from None
 
     try:
         r = gguf.GGUFReader(str(path))
