@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audit", help="what a model holds: ternary weights, integer state, float params/buffers")
     audit.add_arguments(a)
     a.set_defaults(func=audit.run)
+    from . import export
+
+    x = sub.add_parser("export", help="write a --model llama checkpoint as GGUF (TQ2_0 / TQ1_0) for llama.cpp")
+    export.add_arguments(x)
+    x.set_defaults(func=export.run)
     return p
 
 

@@ -51,7 +51,14 @@ def build_inference_model(recipe: str, model_name: str, model_config: dict, grou
 
 
 def load_for_inference(path, device: torch.device | str = "cpu"):
-    """(model in eval mode on ``device``, checkpoint meta) holding only the inference tensors."""
+    """(model in eval mode on ``device``, checkpoint meta) holding only the inference tensors. A ``.gguf`` file of
+    ``trueternary export`` loads as the float model of its weights (``trueternary.export.load_gguf``)."""
+    if str(path).endswith(".gguf"):
+        from .export import load_gguf
+
+        model, keys = load_gguf(path)
+        return model.to(device), {"recipe": f"GGUF {keys.get('trueternary.type')}",
+                                  "step": keys.get("trueternary.step")}
     index, _ = read_header(path)
     wanted = inference_tensor_names(index)
     ckpt = load_checkpoint(path, keep=lambda name: name in wanted)
@@ -116,7 +123,8 @@ def sample(model, prompt: bytes, max_new_tokens: int, temperature: float = 1.0, 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint file (runs/<run>/checkpoints/...)")
+    p.add_argument("--ckpt", required=True, metavar="PATH",
+                   help="checkpoint file (runs/<run>/checkpoints/...) or a .gguf file of trueternary export")
     p.add_argument("--prompt", default="", help="text to continue (default: a newline)")
     p.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 samples greedily")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from .llama import LlamaConfig, LlamaModel
 from .morph import MorphConfig, MORPHTernaryModel
 from .transformer import ByteTransformer, TransformerConfig
 
-_MODELS = {"transformer": (ByteTransformer, TransformerConfig), "morph": (MORPHTernaryModel, MorphConfig)}
+_MODELS = {"transformer": (ByteTransformer, TransformerConfig), "morph": (MORPHTernaryModel, MorphConfig),
+           "llama": (LlamaModel, LlamaConfig)}
 
 
 def model_names() -> list[str]:
@@ -43,5 +45,5 @@ def check_compile_ops(name: str) -> None:
         raise ValueError(f"compiled ops are implemented for the transformer, not model {name!r}")
 
 
-__all__ = ["ByteTransformer", "TransformerConfig", "build_model", "check_compile_ops", "model_names",
-           "register_model"]
+__all__ = ["ByteTransformer", "LlamaConfig", "LlamaModel", "TransformerConfig", "build_model", "check_compile_ops",
+           "model_names", "register_model"]

@@ -106,7 +106,7 @@ def flip_triton_(weight, threshold: int, clip_at_bounds: bool, scale_threshold: 
     ``T_accum`` restarts at ``-reset`` (moved up) or ``+reset`` (moved down).
     ``counts``: int32 (2,) device buffer that receives ``+= (trit flips, scale flips)`` (allocated zeroed
     when None); returned. ``flip=False`` only adds the cache into ``T_accum`` (no flips, no E). ``block`` (bytes
-    of T_packed per program), ``block_e`` and ``num_warps``: the launch (scripts/votes_ablation.py times them;
+    of T_packed per program), ``block_e`` and ``num_warps``: the launch (experiments/kernel_launches/run.py times them;
     256 bytes at 4 warps was 3-9% faster than 512 at the 151M shapes on an H200, larger blocks slower).
     """
     numel = weight.rows * weight.cols

@@ -10,7 +10,7 @@
     dequant    one Triton pass writes the dense bf16 W (transient), then cuBLAS multiplies
     auto       CPU: naive. CUDA (and CPU under TRITON_INTERPRET=1, so tests run what a GPU runs): fused for
                M <= FUSED_MAX_TOKENS tokens, dequant above (large GEMMs are cuBLAS-bound; the crossover is
-               measured by scripts/bench_kernels.py)
+               measured by benchmarks/bench_kernels.py)
 
 ``ops.linear.TernaryLinearFunction`` runs these kernels for a layer whose kernel is ``LinearKernel.TRITON``
 (forward with ``transposed=False``, input gradient with ``transposed=True``); ``ops.linear.ternary_linear_kernel``

@@ -204,7 +204,7 @@ def dequant_triton(weight, dtype: torch.dtype = torch.bfloat16, transpose_out: b
     fp8 kernel's ``W_q = T * 2**(E - E_ref)`` for the forward (``fp8_transposed=False``) or backward-input
     (``True``) direction, and E_ref (int32). ``transpose_out`` stores W.T (cols, rows) contiguous.
     ``out``: optional preallocated result of that shape and dtype. ``config``: overrides of the launch
-    (BLOCK_R, BLOCK_C, num_warps; scripts/votes_ablation.py times alternatives).
+    (BLOCK_R, BLOCK_C, num_warps; experiments/kernel_launches/run.py times alternatives).
     """
     rows, cols = weight.rows, weight.cols
     check_kernel_numel(rows * cols)

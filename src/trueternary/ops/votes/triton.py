@@ -640,7 +640,7 @@ def default_votes_config(M: int, R: int, C: int, device: torch.device, norm_bloc
     The reduction runs over the M tokens with no split-K (the epilogue needs the complete gradient tile).
     ``gw_given`` (impl 'gemm', two passes over cuBLAS's gW, norm_block x norm_block tiles): the statistics
     pass reads a tile in blocks of ``STATS_CHUNK_R`` rows (``num_warps``), the vote pass takes blocks of
-    ``CHUNK_R`` rows (``chunk_warps``). H200, 151M, default rule (scripts/votes_ablation.py): with a first
+    ``CHUNK_R`` rows (``chunk_warps``). H200, 151M, default rule (experiments/kernel_launches/run.py): with a first
     statistics pass, vote-pass blocks of 16 rows x 4 warps were the fastest of 16/32/64 rows x 2/4/8 warps (by
     1-4%); with the present one, 8 warps were 0.5-4% faster per call (the end-to-end figures are with 4).
     """
@@ -656,7 +656,7 @@ def default_votes_config(M: int, R: int, C: int, device: torch.device, norm_bloc
             break
     big = M >= 1024
     if big and block == 128:
-        # H200 sweep at the 151M shapes (scripts/bench_kernels.py --sweep-kernels votes; docs/performance.md):
+        # H200 sweep at the 151M shapes (benchmarks/bench_kernels.py --sweep-kernels votes; docs/performance.md):
         # with a tile per SM or more, 4 warps and 3 stages were 18-28% faster than 8 warps; with fewer tiles
         # than SMs (1024 x 1024), 8 warps and 4 stages were best
         many = triton.cdiv(R, 128) * triton.cdiv(C, 128) >= sms
@@ -791,7 +791,7 @@ def scale_votes_(gE: torch.Tensor, E_accum: torch.Tensor, *, vote: str, lr_e: fl
 
     ``num_warps`` (default: one warp per 128 elements of a program's tile, 4 to 16): gE is small, so the grid
     has few programs (8 for a 1024 x 64 gE in 128 x 64 tiles) and each program's per-element IEEE divisions
-    and square roots are the time. H200, 151M shapes (scripts/votes_ablation.py): 4 / 8 / 16 warps took
+    and square roots are the time. H200, 151M shapes (experiments/kernel_launches/run.py): 4 / 8 / 16 warps took
     6.6 / 4.2 / 3.1 us on a 3072 x 16 gE and 24.2 / 12.5 / 8.4 us on a 1024 x 64 one."""
     assert gE.dim() == 2 and gE.shape == E_accum.shape and gE.dtype == torch.float32 and E_accum.dtype == torch.int8
     assert gE.is_contiguous() and E_accum.is_contiguous() and interval >= 1
