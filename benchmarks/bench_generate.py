@@ -2,7 +2,7 @@
 """Generation throughput: bytes/s of ``trueternary generate``'s sampler with the key/value cache against the
 cache-less path (the whole window rerun for every byte), per model.
 
-    python3 benchmarks/bench_generate.py --model 128,2,64 --model 256,4,256          # CPU, ~3 min on 1 thread
+    python3 benchmarks/bench_generate.py --model 128,2,64 --model 256,4,256          # CPU, a few minutes on 1 thread
     python3 benchmarks/bench_generate.py --ckpt runs/<run>/checkpoints/step_0000300.safetensors --device cuda
 
 Each ``--ckpt`` is loaded as ``generate`` loads it (``load_for_inference``: T_packed and scales only); each
@@ -10,7 +10,8 @@ Each ``--ckpt`` is loaded as ``generate`` loads it (``load_for_inference``: T_pa
 held the same way; the speed of a step does not depend on the trained values). For each model and path,
 ``generate.sample`` extends the prompt ``def `` by ``--new_bytes`` bytes (temperature 0.8, seed 0; what the
 command runs, sampling, device-to-host copies and the window restarts included): ``--warmup`` untimed runs, then
-the median of ``--repeats`` timed ones (``harness.step_ms``). ``same_bytes`` says whether the two paths produced
+the median of ``--repeats`` timed ones (``harness.step_ms``), the two paths alternating run by run (a machine
+whose load changes slows both alike). ``same_bytes`` says whether the two paths produced
 the same bytes (they agree up to float rounding, so sampling can in principle part ways at a near-tie).
 
 Writes ``$OUT/generate.json`` (``OUT`` defaults to ./out) and prints a table. CPU runs use ``generate``'s thread
@@ -93,11 +94,34 @@ def build(args, spec):
     return model, model.cfg.to_dict()
 
 
+def time_paths(model, args) -> dict:
+    """Seconds and bytes/s of ``sample`` without and with the cache (alternating), and whether they agree."""
+    from trueternary.generate import sample
+
+    out, ms = {}, {"no_cache": [], "cache": []}
+
+    def run(path):
+        out[path] = sample(model, PROMPT, args.new_bytes, temperature=0.8, seed=0, device=args.device,
+                           cache=path == "cache")
+    for path in ms:
+        step_ms(lambda path=path: run(path), warmup=args.warmup, repeats=0, device=args.device)
+    for _ in range(args.repeats):  # the paths alternate: a change in the machine's load hits both
+        for path in ms:
+            ms[path] += step_ms(lambda path=path: run(path), warmup=0, repeats=1, device=args.device)
+    row = {}
+    for path, times in ms.items():
+        s = summary(times, tokens_per_call=args.new_bytes)
+        row[path] = {"median_s": s["median_ms"] / 1e3, "bytes_per_s": s["tokens_per_s"],
+                     "runs_s": [round(t / 1e3, 3) for t in times]}
+    row["same_bytes"] = out["cache"] == out["no_cache"]
+    return row
+
+
 def main() -> int:
     args = parse_args()
     import torch
 
-    from trueternary.generate import generation_threads, has_kv_cache, sample
+    from trueternary.generate import generation_threads, has_kv_cache
 
     bench = Bench("generate", args.out, args.budget, args.device)
     bench.res.update(new_bytes=args.new_bytes, prompt=PROMPT.decode(), warmup=args.warmup, repeats=args.repeats)
@@ -112,17 +136,8 @@ def main() -> int:
                 torch.set_num_threads(generation_threads(args.threads, cfg["d_model"]))
             row = {"model": label, "config": cfg, "threads": torch.get_num_threads(),
                    "has_kv_cache": has_kv_cache(model)}
-            out = {}
-            for path, cache in (("no_cache", False), ("cache", True)):
-                def run(cache=cache, path=path):
-                    out[path] = sample(model, PROMPT, args.new_bytes, temperature=0.8, seed=0, device=args.device,
-                                       cache=cache)
-                ms = step_ms(run, warmup=args.warmup, repeats=args.repeats, device=args.device)
-                s = summary(ms, tokens_per_call=args.new_bytes)
-                row[path] = {"median_s": s["median_ms"] / 1e3, "bytes_per_s": s["tokens_per_s"],
-                             "runs_s": [round(t / 1e3, 3) for t in ms]}
+            row.update(time_paths(model, args))
             row["speedup"] = speedup(row["no_cache"]["median_s"], row["cache"]["median_s"])
-            row["same_bytes"] = out["cache"] == out["no_cache"]
             bench.add("results", row)
     rows = bench.res.get("results", [])
     print(f"{'model':<34} {'threads':>7} {'no cache B/s':>12} {'cache B/s':>10} {'speedup':>8} same")

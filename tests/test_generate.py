@@ -19,8 +19,7 @@ import torch
 from _train_helpers import tiny_config
 from trueternary import checkpoint as ckpt_io
 from trueternary.cli import main
-from trueternary.generate import (build_inference_model, byte_stream, held_bytes, load_for_inference, sample,
-                                  window_keep)
+from trueternary.generate import build_inference_model, byte_stream, held_bytes, load_for_inference, sample, window_keep
 from trueternary.models import build_model
 from trueternary.recipes import build_recipe
 from trueternary.train import hparams_for, train

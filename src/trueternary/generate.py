@@ -13,6 +13,7 @@ key/value cache (the transformer: ``forward_cached``) encode a window once and t
 (MORPH) rerun the window for every byte. Both give the same bytes up to float rounding (``tests/test_generate.py``).
 :func:`byte_stream` yields each byte as it is sampled; ``run`` writes it to stdout at once.
 """
+
 from __future__ import annotations
 
 import argparse
