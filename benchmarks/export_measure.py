@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from script_args import out_dir
+from harness import out_dir  # noqa: E402
 
 TYPES = ("tq2_0", "tq1_0", "f16", "f32")
 

@@ -103,16 +103,16 @@ def test_no_subcommand_prints_help(capsys):
 def test_user_errors_are_defined_once_and_keep_their_old_homes():
     import ast
 
-    from trueternary import checkpoint, cli, data, errors, optim
+    from trueternary import checkpoint, cli, data, errors, export, optim
     from trueternary import train as train_mod
     from trueternary.optim import context
 
     assert cli.UsageError is errors.UsageError and data.DataError is errors.DataError
     assert checkpoint.CheckpointError is errors.CheckpointError and checkpoint.WriteError is errors.WriteError
-    assert train_mod.TrainingError is errors.TrainingError
+    assert train_mod.TrainingError is errors.TrainingError and export.ExportError is errors.ExportError
     assert optim.NonFiniteGradientError is context.NonFiniteGradientError is errors.NonFiniteGradientError
     assert set(errors.USAGE_ERRORS) == {errors.UsageError, errors.DataError, errors.CheckpointError,
-                                        errors.WriteError}
+                                        errors.WriteError, errors.ExportError}
     # no error class is defined anywhere else (RankError: another rank's undeclared failure, never reported as a
     # user error: it ends the rank with its traceback like the error it stands for)
     src = Path(errors.__file__).parent

@@ -470,18 +470,18 @@ def test_export_ternarised_hugging_face_llama(tmp_path, qk_norm):
         assert_logits_close(got, hf(torch.tensor(ids)), "tq2_0")
 
 
-def test_generate_from_a_gguf_file(ckpts, tmp_path, capsys):
+def test_generate_from_a_gguf_file(ckpts, tmp_path, capsysbinary):
     """``trueternary generate --ckpt model.gguf`` samples from the file's weights: greedy text equal to the
     checkpoint's; a file that is not an export is a one-line error."""
     export_checkpoint(ckpts["g256"], tmp_path / "m.gguf")
     flags = ["--prompt", "the quick", "--max_new_tokens", "10", "--temperature", "0"]
     assert main(["generate", "--ckpt", str(ckpts["g256"]), *flags]) == 0
-    from_ckpt = capsys.readouterr().out
+    from_ckpt = capsysbinary.readouterr().out  # generate writes raw bytes
     assert main(["generate", "--ckpt", str(tmp_path / "m.gguf"), *flags]) == 0
-    assert capsys.readouterr().out == from_ckpt
+    assert capsysbinary.readouterr().out == from_ckpt
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 40)
     assert main(["generate", "--ckpt", str(tmp_path / "bad.gguf")]) == 2
-    err = capsys.readouterr().err
+    err = capsysbinary.readouterr().err.decode()
     assert err.startswith("trueternary: error: ") and "not a GGUF file written by trueternary export" in err
 
 
@@ -490,7 +490,7 @@ def test_export_measure_script_bad_input():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "export_measure.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "export_measure.py"
     r = subprocess.run([sys.executable, str(script), "--ckpt", "/no/such.safetensors"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "--ckpt /no/such.safetensors: no such file" in r.stderr and "Traceback" not in r.stderr

@@ -37,6 +37,10 @@ class WriteError(ValueError):
         self.reason = reason
 
 
+class ExportError(ValueError):
+    """An export that cannot be done as asked (one line; exit code 2 on the command line)."""
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (diverged); reported in one line, exit code 1."""
 
@@ -46,4 +50,4 @@ class NonFiniteGradientError(FloatingPointError):
 
 
 # What the user can fix (a flag, the data, a checkpoint, a file system): one line, exit code 2.
-USAGE_ERRORS: tuple[type[Exception], ...] = (UsageError, DataError, CheckpointError, WriteError)
+USAGE_ERRORS: tuple[type[Exception], ...] = (UsageError, DataError, CheckpointError, WriteError, ExportError)

@@ -26,15 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ExportError
 from . import tq
 from .gguf_file import FLOAT_TYPES, BlockReport, LlamaGraph, LossyExport, Ternary, Vocab, byte_vocab
 
 TYPES = tq.TYPES + FLOAT_TYPES
 DEFAULT_TYPE = "tq2_0"
 
-
-class ExportError(ValueError):
-    """An export that cannot be done as asked (one line; exit code 2 on the command line)."""
 
 
 @dataclass
@@ -205,8 +203,8 @@ def export_checkpoint(ckpt: str | os.PathLike, out, qtype: str = DEFAULT_TYPE, *
                       overwrite: bool = False) -> ExportReport:
     """Export a checkpoint of ``trueternary train --model llama`` (reads only T_packed and the scales)."""
     from ..checkpoint import read_header
-    from ..generate import FLOAT_QAT, load_for_inference
-    from ..recipes import TERNARY_CONFIGS
+    from ..inference import load_checkpoint_for_inference
+    from ..recipes import LATENT_CONFIGS, TERNARY_CONFIGS
 
     _, meta = read_header(ckpt)  # CheckpointError (one line) for a missing, foreign or damaged file
     model_name = (meta.get("model") or {}).get("name")
@@ -214,11 +212,11 @@ def export_checkpoint(ckpt: str | os.PathLike, out, qtype: str = DEFAULT_TYPE, *
         raise ExportError(f"{ckpt}: model {model_name!r} has no llama.cpp architecture (the transformer's sub-layer "
                           "norms and ungated squared-ReLU MLP are in none); train with --model llama to export")
     recipe = meta.get("recipe")
-    if recipe in FLOAT_QAT:
+    if recipe in LATENT_CONFIGS:
         raise ExportError(f"{ckpt}: config {recipe} keeps latent float weights; export a ternary or float config")
     if recipe not in TERNARY_CONFIGS and qtype in tq.TYPES:
         raise ExportError(f"{ckpt}: config {recipe} has float weights; export it with --type f16 or f32")
-    model, meta = load_for_inference(ckpt)
+    model, meta = load_checkpoint_for_inference(ckpt)
     g = graph_of_model(model)
     g.meta.update({"recipe": str(recipe), "step": int(meta.get("step", 0)), "checkpoint": Path(ckpt).name})
     return export_graph(g, out, qtype, lossy=lossy, overwrite=overwrite)
@@ -281,7 +279,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> ExportReport:
-    from ..cli import UsageError
+    from ..errors import UsageError
 
     if args.format != "gguf":
         raise UsageError(f"unknown --format {args.format!r}; only gguf is written")
@@ -291,10 +289,7 @@ def run(args: argparse.Namespace) -> ExportReport:
         import gguf  # noqa: F401
     except ImportError:
         raise UsageError("export needs the gguf package: pip install 'trueternary[export]'") from None
-    try:
-        rep = export_checkpoint(args.ckpt, args.out, args.qtype, lossy=args.lossy, overwrite=args.force)
-    except ExportError as e:
-        raise UsageError(str(e)) from None
+    rep = export_checkpoint(args.ckpt, args.out, args.qtype, lossy=args.lossy, overwrite=args.force)
     print(rep.summary())
     sys.stdout.flush()
     return rep

@@ -20,12 +20,17 @@ dtype (autocast's, else the input's: the cast the layer would do). ``ByteTransfo
 swaps them for ``torch.compile``'d versions (fused elementwise, norm and cast kernels; the linear layers,
 ternary or float, stay eager): on a GPU the eager versions spend most of a step in separate elementwise,
 norm and cast kernels (docs/performance.md). Compiled results equal the eager ones up to float rounding.
+
+Incremental decoding (``generate``) is a second entry point beside ``forward``: ``new_cache()`` and
+``forward_cached(idx, cache)``, which appends the keys and values of ``idx`` to a :class:`KVCache` and attends
+over everything cached (:func:`cached_attention_op`, the same ops as ``attention_op``). From an empty cache it is
+the training forward, bit for bit; one-byte steps after it equal the full forward up to float rounding.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +150,47 @@ def shared_ops(compile_backend: str | None) -> dict:
     return ops
 
 
+@dataclass
+class KVCache:
+    """Keys (rotary applied) and values of every layer at the positions decoded so far, for ``forward_cached``.
+
+    ``keys[i]`` / ``values[i]``: layer ``i``'s (B, H, ctx, head_dim) buffers, allocated on the first call (in the
+    dtype and on the device the layer computes in); positions ``[0, length)`` hold data."""
+
+    ctx: int
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    length: int = 0
+
+
+def cached_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, qk_norm: bool,
+                        subln: bool, dtype: torch.dtype, cache: KVCache, layer: int) -> torch.Tensor:
+    """``attention_op`` for positions ``[cache.length, cache.length + L)`` that also attend to the cached ones:
+    the new keys and values are written into ``cache`` (its ``length`` is advanced by the caller, once every
+    layer has written)."""
+    B, L, d3 = qkv.shape
+    d = d3 // 3
+    q, k, v = (t.reshape(B, L, n_heads, d // n_heads).transpose(1, 2) for t in qkv.split(d, dim=-1))
+    if qk_norm:
+        q, k = rms_norm(q), rms_norm(k)
+    start, end = cache.length, cache.length + L
+    q, k = apply_rotary(q, cos[start:end], sin[start:end]), apply_rotary(k, cos[start:end], sin[start:end])
+    if layer == len(cache.keys):
+        cache.keys.append(k.new_empty(B, n_heads, cache.ctx, d // n_heads))
+        cache.values.append(v.new_empty(B, n_heads, cache.ctx, d // n_heads))
+    cache.keys[layer][:, :, start:end] = k
+    cache.values[layer][:, :, start:end] = v
+    if start == 0:  # a prefill: exactly attention_op's call (the fresh tensors, not views of the cache)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        keys, values = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]
+        # is_causal aligns the mask top-left; new position start + i sees keys [0, start + i]
+        mask = None if L == 1 else torch.ones(L, end, dtype=torch.bool, device=q.device).tril(start)
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    a = a.transpose(1, 2).reshape(B, L, d)
+    return (rms_norm(a) if subln else a).to(dtype)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -158,6 +204,15 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ops: dict = SHARED_OPS) -> torch.Tensor:
         cfg, dt = self.cfg, compute_dtype(x)
         a = ops["attention"](self.qkv(ops["norm"](x, dt)), cos, sin, cfg.n_heads, cfg.qk_norm, cfg.subln, dt)
+        x, h = ops["add_norm"](x, self.proj(a), dt)
+        return x + self.down(ops["relu2"](self.up(h), cfg.subln, dt))
+
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int,
+                       ops: dict = SHARED_OPS) -> torch.Tensor:
+        """``forward`` for positions after the ``cache.length`` cached ones (see ``cached_attention_op``)."""
+        cfg, dt = self.cfg, compute_dtype(x)
+        a = cached_attention_op(self.qkv(ops["norm"](x, dt)), cos, sin, cfg.n_heads, cfg.qk_norm, cfg.subln, dt,
+                                cache, layer)
         x, h = ops["add_norm"](x, self.proj(a), dt)
         return x + self.down(ops["relu2"](self.up(h), cfg.subln, dt))
 
@@ -206,4 +261,26 @@ class ByteTransformer(nn.Module):
         x = self.embed(idx)
         for blk in self.blocks:
             x = blk(x, self.rope_cos, self.rope_sin, ops)
+        return self.head(ops["norm"](x, compute_dtype(x)))
+
+    # ------------------------------------------------------------------ incremental decoding (generate)
+    def new_cache(self) -> KVCache:
+        """An empty key/value cache for ``forward_cached`` (room for ``cfg.ctx`` positions)."""
+        return KVCache(self.cfg.ctx)
+
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits of ``idx`` (B, L) as the continuation of the ``cache.length`` positions in ``cache``, whose keys
+        and values it appends. From an empty cache this is ``forward(idx)`` (same ops, same numerics); a one-byte
+        step after it equals ``forward`` over the whole sequence up to float rounding
+        (``tests/test_generate.py``)."""
+        if idx.dim() != 2:
+            raise ValueError(f"expected token ids of shape (batch, length), got {tuple(idx.shape)}")
+        if cache.length + idx.shape[1] > self.cfg.ctx:
+            raise ValueError(f"{cache.length} cached + {idx.shape[1]} new positions exceed the model's context "
+                             f"{self.cfg.ctx}")
+        ops = shared_ops(self.compile_backend)
+        x = self.embed(idx)
+        for i, blk in enumerate(self.blocks):
+            x = blk.forward_cached(x, self.rope_cos, self.rope_sin, cache, i, ops)
+        cache.length += idx.shape[1]
         return self.head(ops["norm"](x, compute_dtype(x)))
