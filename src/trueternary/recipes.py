@@ -25,6 +25,7 @@ from torch import nn
 
 from .backends import DEFAULT_UPDATE_BACKEND, UpdateBackend, resolve_backend
 from .convert import ternarize
+from .init import float_copy
 from .layers import IntegerBias, set_linear_kernel
 from .optim import FlipOptimizer, SignGSD, TileNormSGD, hybrid_optimizers
 from .qat import fake_ternarize, forward_trits
@@ -288,10 +289,13 @@ class Recipe:
 def build_recipe(name: str, base_model: nn.Module, hp: Hparams, device: torch.device | str = "cpu",
                  backend: UpdateBackend | str = DEFAULT_UPDATE_BACKEND, seed: int = 0) -> Recipe:
     """Make config ``name`` from a deep copy of ``base_model`` (the base is left untouched). A ternary config's
-    linear layers run on the kernels that go with its update ``backend`` (``UpdateBackend.linear_kernel``)."""
+    linear layers run on the kernels that go with its update ``backend`` (``UpdateBackend.linear_kernel``).
+
+    A ternary config is built on ``device`` one layer at a time (``ternarize(device=)``), never holding the float
+    model there; from a lazy base (``build_model(lazy=True)``) it never holds the float model anywhere."""
     if name not in CONFIG_NAMES:
         raise ValueError(f"unknown config {name!r}; choose from {', '.join(CONFIG_NAMES)}")
-    model = copy.deepcopy(base_model).to(device)
+    model = copy.deepcopy(base_model) if name in TERNARY_CONFIGS else float_copy(base_model, device)
     lr = hp.lr_for(name)
     if name == "Adam_FP32":
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=hp.weight_decay)
@@ -314,18 +318,19 @@ def build_recipe(name: str, base_model: nn.Module, hp: Hparams, device: torch.de
         return Recipe(name, model, [opt], hp, float_clip=False)
     backend = resolve_backend(backend)
     if name == "TrueTernary":
-        ternarize(model, hp.group_size, accum_threshold=hp.rule.init_accum_threshold())
+        ternarize(model, hp.group_size, accum_threshold=hp.rule.init_accum_threshold(), device=device).to(device)
         set_linear_kernel(model, backend.linear_kernel)
         flip = FlipOptimizer(model, lr=lr, rule=hp.rule, backend=backend, seed=seed)
         return Recipe(name, model, [flip], hp, flip=flip)
     if name == "TrueTernary_Naive":
-        ternarize(model, hp.group_size)
+        ternarize(model, hp.group_size, device=device).to(device)
         set_linear_kernel(model, backend.linear_kernel)
         rule = FlipRule.naive(hp.naive_threshold, hp.rule.scale_update_interval)
         flip = FlipOptimizer(model, rule=rule, backend=backend, seed=seed)
         return Recipe(name, model, [flip], hp, flip=flip)
     # TrueTernary_Hybrid (float log2 scales: its linear layers run dense whatever their kernel)
-    ternarize(model, hp.group_size, scale_mode="float", accum_threshold=hp.rule.init_accum_threshold())
+    ternarize(model, hp.group_size, scale_mode="float", accum_threshold=hp.rule.init_accum_threshold(),
+              device=device).to(device)
     set_linear_kernel(model, backend.linear_kernel)
     flip, adam = hybrid_optimizers(model, scale_lr=hp.hybrid_scale_lr, lr=lr, rule=hp.rule,
                                    backend=backend, seed=seed)

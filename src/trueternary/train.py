@@ -89,6 +89,8 @@ class TrainConfig:
     cuda_graph: bool | str = "auto"
     # bit-for-bit repeatable steps on a GPU too (trueternary.determinism: deterministic algorithms, math attention)
     deterministic: bool = False
+    # recompute each transformer block's activations in backward (ByteTransformer.use_activation_checkpointing)
+    activation_checkpointing: bool = False
     ddp_grad_dtype: str = "fp32"  # data parallelism: dtype of the float gradients DDP all-reduces (fp32, bf16)
     # run
     max_steps: int = 300
@@ -822,7 +824,8 @@ def _train(cfg: TrainConfig, hp: Hparams, loaded: list, device: torch.device,
 
     def build():
         try:
-            base = build_model(cfg.model, seed=cfg.seed, compile_ops=cfg.compile, **mcfg)
+            base = build_model(cfg.model, seed=cfg.seed, compile_ops=cfg.compile, lazy=True,
+                               activation_checkpointing=cfg.activation_checkpointing, **mcfg)
             return build_recipe(cfg.config, base, hp, device=device, backend=cfg.update_backend, seed=cfg.seed)
         except ValueError as e:  # e.g. a GPU backend without CUDA
             raise UsageError(str(e)) from None
@@ -1077,6 +1080,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bit-for-bit repeatable steps on a GPU too: deterministic algorithms and math attention "
                         "(PyTorch's flash/cuDNN/memory-efficient attention backward is not deterministic at long "
                         "contexts); about 3.3x the step time at 151M on an H100 (default: off)")
+    p.add_argument("--activation_checkpointing", "--activation-checkpointing", dest="activation_checkpointing",
+                   default=None, action=argparse.BooleanOptionalAction,
+                   help="recompute each transformer block's activations in backward instead of keeping them: "
+                        "activation memory of one block input per layer, about one more forward per step, the "
+                        "same results bit for bit (default: off)")
     flag("ddp_grad_dtype", help="under torchrun: dtype of the float gradients DDP all-reduces for float "
          "parameters (fp32, or bf16 via torch's bf16_compress_hook)")
     flag("max_steps", type=int, help="optimiser steps (also the length of the lr schedule)")
