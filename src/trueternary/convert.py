@@ -1,7 +1,7 @@
 """``ternarize(model)``: turn any model's nn.Linear / nn.Embedding layers into ternary ones, in place.
 
-A lazy model (``build_model(..., lazy=True)``, ``trueternary.init``) is ternarised as its weights are drawn,
-one layer at a time, so its float weights never exist all at once.
+A lazy model (``build_model(..., lazy=True)``, ``trueternary.init``) gets its whole ternary state first; then each
+float weight is drawn, ternarised into its layer and dropped before the next: its float weights never exist at once.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def parse_size(name: str) -> tuple[int, int]:
 
 
 def model_shape(d_model: int, n_layers: int) -> dict:
-    """The transformer config of a size: heads of :data:`HEAD_DIM` (one head below that width)."""
+    """The transformer shape of a size: heads of :data:`HEAD_DIM` (one head below that width)."""
     return dict(d_model=d_model, n_layers=n_layers, n_heads=max(1, d_model // HEAD_DIM))
 
 
@@ -193,7 +193,9 @@ EXIT_SIZES_FAILED = 3  # a size failed (out of memory, say); the others are repo
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .backends import resolve_backend
     from .cli import UsageError, _Parser, resolve_device
+    from .models import TransformerConfig
     from .recipes import CONFIG_NAMES
 
     p = _Parser(prog="python -m trueternary.scaling", description=__doc__.split("\n")[0])
@@ -230,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, name) < 1:
                 raise UsageError(f"--{name} must be a positive integer, got {getattr(args, name)}")
         resolve_device(args.device)
+        try:
+            resolve_backend(args.update_backend)
+            for d, n in sizes:
+                TransformerConfig(ctx=args.ctx, **model_shape(d, n))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     except UsageError as e:
         print(f"trueternary.scaling: error: {e}", file=sys.stderr)
         return 2
