@@ -579,7 +579,7 @@ def test_real_full_tmpfs_and_read_only_remount(tmp_path):
     (["--seed", str(10**20)], "--seed must be at most 18446744073709551615, got 100000000000000000000"),
     (["--seed", "-1"], "--seed must be an integer >= 0"),
     (["--d_model", "1000000000"], "--d_model must be at most 65536"),
-    (["--d_model", "60000"], "the run needs at least 107.5 GiB of memory"),
+    (["--d_model", "65536", "--n_layers", "64"], "the run needs at least 1,244.8 GiB of memory"),
     (["--n_layers", "1000000"], "--n_layers must be at most 4096"),
     (["--n_heads", "8192"], "--n_heads must be at most 4096"),
     (["--ctx", "10000000"], "--ctx must be at most 1048576"),

@@ -85,16 +85,23 @@ class TernaryLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE, scale_mode: str = "int",
-                    accum_threshold: int | None = None):
+                    accum_threshold: int | None = None, device=None):
         """Ternarise an existing ``nn.Linear`` (absmean per group; bias rounded to the int grid;
-        ``accum_threshold``: see ``TernaryScaleTensor.load_float_``)."""
-        w = lin.weight.detach()
-        m = cls(lin.in_features, lin.out_features, bias=lin.bias is not None, group_size=group_size,
-                scale_mode=scale_mode, device=w.device, init=False)
-        m.weight.load_float_(w, accum_threshold)
+        ``accum_threshold``: see ``TernaryScaleTensor.load_float_``) on ``device`` (default: the weight's;
+        the float weight is moved there first and ternarised there)."""
+        m = cls.shaped_like(lin, group_size, scale_mode, lin.weight.device if device is None else device)
+        m.weight.load_float_(lin.weight, accum_threshold)
         if lin.bias is not None:
-            m.bias.load_float_(lin.bias.detach())
+            m.bias.load_float_(lin.bias.detach().to(m.bias.q.device))
         return m
+
+    @classmethod
+    def shaped_like(cls, lin: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE, scale_mode: str = "int",
+                    device=None):
+        """A ternary layer of ``lin``'s shape and bias with all trits 0, on ``device`` (to be filled by
+        ``weight.load_float_``; ``lin``'s weight is not read, so it may be on the meta device)."""
+        return cls(lin.in_features, lin.out_features, bias=lin.bias is not None, group_size=group_size,
+                   scale_mode=scale_mode, device=device, init=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ternary_linear(x, self.weight, self.bias, self.kernel)
@@ -146,14 +153,21 @@ class TernaryEmbedding(nn.Module):
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, group_size: int = DEFAULT_GROUP_SIZE, scale_mode: str = "int",
-                       accum_threshold: int | None = None):
+                       accum_threshold: int | None = None, device=None):
+        """Ternarise an existing ``nn.Embedding`` (``TernaryLinear.from_linear``'s arguments)."""
+        m = cls.shaped_like(emb, group_size, scale_mode, emb.weight.device if device is None else device)
+        m.weight.load_float_(emb.weight, accum_threshold)
+        return m
+
+    @classmethod
+    def shaped_like(cls, emb: nn.Embedding, group_size: int = DEFAULT_GROUP_SIZE, scale_mode: str = "int",
+                    device=None):
+        """A ternary embedding of ``emb``'s shape with all trits 0 (``TernaryLinear.shaped_like``); fill it with
+        ``weight.load_float_``."""
         if emb.max_norm is not None:
             raise ValueError("TernaryEmbedding does not support max_norm (weights are fixed trits)")
-        w = emb.weight.detach()
-        m = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, group_size,
-                scale_mode=scale_mode, device=w.device, init=False)
-        m.weight.load_float_(w, accum_threshold)
-        return m
+        return cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, group_size, scale_mode=scale_mode,
+                   device=device, init=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return ternary_embedding(idx, self.weight, padding_idx=self.padding_idx)

@@ -30,6 +30,7 @@ from torch import nn
 
 from .backends import DEFAULT_UPDATE_BACKEND, UpdateBackend, resolve_backend
 from .convert import ternarize
+from .init import float_copy
 from .layers import IntegerBias, set_linear_kernel
 from .optim import ADAMW_BETAS, HYBRID_SCALE_LR, FlipOptimizer, SignGSD, hybrid_optimizers
 from .qat import fake_ternarize, forward_trits
@@ -287,9 +288,10 @@ class Recipe:
 
 
 # ------------------------------------------------------------------------------------ the registry
-# (config name, model: a deep copy of the base on the run's device, hp, peak lr (Hparams.lr_for), update backend
-# (resolved for ternary configs), seed) -> Recipe
-Builder = Callable[[str, nn.Module, Hparams, float, UpdateBackend, int], Recipe]
+# (config name, model: a float copy of the base on the run's device, or for ternary configs a deep copy of the base
+# that the builder ternarises onto the device, hp, peak lr (Hparams.lr_for), update backend (resolved for ternary
+# configs), seed, device) -> Recipe
+Builder = Callable[[str, nn.Module, Hparams, float, UpdateBackend, int, torch.device | str], Recipe]
 
 
 @dataclass(frozen=True)
@@ -320,36 +322,36 @@ def recipe(name: str, weights: str, default_lr: float | None = None) -> Callable
 
 # Peak learning rates (vote scale for TrueTernary), tuned on the development corpus; see docs/learning.md.
 @recipe("Adam_FP32", "float", default_lr=2e-3)
-def _adam_fp32(name, model, hp, lr, backend, seed) -> Recipe:
+def _adam_fp32(name, model, hp, lr, backend, seed, device) -> Recipe:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=ADAMW_BETAS, weight_decay=hp.weight_decay)
     return Recipe(name, model, [opt], hp)
 
 
 @recipe("BitNet_QAT", "latent", default_lr=3e-3)
-def _bitnet_qat(name, model, hp, lr, backend, seed) -> Recipe:
+def _bitnet_qat(name, model, hp, lr, backend, seed, device) -> Recipe:
     fake_ternarize(model, hp.qat_quantizer, hp.group_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=ADAMW_BETAS, weight_decay=hp.weight_decay)
     return Recipe(name, model, [opt], hp)
 
 
 @recipe("SignSGD_Old", "latent", default_lr=1e-4)
-def _signsgd_old(name, model, hp, lr, backend, seed) -> Recipe:
+def _signsgd_old(name, model, hp, lr, backend, seed, device) -> Recipe:
     fake_ternarize(model, hp.qat_quantizer, hp.group_size)
     opt = SignGSD(model.parameters(), lr=lr, weight_decay=0.0)
     return Recipe(name, model, [opt], hp, float_clip=False)
 
 
 @recipe("TrueTernary", "ternary")
-def _true_ternary(name, model, hp, lr, backend, seed) -> Recipe:
-    ternarize(model, hp.group_size, accum_threshold=hp.rule.init_accum_threshold())
+def _true_ternary(name, model, hp, lr, backend, seed, device) -> Recipe:
+    ternarize(model, hp.group_size, accum_threshold=hp.rule.init_accum_threshold(), device=device).to(device)
     set_linear_kernel(model, backend.linear_kernel)
     flip = FlipOptimizer(model, lr=lr, rule=hp.rule, backend=backend, seed=seed)
     return Recipe(name, model, [flip], hp, flip=flip)
 
 
 @recipe("TrueTernary_Naive", "ternary")
-def _true_ternary_naive(name, model, hp, lr, backend, seed) -> Recipe:
-    ternarize(model, hp.group_size)
+def _true_ternary_naive(name, model, hp, lr, backend, seed, device) -> Recipe:
+    ternarize(model, hp.group_size, device=device).to(device)
     set_linear_kernel(model, backend.linear_kernel)
     rule = FlipRule.naive(hp.naive_threshold, hp.rule.scale_update_interval)
     flip = FlipOptimizer(model, rule=rule, backend=backend, seed=seed)  # (the seed rule has no lr)
@@ -357,9 +359,10 @@ def _true_ternary_naive(name, model, hp, lr, backend, seed) -> Recipe:
 
 
 @recipe("TrueTernary_Hybrid", "ternary")
-def _true_ternary_hybrid(name, model, hp, lr, backend, seed) -> Recipe:
+def _true_ternary_hybrid(name, model, hp, lr, backend, seed, device) -> Recipe:
     # float log2 scales: its linear layers run dense whatever their kernel
-    ternarize(model, hp.group_size, scale_mode="float", accum_threshold=hp.rule.init_accum_threshold())
+    ternarize(model, hp.group_size, scale_mode="float", accum_threshold=hp.rule.init_accum_threshold(),
+              device=device).to(device)
     set_linear_kernel(model, backend.linear_kernel)
     flip, adam = hybrid_optimizers(model, scale_lr=hp.hybrid_scale_lr, lr=lr, rule=hp.rule, backend=backend,
                                    seed=seed)
@@ -374,12 +377,15 @@ LATENT_CONFIGS = tuple(n for n, e in RECIPES.items() if e.weights == "latent")
 def build_recipe(name: str, base_model: nn.Module, hp: Hparams, device: torch.device | str = "cpu",
                  backend: UpdateBackend | str = DEFAULT_UPDATE_BACKEND, seed: int = 0) -> Recipe:
     """Make config ``name`` from a deep copy of ``base_model`` (the base is left untouched). A ternary config's
-    linear layers run on the kernels that go with its update ``backend`` (``UpdateBackend.linear_kernel``)."""
+    linear layers run on the kernels that go with its update ``backend`` (``UpdateBackend.linear_kernel``).
+
+    A ternary config is built on ``device`` one layer at a time (``ternarize(device=)``), never holding the float
+    model there; from a lazy base (``build_model(lazy=True)``) it never holds the float model anywhere."""
     if name not in RECIPES:
         raise ValueError(f"unknown config {name!r}; choose from {', '.join(CONFIG_NAMES)}")
     entry = RECIPES[name]
-    model = copy.deepcopy(base_model).to(device)
     lr = hp.lr_for(name)
     if entry.weights == "ternary":  # (the others have no update backend)
-        backend = resolve_backend(backend)
-    return entry.build(name, model, hp, lr, backend, seed)
+        model = copy.deepcopy(base_model)  # ternarised onto the device by the builder, layer by layer
+        return entry.build(name, model, hp, lr, resolve_backend(backend), seed, device)
+    return entry.build(name, float_copy(base_model, device), hp, lr, backend, seed, device)

@@ -314,7 +314,8 @@ def build_training_recipe(cfg: TrainConfig, hp: Hparams, model_cfg: dict, device
     """The model, initialised from the run's seed, and its optimisers (a trueternary.recipes.Recipe)."""
 
     try:
-        base = build_model(cfg.model, seed=cfg.seed, compile_ops=cfg.compile, **model_cfg)
+        base = build_model(cfg.model, seed=cfg.seed, compile_ops=cfg.compile, lazy=True,
+                           activation_checkpointing=cfg.activation_checkpointing, **model_cfg)
         return build_recipe(cfg.config, base, hp, device=device, backend=cfg.update_backend, seed=cfg.seed)
     except ValueError as e:  # e.g. a GPU backend without CUDA
         raise UsageError(str(e)) from None

@@ -22,7 +22,7 @@ from .errors import UsageError
 from .flags import parse_overrides
 from .models import check_compile_ops, model_names
 from .optim import BACKENDS, resolve_backend
-from .recipes import CONFIG_NAMES, Hparams
+from .recipes import CONFIG_NAMES, TERNARY_CONFIGS, Hparams
 from .rule import FlipRule
 from .weight import DEFAULT_GROUP_SIZE
 
@@ -57,6 +57,8 @@ class TrainConfig:
     cuda_graph: bool | str = "auto"
     # bit-for-bit repeatable steps on a GPU too (trueternary.determinism: deterministic algorithms, math attention)
     deterministic: bool = False
+    # recompute each transformer block's activations in backward (ByteTransformer.use_activation_checkpointing)
+    activation_checkpointing: bool = False
     ddp_grad_dtype: str = "fp32"  # data parallelism: dtype of the float gradients DDP all-reduces (fp32, bf16)
     # run
     max_steps: int = 300
@@ -171,13 +173,18 @@ def validate(cfg: TrainConfig) -> Hparams:
 
 
 def memory_floor(cfg: TrainConfig, world: int = 1) -> int:
-    """Bytes a run needs at least, in one process: its float32 initial model twice over (the recipe is
-    built from a deep copy, and both exist until it is built) and one step's float32 logits. Weights
-    counted: the embedding, the output head and four d x d attention matrices per layer, which every
-    model family has (the transformer has three times as many; the bound is for refusing what cannot fit)."""
+    """Bytes a run needs at least, in one process, and one step's float32 logits besides. A float or latent
+    config: its float32 model (the lazy base is filled in on the copy only, so once). A ternary config: its
+    ternary state, 1.2 bytes per weight at least (``T_accum`` and the packed trits), and one float32 layer
+    (built layer by layer from a lazy base: docs/scaling.md). Weights counted: the embedding, the output head
+    and four d x d attention matrices per layer, which every model family has (the transformer has three times
+    as many; the bound is for refusing what cannot fit)."""
     vocab = int(model_config(cfg).get("vocab_size", 256))
     weights = cfg.n_layers * 4 * cfg.d_model ** 2 + 2 * vocab * cfg.d_model
-    return 8 * weights + 4 * (cfg.batch_size // world) * cfg.ctx * vocab
+    logits = 4 * (cfg.batch_size // world) * cfg.ctx * vocab
+    if cfg.config in TERNARY_CONFIGS:
+        return int(1.2 * weights) + 4 * max(cfg.d_model ** 2, vocab * cfg.d_model) + logits
+    return 4 * weights + logits
 
 
 def machine_memory() -> int | None:
@@ -206,8 +213,8 @@ def check_memory(cfg: TrainConfig, world: int = 1) -> None:
     need, have = memory_floor(cfg, world), machine_memory()
     if have is not None and need > have:
         raise UsageError(f"--d_model {cfg.d_model} --n_layers {cfg.n_layers} --batch_size {cfg.batch_size} "
-                         f"--ctx {cfg.ctx}: the run needs at least {_gib(need)} of memory (the float initial model "
-                         f"twice and one step's logits), more than this machine's {_gib(have)}")
+                         f"--ctx {cfg.ctx}: the run needs at least {_gib(need)} of memory (its weights and one step's "
+                         f"logits), more than this machine's {_gib(have)}")
 
 
 def model_config(cfg: TrainConfig) -> dict:
@@ -314,6 +321,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bit-for-bit repeatable steps on a GPU too: deterministic algorithms and math attention "
                         "(PyTorch's flash/cuDNN/memory-efficient attention backward is not deterministic at long "
                         "contexts); about 3.3x the step time at 151M on an H100 (default: off)")
+    p.add_argument("--activation_checkpointing", "--activation-checkpointing", dest="activation_checkpointing",
+                   default=None, action=argparse.BooleanOptionalAction,
+                   help="recompute each transformer block's activations in backward instead of keeping them: "
+                        "activation memory of one block input per layer, about one more forward per step, the "
+                        "same results bit for bit (default: off)")
     flag("ddp_grad_dtype", help="under torchrun: dtype of the float gradients DDP all-reduces for float "
          "parameters (fp32, or bf16 via torch's bf16_compress_hook)")
     flag("max_steps", type=int, help="optimiser steps (also the length of the lr schedule)")

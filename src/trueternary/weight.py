@@ -24,10 +24,11 @@ import torch
 from torch import nn
 
 from . import packing
-from .quant import expand_groups, group_absmean_log2, residual_accum
-from .rule import pow2_int
+from .quant import check_accum_threshold, expand_groups, group_absmean_log2, residual_accum
+from .rule import group_sum, pow2_int
 
 DEFAULT_GROUP_SIZE = 64
+LOAD_CHUNK = 1 << 20  # weights load_float_ ternarises at a time: bounds its float temporaries
 SCALE_MODES = ("int", "float")
 
 
@@ -97,24 +98,47 @@ class TernaryScaleTensor(nn.Module):
 
     @torch.no_grad()
     def load_float_(self, w: torch.Tensor, accum_threshold: int | None = None) -> None:
-        """Overwrite T and E with the absmean ternarisation of ``w``.
+        """Overwrite T and E with the absmean ternarisation of ``w`` (``quant.group_absmean_log2``).
 
         ``E_accum`` is reset. ``T_accum`` is reset too, or, given the flip rule's ``accum_threshold``,
         starts at each weight's rounding residual (``quant.residual_accum``), so trits that were close to
         rounding the other way are close to flipping.
+
+        Rows are ternarised :data:`LOAD_CHUNK` weights at a time, so the float temporaries are a chunk's, not
+        the matrix's: the result is the whole matrix's ternarisation exactly (every step is row-local except
+        the scale of an all-zero group, the smallest scale in the matrix, set at the end).
         """
         if tuple(w.shape) != (self.rows, self.cols):
             raise ValueError(f"expected weight of shape {(self.rows, self.cols)}, got {tuple(w.shape)}")
-        T, E = group_absmean_log2(w, self.group_size)
-        self.set_trits(T)
-        self.E.copy_(E)
+        if accum_threshold is not None:
+            check_accum_threshold(accum_threshold)
+        w = w.detach().to(self.T_packed.device)
+        if not bool(torch.isfinite(torch.stack(torch.aminmax(w))).all()):  # (aminmax propagates NaN)
+            raise ValueError("cannot ternarise a weight with NaN or inf entries")
+        cols, g = self.cols, self.group_size
+        step = max(5, LOAD_CHUNK // cols // 5 * 5)  # rows per chunk: a multiple of 5, so chunks pack whole bytes
+        zero_groups = torch.zeros(self.rows, self.n_groups, dtype=torch.bool, device=w.device)
+        for r0 in range(0, self.rows, step):
+            r1 = min(self.rows, r0 + step)
+            wc = w[r0:r1]
+            T, E = group_absmean_log2(wc, g)
+            self.T_packed[r0 * cols // 5: packing.packed_numel(r1 * cols)] = packing.pack_trits_unchecked(T)
+            self.E[r0:r1] = E
+            # an all-zero group is the only one without a nonzero trit (the largest |w| of a group is >= its mean)
+            zero_groups[r0:r1] = group_sum(T.abs(), g) == 0
+            if accum_threshold is not None:
+                self.T_accum[r0:r1] = residual_accum(wc, T, g, accum_threshold)
+            del wc, T, E
+        if bool(zero_groups.any()):
+            # An all-zero group gets the matrix's smallest scale (quant.group_absmean_log2; 2**0 in an all-zero
+            # matrix): round(log2(.)) is monotone, so that is the smallest E of the nonzero groups.
+            nonzero = self.E[~zero_groups]
+            self.E[zero_groups] = nonzero.min() if nonzero.numel() else 0
         self.E_accum.zero_()
         if accum_threshold is None:
             self.T_accum.zero_()
-        else:
-            self.T_accum.copy_(residual_accum(w.to(T.device), T, self.group_size, accum_threshold))
         if self.log2_scale is not None:
-            self.log2_scale.copy_(E.float())
+            self.log2_scale.copy_(self.E.float())
 
     # ---------------------------------------------------------------- views of the weight
     @property

@@ -25,6 +25,15 @@ Incremental decoding (``generate``) is a second entry point beside ``forward``: 
 ``forward_cached(idx, cache)``, which appends the keys and values of ``idx`` to a :class:`KVCache` and attends
 over everything cached (:func:`cached_attention_op`, the same ops as ``attention_op``). From an empty cache it is
 the training forward, bit for bit; one-byte steps after it equal the full forward up to float rounding.
+
+``ByteTransformer.use_activation_checkpointing()`` runs each block under ``torch.utils.checkpoint``: its
+activations are recomputed in backward instead of kept, so a forward keeps one (B, L, d) input per block
+(docs/scaling.md). Votes are cast only in backward, once per layer, so a step casts the same votes with the
+same random keys either way: the results are bit for bit the same where the arithmetic is deterministic.
+
+:meth:`ByteTransformer.init_plan` lists every weight in the order the initialisation draws it from its
+generator; ``trueternary.init`` builds a *lazy* model from it (weights on the ``meta`` device, drawn one
+layer at a time when the model is ternarised or materialised: the same numbers as an eager build).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..ops.linear import compute_dtype
 from ..vocab import VOCAB_SIZE
@@ -226,30 +236,45 @@ class ByteTransformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rotary_tables(cfg.ctx, cfg.d_model // cfg.n_heads)
+        # The rotary tables are derived from the config, not weights: built for real even when the layers
+        # are built on the meta device (a lazy model, trueternary.init).
+        on_meta = torch.empty(0).is_meta
+        cos, sin = rotary_tables(cfg.ctx, cfg.d_model // cfg.n_heads, device="cpu" if on_meta else None)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.compile_backend: str | None = None  # use_compiled_ops: the shared ops' torch.compile backend
+        self.activation_checkpointing = False  # use_activation_checkpointing
         self.reset_parameters(generator)
+
+    def init_plan(self) -> list[tuple[str, float]]:
+        """(layer name, std) of every weight, in the order :meth:`reset_parameters` draws them from its
+        generator: each weight is one ``normal_(0, std)`` draw of its full shape."""
+        cfg = self.cfg
+        resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        plan = [("embed", cfg.emb_std)]
+        for i in range(cfg.n_layers):
+            plan += [(f"blocks.{i}.qkv", cfg.init_std), (f"blocks.{i}.up", cfg.init_std),
+                     (f"blocks.{i}.proj", resid_std), (f"blocks.{i}.down", resid_std)]
+        plan.append(("head", cfg.d_model**-0.5 if cfg.head_std is None else cfg.head_std))
+        return plan
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        cfg = self.cfg
-        resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        self.embed.weight.normal_(0.0, cfg.emb_std, generator=generator)
-        for blk in self.blocks:
-            blk.qkv.weight.normal_(0.0, cfg.init_std, generator=generator)
-            blk.up.weight.normal_(0.0, cfg.init_std, generator=generator)
-            blk.proj.weight.normal_(0.0, resid_std, generator=generator)
-            blk.down.weight.normal_(0.0, resid_std, generator=generator)
-        head_std = cfg.d_model**-0.5 if cfg.head_std is None else cfg.head_std
-        self.head.weight.normal_(0.0, head_std, generator=generator)
+        for name, std in self.init_plan():
+            self.get_submodule(name).weight.normal_(0.0, std, generator=generator)
 
     def use_compiled_ops(self, enabled: bool = True, backend: str = "inductor") -> ByteTransformer:
         """Run the shared ops (everything between linear layers) compiled by ``torch.compile(backend=...)``
         or, with ``enabled=False``, eagerly again. Compilation happens on the first forward (seconds to a
         minute); a new input shape recompiles. Returns the model."""
         self.compile_backend = backend if enabled else None
+        return self
+
+    def use_activation_checkpointing(self, enabled: bool = True) -> ByteTransformer:
+        """Recompute each block's activations in backward instead of keeping them (``torch.utils.checkpoint``,
+        non-reentrant), or, with ``enabled=False``, keep them again. A training forward then keeps one
+        (batch, length, d_model) input per block, and backward adds one block's forward. Returns the model."""
+        self.activation_checkpointing = bool(enabled)
         return self
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -259,8 +284,15 @@ class ByteTransformer(nn.Module):
             raise ValueError(f"sequence length {idx.shape[1]} exceeds the model's context {self.cfg.ctx}")
         ops = shared_ops(self.compile_backend)
         x = self.embed(idx)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = blk(x, self.rope_cos, self.rope_sin, ops)
+            if recompute:
+                # preserve_rng_state=False: a block draws no random numbers (the votes' keys are counters,
+                # cast in backward only), and saving the RNG state would read it inside a CUDA graph capture
+                x = checkpoint(blk, x, self.rope_cos, self.rope_sin, ops, use_reentrant=False,
+                               preserve_rng_state=False)
+            else:
+                x = blk(x, self.rope_cos, self.rope_sin, ops)
         return self.head(ops["norm"](x, compute_dtype(x)))
 
     # ------------------------------------------------------------------ incremental decoding (generate)
