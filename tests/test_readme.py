@@ -47,3 +47,37 @@ def test_ten_line_example_runs_and_learns():
     assert float(m.group(1)) < 1.0  # from ln 10 = 2.30 (fits 256 random labels: the rule really learns)
     # 64*256 + 256*10 trits at 5 per byte, one int8 scale per 64 weights, int32 biases
     assert 0 < int(m.group(2)) < (64 * 256 + 256 * 10) // 4
+
+
+def _quick_start_transcript() -> list[str]:
+    """The output lines docs/training.md's quick start shows for ``trueternary train``."""
+    doc = (ROOT / "docs" / "training.md").read_text()
+    section = doc[doc.index("## Quick start"):doc.index("\n## ", doc.index("## Quick start") + 1)]
+    block = next(body for lang, body in re.findall(r"```(\w*)\n(.*?)```", section, flags=re.S)
+                 if not lang and body.startswith("train: "))
+    return [ln for ln in block.splitlines() if ln.strip()]
+
+
+def _line_pattern(line: str) -> re.Pattern:
+    """The transcript line with its numbers, run name and paths generalised (the values depend on the machine's
+    standard library, the step count and the clock; the wording and the order of the fields may not)."""
+    out = re.escape(line)
+    out = re.sub(r"runs/TrueTernary\\-\d+\\-\d+", r"\\S+", out)
+    out = re.sub(r"\d[\d,]*(\\\.\d+)?", r"[\\d,]+(?:\\.\\d+)?", out)
+    out = re.sub(r"(\\ )+", r"\\s+", out)  # numbers are right-aligned: their padding varies
+    return re.compile(out)
+
+
+def test_quick_start_transcript_matches_what_train_prints(tmp_path, monkeypatch, capsys):
+    """The quick start's transcript is what ``trueternary train`` prints: each line of a short run of the same
+    command (defaults, fewer steps) matches the documented line with its numbers generalised."""
+    from trueternary.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--max_steps", "4", "--eval_every", "2", "--save_every", "0"]) == 0
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    documented = _quick_start_transcript()
+    assert len(printed) == len(documented) - 1, printed  # the doc shows 3 evaluations, the short run 2
+    doc_lines = documented[:1] + documented[2:]
+    for got, want in zip(printed, doc_lines):
+        assert _line_pattern(want).fullmatch(got), (want, got)
