@@ -431,15 +431,7 @@ ADAM_GROUP = ("optimizers", 0, "state_dict", "param_groups", 0)
 def test_float_optimizer_state_is_validated_on_restore(adam_checkpoint, tmp_path, capsys, edit, match):
     """AdamW's hyper-parameters (by its own constructor's checks), switches and state shapes: resuming is one
     line, exit 2, and the run directory gains nothing."""
-    run = tmp_path / "runs" / "run"
-    _rewrite(adam_checkpoint, ckpt_io.checkpoint_path(run, 2), edit)
-    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    data = load_checkpoint(adam_checkpoint).meta["train_config"]["data"]
-    assert main(["train", "--resume", "auto", "--run_name", "run", "--out_dir", str(tmp_path / "runs"), "--data", data,
-                 "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("trueternary: error:") and err.count("\n") == 1 and match in err, err
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    _assert_resume_refused(adam_checkpoint, 2, edit, match, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -449,10 +441,16 @@ def test_float_optimizer_state_is_validated_on_restore(adam_checkpoint, tmp_path
     (_replace_tensor("optim/0/1/norm_row", torch.zeros(3, dtype=torch.int8)), "norm_row must be torch.int8"),
 ], ids=["step-text", "seed-negative", "tile-code", "code-shape"])
 def test_flip_optimizer_state_is_validated_on_restore(good_checkpoint, tmp_path, capsys, edit, match):
+    _assert_resume_refused(good_checkpoint, 4, edit, match, tmp_path, capsys)
+
+
+def _assert_resume_refused(checkpoint, step, edit, match, tmp_path, capsys):
+    """``checkpoint`` edited by ``edit`` as run ``run``'s step ``step``: ``train --resume auto`` is one line naming
+    ``match``, exit 2, and nothing under ``tmp_path`` changes."""
     run = tmp_path / "runs" / "run"
-    _rewrite(good_checkpoint, ckpt_io.checkpoint_path(run, 4), edit)
+    _rewrite(checkpoint, ckpt_io.checkpoint_path(run, step), edit)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    data = load_checkpoint(good_checkpoint).meta["train_config"]["data"]
+    data = load_checkpoint(checkpoint).meta["train_config"]["data"]
     assert main(["train", "--resume", "auto", "--run_name", "run", "--out_dir", str(tmp_path / "runs"), "--data", data,
                  "--device", "cpu"]) == 2
     err = capsys.readouterr().err

@@ -63,17 +63,23 @@ def compare(a: dict, b: dict) -> dict:
             "codes_differing": sum(k.startswith("opt.") for k in differ), "first_differing": differ[:5]}
 
 
-def one(setting: str, backend: str, compile_ops: bool, k: int) -> dict:
+def copies(setting: str, compile_ops: bool, update_backend: str, n: int):
+    """(x, y, n TrueTernary recipes built from one base model): one batch and n identical starting points."""
     cfg, batch = SETTINGS[setting]
-    set_sdpa(backend)
     torch._dynamo.reset()
     tmod._COMPILED_OPS.clear()
     base = ByteTransformer(TransformerConfig(**cfg), generator=torch.Generator().manual_seed(1234))
     base.use_compiled_ops(compile_ops)
     seq = torch.randint(0, 256, (batch, cfg["ctx"] + 1), generator=torch.Generator().manual_seed(99)).cuda()
     x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
-    rs = [build_recipe("TrueTernary", base, Hparams(steps=1000), device="cuda", backend="gpu", seed=0)
-          for _ in range(3)]
+    rs = [build_recipe("TrueTernary", base, Hparams(steps=1000), device="cuda", backend=update_backend, seed=0)
+          for _ in range(n)]
+    return x, y, rs
+
+
+def one(setting: str, backend: str, compile_ops: bool, k: int) -> dict:
+    set_sdpa(backend)
+    x, y, rs = copies(setting, compile_ops, "gpu", 3)
     for r in rs:
         r.flip.check_finite = False
         r.train_step(x, y, True)  # kernels compiled, device step counter exists (as bench_e2e does)
@@ -112,15 +118,7 @@ def one(setting: str, backend: str, compile_ops: bool, k: int) -> dict:
 def localize(setting: str, compile_ops: bool, backend: str = "gpu") -> dict:
     """Two recipes from one state, one forward + backward each: where do they first differ? Block outputs in
     forward, block output gradients in backward, each layer's T_accum/E_accum after the backward's votes."""
-    cfg, batch = SETTINGS[setting]
-    torch._dynamo.reset()
-    tmod._COMPILED_OPS.clear()
-    base = ByteTransformer(TransformerConfig(**cfg), generator=torch.Generator().manual_seed(1234))
-    base.use_compiled_ops(compile_ops)
-    seq = torch.randint(0, 256, (batch, cfg["ctx"] + 1), generator=torch.Generator().manual_seed(99)).cuda()
-    x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
-    rs = [build_recipe("TrueTernary", base, Hparams(steps=1000), device="cuda", backend=backend, seed=0)
-          for _ in range(2)]
+    x, y, rs = copies(setting, compile_ops, backend, 2)
     rec = [{}, {}]
     for i, r in enumerate(rs):
         r.flip.check_finite = False
