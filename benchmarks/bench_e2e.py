@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import os
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from harness import Bench, add_out_arg, cleanup, out_dir, speedup, step_ms, summary, sync  # noqa: E402
+from harness import Bench, add_out_arg, cleanup, out_dir, smoke_or_cuda, speedup, step_ms, summary, sync  # noqa: E402
 
 
 def parse_args():
@@ -65,15 +64,10 @@ def parse_args():
 
 
 ARGS = parse_args()
-if ARGS.smoke:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
+smoke_or_cuda(ARGS.smoke, "bench_e2e")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-if not ARGS.smoke and not torch.cuda.is_available():
-    print("bench_e2e: error: no CUDA device (use --smoke for a CPU check of the script)", file=sys.stderr)
-    sys.exit(2)
 
 from trueternary.backends import UpdateBackend  # noqa: E402
 from trueternary.layers import set_linear_kernel  # noqa: E402

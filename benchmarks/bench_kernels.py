@@ -25,14 +25,13 @@ tests/test_kernels_flip.py``), which run the compiled kernels on a CUDA machine.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from harness import Bench, add_out_arg, kernel_ms, out_dir, speedup  # noqa: E402
+from harness import Bench, add_out_arg, kernel_ms, out_dir, smoke_or_cuda, speedup  # noqa: E402
 
 PEAK = {"bf16": 760e12, "fp8": 1270e12, "hbm": 3.0e12}
 GROUP_SIZE = 64
@@ -71,14 +70,9 @@ def parse_args():
 
 
 ARGS = parse_args()
-if ARGS.smoke:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
+smoke_or_cuda(ARGS.smoke, "bench_kernels")
 
 import torch  # noqa: E402
-
-if not ARGS.smoke and not torch.cuda.is_available():
-    print("bench_kernels: error: no CUDA device (use --smoke for a CPU check of the script)", file=sys.stderr)
-    sys.exit(2)
 
 from trueternary.ops.flip import apply_flips_, apply_flips_naive_  # noqa: E402
 from trueternary.ops.flip.triton import flip_triton_  # noqa: E402

@@ -45,6 +45,16 @@ def out_dir(parser: argparse.ArgumentParser, path: str) -> Path:
     return out
 
 
+def smoke_or_cuda(smoke: bool, name: str) -> None:
+    """A script's ``--smoke`` runs its kernels in Triton's CPU interpreter (set before Triton is first imported:
+    call this before importing trueternary's kernels); without it, no CUDA device is a one-line error, exit 2."""
+    if smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif not torch.cuda.is_available():
+        print(f"{name}: error: no CUDA device (use --smoke for a CPU check of the script)", file=sys.stderr)
+        sys.exit(2)
+
+
 def require_cuda(parser: argparse.ArgumentParser, what: str = "it times GPU kernels") -> None:
     """A usage error (one line, exit 2) on a machine without a CUDA device."""
     if not torch.cuda.is_available():
