@@ -28,7 +28,7 @@ def test_a_registered_recipe_is_built_by_name(monkeypatch):
     seen = {}
 
     @recipes.recipe("Plain_SGD", "float", default_lr=0.5)
-    def _plain_sgd(name, model, hp, lr, backend, seed):
+    def _plain_sgd(name, model, hp, lr, backend, seed, device):
         seen.update(name=name, lr=lr, backend=backend, seed=seed)
         return recipes.Recipe(name, model, [torch.optim.SGD(model.parameters(), lr=lr)], hp)
 

@@ -194,11 +194,12 @@ EXIT_SIZES_FAILED = 3  # a size failed (out of memory, say); the others are repo
 
 def main(argv: list[str] | None = None) -> int:
     from .backends import resolve_backend
-    from .cli import UsageError, _Parser, resolve_device
+    from .errors import UsageError
+    from .flags import Parser, resolve_device
     from .models import TransformerConfig
     from .recipes import CONFIG_NAMES
 
-    p = _Parser(prog="python -m trueternary.scaling", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m trueternary.scaling", description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="151M", help=f"comma list: {', '.join(SIZES)}, or DxL (d_model x n_layers)")
     p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
     p.add_argument("--ctx", type=int, default=512, help="bytes per sequence (default 512)")
