@@ -34,13 +34,23 @@ import argparse
 import copy
 import functools
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from harness import Bench, add_out_arg, cleanup, out_dir, smoke_or_cuda, speedup, step_ms, summary, sync  # noqa: E402
+from harness import (  # noqa: E402
+    Bench,
+    add_out_arg,
+    cleanup,
+    describe_profile,
+    out_dir,
+    profile_kernels,
+    smoke_or_cuda,
+    speedup,
+    step_ms,
+    summary,
+)
 
 
 def parse_args():
@@ -198,57 +208,16 @@ def run_eager(setting: str, name: str, backend: str | None) -> dict:
     return row
 
 
-# Kernel classes of the profile, by kernel name (first match wins).
-KERNEL_CLASSES = [
-    ("ternary kernels (ours)", ("_ternary_matmul", "_matmul_votes", "_gw_stats", "_gw_votes", "_scale_votes", "_flip",
-                                "_dequant")),
-    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
-    # --compile: Inductor's generated kernels (their names hold 'fused_', which the optimizer class below matches)
-    ("compiled shared ops (inductor)", ("triton_poi_", "triton_red_", "triton_per_", "triton_tem_")),
-    ("GEMM (cuBLAS)", ("gemm", "cutlass", "nvjet", "sm90_xmma", "sm80_xmma", "splitk")),
-    ("optimizer (foreach/fused)", ("multi_tensor", "foreach", "adam", "fused_")),
-    ("reductions", ("reduce", "norm")),
-]
-
-
 def profile_step(setting: str, name: str, backend: str | None, steps: int = 2) -> dict:
-    """GPU time per step by kernel class (torch.profiler, after burn-in): where a step's time goes."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
+    """GPU time per step by kernel class (harness.profile_kernels, after burn-in): where a step's time goes."""
     _, _, warm, _ = SETTINGS[setting]
     x, y = batch(setting)
     r = make_recipe(setting, name, backend)
     for _ in range(warm):
         float(r.train_step(x, y, AUTOCAST))
-    sync(DEV)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV.type == "cuda" else [])
-    t = time.perf_counter()
-    with profile(activities=acts) as prof:
-        for _ in range(steps):
-            float(r.train_step(x, y, AUTOCAST))
-        sync(DEV)
-    wall = (time.perf_counter() - t) * 1e3 / steps
-    per_kernel: dict[str, list] = {}
-    for e in prof.events():
-        # '#' marks record_function ranges mirrored on the GPU timeline (Optimizer.step#AdamW.step): spans
-        # over kernels counted on their own, not kernels
-        if e.device_type == DeviceType.CUDA and "#" not in e.name:
-            k = per_kernel.setdefault(e.name, [0.0, 0])
-            k[0] += e.time_range.elapsed_us() / 1e3 / steps
-            k[1] += 1
-    classes: dict[str, float] = {}
-    for kname, (ms, _) in per_kernel.items():
-        low = kname.lower()
-        cls = next((c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)), "elementwise and other")
-        classes[cls] = classes.get(cls, 0.0) + ms
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:25]
-    row = B.add("profiles", {
-        "setting": setting, "config": label(name, backend), "profiled_wall_ms_per_step": wall,
-        "gpu_busy_ms_per_step": sum(classes.values()), "ms_per_step_by_class": classes,
-        "top_kernels": [{"kernel": k[:120], "ms_per_step": v[0], "launches_per_step": v[1] / steps} for k, v in top]})
-    print(f"  profile {setting} {row['config']}: busy {row['gpu_busy_ms_per_step']:.1f} ms of {wall:.1f} ms/step "
-          + ", ".join(f"{c} {v:.1f}" for c, v in sorted(classes.items(), key=lambda kv: -kv[1])), file=sys.stderr)
+    prof = profile_kernels(lambda: float(r.train_step(x, y, AUTOCAST)), steps=steps, device=DEV)
+    row = B.add("profiles", {"setting": setting, "config": label(name, backend), **prof})
+    print(f"  profile {setting} {row['config']}: " + describe_profile(prof), file=sys.stderr)
     return row
 
 

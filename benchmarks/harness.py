@@ -140,6 +140,61 @@ def speedup(baseline_ms: float, ms: float) -> float:
     return baseline_ms / ms
 
 
+# Kernel classes of a profile, by kernel name (first match wins).
+KERNEL_CLASSES = [
+    ("ternary kernels (ours)", ("_ternary_matmul", "_matmul_votes", "_gw_stats", "_gw_votes", "_scale_votes", "_flip",
+                                "_dequant")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    # torch.compile: Inductor's generated kernels (their names hold 'fused_', which the optimizer class below matches)
+    ("compiled shared ops (inductor)", ("triton_poi_", "triton_red_", "triton_per_", "triton_tem_")),
+    ("GEMM (cuBLAS)", ("gemm", "cutlass", "nvjet", "sm90_xmma", "sm80_xmma", "splitk")),
+    ("optimizer (foreach/fused)", ("multi_tensor", "foreach", "adam", "fused_")),
+    ("reductions", ("reduce", "norm")),
+]
+
+
+def profile_kernels(step: Callable[[], object], *, steps: int, device: torch.device | str, top: int = 25) -> dict:
+    """GPU time per call of ``step()`` by kernel class (:data:`KERNEL_CLASSES`, torch.profiler over ``steps``
+    calls; burn in first) and the ``top`` kernels: where a step's time goes. Eager calls only: a CUDA graph's
+    replay hides its kernels from the profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    wall = (time.perf_counter() - t) * 1e3 / steps
+    per_kernel: dict[str, list] = {}
+    for e in prof.events():
+        # '#' marks record_function ranges mirrored on the GPU timeline (Optimizer.step#AdamW.step): spans
+        # over kernels counted on their own, not kernels
+        if e.device_type == DeviceType.CUDA and "#" not in e.name:
+            k = per_kernel.setdefault(e.name, [0.0, 0])
+            k[0] += e.time_range.elapsed_us() / 1e3 / steps
+            k[1] += 1
+    classes: dict[str, float] = {}
+    for kname, (ms, _) in per_kernel.items():
+        low = kname.lower()
+        cls = next((c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)), "elementwise and other")
+        classes[cls] = classes.get(cls, 0.0) + ms
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"profiled_wall_ms_per_step": wall, "gpu_busy_ms_per_step": sum(classes.values()),
+            "ms_per_step_by_class": classes,
+            "top_kernels": [{"kernel": k[:120], "ms_per_step": v[0], "launches_per_step": v[1] / steps}
+                            for k, v in ranked]}
+
+
+def describe_profile(prof: dict) -> str:
+    """One line of :func:`profile_kernels`' result: busy time of wall time, then each class, largest first."""
+    classes = sorted(prof["ms_per_step_by_class"].items(), key=lambda kv: -kv[1])
+    return (f"busy {prof['gpu_busy_ms_per_step']:.1f} ms of {prof['profiled_wall_ms_per_step']:.1f} ms/step: "
+            + ", ".join(f"{c} {v:.1f}" for c, v in classes))
+
+
 # ------------------------------------------------------------------------------------------------ results
 
 

@@ -223,3 +223,23 @@ def test_group_size_prints_every_group_size():
 def test_morph_ablation_bad_variant(tmp_path):
     assert _usage_error(_run("experiments/morph_ablation/run.py", "--variants", "full,-everything",
                              "--out", str(tmp_path)), "unknown variant(s) -everything")
+
+
+def test_bench_scale_smoke_row_and_table(tmp_path):
+    """The scale benchmark on CPU: one (size, config) row measured in its child process, and the table."""
+    r = _run("benchmarks/bench_scale.py", "--smoke", "--configs", "TrueTernary", "--out", str(tmp_path), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "bench_scale.json").read_text())
+    (row,) = res["rows"]
+    assert row["config"] == "TrueTernary" and row["weights"] > 0 and row["tokens_per_s"] > 0 and row["finite"]
+    assert row["repeats"] == 2 and "error" not in row
+    assert "TrueTernary" in r.stdout and "ms/step" in r.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sizes", "huge"], "unknown size 'huge'"),
+    (["--configs", "Adam"], "--configs: choose from"),
+    (["--batch", "0"], "--batch must be >= 1"),
+], ids=["size", "config", "batch"])
+def test_bench_scale_bad_input(args, message):
+    assert _usage_error(_run("benchmarks/bench_scale.py", "--smoke", *args), message)

@@ -665,3 +665,43 @@ def test_zero_gradient_casts_no_votes():
     x = torch.randn(4, 16)
     lin(x).backward(torch.zeros(4, 8))  # e.g. a branch that is dead on this batch
     assert (lin.weight.T_accum == 0).all() and (lin.weight.E_accum == 0).all()
+
+
+# ------------------------------------------------------------------------------------ width scaling
+def test_width_ref_scales_a_wide_layers_lr_and_nothing_else():
+    """A weight summing more than width_ref inputs votes exactly as with width_ref 0 and lr * sqrt(ref / fan_in);
+    the embedding (rows looked up) and the narrow layer vote at the group's lr."""
+    def bias_free(seed: int) -> TinyNet:  # (an integer bias has no fan-in: it would vote at its group's lr)
+        model = TinyNet(seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        model.fc1 = TernaryLinear(DIM, HIDDEN, group_size=8, generator=g)
+        return model
+
+    model_a, model_b = bias_free(0), bias_free(0)
+    # fc1 sums DIM=12 inputs, fc2 HIDDEN=10, the embedding none: width_ref 6 scales fc1 by sqrt(1/2), fc2 by
+    # sqrt(6/10)
+    opt_a = FlipOptimizer(model_a, lr=3.0, seed=1, accum_threshold=4, width_ref=6)
+    opt_b = FlipOptimizer([{"params": [model_b.emb], "lr": 3.0},
+                           {"params": [model_b.fc1], "lr": 3.0 * (6 / 12) ** 0.5},
+                           {"params": [model_b.fc2], "lr": 3.0 * (6 / 10) ** 0.5}],
+                          seed=1, accum_threshold=4, width_ref=0)
+    train(model_a, opt_a, 3, data_seed=3)
+    train(model_b, opt_b, 3, data_seed=3)
+    assert_states_equal(integer_state(model_a), integer_state(model_b))
+    # ... and the scaling has teeth: without it the state differs
+    model_c = bias_free(0)
+    train(model_c, FlipOptimizer(model_c, lr=3.0, seed=1, accum_threshold=4, width_ref=0), 3, data_seed=3)
+    assert states_differ(integer_state(model_a), integer_state(model_c))
+
+
+def test_a_state_saved_before_width_scaling_resumes_without_it():
+    model = TinyNet(seed=0)
+    opt = FlipOptimizer(model, seed=2, accum_threshold=4, width_ref=6)
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["width_ref"] == 6
+    old = copy.deepcopy(sd)
+    for g in old["param_groups"]:
+        del g["width_ref"]  # what a checkpoint written before the field existed holds
+    opt.load_state_dict(old)
+    assert opt.param_groups[0]["width_ref"] == 0
+    assert "width_ref" not in old["param_groups"][0]  # the caller's dict is not edited

@@ -83,3 +83,25 @@ def test_train_and_bench_build_the_same_hparams_from_the_same_flags(flags):
     assert from_train == from_bench
     if "accum_threshold" in flags:
         assert from_train.rule.accum_threshold == from_train.naive_threshold == flags["accum_threshold"]
+
+
+def test_trueternary_scales_the_residual_accumulators_of_wide_layers_only():
+    """The recipe starts a layer wider than width_ref with its rounding residual times vote_width_scale (rounded),
+    and leaves the others (and the embedding) as ternarize made them."""
+    from trueternary.models import build_model
+    from trueternary.rule import vote_width_scale
+
+    def built(width_ref: int):
+        base = build_model("transformer", seed=0, ctx=8, d_model=32, n_layers=1, n_heads=2)
+        hp = Hparams.for_run(10, rule={"width_ref": width_ref})
+        return build_recipe("TrueTernary", base, hp, seed=0).model
+
+    plain, scaled = built(0), built(64)  # the MLP's down projection sums 128 inputs: scaled by sqrt(1/2)
+    for (name, a), (_, b) in zip(plain.named_modules(), scaled.named_modules()):
+        if not hasattr(a, "T_accum"):
+            continue
+        s = vote_width_scale(64, a.vote_fan_in)
+        if name == "blocks.0.down.weight":
+            assert s < 1 and int(a.T_accum.abs().max()) > int(b.T_accum.abs().max())
+        assert torch.equal(b.T_accum, torch.round(a.T_accum.float() * s).to(torch.int8)), name
+        assert torch.equal(a.T_packed, b.T_packed) and torch.equal(a.E, b.E), name

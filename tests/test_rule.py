@@ -452,3 +452,15 @@ def test_block_factored_stats_whole_tiles_equal_the_padded_path():
     assert torch.equal(fast[0], ref_row)
     assert torch.equal(fast[1], padded[1][:, :2, :])  # the padded path's means of the same columns
     assert torch.equal(fast[2], g.square().view(3, 32, 2, 32).sum((1, 3)) / 1024.0)
+
+
+def test_vote_width_scale():
+    from trueternary.rule import vote_width_scale
+
+    assert vote_width_scale(1024, 512) == 1.0 and vote_width_scale(1024, 1024) == 1.0
+    assert vote_width_scale(1024, 4096) == 0.5 and vote_width_scale(1024, 16384) == 0.25
+    assert vote_width_scale(0, 16384) == 1.0 and vote_width_scale(1024, None) == 1.0
+    assert FlipRule().width_ref == 1024 and FlipRule.naive().width_ref == 0  # the seed's rule stays the seed's
+    for bad in (-1, 1.5, True, "8"):
+        with pytest.raises(ValueError, match="width_ref"):
+            FlipRule(width_ref=bad)

@@ -146,6 +146,7 @@ class TernaryEmbedding(nn.Module):
             num_embeddings, embedding_dim, group_size, init_std=init_std, scale_mode=scale_mode,
             device=device, generator=generator, init=init,
         )
+        self.weight.vote_fan_in = None  # rows are looked up, not summed: no width scaling of its votes
         if init and padding_idx is not None:
             T = self.weight.trits().clone()
             T[padding_idx] = 0

@@ -34,7 +34,7 @@ from .init import float_copy
 from .layers import IntegerBias, set_linear_kernel
 from .optim import ADAMW_BETAS, HYBRID_SCALE_LR, FlipOptimizer, SignGSD, hybrid_optimizers
 from .qat import fake_ternarize, forward_trits
-from .rule import NAIVE_ACCUM_THRESHOLD, FlipRule
+from .rule import NAIVE_ACCUM_THRESHOLD, FlipRule, vote_width_scale
 from .weight import DEFAULT_GROUP_SIZE, ternary_weights
 
 
@@ -341,9 +341,25 @@ def _signsgd_old(name, model, hp, lr, backend, seed, device) -> Recipe:
     return Recipe(name, model, [opt], hp, float_clip=False)
 
 
+@torch.no_grad()
+def scale_residual_accumulators(model: nn.Module, rule: FlipRule) -> None:
+    """Scale each ternary weight's initial ``T_accum`` (its rounding residual, ``accum_init='residual'``) by the
+    factor its votes get, ``rule.vote_width_scale``: the residual stands for votes already cast, and a wider layer
+    casts proportionally fewer. Without it the trits that start next to the threshold flip together in the first
+    steps, at any lr, which is what made wide models' loss jump (docs/learning.md, "Width"). Rounds to the
+    nearest integer (ties to even), the same on every device; weights at or below ``width_ref`` are untouched."""
+    if rule.init_accum_threshold() is None:
+        return
+    for w in ternary_weights(model):
+        s = vote_width_scale(rule.width_ref, w.vote_fan_in)
+        if s != 1.0:
+            w.T_accum.copy_(torch.round(w.T_accum.float() * s).to(torch.int8))
+
+
 @recipe("TrueTernary", "ternary")
 def _true_ternary(name, model, hp, lr, backend, seed, device) -> Recipe:
     ternarize(model, hp.group_size, accum_threshold=hp.rule.init_accum_threshold(), device=device).to(device)
+    scale_residual_accumulators(model, hp.rule)
     set_linear_kernel(model, backend.linear_kernel)
     flip = FlipOptimizer(model, lr=lr, rule=hp.rule, backend=backend, seed=seed)
     return Recipe(name, model, [flip], hp, flip=flip)
@@ -363,6 +379,7 @@ def _true_ternary_hybrid(name, model, hp, lr, backend, seed, device) -> Recipe:
     # float log2 scales: its linear layers run dense whatever their kernel
     ternarize(model, hp.group_size, scale_mode="float", accum_threshold=hp.rule.init_accum_threshold(),
               device=device).to(device)
+    scale_residual_accumulators(model, hp.rule)
     set_linear_kernel(model, backend.linear_kernel)
     flip, adam = hybrid_optimizers(model, scale_lr=hp.hybrid_scale_lr, lr=lr, rule=hp.rule, backend=backend,
                                    seed=seed)

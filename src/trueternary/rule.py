@@ -57,6 +57,7 @@ weight whose gradient is typical of its row and column: the learning-rate analog
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -95,6 +96,8 @@ class FlipRule:
     scale_update_interval: int = 1  # 0 disables scale updates
     accum_init: str = "residual"  # T_accum when a float weight is ternarised: its rounding residual, or "zero"
     norm_beta: float = 0.95  # > 0: 'block_factored' statistics are moving averages over steps (0: this call's)
+    # a weight summing more than width_ref inputs votes at lr * sqrt(width_ref / fan_in) (vote_width_scale); 0: off
+    width_ref: int = 1024
 
     def __post_init__(self) -> None:
         self.validate()
@@ -123,6 +126,9 @@ class FlipRule:
             1 <= self.vote_clip <= INT8_MAX
         ):
             raise ValueError(f"vote_clip must be an integer in [1, {INT8_MAX}], got {self.vote_clip!r}")
+        wr = self.width_ref
+        if isinstance(wr, bool) or not isinstance(wr, int) or wr < 0:
+            raise ValueError(f"width_ref must be an integer >= 0, got {wr!r}")
         iv = self.scale_update_interval
         if isinstance(iv, bool) or not isinstance(iv, int) or iv < 0:
             raise ValueError(f"scale_update_interval must be an integer >= 0, got {iv!r}")
@@ -164,6 +170,7 @@ class FlipRule:
             scale_threshold=accum_threshold,
             scale_update_interval=scale_update_interval,
             accum_init="zero",
+            width_ref=0,
         )
 
     def init_accum_threshold(self) -> int | None:
@@ -181,6 +188,24 @@ class FlipRule:
         if unknown:
             raise ValueError(f"unknown FlipRule fields: {sorted(unknown)}")
         return cls(**d)
+
+
+def vote_width_scale(width_ref: int, fan_in: int | None) -> float:
+    """The factor on ``lr`` (and on the initial residual accumulators) of a weight that sums ``fan_in`` inputs:
+    ``sqrt(width_ref / fan_in)`` above ``width_ref``, else 1 (and 1 for ``width_ref`` 0 or no fan-in: an
+    embedding's rows are looked up, not summed).
+
+    Why: a step flips about the same *fraction* of a layer's trits whatever its width, and flips that follow one
+    gradient move an output by about ``fraction * sqrt(fan_in)`` of its size, so the same lr is a larger step in a
+    wider layer (the argument behind muP's width-scaled learning rates). Measured (docs/learning.md, "Width"):
+    at d_model 4096 the unscaled rule's loss jumped from 5.9 to 16.6 in the first 3 steps (AdamW and BitNet QAT at
+    their default lr jumped as well); with this factor and the residual accumulators scaled alike, it fell from the
+    first flips on. Layers up to ``width_ref`` inputs (every layer of the d_model <= 256 models, all but the MLP's
+    down projection up to d_model 1024) are unchanged.
+    """
+    if not width_ref or fan_in is None or fan_in <= width_ref:
+        return 1.0
+    return math.sqrt(width_ref / fan_in)
 
 
 # --------------------------------------------------------------------------------------------

@@ -67,6 +67,8 @@ class TernaryScaleTensor(nn.Module):
         self._voter = None  # set by FlipOptimizer: receives the weight gradient in backward
         self._group_index = 0
         self.inference_only = False
+        # inputs one output sums (rule.vote_width_scale); None where rows are looked up instead (embeddings)
+        self.vote_fan_in: int | None = cols
         n = rows * cols
         packed = torch.full((packing.packed_numel(n),), packing.ZERO_BYTE, dtype=torch.uint8, device=device)
         self.register_buffer("T_packed", packed)

@@ -25,7 +25,15 @@ from torch import nn
 from ..backends import DEFAULT_UPDATE_BACKEND, UpdateBackend, resolve_backend
 from ..errors import NonFiniteGradientError
 from ..layers import IntegerBias
-from ..rule import STATE_BOUNDS, FlipRule, check_norm_codes, check_state_range, empty_norm_codes, uses_norm_memory
+from ..rule import (
+    STATE_BOUNDS,
+    FlipRule,
+    check_norm_codes,
+    check_state_range,
+    empty_norm_codes,
+    uses_norm_memory,
+    vote_width_scale,
+)
 from ..weight import TernaryScaleTensor, ternary_weights
 from .backend import VoteBackend
 from .context import BIAS_Q_MAX, VoteContext
@@ -193,9 +201,11 @@ class FlipOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ votes (called in backward)
     def _rule_of(self, m: nn.Module) -> tuple[dict, float | torch.Tensor]:
         """The param group of ``m`` and the lr its votes use: the group's number, or its device tensor after
-        :meth:`use_device_lr`."""
+        :meth:`use_device_lr`; times ``rule.vote_width_scale`` for a weight wider than the group's ``width_ref``."""
         group = self.param_groups[m._group_index]
-        return group, group["lr"] if self._lr_dev is None else self._lr_dev[m._group_index]
+        lr = group["lr"] if self._lr_dev is None else self._lr_dev[m._group_index]
+        scale = vote_width_scale(group.get("width_ref", 0), getattr(m, "vote_fan_in", None))
+        return group, lr if scale == 1.0 else lr * scale
 
     @torch.no_grad()
     def cast_votes(self, weight: TernaryScaleTensor, g: torch.Tensor, T: torch.Tensor, rows=None,
@@ -357,6 +367,9 @@ class FlipOptimizer(torch.optim.Optimizer):
         groups = sd.get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             raise ValueError(f"expected {len(self.param_groups)} param groups, got {groups!r:.60}")
+        # a state saved before width scaling existed resumes without it (width_ref 0), so it continues exactly
+        groups = [g if "width_ref" in g else {**g, "width_ref": 0} for g in groups]
+        sd["param_groups"] = groups
         rules = [FlipRule.from_dict({k: v for k, v in g.items() if k != "params"}) for g in groups]
         self._check_resumed_state(sd, rules)
         super().load_state_dict(sd)

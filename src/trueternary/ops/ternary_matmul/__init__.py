@@ -9,8 +9,8 @@
     fused-fp8  the same with e4m3 operands (per-token activation scale; see naive.py for the exact math)
     dequant    one Triton pass writes the dense bf16 W (transient), then cuBLAS multiplies
     auto       CPU: naive. CUDA (and CPU under TRITON_INTERPRET=1, so tests run what a GPU runs): fused for
-               M <= FUSED_MAX_TOKENS tokens, dequant above (large GEMMs are cuBLAS-bound; the crossover is
-               measured by benchmarks/bench_kernels.py)
+               M <= FUSED_MAX_TOKENS tokens, dequant above (a training step's GEMMs are compute-bound, where the
+               fused kernel's mainloop runs at a fraction of cuBLAS's speed; docs/performance.md, "Crossover")
 
 ``ops.linear.TernaryLinearFunction`` runs these kernels for a layer whose kernel is ``LinearKernel.TRITON``
 (forward with ``transposed=False``, input gradient with ``transposed=True``); ``ops.linear.ternary_linear_kernel``
@@ -26,7 +26,11 @@ from .. import kernels_can_run
 from .naive import quantize_rows_fp8, ternary_matmul_fp8_naive, ternary_matmul_naive
 
 MATMUL_IMPLS = ("auto", "naive", "fused", "fused-fp8", "dequant")
-FUSED_MAX_TOKENS = 2048  # auto: fused kernel up to this many tokens, dequant + cuBLAS above
+# auto: fused kernel up to this many tokens, dequant + cuBLAS above. Whole graphed training steps measured with
+# benchmarks/bench_scale.py --fused_max_tokens (docs/performance.md, "Crossover"): dequant + cuBLAS was 3.9x faster
+# at 2048 tokens per call (1.2B, H200), 1.18x at 256 (1.2B, H100) and 1.5x at 132 (the seed setting, H100); the
+# fused kernel keeps the smaller calls (generation, tiny batches), where reading the packed weight once counts.
+FUSED_MAX_TOKENS = 128
 
 
 def resolve_impl(impl: str, x: torch.Tensor) -> str:

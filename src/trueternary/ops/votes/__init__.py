@@ -71,10 +71,11 @@ from .naive import (
 )
 
 VOTES_IMPLS = ("auto", "fused", "gemm")
-# auto: the gradient tile formed in the vote kernel up to this many tokens, by cuBLAS above. At 16,384 tokens
-# the kernel's mainloop ran at about half cuBLAS's speed on the H200 (docs/performance.md); the gradient
-# cuBLAS writes is one layer's, in the operands' dtype, freed when the call returns.
-VOTES_FUSED_MAX_TOKENS = 2048
+# auto: the gradient tile formed in the vote kernel up to this many tokens, by cuBLAS above. The kernel's mainloop
+# runs at a fraction of cuBLAS's speed on a training step's shapes (ops.ternary_matmul.FUSED_MAX_TOKENS: the two
+# crossovers were measured together); the gradient cuBLAS writes is one layer's, in the operands' dtype, freed
+# when the call returns.
+VOTES_FUSED_MAX_TOKENS = 128
 
 
 def resolve_votes_impl(impl: str, tokens: int) -> str:
