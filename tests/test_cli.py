@@ -175,7 +175,7 @@ def test_every_flag_of_every_command_shows_its_default_in_the_help():
         for action in p._actions:
             if not action.option_strings or action.required or action.dest == "help":
                 continue
-            if "default" not in formatter._get_help_string(action).lower():
+            if "default:" not in formatter._get_help_string(action):
                 missing.append(f"{name} {action.option_strings[0]}")
     assert not missing, missing
     # and the defaults are the real ones (argparse's, or for train TrainConfig's)

@@ -36,14 +36,14 @@ def spellings(names: tuple[str, ...]) -> list[str]:
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """Every flag's help ends with its default (unless the help already says what it is); a flag's spellings
-    are listed once with one metavar (``--d_model, --d-model D_MODEL``)."""
+    """Every flag's help ends with its default (unless the help already says ``default: ...``); a flag's
+    spellings are listed once with one metavar (``--d_model, --d-model D_MODEL``)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
         if (not action.option_strings or action.required or default is argparse.SUPPRESS or default is None
-                or "default" in text.lower()):
+                or "default:" in text):
             return text
         if action.nargs == 0 and isinstance(default, bool):
             shown = "on" if default else "off"

@@ -285,8 +285,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag("config", help="training configuration: " + ", ".join(CONFIG_NAMES))
     p.add_argument("--strict_ternary", dest="strict_ternary", default=None,
                    action=argparse.BooleanOptionalAction,
-                   help="strict ternary (TrueTernary, the default); --no-strict_ternary selects TrueTernary_Hybrid "
-                        "(float log2 scales trained by AdamW)")
+                   help="strict ternary (TrueTernary); --no-strict_ternary selects TrueTernary_Hybrid (float log2 "
+                        "scales trained by AdamW) (default: strict, unless --config says otherwise)")
     flag("lr", type=float, help="peak learning rate (vote scale for TrueTernary; default: the recipe's)")
     flag("accum_threshold", type=int, help="votes a trit needs to flip (default: FlipRule's)")
     flag("scale_update_interval", type=int, help="steps between scale votes; 0 freezes E")
