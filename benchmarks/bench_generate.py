@@ -122,7 +122,8 @@ def main() -> int:
     args = parse_args()
     import torch
 
-    from trueternary.generate import generation_threads, has_kv_cache
+    from trueternary.flags import cpu_threads
+    from trueternary.generate import has_kv_cache
 
     bench = Bench("generate", args.out, args.budget, args.device)
     bench.res.update(new_bytes=args.new_bytes, prompt=PROMPT.decode(), warmup=args.warmup, repeats=args.repeats)
@@ -134,7 +135,7 @@ def main() -> int:
                 continue
             model, cfg = build(args, spec)
             if args.device.type == "cpu":
-                torch.set_num_threads(generation_threads(args.threads, cfg["d_model"]))
+                torch.set_num_threads(cpu_threads(args.threads, cfg["d_model"]))
             row = {"model": label, "config": cfg, "threads": torch.get_num_threads(),
                    "has_kv_cache": has_kv_cache(model)}
             row.update(time_paths(model, args))

@@ -23,7 +23,9 @@ def test_bench_all_configs_end_to_end(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "loss segments" in out and "val bpb" in out
+    assert "device cpu (1 thread)" in out  # train's choice for a model of d_model 64
     data = json.loads(js.read_text())
+    assert data["meta"]["threads"] == 1
     res = {r["config"]: r for r in data["results"]}
     assert set(res) == set(configs.split(","))
     for name, r in res.items():
@@ -143,6 +145,8 @@ def test_bench_bracket_options_and_jobs(tmp_path):
         ["--job-timeout", "-1"],
         ["--job-timeout", "nan"],
         ["--job-timeout", "inf"],
+        ["--threads", "-1"],
+        ["--threads", "2000"],
         ["--json", "."],  # a directory
         ["--plot", "curves.nope"],
     ],
@@ -198,7 +202,7 @@ def test_bench_jobs_stop_a_job_without_progress(tmp_path, capsys, monkeypatch):
     assert rc == 3
     res = json.loads(js.read_text())["results"]
     assert [r["status"] for r in res] == ["timeout", "timeout"]
-    assert all(r["error"].startswith(f"no progress for 1 s (--job-timeout) after {_bench_faults.STALL_TICKS} progress")
+    assert all(r["error"].startswith(f"no progress for 1 s (--job_timeout) after {_bench_faults.STALL_TICKS} progress")
                and math.isnan(r["val_bpb"]) for r in res)
     assert "timeout  no progress for 1 s" in capsys.readouterr().out
 
@@ -233,3 +237,36 @@ def test_bench_model_config_reaches_the_model(tmp_path):
     r = json.loads(js.read_text())["results"][0]
     # d_model 64, 1 layer: qkv 64x192 + out 64x64 + mlp 2 x 64x128 + embedding/head 288x64 each
     assert r["ternary_weights"] == 64 * 192 + 64 * 64 + 2 * 64 * 128 + 2 * 288 * 64
+
+
+def test_bench_takes_trains_flag_names_and_both_spellings(tmp_path, capsys):
+    """train's names for the same things (--max_steps, --batch_size) and either spelling of every flag."""
+    js = tmp_path / "b.json"
+    argv = ["bench", "--configs", "TrueTernary", "--max_steps", "3", "--batch_size", "2", "--ctx", "16",
+            "--d_model", "32", "--n-layers", "1", "--n_heads", "2", "--print_every", "0", "--eval_windows", "4",
+            "--device", "cpu", "--threads", "1", "--json", str(js)]
+    assert main(argv) == 0
+    data = json.loads(js.read_text())
+    args = data["meta"]["args"]
+    assert (args["steps"], args["batch"], args["d_model"], args["n_layers"], args["threads"]) == (3, 2, 32, 1, 1)
+    assert len(data["results"][0]["losses"]) == 3
+    # no BitNet_QAT in the run: its "vs QAT" column says so instead of printing nan
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("TrueTernary "))
+    assert "nan" not in row and "      - " in row
+
+
+def test_bench_threads_are_trains_choice():
+    """One function chooses the CPU threads of train, bench and generate (flags.cpu_threads); beside a GPU bench
+    leaves torch's default, as train does."""
+    import argparse
+
+    import torch
+
+    from trueternary.flags import cpu_threads
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    small, large = argparse.Namespace(threads=0, d_model=256), argparse.Namespace(threads=0, d_model=512)
+    assert bench.bench_threads(small, cpu) == cpu_threads(0, 256) == 1
+    assert bench.bench_threads(large, cpu) == cpu_threads(0, 512) == torch.get_num_threads()
+    assert bench.bench_threads(argparse.Namespace(threads=3, d_model=64), cpu) == cpu_threads(3, 64) == 3
+    assert bench.bench_threads(small, cuda) == torch.get_num_threads()

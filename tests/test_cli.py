@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -150,3 +151,133 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path):
     assert a.meta["tensor_sha256"] == b.meta["tensor_sha256"]
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
     assert f"{straight['losses'][-1]:.3f}" in proc.stdout  # the last loss, printed by the new process
+
+
+# ---- one flag style: both spellings, every default in the help, --version, a --help that loads no torch
+
+
+def _subparsers():
+    """{command: its parser, with its flags} for every sub-command."""
+    from trueternary import cli
+
+    out = {}
+    for name in cli.COMMANDS:
+        p = cli.build_parser(name)
+        sub = next(a for a in p._actions if a.dest == "command")
+        out[name] = sub.choices[name]
+    return out
+
+
+def test_every_flag_of_every_command_shows_its_default_in_the_help():
+    missing = []
+    for name, p in _subparsers().items():
+        formatter = p._get_formatter()
+        for action in p._actions:
+            if not action.option_strings or action.required or action.dest == "help":
+                continue
+            if "default:" not in formatter._get_help_string(action):
+                missing.append(f"{name} {action.option_strings[0]}")
+    assert not missing, missing
+    # and the defaults are the real ones (argparse's, or for train TrainConfig's)
+    from trueternary.train import TrainConfig
+
+    helps = {name: p.format_help() for name, p in _subparsers().items()}
+    assert " ".join(helps["bench"].split()).count("(default: 200)") == 1  # --steps
+    assert f"(default: {TrainConfig().max_steps})" in " ".join(helps["train"].split())
+    assert "(default: 128, train's)" in " ".join(helps["audit"].split())  # audit's model flags are train's
+
+
+def test_every_long_flag_has_both_spellings():
+    for name, p in _subparsers().items():
+        for action in p._actions:
+            longs = [o for o in action.option_strings if o.startswith("--")]
+            for o in longs:  # (the --no-x of a --x / --no-x pair keeps its "no-")
+                pair = isinstance(action, argparse.BooleanOptionalAction) and o.startswith("--no-")
+                prefix = "--no-" if pair else "--"
+                body = o[len(prefix):]
+                other = prefix + (body.replace("_", "-") if "_" in body else body.replace("-", "_"))
+                assert other in longs, (name, o)
+
+
+@pytest.mark.parametrize("argv, dest, value", [
+    (["bench", "--max_steps", "5"], "steps", 5),
+    (["bench", "--max-steps", "5"], "steps", 5),
+    (["bench", "--steps", "5"], "steps", 5),
+    (["bench", "--batch_size", "3"], "batch", 3),
+    (["bench", "--d_model", "64"], "d_model", 64),
+    (["bench", "--d-model", "64"], "d_model", 64),
+    (["bench", "--update_backend", "none"], "update_backend", "none"),
+    (["audit", "--d_model", "16"], "d_model", 16),
+    (["audit", "--d-model", "16"], "d_model", 16),
+    (["audit", "--checkpoint", "x"], "ckpt", "x"),
+    (["audit", "--resume", "x"], "ckpt", "x"),
+    (["project", "--batch_size", "2"], "batch", 2),
+    (["project", "--group-size", "32"], "group_size", 32),
+    (["train", "--max-steps", "7"], "max_steps", 7),
+    (["train", "--batch-size", "7"], "batch_size", 7),
+    (["generate", "--ckpt", "x", "--max-new-tokens", "3"], "max_new_tokens", 3),
+    (["generate", "--ckpt", "x", "--no-cache"], "no_cache", True),
+    (["export", "--ckpt", "x", "--out", "y"], "qtype", "tq2_0"),
+])
+def test_flag_spellings_are_accepted_everywhere(argv, dest, value):
+    from trueternary.cli import build_parser
+
+    assert getattr(build_parser(argv[0]).parse_args(argv), dest) == value
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+HEAVY = ("torch", "triton", "numpy", "safetensors", "matplotlib")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], []], ids=["help", "version", "no-command"])
+def test_top_level_help_and_version_load_no_torch(argv):
+    """``trueternary --help`` / ``--version`` start in a fraction of a second: they import no torch (nor any other
+    heavy module); the package's public names are imported when first used."""
+    proc = _run_python(
+        "import sys\n"
+        "from trueternary.cli import main\n"
+        f"code = main({argv!r})\n"
+        f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
+        "print('HEAVY', heavy, 'CODE', code)\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY [] CODE" in proc.stdout, proc.stdout[-500:]
+    if argv == ["--help"]:
+        assert all(name in proc.stdout for name in ("train", "bench", "audit", "project", "generate", "info"))
+
+
+def test_version(capsys):
+    import trueternary
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"trueternary {trueternary.__version__}\n"
+    proc = subprocess.run([_console_script(), "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == f"trueternary {trueternary.__version__}\n"
+
+
+def test_the_package_imports_its_public_names_on_first_use():
+    proc = _run_python("import sys, trueternary\n"
+                       "assert 'torch' not in sys.modules\n"
+                       "from trueternary import FlipOptimizer, ternarize\n"
+                       "import trueternary.optim\n"
+                       "assert FlipOptimizer is trueternary.optim.FlipOptimizer and 'torch' in sys.modules\n"
+                       "print(sorted(trueternary.__all__) == sorted([*trueternary._PUBLIC, '__version__']))\n"
+                       "print(all(getattr(trueternary, n) is not None for n in trueternary.__all__))\n"
+                       "try:\n    trueternary.nope\nexcept AttributeError:\n    print('AttributeError')\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True", "AttributeError"]
+
+
+def test_cpu_threads_is_trains_choice():
+    """train, bench and generate take their CPU threads from flags.cpu_threads: --threads, else one thread
+    up to d_model 256 and torch's default above."""
+    from trueternary import flags, train
+
+    assert flags.cpu_threads(0, flags.SMALL_MODEL_D) == 1
+    assert flags.cpu_threads(0, flags.SMALL_MODEL_D + 1) == torch.get_num_threads()
+    assert flags.cpu_threads(5, 64) == 5
+    assert train.cpu_threads is flags.cpu_threads

@@ -10,6 +10,8 @@ from trueternary.project import (
     Shape,
     adamw_bytes,
     measure,
+    norm_block,
+    norm_code_bytes,
     predict,
     shape_for_params,
     ternary_state_bytes_for_params,
@@ -29,14 +31,32 @@ def test_formulas_equal_measured_bytes(shape, group_size):
 
 
 def test_per_weight_numbers_of_the_seed_table():
-    t = ternary_state_bytes_for_params(3e9, 64)
+    t = ternary_state_bytes_for_params(3e9, 64, 128)
     assert t["T_packed"] / 3e9 == pytest.approx(0.2)
     assert t["E"] / 3e9 == t["E_accum"] / 3e9 == pytest.approx(1 / 64)
     assert t["T_accum"] / 3e9 == 1.0
-    assert t["training"] / 3e9 == pytest.approx(1 + 0.2 + 2 / 64)
+    assert t["norm_codes"] / 3e9 == pytest.approx(2 / 128 + 2 / 128**2)  # an int16 per tile, int8 per tile row/col
+    assert t["training"] / 3e9 == pytest.approx(1 + 0.2 + 2 / 64 + 2 / 128 + 2 / 128**2)
+    assert ternary_state_bytes_for_params(3e9, 64)["training"] / 3e9 == pytest.approx(1 + 0.2 + 2 / 64)
     assert t["inference"] / 3e9 == pytest.approx(0.2 + 1 / 64)
     a = adamw_bytes(3e9)
     assert a["training"] / 3e9 == 14 and a["inference"] / 3e9 == 2 and a["gradient"] / 3e9 == 2
+
+
+def test_the_default_rule_keeps_codes_of_tile_128_and_norm_beta_0_none():
+    from trueternary import FlipRule
+
+    assert norm_block() == FlipRule().norm_block == 128
+    assert norm_block(FlipRule(norm_beta=0)) is None
+
+
+@pytest.mark.parametrize("rows, cols, block", [(128, 128, 128), (288, 128, 128), (300, 70, 64), (5, 7, 128),
+                                               (256, 512, 16)])
+def test_norm_code_formula_equals_the_codes_the_optimiser_creates(rows, cols, block):
+    from trueternary.rule import empty_norm_codes
+
+    codes = empty_norm_codes((rows, cols), block, "meta")
+    assert norm_code_bytes(rows, cols, block) == sum(t.numel() * t.element_size() for t in codes.values())
 
 
 def test_shape_for_params_is_close():
@@ -46,10 +66,13 @@ def test_shape_for_params_is_close():
 
 
 def test_project_cli(capsys):
-    assert main(["project", "--params", "3e9", "--group_size", "64", "--measure", "2e4"]) == 0
+    assert main(["project", "--params", "3e9", "--group-size", "64", "--batch_size", "1", "--measure", "2e4"]) == 0
     out = capsys.readouterr().out
     assert "T_packed (5 trits per byte)" in out and "0.2000" in out
-    assert "training state total" in out and "1.2312" in out and "14.0000" in out
+    # the training state the README and audit state: trits, accumulators, scales and the normaliser's codes
+    assert "normaliser codes (per 128x128 tile)" in out and "0.0157" in out
+    assert "training state total                               1.2470" in out and "14.0000" in out
+    assert "the ternary state stays 1.247 B/weight" in out
     assert "activations saved for backward" in out and "weight gradient" in out
     assert "every formula equals its measurement" in out
 

@@ -1,5 +1,6 @@
 """README.md stays true: its two set-up commands, the CI entry point that runs the test command verbatim,
-and the ten-line example, which is executed here."""
+and the ten-line example, which is executed here; so do docs/training.md's transcripts of the quick start,
+``trueternary --help`` / ``--version`` and ``trueternary audit``."""
 
 from __future__ import annotations
 
@@ -81,3 +82,26 @@ def test_quick_start_transcript_matches_what_train_prints(tmp_path, monkeypatch,
     doc_lines = documented[:1] + documented[2:]
     for got, want in zip(printed, doc_lines):
         assert _line_pattern(want).fullmatch(got), (want, got)
+
+
+def _transcript(command: str) -> list[str]:
+    """The lines docs/training.md shows after ``$ <command>`` (up to the next ``$`` line or the block's end)."""
+    doc = (ROOT / "docs" / "training.md").read_text()
+    start = doc.index(f"$ {command}\n") + len(f"$ {command}\n")
+    lines = []
+    for line in doc[start:].splitlines():
+        if line.startswith("$ ") or line.startswith("```"):
+            break
+        lines.append(line)
+    return lines
+
+
+def test_every_command_and_audit_transcripts_are_what_the_commands_print(monkeypatch, capsys):
+    """docs/training.md's ``trueternary --help``, ``--version`` and ``trueternary audit`` (train's default model:
+    deterministic) are the commands' output, line for line."""
+    from trueternary.cli import main
+
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps the help to the terminal's width
+    for argv in (["--help"], ["--version"], ["audit"]):
+        main(argv)
+        assert capsys.readouterr().out.splitlines() == _transcript(" ".join(["trueternary", *argv])), argv

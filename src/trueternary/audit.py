@@ -1,18 +1,23 @@
 """``audit(model)``: what a model holds, by kind -- ternary weights, integer training state, float parameters
-and float buffers -- and a printable report (``trueternary audit``, see :func:`main`).
+and float buffers -- and a printable report. ``trueternary audit`` (:func:`run`) audits the model ``trueternary
+train`` builds from its flags (by default train's default: TrueTernary, transformer d_model 128, 2 layers), or the
+model and optimiser state of a checkpoint (``--ckpt``).
 
 Categories (every registered tensor lands in exactly one):
 
     ternary weights        TernaryScaleTensor buffers (T_packed, E, E_accum, T_accum) and
                            IntegerBias buffers (q, exp): the state the FlipOptimizer trains
-    optimiser state        not in the model: the codes FlipOptimizer keeps under the default rule
-                           (the vote normaliser's moving averages), counted in the training state
+    optimiser state        not in the model: the tensors the optimisers keep, e.g. the FlipOptimizer's
+                           vote-normaliser codes (norm_beta), counted in the training state
     other integer state    integer buffers elsewhere (VQ usage/idle counters, MoE balance bias, ...)
     float parameters       trainable ``nn.Parameter`` (a strict ternary model has none)
     frozen parameters      registered parameters with ``requires_grad=False``
     float buffers          floating-point buffers outside the ternary state (e.g. rotary tables)
     frozen encoders        parameters of encoders attached with ``FrozenEncoder`` (not registered, not
                            trained, reported apart; the only float parameters MORPH allows)
+
+The training-state bytes are :func:`trueternary.memory.training_state`'s, the count ``bench`` and ``project``
+report too.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -28,8 +34,8 @@ from torch import nn
 from .errors import UsageError
 from .flags import Parser
 from .layers import IntegerBias
-from .optim import norm_codes_of
-from .rule import FlipRule, uses_norm_memory
+from .memory import training_state
+from .rule import FlipRule
 from .weight import ternary_weights
 
 
@@ -37,8 +43,9 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def audit(model: nn.Module) -> dict:
-    """Counts and bytes of every kind of state in ``model`` (see the module docstring)."""
+def audit(model: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = (), rule: FlipRule | None = None) -> dict:
+    """Counts and bytes of every kind of state in ``model`` (see the module docstring). The optimiser state is
+    that of ``optimizers``, or without them of a FlipOptimizer under ``rule`` (memory.training_state)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"audit expects an nn.Module, got {type(model).__name__}")
     from .components.encoders import FrozenEncoder
@@ -60,21 +67,18 @@ def audit(model: nn.Module) -> dict:
                      "numel": b.numel(), "bytes": _nbytes(b), "persistent": bname not in non_persistent}
             (float_buffers if b.is_floating_point() else int_state).append(entry)
     encoders = [m for m in model.modules() if isinstance(m, FrozenEncoder)]
-    tern_train = sum(w.training_state_bytes() for w in tw) + sum(b.training_state_bytes() for b in biases)
-    # what FlipOptimizer keeps beside the model under the default rule: the vote normaliser's codes
-    rule = FlipRule()
-    codes = norm_codes_of(model, rule.norm_block) if uses_norm_memory(rule.to_dict()) else []
-    optim_bytes = sum(_nbytes(t) for c in codes for t in c.values())
+    state = training_state(model, optimizers, rule)
     return {
         "ternary_matrices": len(tw),
         "ternary_weights": sum(w.numel() for w in tw),
         "ternary_inference_bytes": sum(w.inference_bytes() for w in tw) + sum(b.inference_bytes() for b in biases),
-        "ternary_training_state_bytes": tern_train,
+        "ternary_training_state_bytes": state["ternary"],
         "integer_biases": sum(b.n for b in biases),
-        "other_integer_state_bytes": sum(e["bytes"] for e in int_state if e["persistent"]),
+        "other_integer_state_bytes": state["other_integer"],
         "other_integer_state": int_state,
         "float_params": sum(p.numel() for _, p in float_params),
-        "float_param_bytes": sum(_nbytes(p) for _, p in float_params),
+        "float_param_bytes": state["float_params"],
+        "float_grad_bytes": state["float_grads"],
         "float_param_names": [n for n, _ in float_params],
         "frozen_params": sum(p.numel() for _, p in frozen_params),
         "frozen_param_names": [n for n, _ in frozen_params],
@@ -83,9 +87,10 @@ def audit(model: nn.Module) -> dict:
         "float_buffer_list": float_buffers,
         "frozen_encoder_params": sum(e.frozen_parameters() for e in encoders),
         "frozen_encoder_bytes": sum(e.frozen_bytes() for e in encoders),
-        "optimizer_state_bytes": optim_bytes,
-        "training_state_bytes": tern_train + optim_bytes + sum(e["bytes"] for e in int_state if e["persistent"])
-        + sum(_nbytes(p) for _, p in float_params),
+        "optimizer_state_bytes": state["optimizer"],
+        "training_state_bytes": state["total"],
+        "training_state_bytes_per_weight": state["total"] / max(1, sum(w.numel() for w in tw)
+                                                                 or sum(p.numel() for _, p in float_params)),
     }
 
 
@@ -105,10 +110,10 @@ def format_audit(report: dict, title: str = "model") -> str:
         f"   (+{r['integer_biases']:,} integer bias values)",
         f"  inference bytes        {r['ternary_inference_bytes']:>14,}  ({r['ternary_inference_bytes'] * kb:,.1f} KiB:"
         " packed trits + scales)",
-        f"  training-state bytes   {r['training_state_bytes']:>14,}  ({r['training_state_bytes'] * kb:,.1f} KiB:"
-        f" ternary {r['ternary_training_state_bytes']:,}, FlipOptimizer's normaliser codes"
-        f" {r['optimizer_state_bytes']:,}, other integer {r['other_integer_state_bytes']:,},"
-        f" float params {r['float_param_bytes']:,})",
+        f"  training-state bytes   {r['training_state_bytes']:>14,}  ({r['training_state_bytes'] * kb:,.1f} KiB,"
+        f" {r['training_state_bytes_per_weight']:.3f} B/weight: ternary {r['ternary_training_state_bytes']:,},"
+        f" optimiser state {r['optimizer_state_bytes']:,}, other integer {r['other_integer_state_bytes']:,},"
+        f" float params {r['float_param_bytes']:,} and their gradients {r['float_grad_bytes']:,})",
         f"  float params           {r['float_params']:>14,}{_names(r['float_param_names'])}",
         f"  frozen params          {r['frozen_params']:>14,}",
         f"  frozen encoder params  {r['frozen_encoder_params']:>14,}  (attached frozen encoders, not trained)",
@@ -127,44 +132,85 @@ def format_audit(report: dict, title: str = "model") -> str:
 
 # ---------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """train's flags for the model (names and defaults), ``--float`` and ``--ckpt``."""
     from .models import model_names
+    from .trainconfig import TrainConfig
 
-    p.add_argument("--model", default="morph", help="model family: " + ", ".join(model_names()))
-    p.add_argument("--ctx", type=int, default=256)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--n-heads", type=int, default=8)
-    p.add_argument("--group-size", type=int, default=None)
-    p.add_argument("--float", action="store_true", help="audit the float base model (default: ternarised)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--require-zero-float", action="store_true",
+    d = TrainConfig()
+    p.add_argument("--ckpt", "--checkpoint", "--resume", dest="ckpt", default=None, metavar="PATH",
+                   help="audit this checkpoint (a file, or a run directory: its newest checkpoint): its model and "
+                        "optimiser state as saved; the model flags are then the checkpoint's (default: the model "
+                        "train builds from the flags below)")
+    # default None: run() tells the flags given (which --ckpt refuses) from those left at train's defaults
+    for name, kw in (("model", dict(help="model family: " + ", ".join(model_names()))),
+                     ("d_model", dict(type=int, help="model width")),
+                     ("n_layers", dict(type=int, help="transformer blocks")),
+                     ("n_heads", dict(type=int, help="attention heads")),
+                     ("ctx", dict(type=int, help="bytes per sequence (the model's context)")),
+                     ("group_size", dict(type=int, help="weights per int8 scale E")),
+                     ("seed", dict(type=int, help="seed of the model init"))):
+        kw["help"] += f" (default: {getattr(d, name)}, train's)"
+        p.add_argument(f"--{name}", default=None, **kw)
+    p.add_argument("--float", action="store_true",
+                   help=f"audit the float base model (default: off, the {d.config} model train builds from it)")
+    p.add_argument("--require_zero_float", action="store_true",
                    help="exit 1 when the audited model has trainable float parameters")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON (default: none)")
+
+
+_MODEL_FLAGS = ("model", "d_model", "n_layers", "n_heads", "ctx", "group_size", "seed")
+
+
+def _built(args: argparse.Namespace) -> tuple[nn.Module, list, FlipRule | None, str]:
+    """(model, optimisers, rule, title) of what ``trueternary train`` builds from these flags (its default
+    config, on the CPU), or with ``--float`` its float base model."""
+    from .models import build_model
+    from .train import build_training_recipe
+    from .trainconfig import TrainConfig, model_config, validate
+
+    given = {k: getattr(args, k) for k in _MODEL_FLAGS if getattr(args, k) is not None}
+    cfg = TrainConfig(**given, device="cpu", update_backend="dense-fallback")  # (the backend does not change the state)
+    hp = validate(cfg)
+    shape = f"{cfg.model} d={cfg.d_model} L={cfg.n_layers} heads={cfg.n_heads} ctx={cfg.ctx}"
+    if args.float:
+        try:
+            model = build_model(cfg.model, seed=cfg.seed, **model_config(cfg))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        return model, [], None, f"{shape}, float base model"
+    recipe = build_training_recipe(cfg, hp, model_config(cfg), torch.device("cpu"))
+    return (recipe.model, recipe.optimizers, hp.rule,
+            f"{shape}, {cfg.config} as trueternary train builds it (group size {cfg.group_size})")
+
+
+def _checkpoint(path: str) -> tuple[nn.Module, list, FlipRule | None, str]:
+    """(model, optimisers, rule, title) of a checkpoint: the model and optimisers train would resume, with the
+    checkpoint's state in them."""
+    from . import checkpoint as ckpt_io
+    from .train import build_training_recipe, resume_source
+    from .trainconfig import TrainConfig, merge_resumed, validate
+
+    source = resume_source(TrainConfig(resume=path))
+    ckpt = ckpt_io.load_checkpoint(source)
+    cfg = merge_resumed(ckpt, TrainConfig(), set())
+    cfg.device, cfg.update_backend = "cpu", "dense-fallback"
+    hp = validate(cfg)
+    recipe = build_training_recipe(cfg, hp, ckpt.meta["model"]["config"], torch.device("cpu"))
+    ckpt_io.restore_recipe(recipe, ckpt)
+    title = (f"{ckpt.path}: {cfg.config} at step {ckpt.step}, {cfg.model} d={cfg.d_model} L={cfg.n_layers} "
+             f"heads={cfg.n_heads} ctx={cfg.ctx}")
+    return recipe.model, recipe.optimizers, hp.rule, title
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .convert import ternarize
-    from .models import build_model, model_names
-    from .weight import DEFAULT_GROUP_SIZE
-
-    if args.model not in model_names():
-        raise UsageError(f"unknown model {args.model!r}; choose from {', '.join(model_names())}")
-    for flag in ("ctx", "d_model", "n_layers", "n_heads"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
-    gs = args.group_size if args.group_size is not None else DEFAULT_GROUP_SIZE
-    if gs < 1:
-        raise UsageError("--group-size must be >= 1")
-    try:
-        model = build_model(args.model, seed=args.seed, ctx=args.ctx, d_model=args.d_model,
-                            n_layers=args.n_layers, n_heads=args.n_heads)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if not args.float:
-        ternarize(model, gs)
-    report = audit(model)
-    title = (f"{args.model} d={args.d_model} L={args.n_layers} heads={args.n_heads} ctx={args.ctx}, "
-             + ("float base model" if args.float else f"ternarised (group size {gs})"))
+    if args.ckpt is not None:
+        given = [f"--{k}" for k in _MODEL_FLAGS if getattr(args, k) is not None] + (["--float"] * args.float)
+        if given:
+            raise UsageError(f"--ckpt audits the checkpoint's own model; {', '.join(given)} cannot change it")
+        model, optimizers, rule, title = _checkpoint(args.ckpt)
+    else:
+        model, optimizers, rule, title = _built(args)
+    report = audit(model, optimizers, rule)
     print(format_audit(report, title))
     if args.json:
         path = Path(args.json)
@@ -180,13 +226,15 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """``trueternary audit`` as a standalone entry point: one-line errors, exit 2 on bad input."""
+    from .errors import USAGE_ERRORS
+
     p = Parser(prog="trueternary audit", description="What a model holds: ternary weights, integer state, "
                 "float parameters and buffers.")
     add_arguments(p)
     args = p.parse_args(argv)
     try:
         run(args)
-    except UsageError as e:
+    except USAGE_ERRORS as e:
         sys.stderr.write(f"trueternary: error: {e}\n")
         return 2
     return getattr(args, "_exit_code", 0)

@@ -1,7 +1,7 @@
 """``trueternary bench``: train several configurations side by side on the same data and compare.
 
 Every config sees the same batches in the same order (one data generator seeded by ``--seed``);
-with ``--reuse-base`` they also start from the same base model (float configs from its float
+with ``--reuse_base`` they also start from the same base model (float configs from its float
 weights, ternary configs from its absmean ternarisation). Reported per config: parameter and state
 bytes, peak memory, median step time after warm-up, tokens/s, training loss (final, min, per-quarter
 segments), validation bits per byte on held-out text and the same measure on training text (the
@@ -9,7 +9,7 @@ generalisation gap), flips per step.
 
 Every config ends with a status: ``ok``, ``diverged`` (a measured outcome: its loss blew up or its gradients
 went non-finite), ``failed`` (it raised), ``crashed`` (its ``--jobs`` process died without a result) or
-``timeout`` (its ``--jobs`` process made no progress for ``--job-timeout`` seconds and was stopped). The
+``timeout`` (its ``--jobs`` process made no progress for ``--job_timeout`` seconds and was stopped). The
 others' results are still reported and written; the exit code is then ``EXIT_JOBS_FAILED`` (3).
 """
 
@@ -36,16 +36,16 @@ from pathlib import Path
 import torch
 
 from . import memory
-from .backends import DEFAULT_UPDATE_BACKEND, resolve_backend
+from .backends import DEFAULT_UPDATE_BACKEND, UPDATE_BACKENDS, resolve_backend
 from .data import eval_windows, load_corpus, random_batch
 from .errors import NonFiniteGradientError, UsageError
 from .evaluate import LN2, validation_bpb
-from .flags import parse_overrides, resolve_device
+from .flags import THREADS_HELP, cpu_threads, parse_overrides, resolve_device
 from .models import build_model, check_compile_ops, model_names
 from .qat import QUANTIZERS, forward_trits
 from .recipes import CONFIG_NAMES, LATENT_CONFIGS, TERNARY_CONFIGS, Hparams, build_recipe
 from .rule import FlipRule
-from .weight import ternary_weights
+from .weight import DEFAULT_GROUP_SIZE, ternary_weights
 
 EXIT_JOBS_FAILED = 3  # some configs failed, crashed or timed out; the others' results were written
 FAILED_STATUSES = ("failed", "crashed", "timeout")
@@ -206,13 +206,15 @@ def format_table(results: list[dict]) -> str:
         if r["status"] in FAILED_STATUSES:  # no numbers: the reason instead
             lines.append(f"{r['config']:<{w}}{r['status']:<9}{r['error']}")
             continue
-        rel = r["val_bpb"] / ref["val_bpb"] if ref and ref["val_bpb"] == ref["val_bpb"] else float("nan")
+        # val bpb relative to BitNet_QAT's; "-" where there is none to compare with (not in the run, or no number)
+        rel = (f"{r['val_bpb'] / ref['val_bpb']:>8.3f}" if ref and math.isfinite(ref["val_bpb"])
+               and math.isfinite(r["val_bpb"]) else f"{'-':>8}")
         lines.append(
             f"{r['config']:<{w}}{r['status']:<9}{r['float_params']:>13,}{r['ternary_weights']:>11,}"
             f"{r['model_weight_bytes'] * mb:>11.2f}{r['optimizer_state_bytes'] * mb:>8.2f}"
             f"{r['training_state_bytes'] * mb:>9.2f}{r['training_state_bytes_per_weight']:>6.2f}"
             f"{r['peak_memory_bytes'] * mb:>9.1f}{r['median_step_ms']:>9.2f}{r['tokens_per_s']:>10.0f}"
-            f"{r['final_loss']:>8.4f}{r['min_loss']:>8.4f}{r['val_bpb']:>9.4f}{rel:>8.3f}"
+            f"{r['final_loss']:>8.4f}{r['min_loss']:>8.4f}{r['val_bpb']:>9.4f}{rel}"
             f"{r['flips_per_step']:>11.1f}" + (f"   {r['diverged']}" if r["diverged"] else "")
         )
     if measured:
@@ -275,74 +277,91 @@ def _write_json(path: str, meta: dict, results: list[dict]) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``trueternary bench`` flags. Where train has a flag for the same thing bench takes train's name too
+    (``--steps`` / ``--max_steps``, ``--batch`` / ``--batch_size``); on a ``flags.Parser`` every flag has both
+    spellings (``--d_model`` / ``--d-model``)."""
     p.add_argument("--configs", default="Adam_FP32,BitNet_QAT,SignSGD_Old,TrueTernary",
-                   help=f"comma list of {', '.join(CONFIG_NAMES)}")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--ctx", type=int, default=33)
-    p.add_argument("--update-backend", default=DEFAULT_UPDATE_BACKEND.value)
-    p.add_argument("--scale-update-interval", type=int, default=FlipRule.scale_update_interval)
-    p.add_argument("--accum-threshold", type=int, default=None)
-    p.add_argument("--print-every", type=int, default=50, help="print the loss every N steps (0: never)")
-    p.add_argument("--reuse-base", action="store_true")
-    p.add_argument("--data", default=None, help="text file, .gz, directory, 'enwik8'; default: embedded corpus")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+                   help=f"comma list of {', '.join(CONFIG_NAMES)}; an entry may carry overrides in brackets, e.g. "
+                        "TrueTernary[lr=4,vote_clip=4]")
+    p.add_argument("--steps", "--max_steps", dest="steps", type=int, default=200, metavar="N",
+                   help="optimiser steps per config (also the length of the lr schedule)")
+    p.add_argument("--batch", "--batch_size", dest="batch", type=int, default=4, metavar="N",
+                   help="sequences per step")
+    p.add_argument("--ctx", type=int, default=33, help="bytes per sequence (the model's context)")
+    p.add_argument("--update_backend", default=DEFAULT_UPDATE_BACKEND.value,
+                   help="vote/flip backend of the ternary configs: " + ", ".join(UPDATE_BACKENDS))
+    p.add_argument("--scale_update_interval", type=int, default=FlipRule.scale_update_interval,
+                   help="steps between scale votes; 0 freezes E")
+    p.add_argument("--accum_threshold", type=int, default=None,
+                   help="votes a trit needs to flip (default: FlipRule's)")
+    p.add_argument("--print_every", type=int, default=50, metavar="N", help="print the loss every N steps (0: never)")
+    p.add_argument("--reuse_base", action="store_true",
+                   help="start every config from the same base model (float configs from its float weights, "
+                        "ternary ones from its absmean ternarisation)")
+    p.add_argument("--data", default=None, metavar="SPEC",
+                   help="text file, .gz file, directory or 'enwik8' (default: the embedded corpus)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the base model, the batches and the vote RNG")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=0, help=THREADS_HELP + "; --jobs share them out")
     p.add_argument("--model", default="transformer", help="model family: " + ", ".join(model_names()))
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--n-heads", type=int, default=8)
-    p.add_argument("--model-config", action="append", default=[], metavar="FIELD=VALUE",
+    p.add_argument("--d_model", type=int, default=512, help="model width")
+    p.add_argument("--n_layers", type=int, default=4, help="transformer blocks")
+    p.add_argument("--n_heads", type=int, default=8, help="attention heads")
+    p.add_argument("--model_config", action="append", default=[], metavar="FIELD=VALUE",
                    help="extra model config fields, e.g. head_std=0.088,mlp_ratio=3")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model's norms, attention and activations for every config (transformer)")
-    p.add_argument("--group-size", type=int, default=None)
+    p.add_argument("--group_size", type=int, default=None,
+                   help=f"weights per int8 scale E (default: {DEFAULT_GROUP_SIZE})")
     p.add_argument("--lr", action="append", default=[], metavar="CONFIG=LR",
-                   help="peak learning rate (vote scale for TrueTernary) of a config, e.g. Adam_FP32=1e-3")
+                   help="peak learning rate (vote scale for TrueTernary) of a config, e.g. Adam_FP32=1e-3 "
+                        "(default: each recipe's)")
     p.add_argument("--rule", action="append", default=[], metavar="FIELD=VALUE",
                    help="FlipRule field overrides for TrueTernary configs, e.g. vote_clip=4,decay=0.01")
     # On purpose twice train's --eval_windows: bench evaluates each config once, at the end, where train evaluates
     # every --eval_every steps.
-    p.add_argument("--eval-windows", type=int, default=256,
+    p.add_argument("--eval_windows", type=int, default=256,
                    help="windows for validation bpb (and as many training windows for train_bpb)")
-    p.add_argument("--warmup-frac", type=float, default=Hparams.warmup_frac,
+    p.add_argument("--warmup_frac", type=float, default=Hparams.warmup_frac,
                    help="linear warm-up, fraction of --steps")
-    p.add_argument("--min-lr-frac", type=float, default=Hparams.min_lr_frac,
+    p.add_argument("--min_lr_frac", type=float, default=Hparams.min_lr_frac,
                    help="cosine decay ends at this fraction of the peak")
     p.add_argument("--jobs", type=int, default=1,
                    help="run this many configs at once, each in its own spawned process on --device (needs "
-                        "--reuse-base; step times and peak memory are then measured beside the other jobs; each "
+                        "--reuse_base; step times and peak memory are then measured beside the other jobs; each "
                         "job gets an equal share of the CPU threads)")
-    p.add_argument("--job-timeout", type=float, default=600.0, metavar="SECONDS",
+    p.add_argument("--job_timeout", type=float, default=600.0, metavar="SECONDS",
                    help="with --jobs: stop a job that has gone this long without progress (a finished step or "
                         "evaluation; its process start counts), report it as 'timeout'; 0: never")
-    p.add_argument("--json", default=None, metavar="PATH")
-    p.add_argument("--plot", default=None, metavar="PATH")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="write every config's results here, after each config (default: none)")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="draw the training-loss curves into this image (default: none)")
 
 
-# --model-config fields that have their own flag, or that the byte data fixes
-_MODEL_FLAG_FIELDS = {"ctx": "--ctx", "d_model": "--d-model", "n_layers": "--n-layers", "n_heads": "--n-heads"}
+# --model_config fields that have their own flag, or that the byte data fixes
+_MODEL_FLAG_FIELDS = {"ctx": "--ctx", "d_model": "--d_model", "n_layers": "--n_layers", "n_heads": "--n_heads"}
 _MODEL_FIXED_FIELDS = {"vocab_size": "the byte vocabulary of the data fixes it"}
 
 
 def model_config_overrides(model: str, items: list[str]) -> dict:
-    """``--model-config`` items -> {field: value}, each a field of ``model``'s config of the field's type
+    """``--model_config`` items -> {field: value}, each a field of ``model``'s config of the field's type
     (UsageError naming the valid fields otherwise); the config's own checks run when the model is built."""
     from .models import _MODELS
 
     try:
-        over = parse_overrides(items, "--model-config")
+        over = parse_overrides(items, "--model_config")
     except ValueError as e:
         raise UsageError(str(e)) from None
     fields = {f.name: f for f in dataclasses.fields(_MODELS[model][1])}
     settable = [k for k in fields if k not in _MODEL_FLAG_FIELDS and k not in _MODEL_FIXED_FIELDS]
     for k, v in over.items():
         if k in _MODEL_FLAG_FIELDS:
-            raise UsageError(f"--model-config {k}=...: set it with {_MODEL_FLAG_FIELDS[k]}")
+            raise UsageError(f"--model_config {k}=...: set it with {_MODEL_FLAG_FIELDS[k]}")
         if k in _MODEL_FIXED_FIELDS:
-            raise UsageError(f"--model-config {k}=...: {_MODEL_FIXED_FIELDS[k]}")
+            raise UsageError(f"--model_config {k}=...: {_MODEL_FIXED_FIELDS[k]}")
         if k not in settable:
-            raise UsageError(f"--model-config: model {model!r} has no field {k!r}; valid: {', '.join(settable)}")
+            raise UsageError(f"--model_config: model {model!r} has no field {k!r}; valid: {', '.join(settable)}")
         default = fields[k].default
         kind = type(default) if default is not None else {"float | None": float}.get(str(fields[k].type))
         number = isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -350,7 +369,7 @@ def model_config_overrides(model: str, items: list[str]) -> dict:
               float: number and math.isfinite(v), str: isinstance(v, str)}.get(kind, True)
         if not ok:
             what = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[kind]
-            raise UsageError(f"--model-config {k} must be {what}, got {v!r}")
+            raise UsageError(f"--model_config {k} must be {what}, got {v!r}")
         if kind is float:
             over[k] = float(v)
     return over
@@ -360,7 +379,7 @@ def check_lr(name: str, lr, where: str) -> None:
     """A config's peak learning rate: a finite number > 0, and only for configs that have one."""
     if name == "TrueTernary_Naive":
         raise UsageError(f"{where}: TrueTernary_Naive has no learning rate (its seed rule flips at a fixed "
-                         "threshold, --accum-threshold)")
+                         "threshold, --accum_threshold)")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
         raise UsageError(f"{where}: the learning rate of {name} must be a finite number > 0, got {lr!r}")
 
@@ -369,7 +388,7 @@ def _check_int(args: argparse.Namespace, flag: str, low: int) -> None:
     v = getattr(args, flag)
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
         what = "a positive integer" if low == 1 else f"an integer >= {low}"
-        raise UsageError(f"--{flag.replace('_', '-')} must be {what}, got {v!r}")
+        raise UsageError(f"--{flag} must be {what}, got {v!r}")
 
 
 def _check_output(flag: str, path: str) -> None:
@@ -396,19 +415,33 @@ def _check_plot_format(path: str) -> None:
         raise UsageError(f"--plot {path}: unknown image format {suffix!r}; use one of .{', .'.join(sorted(formats))}")
 
 
+MAX_THREADS = 1 << 10  # as train's --threads
+
+
+def bench_threads(args: argparse.Namespace, device: torch.device) -> int:
+    """Intra-op threads of the whole bench: ``--threads``, or by default train's choice on the CPU
+    (flags.cpu_threads: one thread for models up to d_model 256) and torch's default beside a GPU (where train
+    leaves them too). ``--jobs`` children share them out."""
+    if device.type == "cpu":
+        return cpu_threads(args.threads, args.d_model)
+    return args.threads or torch.get_num_threads()
+
+
 def _check_flags(args: argparse.Namespace) -> None:
     """Every flag that needs no parsing, with its bounds (UsageError, one line)."""
     for flag in ("steps", "batch", "ctx", "d_model", "n_layers", "n_heads", "eval_windows", "jobs"):
         _check_int(args, flag, 1)
-    for flag in ("print_every", "seed", "scale_update_interval"):
+    for flag in ("print_every", "seed", "scale_update_interval", "threads"):
         _check_int(args, flag, 0)
+    if args.threads > MAX_THREADS:
+        raise UsageError(f"--threads must be at most {MAX_THREADS}, got {args.threads}")
     if args.group_size is not None:
         _check_int(args, "group_size", 1)
     t = args.job_timeout
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 <= t < math.inf):
-        raise UsageError(f"--job-timeout must be a finite number of seconds >= 0 (0: never), got {t!r}")
+        raise UsageError(f"--job_timeout must be a finite number of seconds >= 0 (0: never), got {t!r}")
     if not 0 <= args.warmup_frac < 1 or not 0 <= args.min_lr_frac <= 1:
-        raise UsageError("--warmup-frac must be in [0, 1) and --min-lr-frac in [0, 1]")
+        raise UsageError("--warmup_frac must be in [0, 1) and --min_lr_frac in [0, 1]")
     if args.model not in model_names():
         raise UsageError(f"unknown model {args.model!r}; choose from {', '.join(model_names())}")
     if args.plot:
@@ -445,7 +478,7 @@ def _with_overrides(hp: Hparams, name: str, over: dict) -> Hparams:
 
 def hparams_from_args(args: argparse.Namespace) -> Hparams:
     """The hyper-parameters bench's flags give, built like ``train``'s (``Hparams.for_run``); UsageError for a
-    bad ``--rule`` or ``--lr`` item. A ``--rule scale_update_interval=...`` wins over ``--scale-update-interval``."""
+    bad ``--rule`` or ``--lr`` item. A ``--rule scale_update_interval=...`` wins over ``--scale_update_interval``."""
     try:
         rule_over = parse_overrides(args.rule, "rule")
         rule_over.setdefault("scale_update_interval", args.scale_update_interval)
@@ -466,7 +499,7 @@ def run(args: argparse.Namespace, on_progress: Callable[[], None] | None = None)
         raise UsageError(str(e)) from None
     _check_flags(args)
     if args.jobs > 1 and len(specs) > 1 and not args.reuse_base:
-        raise UsageError("--jobs needs --reuse-base (every job must start from the same base model)")
+        raise UsageError("--jobs needs --reuse_base (every job must start from the same base model)")
     hp = hparams_from_args(args)
     for k, v in hp.lr.items():
         if k not in CONFIG_NAMES:
@@ -493,9 +526,13 @@ def run(args: argparse.Namespace, on_progress: Callable[[], None] | None = None)
     corpus = load_corpus(args.data)
     val_windows = eval_windows(corpus.val, args.ctx, args.eval_windows)
     train_windows = eval_windows(corpus.train, args.ctx, args.eval_windows)
+    threads = bench_threads(args, device)
+    parallel = args.jobs > 1 and len(specs) > 1
+    if not parallel:  # (the --jobs children set their share themselves)
+        torch.set_num_threads(threads)
     print(f"bench: data {corpus.name} ({len(corpus.train):,} train / {len(corpus.val):,} held-out bytes), "
-          f"device {device}, model {args.model} d={args.d_model} L={args.n_layers}, "
-          f"{args.steps} steps x batch {args.batch} x ctx {args.ctx}", flush=True)
+          f"device {device} ({threads} thread{'s' if threads > 1 else ''}), model {args.model} d={args.d_model} "
+          f"L={args.n_layers}, {args.steps} steps x batch {args.batch} x ctx {args.ctx}", flush=True)
     meta = {
         "args": {k: v for k, v in vars(args).items() if k != "func" and not k.startswith("_")},
         "device": str(device),
@@ -503,10 +540,11 @@ def run(args: argparse.Namespace, on_progress: Callable[[], None] | None = None)
         "torch": torch.__version__,
         "hparams": hp.to_dict(),
         "data": corpus.name,
+        "threads": threads,
     }
-    if args.jobs > 1 and len(specs) > 1:
+    if parallel:
         meta["jobs"] = args.jobs
-        results = _run_jobs(args, specs, meta)
+        results = _run_jobs(args, specs, meta, threads)
     else:
         results = _run_configs(args, specs, hps, model_kw, corpus, val_windows, train_windows, device, meta,
                                on_progress)
@@ -578,19 +616,20 @@ class _Job:
     last_progress: float = 0.0
 
 
-def _run_jobs(args: argparse.Namespace, specs: list[tuple[str, str, dict]], meta: dict) -> list[dict]:
+def _run_jobs(args: argparse.Namespace, specs: list[tuple[str, str, dict]], meta: dict, threads: int) -> list[dict]:
     """Each config in its own spawned process (CUDA cannot be forked), ``--jobs`` at once; results in
-    ``specs`` order. Every child builds the same base model (--reuse-base) and data, so the numbers are
+    ``specs`` order. Every child builds the same base model (--reuse_base) and data, so the numbers are
     those of one process. Each child sends one JSON message on its own pipe; the parent waits on the pipes
     and on the processes' sentinels, so a child that dies is seen at once (``crashed``) and one without
-    progress for ``--job-timeout`` seconds is killed (``timeout``). The JSON is rewritten as each job ends,
-    so a cut-off run keeps what finished; an interrupt kills the children."""
+    progress for ``--job_timeout`` seconds is killed (``timeout``). The JSON is rewritten as each job ends,
+    so a cut-off run keeps what finished; an interrupt kills the children. ``threads``: the bench's intra-op
+    threads (bench_threads), shared out equally."""
     spawn = multiprocessing.get_context("spawn")
     n_procs = min(args.jobs, len(specs))
     # an equal share of the intra-op threads: N children with every core's worth of OpenMP threads each
     # oversubscribe the CPU, and the host-side work (data, the latent configs' trit counts) then waits on
     # descheduled peer threads (docs/training.md measured such waits at ~10x)
-    threads = max(1, torch.get_num_threads() // n_procs)
+    threads = max(1, threads // n_procs)
     meta["threads_per_job"] = threads
     child_base = {k: v for k, v in vars(args).items() if k != "func" and not k.startswith("_")}
     pending = list(range(len(specs)))
@@ -611,7 +650,7 @@ def _run_jobs(args: argparse.Namespace, specs: list[tuple[str, str, dict]], meta
                 i = pending.pop(0)
                 recv, send = spawn.Pipe(duplex=False)
                 progress = spawn.RawValue("q", 0)
-                child = dict(child_base, configs=specs[i][0], jobs=1, json=None, plot=None)
+                child = dict(child_base, configs=specs[i][0], jobs=1, json=None, plot=None, threads=threads)
                 proc = spawn.Process(target=_job_main, args=(child, send, progress, threads),
                                      name=f"bench-{specs[i][0]}")
                 proc.start()
@@ -647,9 +686,9 @@ def _run_jobs(args: argparse.Namespace, specs: list[tuple[str, str, dict]], meta
                     elif args.job_timeout and now - job.last_progress > args.job_timeout:
                         job.process.kill()
                         job.process.join()
-                        why = (f"no progress for {args.job_timeout:g} s (--job-timeout) after {count} progress "
+                        why = (f"no progress for {args.job_timeout:g} s (--job_timeout) after {count} progress "
                                "reports (start, steps, evaluations)" if count else
-                               f"not started within {args.job_timeout:g} s (--job-timeout)")
+                               f"not started within {args.job_timeout:g} s (--job_timeout)")
                         finish(job, failure_result(label, name, "timeout", why + "; its process was killed"))
     finally:  # an interrupt or an unwritable --json: no child outlives the bench
         for job in running:

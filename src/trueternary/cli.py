@@ -3,64 +3,128 @@
     train     train one model (trueternary.train)          generate  sample from a checkpoint
     project   memory projection, checked by measurement     info      what a checkpoint holds
     bench     compare training configurations              audit     what a model holds (float or integer)
+    export    a --model llama checkpoint as GGUF
 
 Exit codes: 0 success (also a training run stopped by SIGTERM after saving); 2 bad flags, data or
 checkpoint, or a file that cannot be written (trueternary.errors.USAGE_ERRORS: UsageError, DataError,
 CheckpointError, WriteError; any other OSError naming a file); 1 training diverged (TrainingError); 3 bench: some
 configs failed, crashed or timed out; 130 interrupted.
 
-The sub-commands are imported when the parser is built; they import ``flags`` and ``errors``, never this module.
+Only the sub-command that runs is imported (with it torch): ``trueternary --help`` and ``--version`` load
+neither. The sub-commands import ``flags`` and ``errors``, never this module.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from .errors import USAGE_ERRORS, TrainingError, UsageError  # noqa: F401 (UsageError: its old home, kept)
 from .flags import Parser
 
-
-def _info(args: argparse.Namespace) -> None:
-    from .checkpoint import describe
-
-    print(describe(args.path))
+Handler = Callable[[argparse.Namespace], object]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import audit, bench, generate, project, train
+# Each loader imports its sub-command's module and returns (add_arguments, run); they are separate functions so
+# that a command's imports are made only when it runs (and so that tests/test_imports.py sees every edge).
+def _train():
+    from . import train
 
-    p = Parser(prog="trueternary", description="Train and ship purely ternary neural networks.")
-    sub = p.add_subparsers(dest="command", parser_class=Parser)
-    t = sub.add_parser("train", help="train a model (default: TrueTernary on the embedded corpus)",
-                       description="Train one model; everything goes to <out_dir>/<run_name>/ (see docs/training.md).")
-    train.add_arguments(t)
-    t.set_defaults(func=train.run)
-    g = sub.add_parser("generate", help="sample text from a checkpoint (loads T_packed and E only)")
-    generate.add_arguments(g)
-    g.set_defaults(func=generate.run)
-    pr = sub.add_parser("project", help="memory to train and serve N weights, projected and measured")
-    project.add_arguments(pr)
-    pr.set_defaults(func=project.run)
-    i = sub.add_parser("info", help="what a checkpoint holds")
-    i.add_argument("path", help="checkpoint file")
-    i.set_defaults(func=_info)
-    b = sub.add_parser("bench", help="compare training configurations side by side")
-    bench.add_arguments(b)
-    b.set_defaults(func=bench.run)
-    a = sub.add_parser("audit", help="what a model holds: ternary weights, integer state, float params/buffers")
-    audit.add_arguments(a)
-    a.set_defaults(func=audit.run)
+    return train.add_arguments, train.run
+
+
+def _generate():
+    from . import generate
+
+    return generate.add_arguments, generate.run
+
+
+def _project():
+    from . import project
+
+    return project.add_arguments, project.run
+
+
+def _info():
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("path", help="checkpoint file")
+
+    def run(args: argparse.Namespace) -> None:
+        from .checkpoint import describe
+
+        print(describe(args.path))
+
+    return add_arguments, run
+
+
+def _bench():
+    from . import bench
+
+    return bench.add_arguments, bench.run
+
+
+def _audit():
+    from . import audit
+
+    return audit.add_arguments, audit.run
+
+
+def _export():
     from . import export
 
-    x = sub.add_parser("export", help="write a --model llama checkpoint as GGUF (TQ2_0 / TQ1_0) for llama.cpp")
-    export.add_arguments(x)
-    x.set_defaults(func=export.run)
+    return export.add_arguments, export.run
+
+
+# name: (loader, one-line help, description of its --help)
+COMMANDS: dict[str, tuple[Callable[[], tuple[Callable, Handler]], str, str]] = {
+    "train": (_train, "train a model (default: TrueTernary on the embedded corpus)",
+              "Train one model; everything goes to <out_dir>/<run_name>/ (see docs/training.md)."),
+    "generate": (_generate, "sample text from a checkpoint (loads T_packed and E only)",
+                 "Continue a prompt byte by byte from a checkpoint or a GGUF file (see docs/training.md)."),
+    "project": (_project, "memory to train and serve N weights, projected and measured",
+                "Memory to train and to serve N ternary weights against bf16 + AdamW: closed formulas, each "
+                "checked against real objects (see docs/training.md)."),
+    "info": (_info, "what a checkpoint holds", "Verify a checkpoint and list what it holds."),
+    "bench": (_bench, "compare training configurations side by side",
+              "Train several configurations on the same data and batches and compare them (docs/learning.md)."),
+    "audit": (_audit, "what a model holds: ternary weights, integer state, float params/buffers",
+              "What a model holds, by kind: by default the model `trueternary train` builds with its defaults, "
+              "or a checkpoint's (--ckpt)."),
+    "export": (_export, "write a --model llama checkpoint as GGUF (TQ2_0 / TQ1_0) for llama.cpp",
+               "Write a --model llama checkpoint as a GGUF file for llama.cpp (see docs/export.md)."),
+}
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of ``trueternary``. Only ``command``'s flags are defined (and its module imported); the others
+    are listed with their one-line help, which is all ``trueternary --help`` shows."""
+    p = Parser(prog="trueternary", description="Train and ship purely ternary neural networks.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", parser_class=Parser, metavar="COMMAND")
+    for name, (load, help_line, description) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_line, description=description)
+        if name == command:
+            add_arguments, run = load()
+            add_arguments(sp)
+            sp.set_defaults(func=run)
     return p
 
 
+def _command(argv: list[str]) -> str | None:
+    """The sub-command ``argv`` names: its first word that is not a flag (the top level's flags take no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command(argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse already wrote its one-line error (or the help)

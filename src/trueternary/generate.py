@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .errors import CheckpointError, UsageError
-from .flags import resolve_device
+from .flags import THREADS_HELP, cpu_threads, resolve_device
 from .inference import build_inference_model, held_bytes, load_checkpoint_for_inference
 from .vocab import N_BYTES
 
@@ -126,27 +126,17 @@ def stdout_bytes_writer() -> Callable[[bytes], None]:
     return write
 
 
-def generation_threads(requested: int, d_model: int) -> int:
-    """CPU intra-op threads: ``requested``, or by default what ``train`` uses for the model size (one thread up
-    to d_model 256: on a busy machine a second OpenMP thread waiting for a descheduled peer made generation
-    ~5x slower, docs/training.md)."""
-    from .trainconfig import SMALL_MODEL_D
-
-    return requested or (1 if d_model <= SMALL_MODEL_D else torch.get_num_threads())
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, metavar="PATH",
                    help="checkpoint file (runs/<run>/checkpoints/...) or a .gguf file of trueternary export")
     p.add_argument("--prompt", default="", help="text to continue (default: a newline)")
-    p.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 samples greedily")
-    p.add_argument("--top_k", "--top-k", dest="top_k", type=int, default=0, help="keep the k likeliest bytes (0: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max_new_tokens", type=int, default=200, metavar="N", help="bytes to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 samples greedily")
+    p.add_argument("--top_k", type=int, default=0, metavar="K", help="keep the k likeliest bytes (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads; 0: 1 for d_model <= 256, else torch's default (as train)")
-    p.add_argument("--no_cache", "--no-cache", dest="no_cache", action="store_true",
+    p.add_argument("--threads", type=int, default=0, help=THREADS_HELP + " (as train)")
+    p.add_argument("--no_cache", action="store_true",
                    help="rerun the whole window for every byte instead of using the key/value cache")
 
 
@@ -164,7 +154,7 @@ def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     model, meta = load_for_inference(args.ckpt, device)
     if device.type == "cpu":
-        torch.set_num_threads(generation_threads(args.threads, model.cfg.d_model))
+        torch.set_num_threads(cpu_threads(args.threads, model.cfg.d_model))
     prompt = os.fsencode(args.prompt)  # the bytes given on the command line, even if they are not UTF-8
     text = bytearray()
     write = stdout_bytes_writer()

@@ -6,11 +6,17 @@ Formulas (bytes), for a weight matrix of ``rows x cols`` and ``group_size`` g:
     E         rows * ceil(cols / g)      int8 log2 scale per group
     E_accum   rows * ceil(cols / g)      int8 scale-vote accumulator
     T_accum   rows * cols                int8 vote accumulator per weight
+    codes     Rb*Cb*2 + Rb*br*Cb + Rb*Cb*bc   the FlipOptimizer's vote-normaliser codes (default rule,
+                                         norm_beta > 0): an int16 per b x b tile (b = norm_block, 128),
+                                         an int8 per tile-row and tile-column; br, bc = min(b, rows),
+                                         min(b, cols), Rb x Cb tiles. Not for the embedding (row votes).
     training state = all of the above;  inference = T_packed + E
 
 For ``--params P`` the seed's table treats the model as P weights in groups of g: T_packed P/5,
-E and E_accum P/g each, T_accum P (the rounding of short groups and of the last packed byte of each
-matrix is left out there; the measured table includes it).
+E and E_accum P/g each, T_accum P, codes P * (2/b + 2/b**2) (the rounding of short groups, partial tiles
+and the last packed byte of each matrix is left out there; the measured table includes it). This training
+state is the count ``audit`` and ``bench`` report (trueternary.memory.training_state); the measured table
+checks the formula against it.
 
 bf16 + AdamW, mixed precision as usually run: bf16 weights (2 B/w) used by forward and backward,
 fp32 master weights (4), fp32 Adam m and v (4 + 4); the weight gradient (bf16, 2 B/w, full size)
@@ -42,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UsageError
+from .rule import FlipRule, norm_tiles, uses_norm_memory
 from .vocab import VOCAB_SIZE
 from .weight import DEFAULT_GROUP_SIZE
 
@@ -67,11 +74,16 @@ class Shape:
         return int(round(self.mlp_ratio * self.d_model))
 
     def matrices(self) -> list[tuple[int, int, int]]:
-        """(rows, cols, count) of ByteTransformer's weight matrices: embedding and head, then the layers' four
+        """(rows, cols, count) of ByteTransformer's weight matrices: the embedding, the head, then the layers' four
         (counted, not listed: the formulas take time and memory independent of n_layers)."""
         d, h, V = self.d_model, self.d_hidden, self.vocab_size
-        return [(V, d, 2), (3 * d, d, self.n_layers), (d, d, self.n_layers), (h, d, self.n_layers),
+        return [(V, d, 1), (V, d, 1), (3 * d, d, self.n_layers), (d, d, self.n_layers), (h, d, self.n_layers),
                 (d, h, self.n_layers)]
+
+    def voted_whole(self) -> list[tuple[int, int, int]]:
+        """The matrices whose votes are normalised per tile (and so keep normaliser codes): all but the
+        embedding, which votes by rows."""
+        return self.matrices()[1:]
 
     def n_weights(self) -> int:
         return sum(r * c * n for r, c, n in self.matrices())
@@ -96,20 +108,40 @@ def shape_for_params(params: float, ctx: int = 2048, batch: int = 1) -> Shape:
 
 
 # ------------------------------------------------------------------------------------ formulas
-def ternary_state_bytes(matrices: list[tuple[int, int, int]], group_size: int) -> dict[str, int]:
-    """The formula for the TernaryScaleTensor buffers of these (rows, cols, count) matrices (module docstring)."""
+def norm_block(rule: FlipRule | None = None) -> int | None:
+    """The tile edge of the normaliser codes a FlipOptimizer under ``rule`` (default: FlipRule()) keeps, or
+    None when it keeps none (norm_beta=0)."""
+    rule = rule or FlipRule()
+    return rule.norm_block if uses_norm_memory(rule.to_dict()) else None
+
+
+def norm_code_bytes(rows: int, cols: int, block: int) -> int:
+    """The normaliser codes of one (rows, cols) matrix voted whole (module docstring; rule.empty_norm_codes)."""
+    Rb, br, Cb, bc = norm_tiles((rows, cols), block)
+    return 2 * Rb * Cb + Rb * br * Cb + Rb * Cb * bc
+
+
+def ternary_state_bytes(matrices: list[tuple[int, int, int]], group_size: int, block: int | None = None,
+                        voted_whole: list[tuple[int, int, int]] | None = None) -> dict[str, int]:
+    """The formula for the training state of these (rows, cols, count) ternary matrices (module docstring): their
+    TernaryScaleTensor buffers, and with a ``block`` the normaliser codes of those in ``voted_whole`` (default:
+    all of them)."""
     t_packed = sum(n * -(-(r * c) // 5) for r, c, n in matrices)
     groups = sum(n * r * -(-c // group_size) for r, c, n in matrices)
     t_accum = sum(n * r * c for r, c, n in matrices)
-    return {"T_packed": t_packed, "E": groups, "E_accum": groups, "T_accum": t_accum,
-            "training": t_packed + 2 * groups + t_accum, "inference": t_packed + groups}
+    codes = sum(n * norm_code_bytes(r, c, block) for r, c, n in
+                (matrices if voted_whole is None else voted_whole)) if block else 0
+    return {"T_packed": t_packed, "E": groups, "E_accum": groups, "T_accum": t_accum, "norm_codes": codes,
+            "training": t_packed + 2 * groups + t_accum + codes, "inference": t_packed + groups}
 
 
-def ternary_state_bytes_for_params(params: float, group_size: int) -> dict[str, float]:
-    """The seed's per-weight table: P weights in groups of ``group_size`` (no per-matrix terms)."""
+def ternary_state_bytes_for_params(params: float, group_size: int, block: int | None = None) -> dict[str, float]:
+    """The seed's per-weight table: P weights in groups of ``group_size`` and, with a ``block``, whole
+    normaliser tiles (no per-matrix terms)."""
     p = float(params)
-    d = {"T_packed": p / 5, "E": p / group_size, "E_accum": p / group_size, "T_accum": p}
-    d["training"] = d["T_packed"] + d["E"] + d["E_accum"] + d["T_accum"]
+    d = {"T_packed": p / 5, "E": p / group_size, "E_accum": p / group_size, "T_accum": p,
+         "norm_codes": p * (2 / block + 2 / block**2) if block else 0.0}
+    d["training"] = d["T_packed"] + d["E"] + d["E_accum"] + d["T_accum"] + d["norm_codes"]
     d["inference"] = d["T_packed"] + d["E"]
     return d
 
@@ -246,7 +278,9 @@ def _record_max(obj, name: str, size_of):
 
 
 def measure(shape: Shape, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
-    """Every quantity of the tables, measured on real objects of this shape (CPU)."""
+    """Every quantity of the tables, measured on real objects of this shape (CPU). The ternary training state is
+    memory.training_state's count after a real step (the codes the FlipOptimizer then holds included)."""
+    from .memory import training_state
     from .models import build_model
     from .optim import FlipOptimizer
     from .weight import TernaryScaleTensor, ternary_weights
@@ -257,7 +291,6 @@ def measure(shape: Shape, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
     out: dict = {"weights": sum(w.numel() for w in tw)}
     for name in ("T_packed", "E", "E_accum", "T_accum"):
         out[name] = sum(getattr(w, name).numel() * getattr(w, name).element_size() for w in tw)
-    out["training"] = sum(w.training_state_bytes() for w in tw)
     out["inference"] = sum(w.inference_bytes() for w in tw)
     out["n_params_float"] = sum(p.numel() for p in model.parameters())
     opt = FlipOptimizer(model, backend="dense-fallback")
@@ -268,6 +301,8 @@ def measure(shape: Shape, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
         logits = model(x)
         F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1)).backward()
         opt.step()
+    out["norm_codes"] = opt.state_bytes()
+    out["training"] = training_state(model, [opt])["total"]
     out["transient_gradient"] = grad["max"]
     out["transient_dense_weight"] = dense["max"]
     out["activations_fp32"] = measure_activation_bytes(shape, False, group_size)
@@ -293,11 +328,11 @@ def measure(shape: Shape, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
 
 def predict(shape: Shape, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
     """The formulas for every quantity ``measure`` reports."""
-    tern = ternary_state_bytes(shape.matrices(), group_size)
+    tern = ternary_state_bytes(shape.matrices(), group_size, norm_block(), shape.voted_whole())
     n = shape.n_weights()
     adam = adamw_bytes(n)
     trans = transient_bytes(shape, compute_bytes=4)
-    out = {"weights": n, **{k: tern[k] for k in ("T_packed", "E", "E_accum", "T_accum")},
+    out = {"weights": n, **{k: tern[k] for k in ("T_packed", "E", "E_accum", "T_accum", "norm_codes")},
            "training": tern["training"], "inference": tern["inference"], "n_params_float": 0,
            "transient_gradient": trans["gradient"], "transient_dense_weight": trans["dense_weight"],
            "activations_fp32": predict_activation_bytes(shape, activation_coefficients(False)),
@@ -317,7 +352,8 @@ def _gib(b: float) -> str:
 
 
 def projection_table(params: float, group_size: int, shape: Shape) -> str:
-    tern = ternary_state_bytes_for_params(params, group_size)
+    block = norm_block()
+    tern = ternary_state_bytes_for_params(params, group_size, block)
     adam = adamw_bytes(params)
     trans_bf16 = transient_bytes(shape, compute_bytes=2)
     act32 = predict_activation_bytes(shape, activation_coefficients(False))
@@ -338,6 +374,8 @@ def projection_table(params: float, group_size: int, shape: Shape) -> str:
         row(f"E (int8 per {group_size} weights)", tern["E"]),
         row(f"E_accum (int8 per {group_size} weights)", tern["E_accum"]),
         row("T_accum (int8 per weight)", tern["T_accum"]),
+        row(f"normaliser codes (per {block}x{block} tile)" if block else "normaliser codes (norm_beta=0: none)",
+            tern["norm_codes"]),
         row("bf16 weights", None, adam["bf16 weights"]),
         row("fp32 master weights", None, adam["fp32 master weights"]),
         row("fp32 Adam m", None, adam["fp32 Adam m"]),
@@ -374,6 +412,7 @@ def projection_table(params: float, group_size: int, shape: Shape) -> str:
 MEASURED_ROWS = [
     ("weights", "ternary weights (count)"), ("n_params_float", "float parameters (count)"),
     ("T_packed", "T_packed"), ("E", "E"), ("E_accum", "E_accum"), ("T_accum", "T_accum"),
+    ("norm_codes", "normaliser codes"),
     ("training", "ternary training state"), ("inference", "ternary inference"),
     ("transient_gradient", "transient fp32 gradient (1 matrix)"),
     ("transient_dense_weight", "transient dense weight (fp32)"),
@@ -413,17 +452,18 @@ def measured_table(shapes: list[Shape], group_size: int) -> tuple[str, bool]:
 
 # ------------------------------------------------------------------------------------ command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", type=float, default=3e9,
-                   help=f"weights to project (default 3e9, at most {MAX_PARAMS:.0e})")
-    p.add_argument("--group_size", "--group-size", dest="group_size", type=int, default=DEFAULT_GROUP_SIZE)
-    p.add_argument("--batch", type=int, default=1, help="sequences, for the activation rows (default 1)")
+    p.add_argument("--params", type=float, default=3e9, help=f"weights to project (at most {MAX_PARAMS:.0e})")
+    p.add_argument("--group_size", type=int, default=DEFAULT_GROUP_SIZE, help="weights per int8 scale E")
+    p.add_argument("--batch", "--batch_size", dest="batch", type=int, default=1,
+                   help="sequences, for the activation rows")
     p.add_argument("--ctx", type=int, default=2048, help="bytes per sequence, for the activation rows")
-    p.add_argument("--d_model", "--d-model", dest="d_model", type=int, default=None,
+    p.add_argument("--d_model", type=int, default=None,
                    help="model width for the gradient/activation rows (default: derived from --params)")
-    p.add_argument("--n_layers", "--n-layers", dest="n_layers", type=int, default=None)
-    p.add_argument("--n_heads", "--n-heads", dest="n_heads", type=int, default=None)
+    p.add_argument("--n_layers", type=int, default=None, help="transformer blocks (default: derived from --params)")
+    p.add_argument("--n_heads", type=int, default=None,
+                   help=f"attention heads (default: heads of {HEAD_DIM}, at least 2)")
     p.add_argument("--measure", default="1e5,1e6,1e7", metavar="SIZES",
-                   help="comma list of weight counts to measure on real objects ('' skips; default 1e5,1e6,1e7)")
+                   help="comma list of weight counts to measure on real objects ('' skips)")
 
 
 # Bounds of the flags. The tables are closed formulas (time and memory independent of the sizes); the bounds keep

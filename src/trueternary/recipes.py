@@ -252,38 +252,29 @@ class Recipe:
 
     # ------------------------------------------------------------------ memory accounting
     def state_report(self) -> dict:
-        """Every byte of training state, measured from the tensors that exist (call after a step)."""
+        """Every byte of training state (memory.training_state: measured from the tensors that exist, a
+        FlipOptimizer's normaliser codes counted from its first vote's on), weights and the bytes to ship."""
+        from .memory import training_state
+
         m = self.model
-        float_params = [p for p in m.parameters()]
-        n_float = sum(p.numel() for p in float_params)
+        n_float = sum(p.numel() for p in m.parameters())
         tw = ternary_weights(m)
         n_tern = sum(w.numel() for w in tw)
-        param_bytes = sum(p.numel() * p.element_size() for p in float_params)
-        grad_bytes = param_bytes  # a gradient buffer per float parameter between backward and step
-        opt_bytes = 0
-        for o in self.optimizers:
-            for st in o.state.values():
-                for v in st.values():
-                    if isinstance(v, torch.Tensor):
-                        opt_bytes += v.numel() * v.element_size()
-        tern_state = sum(w.training_state_bytes() for w in tw)
-        tern_state -= sum(w.log2_scale.numel() * 4 for w in tw if w.log2_scale is not None)  # counted as params
-        bias_state = sum(b.training_state_bytes() for b in m.modules() if isinstance(b, IntegerBias))
+        state = training_state(m, self.optimizers)
         if tw:
             weight_bytes = sum(w.inference_bytes() for w in tw) + sum(
                 b.inference_bytes() for b in m.modules() if isinstance(b, IntegerBias)
             )
         else:
-            weight_bytes = param_bytes
+            weight_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
         n_weights = n_tern if tw else n_float
-        train_bytes = param_bytes + grad_bytes + opt_bytes + tern_state + bias_state
         return {
             "float_params": n_float,
             "ternary_weights": n_tern,
             "model_weight_bytes": weight_bytes,
-            "optimizer_state_bytes": opt_bytes,
-            "training_state_bytes": train_bytes,
-            "training_state_bytes_per_weight": train_bytes / max(1, n_weights),
+            "optimizer_state_bytes": state["optimizer"],
+            "training_state_bytes": state["total"],
+            "training_state_bytes_per_weight": state["total"] / max(1, n_weights),
         }
 
 

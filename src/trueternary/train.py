@@ -42,6 +42,7 @@ from .data import Corpus, RandomWindows, eval_windows, load_corpus
 from .distributed import Ranks, say
 from .errors import CheckpointError, DataError, NonFiniteGradientError, TrainingError, UsageError, WriteError
 from .evaluate import validation_bpb
+from .flags import cpu_threads
 from .models import build_model
 from .recipes import Hparams, build_recipe, lr_factor
 from .rundir import LOCK_FILE, RunDirectory, RunLog, plot_run, read_metrics, write_json
@@ -50,7 +51,6 @@ from .trainconfig import (
     TrainConfig,
     add_arguments,
     config_from_args,
-    cpu_threads,
     explicit_fields,
     graph_capable,
     hparams_for,
@@ -285,7 +285,7 @@ def prepare_device(cfg: TrainConfig, ranks: Ranks) -> None:
     if cfg.cuda_graph is True and (ranks.device.type != "cuda" or ranks.parallel):
         raise UsageError("--cuda_graph needs a CUDA device and one process (no torchrun data parallelism)")
     if ranks.device.type == "cpu":
-        torch.set_num_threads(cpu_threads(cfg))
+        torch.set_num_threads(cpu_threads(cfg.threads, cfg.d_model))
     if cfg.deterministic:
         determinism.enable()  # before the first GEMM: cuBLAS reads its workspace setting when it starts
 

@@ -14,12 +14,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from . import distributed
 from .backends import UpdateBackend
 from .errors import UsageError
-from .flags import parse_overrides
+from .flags import THREADS_HELP, parse_overrides
 from .models import check_compile_ops, model_names
 from .optim import BACKENDS, resolve_backend
 from .recipes import CONFIG_NAMES, TERNARY_CONFIGS, Hparams
@@ -66,7 +64,7 @@ class TrainConfig:
     ctx: int = 64
     seed: int = 0
     device: str = "auto"
-    threads: int = 0  # CPU intra-op threads; 0: auto (1 for models up to d_model 256, else torch's default)
+    threads: int = 0  # CPU intra-op threads; 0: flags.cpu_threads's choice for the model's size
     eval_every: int = 100
     eval_windows: int = 128
     save_every: int = 100
@@ -226,19 +224,6 @@ def model_config(cfg: TrainConfig) -> dict:
                                   n_heads=cfg.n_heads)).to_dict()
 
 
-SMALL_MODEL_D = 256
-
-
-def cpu_threads(cfg: TrainConfig) -> int:
-    """Intra-op threads on CPU. Small models get one by default: their matrices are small, and whether a
-    second thread helps depends on what else runs on the cores (measured in docs/training.md: from ~1.4x
-    faster on a quiet machine to ~10x slower on a busy one, where OpenMP threads wait for descheduled
-    peers). One thread bounds the worst case; ``--threads`` chooses."""
-    if cfg.threads:
-        return cfg.threads
-    return 1 if cfg.d_model <= SMALL_MODEL_D else torch.get_num_threads()
-
-
 # ------------------------------------------------------------------------------------ resuming
 def merge_resumed(ckpt: Checkpoint, cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     """The checkpoint's TrainConfig with the flags the user gave on top; run-defining ones must agree."""
@@ -277,16 +262,16 @@ def explicit_fields(cfg: TrainConfig) -> set[str]:
 # ------------------------------------------------------------------------------------ command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``trueternary train`` flags. Every default is None here so a resumed run can tell which flags
-    were given; the real defaults are TrainConfig's. Both ``--max_steps`` and ``--max-steps`` work."""
+    were given; the real defaults are TrainConfig's, written into the help. On a ``flags.Parser`` both
+    ``--max_steps`` and ``--max-steps`` work."""
     d = TrainConfig()
 
     def flag(name, **kw):
-        names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         default = getattr(d, name, None)
         kw.setdefault("help", "")
         if default is not None and kw.get("action") is None:
             kw["help"] += f" (default: {default})"
-        p.add_argument(*names, dest=name, default=None, **kw)
+        p.add_argument(f"--{name}", dest=name, default=None, **kw)
 
     flag("data", metavar="SPEC", help="text file, .gz file, directory (files in sorted order) or 'enwik8'; "
          "default: the embedded corpus (Python stdlib sources)")
@@ -300,19 +285,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag("config", help="training configuration: " + ", ".join(CONFIG_NAMES))
     p.add_argument("--strict_ternary", dest="strict_ternary", default=None,
                    action=argparse.BooleanOptionalAction,
-                   help="strict ternary (TrueTernary, the default); --no-strict_ternary selects TrueTernary_Hybrid "
-                        "(float log2 scales trained by AdamW)")
+                   help="strict ternary (TrueTernary); --no-strict_ternary selects TrueTernary_Hybrid (float log2 "
+                        "scales trained by AdamW) (default: strict, unless --config says otherwise)")
     flag("lr", type=float, help="peak learning rate (vote scale for TrueTernary; default: the recipe's)")
     flag("accum_threshold", type=int, help="votes a trit needs to flip (default: FlipRule's)")
     flag("scale_update_interval", type=int, help="steps between scale votes; 0 freezes E")
     p.add_argument("--rule", action="append", default=None, metavar="FIELD=VALUE",
-                   help="further FlipRule overrides, e.g. vote_clip=4,decay=0.01")
+                   help="further FlipRule overrides, e.g. vote_clip=4,decay=0.01 (default: none)")
     flag("update_backend", help="vote/flip backend: " + ", ".join(BACKENDS))
     p.add_argument("--compile", dest="compile", default=None, action=argparse.BooleanOptionalAction,
                    help="torch.compile the model's norms, attention and activations (the linear layers stay eager): "
                         "on a GPU, float configs' steps about 2x faster after a compile of up to a minute "
                         "(TrueTernary's eager step is host-bound and gains little); transformer only (default: off)")
-    p.add_argument("--cuda_graph", "--cuda-graph", dest="cuda_graph", default=None,
+    p.add_argument("--cuda_graph", dest="cuda_graph", default=None,
                    action=argparse.BooleanOptionalAction,
                    help="TrueTernary on the gpu backend: capture the whole training step in one CUDA graph and "
                         "replay it (no Python per layer: 2-7x faster steps on an H200, the same results); one "
@@ -321,7 +306,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bit-for-bit repeatable steps on a GPU too: deterministic algorithms and math attention "
                         "(PyTorch's flash/cuDNN/memory-efficient attention backward is not deterministic at long "
                         "contexts); about 3.3x the step time at 151M on an H100 (default: off)")
-    p.add_argument("--activation_checkpointing", "--activation-checkpointing", dest="activation_checkpointing",
+    p.add_argument("--activation_checkpointing", dest="activation_checkpointing",
                    default=None, action=argparse.BooleanOptionalAction,
                    help="recompute each transformer block's activations in backward instead of keeping them: "
                         "activation memory of one block input per layer, about one more forward per step, the "
@@ -333,24 +318,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag("ctx", type=int, help="bytes per sequence (the model's context)")
     flag("seed", type=int, help="seed of the model init, the data order and the vote RNG")
     flag("device", help="auto, cpu, cuda or cuda:N")
-    flag("threads", type=int, help="CPU threads; 0: 1 for small models (d_model <= 256), else torch's default")
+    flag("threads", type=int, help=THREADS_HELP)
     flag("eval_every", type=int, help="steps between validation evaluations (0: only at the end)")
     flag("eval_windows", type=int, help="held-out windows per evaluation")
     flag("save_every", type=int, help="steps between checkpoints (0: only at the end)")
     flag("keep_checkpoints", type=int, help="newest checkpoints kept (0: all)")
     flag("log_every", type=int, help="steps between metrics.jsonl rows")
     flag("stop_at", type=int, help="stop and save after this step, keeping the --max_steps schedule "
-         "(for jobs with a time limit; continue with --resume)")
+         "(for jobs with a time limit; continue with --resume; default: run to --max_steps)")
     flag("run_name", help="directory under --out_dir (default: <config>-<date>-<time>)")
     flag("out_dir", help="parent of run directories")
     flag("resume", metavar="PATH|auto", help="continue from a checkpoint file, a run directory, or 'auto' "
-         "(the newest checkpoint of --run_name; a fresh run if there is none)")
+         "(the newest checkpoint of --run_name; a fresh run if there is none); default: a fresh run")
     flag("overwrite", action="store_true", help="start a fresh run in a --run_name that holds another run: its "
          "files (config.json, metrics.jsonl, plot.png, checkpoints/, tensorboard/) are moved into "
-         "<run dir>/replaced-<time>/ first (without this flag such a directory is refused)")
-    p.add_argument("--comm_report", "--comm-report", dest="comm_report", default=None, metavar="N[,N...]",
+         "<run dir>/replaced-<time>/ first (default: off, such a directory is refused)")
+    p.add_argument("--comm_report", dest="comm_report", default=None, metavar="N[,N...]",
                    help="print the bytes all-reduced per step per weight of every config for this model at "
-                        "N data-parallel ranks (see docs/distributed.md) and exit without training")
+                        "N data-parallel ranks (see docs/distributed.md) and exit without training (default: "
+                        "off: train)")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
