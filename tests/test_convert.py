@@ -156,9 +156,11 @@ def test_scale_mode_float_keeps_only_log2_scales():
 
 def test_non_strict_keeps_other_parameters_and_skip():
     model = Foreign()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # non-strict: nothing is frozen, nothing to warn about
+    with pytest.warns(UserWarning, match="left .* float") as rec:  # nothing frozen; what stays float is still named
         ternarize(model, group_size=8, strict=False, skip=("head.2",))
+    assert len(rec) == 1
+    msg = str(rec[0].message)
+    assert "kept by skip: head.2.weight" in msg and "norm.weight" in msg and "encoder.self_attn.in_proj_weight" in msg
     names = {n for n, _ in model.named_parameters()}
     assert "norm.weight" in names and "encoder.self_attn.in_proj_weight" in names
     assert "head.2.weight" in names and type(model.head[2]) is nn.Linear  # skipped
