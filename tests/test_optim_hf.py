@@ -327,6 +327,21 @@ def test_train_step_is_the_plain_loop_on_cpu_and_refuses_a_graph_there():
         TrainStep(a, opt_a, loss_of, batch(0), cuda_graph=True)
 
 
+def test_compiled_train_step_leaves_the_ternary_layers_eager_and_trains_the_same():
+    """``compile``: torch.compile of the loss with a graph break at every ternary layer (AOTAutograd here, which
+    keeps the float ops as they are): the same steps bit for bit as the plain loop."""
+    base = Net()
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    opt_a, opt_b = for_model(a, seed=1), for_model(b, seed=1)
+    torch._dynamo.reset()
+    step = TrainStep(a, opt_a, loss_of, batch(0), compile={"backend": "aot_eager"})
+    for i in range(2):
+        step(batch(i))
+    train(b, opt_b, 2, first_seed=0)
+    assert_same(a.state_dict(), b.state_dict())
+    assert getattr(TernaryLinear.forward, "_trueternary_eager", False)
+
+
 # ------------------------------------------------------------------------------------ Hugging Face
 
 
@@ -340,6 +355,28 @@ def tiny_llama(seed: int = 0):
         # strict=False: the RMSNorm gains stay float (AdamW trains them), and transformers' model.dtype, which
         # saving reads, needs a float parameter
         return ternarize(transformers.LlamaForCausalLM(cfg), strict=False)
+
+
+def test_ternarised_llama_forward_and_backward_read_nothing_on_the_host_while_capturing(no_host_reads,
+                                                                                       monkeypatch):
+    """What TrainStep captures in a CUDA graph of a transformers model must not read a tensor on the host.
+    transformers skips its host-side look at the positions while a CUDA stream captures; faked here on the CPU,
+    the forward after the embedding (whose range check is skipped while capturing) and the backward with its
+    votes read nothing."""
+    import_utils = pytest.importorskip("transformers.utils.import_utils")
+    model = tiny_llama()
+    opt = FlipOptimizer(model)
+    monkeypatch.setattr(import_utils, "is_cuda_stream_capturing", lambda: True)
+    x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    guard = no_host_reads("in a ternarised Llama's forward and backward")
+    model.model.embed_tokens.register_forward_hook(lambda *args: guard.__enter__())
+    try:
+        logits = model(input_ids=x, use_cache=False).logits
+        F.cross_entropy(logits.float().flatten(0, 1), x.flatten()).backward()
+    finally:
+        guard.__exit__(None, None, None)
+    opt.step()
+    assert int(model.model.embed_tokens.weight.T_accum.abs().sum()) > 0  # the votes were cast
 
 
 class TokenData(torch.utils.data.Dataset):

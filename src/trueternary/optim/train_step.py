@@ -58,14 +58,15 @@ def _clone(batch):
     return type(batch)(_clone(b) for b in batch)
 
 
-def exclude_ternary_layers_from_compile(model: nn.Module) -> None:
-    """Make every ternary layer of ``model`` an eager call in ``torch.compile``'d code (a graph break): their
-    autograd functions call the optimiser from backward and run Triton kernels of their own."""
-    for m in model.modules():
-        if isinstance(m, (TernaryLinear, TernaryEmbedding)) and not getattr(m.forward, "_trueternary_eager", False):
-            fwd = torch.compiler.disable(m.forward, recursive=True)
-            fwd._trueternary_eager = True
-            m.forward = fwd
+def exclude_ternary_layers_from_compile() -> None:
+    """Make every TernaryLinear / TernaryEmbedding an eager call in ``torch.compile``'d code (a graph break):
+    their autograd functions call the optimiser from backward and launch Triton kernels of their own. Set on the
+    classes (once), not on a model's instances, so a copy of a model behaves like the model."""
+    for cls in (TernaryLinear, TernaryEmbedding):
+        if not getattr(cls.forward, "_trueternary_eager", False):
+            forward = torch.compiler.disable(cls.forward, recursive=True)
+            forward._trueternary_eager = True
+            cls.forward = forward
 
 
 class TrainStep:
@@ -100,7 +101,7 @@ class TrainStep:
         self.device = tensors[0].device
         self.autocast = autocast
         if compile:
-            exclude_ternary_layers_from_compile(model)
+            exclude_ternary_layers_from_compile()
             loss_fn = torch.compile(loss_fn, **(compile if isinstance(compile, dict) else {}))
         self.loss_fn = loss_fn
         self.eager_reason = self._graph_refusal(tensors) if cuda_graph is not False else "cuda_graph=False"
