@@ -171,6 +171,37 @@ def test_bench_e2e_bad_input():
                         "unknown setting 'huge'")
 
 
+def _bench_hf_smoke(tmp_path, variants: tuple[str, ...]) -> dict:
+    pytest.importorskip("transformers")
+    res = _smoke("bench_hf.py", tmp_path, "--batch", "2", "--variants", ",".join(variants))
+    assert not res["errors"]
+    steps = {(r["optimizer"], r["variant"]) for r in res["steps"]}
+    assert steps == {(o, v) for o in ("AdamW", "TrueTernary") for v in variants}
+    assert all(r["median_ms"] > 0 and r["repeats"] == 2 and not r["graphed"] for r in res["steps"])
+    best = res["summary"]["best"]
+    assert res["summary"]["ratio"] == pytest.approx(best["TrueTernary"]["median_ms"] / best["AdamW"]["median_ms"])
+    return res
+
+
+def test_bench_hf_smoke(tmp_path):
+    """The Hugging Face benchmark on CPU: a tiny transformers Llama, AdamW and TrueTernary (TrainStep) eager
+    steps, the best of each and their ratio."""
+    _bench_hf_smoke(tmp_path, ("eager",))
+
+
+@pytest.mark.slow  # ~30 s on a busy 2-core machine: dynamo traces both models, the ternary one in pieces
+def test_bench_hf_smoke_compiled(tmp_path):
+    """The compiled variants too (dynamo traced, code generation left out): TrainStep's compile path, the ternary
+    layers left eager."""
+    _bench_hf_smoke(tmp_path, ("eager", "compiled"))
+
+
+def test_bench_hf_bad_input():
+    pytest.importorskip("transformers")
+    assert _usage_error(_run("benchmarks/bench_hf.py", "--smoke", "--variants", "eager,fast"),
+                        "unknown --variants fast")
+
+
 @pytest.mark.slow  # ~30 s: three kernels, forward and backward, interpreted
 def test_bench_morph_kernels_smoke_kernels(tmp_path):
     """MORPH's kernel benchmark on CPU (Triton interpreter, --quick shapes): each kernel checked, then timed."""

@@ -1,18 +1,28 @@
 """FlipOptimizer: trains ternary weights by integer votes and flips.
 
-It follows ``torch.optim.Optimizer``: ``param_groups`` carry the flip-rule hyper-parameters (``lr`` is the
-vote scale, so ``torch.optim.lr_scheduler`` schedules it), ``step()`` applies flips, ``state_dict()``
-round-trips. Its "params" are the ``T_accum`` buffers of the ternary weights it trains (and the ``q`` buffers
-of integer biases); there are no float weights and no per-weight float state. Its only named state is lazy:
-the integer codes of the normaliser's moving averages of each weight matrix voted whole (``norm_beta > 0``),
-created by its first vote.
+It follows ``torch.optim.Optimizer``: ``param_groups`` carry the flip-rule hyper-parameters, ``step()`` applies
+flips, ``state_dict()`` round-trips. Its "params" are the ``T_accum`` buffers of the ternary weights it trains
+(and the ``q`` buffers of integer biases); there are no float weights and no per-weight float state (but the
+summed gradients of ``grad_accumulation``, between backward and ``step()``). Its only named state is lazy: the
+integer codes of the normaliser's moving averages of each weight matrix voted whole (``norm_beta > 0``), created
+by its first vote.
+
+lr schedulers. ``lr`` is the vote scale, the expected votes per call of a weight whose gradient is typical of its
+row and column: a ``torch.optim.lr_scheduler`` (Hugging Face's schedules are ``LambdaLR`` schedules) scales it,
+and with it the scale votes (``lr * scale_lr``); ``decay``, the thresholds and the clip are not scaled. Keys
+that are not FlipRule fields (``initial_lr``, which every scheduler adds; ``max_lr`` ...) are the scheduler's
+bookkeeping: kept in the groups and in ``state_dict()``, and loaded back.
 
 Votes are cast during backward, when an op's autograd function hands the weight gradient (or, for a linear
 map, ``gy`` and ``x``) to the weight's voter, this optimiser (:meth:`FlipOptimizer.cast_votes`,
 :meth:`~FlipOptimizer.cast_matmul_votes`, :meth:`~FlipOptimizer.cast_bias_votes`), which passes it with the
-weight's param group to its vote backend (backend.py: dense, kernel or data-parallel).
+weight's param group to its vote backend (backend.py: dense, kernel or data-parallel). With
+``grad_accumulation=True`` backward sums the gradients instead (accumulate.py) and ``step()`` votes once on the
+sum: gradient accumulation over micro-batches.
 
-Construct it after the model is on its device (like any optimiser).
+Construct it after the model is on its device (like any optimiser). Moving the model later (Trainer and
+accelerate's ``prepare`` do) replaces its buffers, the tensors this optimiser's groups list: ``step()``,
+``state_dict()`` and ``load_state_dict()`` first take the modules' current ones (:meth:`FlipOptimizer._sync_params`).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from ..rule import (
     vote_width_scale,
 )
 from ..weight import TernaryScaleTensor, ternary_weights
+from .accumulate import GradAccumulator
 from .backend import VoteBackend
 from .context import BIAS_Q_MAX, VoteContext
 from .data_parallel import DataParallelKernelVotes, DataParallelVotes
@@ -77,6 +88,15 @@ def _state_tensor(m: nn.Module) -> torch.Tensor:
     return m.T_accum if isinstance(m, TernaryScaleTensor) else m.q
 
 
+RULE_FIELDS = frozenset(FlipRule().to_dict())
+
+
+def group_rule(group: dict) -> FlipRule:
+    """The FlipRule of a param group (ValueError for a bad field): its FlipRule fields; the other keys (but
+    ``params``) are an lr scheduler's bookkeeping (``initial_lr`` ...), which the rule leaves alone."""
+    return FlipRule.from_dict({k: v for k, v in group.items() if k in RULE_FIELDS})
+
+
 class FlipOptimizer(torch.optim.Optimizer):
     """Trains ternary weights by integer votes and flips.
 
@@ -92,6 +112,10 @@ class FlipOptimizer(torch.optim.Optimizer):
         seed: key of the counter-based RNG behind stochastic votes.
         check_finite: drop a layer's votes when its gradient has NaN/inf and raise
             :class:`NonFiniteGradientError` from the next ``step()`` (one device sync per step).
+        grad_accumulation: sum the gradients of every backward since the last ``step()`` (a float32 buffer per
+            trained weight, like torch's ``.grad``) and vote once on the sum in ``step()``: N micro-batches with
+            losses scaled by 1/N make the step of one batch N times as large (accumulate.py). Off: every backward
+            call votes on its own gradient, and no float gradient is kept.
     """
 
     def __init__(
@@ -103,6 +127,7 @@ class FlipOptimizer(torch.optim.Optimizer):
         backend: UpdateBackend | str = DEFAULT_UPDATE_BACKEND,
         seed: int = 0,
         check_finite: bool = True,
+        grad_accumulation: bool = False,
         **rule_overrides,
     ) -> None:
         rule = FlipRule() if rule is None else FlipRule.from_dict(rule.to_dict())
@@ -133,6 +158,7 @@ class FlipOptimizer(torch.optim.Optimizer):
         super().__init__([dict({k: v for k, v in g.items() if k != "params"},
                                params=[_state_tensor(m) for m in g["params"]]) for g in groups], rule.to_dict())
         self._ctx = VoteContext(seed, check_finite, self._norm_codes)
+        self._grads: GradAccumulator | None = GradAccumulator() if grad_accumulation else None
         self._comm = None
         # use_device_lr: each param group's lr as a device tensor (CUDA-graphed steps)
         self._lr_dev: list[torch.Tensor] | None = None
@@ -186,6 +212,11 @@ class FlipOptimizer(torch.optim.Optimizer):
         return self._ctx.seed
 
     @property
+    def grad_accumulation(self) -> bool:
+        """Whether backward sums gradients for one vote per step (constructor argument)."""
+        return self._grads is not None
+
+    @property
     def check_finite(self) -> bool:
         return self._ctx.finite.enabled
 
@@ -216,6 +247,9 @@ class FlipOptimizer(torch.optim.Optimizer):
         ``n_rows`` rows (a 0-dim device tensor; default all) vote, and nothing is read on the host, so a CUDA
         graph can capture them (dense.DenseVotes.cast_votes).
         """
+        if self._grads is not None:
+            self._grads.add(weight, g, rows, n_rows)
+            return
         group, lr = self._rule_of(weight)
         self._votes.cast_votes(weight, g, T, group, lr, rows, n_rows)
 
@@ -229,6 +263,9 @@ class FlipOptimizer(torch.optim.Optimizer):
         otherwise the gradient is formed here and voted by :meth:`cast_votes`. ``T`` may be None (decoded from
         ``T_packed`` when needed).
         """
+        if self._grads is not None:  # (formed as the dense path forms it: one backward votes the same)
+            self._grads.add(weight, (gy.t() @ x).float())
+            return
         group, lr = self._rule_of(weight)
         if self._votes.fuses_matmul_votes(gy, x, group):
             self._votes.cast_fused_matmul_votes(weight, gy, x, group, lr)
@@ -238,8 +275,35 @@ class FlipOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def cast_bias_votes(self, bias: IntegerBias, g: torch.Tensor) -> None:
         """Votes for an integer bias go straight into its int32 ``q`` (it is its own accumulator)."""
+        if self._grads is not None:
+            self._grads.add(bias, g)
+            return
         group, lr = self._rule_of(bias)
         self._votes.cast_bias_votes(bias, g, group, lr)
+
+    def _cast_accumulated_votes(self) -> None:
+        """``grad_accumulation``: every trained module's one vote call on its summed gradient, in the order of the
+        param groups (the same on every rank). Row-only sums vote as a row call (accumulate.py)."""
+        from ..ops.embedding import row_trits
+
+        grads, self._grads = self._grads, None  # (the vote calls below must not be summed again)
+        try:
+            for m in self.modules_trained():
+                p = grads.take(m)
+                if p is None:
+                    continue
+                if isinstance(m, IntegerBias):
+                    self.cast_bias_votes(m, p.grad)
+                elif p.dense:
+                    self.cast_votes(m, p.grad, m.trits())
+                else:  # touched rows first (each part ascending), as an embedding's backward orders them
+                    touched = p.touched.bool()
+                    order = torch.argsort((~touched).to(torch.int8), stable=True)
+                    self.cast_votes(m, p.grad[order], row_trits(m, order), rows=order, n_rows=touched.sum())
+                del p
+        finally:
+            grads.clear()
+            self._grads = grads
 
     # ------------------------------------------------------------------ flips (once per step)
     @torch.no_grad()
@@ -248,8 +312,11 @@ class FlipOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._sync_params()
         counters = self._ctx.counters
         counters.new_step()
+        if self._grads is not None:
+            self._cast_accumulated_votes()
         self._votes.exchange_votes()
         bad = self._ctx.finite.take()
         if bad:
@@ -267,8 +334,26 @@ class FlipOptimizer(torch.optim.Optimizer):
         counters.advance()
         return loss
 
+    def _sync_params(self) -> None:
+        """Point the groups' params at the modules' current state tensors. ``model.to(device)`` replaces a module's
+        buffers with new tensors, so the ones listed at construction go stale (torch keeps nn.Parameter objects
+        across moves, not buffers); the normaliser's codes, which the state keys by them, move with them."""
+        for group, mods in zip(self.param_groups, self._group_modules):
+            params = group["params"]
+            for i, m in enumerate(mods):
+                live = _state_tensor(m)
+                if params[i] is not live:
+                    st = self.state.pop(params[i], None)
+                    if st:
+                        self.state[live] = {k: v.to(live.device) for k, v in st.items()}
+                    params[i] = live
+
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Nothing to clear: votes live in the integer accumulators (kept for API compatibility)."""
+        """Votes live in the integer accumulators: nothing to clear, but under ``grad_accumulation`` the gradients
+        summed since the last ``step()`` (which ``step()`` consumes, so a loop that zeroes only the model's
+        float gradients, as Hugging Face Trainer does, needs no call)."""
+        if self._grads is not None:
+            self._grads.clear()
         self._ctx.counters.new_step()
 
     @property
@@ -284,6 +369,9 @@ class FlipOptimizer(torch.optim.Optimizer):
 
     def _norm_codes(self, weight: TernaryScaleTensor, group: dict) -> dict[str, torch.Tensor]:
         """The weight's moving-average codes in this optimiser's state (rule.empty_norm_codes on first use)."""
+        st = self.state.get(weight.T_accum)
+        if st is None:  # the model moved since the last step (or never voted): codes under the old tensor move
+            self._sync_params()
         st = self.state[weight.T_accum]
         if "norm_tile" not in st:
             st.update(empty_norm_codes((weight.rows, weight.cols), group["norm_block"], weight.T_accum.device))
@@ -347,6 +435,7 @@ class FlipOptimizer(torch.optim.Optimizer):
         # counter is authoritative (replayed CUDA graphs advance only it)
         self._votes.flush_votes()
         self._ctx.counters.sync_from_device()
+        self._sync_params()
         sd = super().state_dict()
         sd["trueternary"] = {"format": STATE_FORMAT, "step": self.step_count, "seed": self.seed,
                              "backend": self._backend.value}
@@ -367,15 +456,20 @@ class FlipOptimizer(torch.optim.Optimizer):
         groups = sd.get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             raise ValueError(f"expected {len(self.param_groups)} param groups, got {groups!r:.60}")
+        if not all(isinstance(g, dict) for g in groups):
+            raise ValueError("every param group must be a dict")
         # a state saved before width scaling existed resumes without it (width_ref 0), so it continues exactly
         groups = [g if "width_ref" in g else {**g, "width_ref": 0} for g in groups]
         sd["param_groups"] = groups
-        rules = [FlipRule.from_dict({k: v for k, v in g.items() if k != "params"}) for g in groups]
+        rules = [group_rule(g) for g in groups]
         self._check_resumed_state(sd, rules)
+        self._sync_params()  # (loaded state goes to the modules' current tensors)
         super().load_state_dict(sd)
         self._ctx.seed = int(extra["seed"])
         self._ctx.counters.set(int(extra["step"]))
         self._votes.drop_votes()  # votes cast on the replaced state do not apply to the loaded one
+        if self._grads is not None:
+            self._grads.clear()  # (gradients of the replaced state, likewise)
 
     def _check_resumed_state(self, sd: dict, rules: list[FlipRule]) -> None:
         """ValueError unless the modules' integer state is in range and ``sd["state"]`` holds, per module, only the
