@@ -8,6 +8,7 @@
 | ``CausalGraphAggregation`` | ``graph.py`` | ternary message / output projections, ternary edge attributes |
 | ``TernaryMoE`` | ``moe.py`` | ternary router and experts, int32 balance bias |
 | ``FrozenEncoder`` | ``encoders.py`` | ternary projection; the user's frozen encoder (float, not trained) |
+| ``ViTImageEncoder``, ``WhisperAudioEncoder`` | ``hf_encoders.py`` | none: frozen ``transformers`` encoders to attach |
 
 Every module takes ``ternary=False`` to build its float twin from ``nn.Linear`` / ``nn.Embedding``,
 which ``trueternary.ternarize`` converts (and ``fake_ternarize`` wraps), so one definition serves all
@@ -17,6 +18,7 @@ benchmark configurations.
 from ..layers import TernaryEmbedding
 from .encoders import FrozenEncoder, bracket_modality
 from .graph import CausalGraphAggregation, causal_graph, previous_same_code
+from .hf_encoders import ViTImageEncoder, WhisperAudioEncoder
 from .lstm import TernaryLSTMCell, TernaryLSTMFunction, lstm_sequence_reference, lstm_step
 from .moe import AuxLossScaler, Expert, TernaryMoE, switch_aux_loss
 from .vq import TernaryVQCodebook, VQOutput, nearest_code
@@ -36,6 +38,8 @@ __all__ = [
     "TernaryMoE",
     "TernaryVQCodebook",
     "VQOutput",
+    "ViTImageEncoder",
+    "WhisperAudioEncoder",
     "bracket_modality",
     "causal_graph",
     "lstm_sequence_reference",

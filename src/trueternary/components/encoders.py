@@ -14,6 +14,8 @@ parameters into buffers, ``state_dict`` would carry a copy of a model the user a
 parameter counts would mix it with the trainable model. Its parameters are frozen
 (``requires_grad=False``), it is kept in eval mode, moved to the input's device on first use, and
 reported separately (``frozen_parameters``; ``trueternary.audit``). Only ``proj`` is trained.
+
+Ready-made frozen ViT and Whisper encoders (``transformers``, optional) are in :mod:`.hf_encoders`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ from torch import nn
 from ..layers import TernaryLinear
 from ..vocab import MOD, MOD_END
 from ..weight import DEFAULT_GROUP_SIZE
+
+
+def freeze(encoder: nn.Module) -> nn.Module:
+    """No gradients for ``encoder``'s parameters, and eval mode (no dropout; BatchNorm statistics stay put)."""
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return encoder.eval()
 
 
 class FrozenEncoder(nn.Module):
@@ -44,9 +53,7 @@ class FrozenEncoder(nn.Module):
         super().__init__()
         if not isinstance(encoder, nn.Module):
             raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
-        for p in encoder.parameters():
-            p.requires_grad_(False)
-        encoder.eval()
+        freeze(encoder)
         self._encoder = [encoder]  # a list: hidden from modules(), state_dict() and ternarize()
         self.enc_dim, self.d_model = enc_dim, d_model
         if ternary:

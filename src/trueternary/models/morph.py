@@ -188,12 +188,18 @@ class MORPHTernaryModel(nn.Module):
                 m.weight.normal_(0.0, std, generator=generator)
 
     # ------------------------------------------------------------------ modality tokens
-    def attach_encoder(self, encoder: nn.Module, enc_dim: int,
+    def attach_encoder(self, encoder: nn.Module, enc_dim: int | None = None,
                        generator: torch.Generator | None = None) -> FrozenEncoder:
         """Feed a frozen encoder's embeddings as ``[MOD] ... [MOD_END]`` tokens (see components/encoders.py).
 
-        On an already ternarised model the projection is created ternary; build the optimiser after.
+        ``enc_dim``: the width of the encoder's output; by default its ``out_dim`` (the ViT / Whisper encoders of
+        components/hf_encoders.py have one). On an already ternarised model the projection is created ternary;
+        build the optimiser after.
         """
+        if enc_dim is None:
+            enc_dim = getattr(encoder, "out_dim", None)
+            if not isinstance(enc_dim, int):
+                raise ValueError(f"{type(encoder).__name__} has no out_dim: pass enc_dim (its output width)")
         ternary = any(isinstance(m, TernaryScaleTensor) for m in self.modules())
         dev = self.rope_cos.device
         self.modality = FrozenEncoder(encoder, enc_dim, self.cfg.d_model, ternary=ternary,
