@@ -82,7 +82,8 @@ import torch.nn.functional as F  # noqa: E402
 from trueternary.backends import UpdateBackend  # noqa: E402
 from trueternary.layers import set_linear_kernel  # noqa: E402
 from trueternary.models.transformer import ByteTransformer, TransformerConfig  # noqa: E402
-from trueternary.recipes import Hparams, build_recipe, capture_cuda_graph  # noqa: E402
+from trueternary.optim.train_step import capture_cuda_graph  # noqa: E402
+from trueternary.recipes import Hparams, build_recipe  # noqa: E402
 from trueternary.rule import FlipRule  # noqa: E402
 
 DEV = torch.device("cpu" if ARGS.smoke else "cuda")

@@ -80,7 +80,7 @@ except ImportError:
 from trueternary import ternarize  # noqa: E402
 from trueternary.layers import set_linear_kernel  # noqa: E402
 from trueternary.optim import ADAMW_BETAS, FlipOptimizer, TrainStep  # noqa: E402
-from trueternary.recipes import capture_cuda_graph  # noqa: E402
+from trueternary.optim.train_step import capture_cuda_graph  # noqa: E402
 
 DEV = torch.device("cpu" if ARGS.smoke else "cuda")
 AUTOCAST = torch.bfloat16 if DEV.type == "cuda" else None

@@ -114,7 +114,8 @@ def run_one(spec: dict) -> dict:
     import torch.nn.functional as F
 
     from trueternary.models import build_model
-    from trueternary.recipes import TERNARY_CONFIGS, Hparams, build_recipe, capture_cuda_graph
+    from trueternary.optim.train_step import capture_cuda_graph
+    from trueternary.recipes import TERNARY_CONFIGS, Hparams, build_recipe
     from trueternary.scaling import model_shape, parse_size
     from trueternary.vocab import VOCAB_SIZE
 

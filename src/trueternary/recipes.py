@@ -33,6 +33,7 @@ from .convert import ternarize
 from .init import float_copy
 from .layers import IntegerBias, set_linear_kernel
 from .optim import ADAMW_BETAS, HYBRID_SCALE_LR, FlipOptimizer, SignGSD, hybrid_optimizers
+from .optim.train_step import capture_cuda_graph
 from .qat import fake_ternarize, forward_trits
 from .rule import NAIVE_ACCUM_THRESHOLD, FlipRule, vote_width_scale
 from .weight import DEFAULT_GROUP_SIZE, ternary_weights
@@ -96,20 +97,6 @@ def lr_factor(step: int, steps: int, warmup_frac: float, min_frac: float) -> flo
         return (step + 1) / warm
     t = min(1.0, (step - warm) / max(1, steps - warm))
     return min_frac + (1.0 - min_frac) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def capture_cuda_graph(fn, warm_up) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of ``fn()``, captured after ``warm_up()`` ran on a side stream (the torch.cuda.graphs
-    recipe: kernels compile and the allocator settles outside the capture)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        warm_up()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 class Recipe:

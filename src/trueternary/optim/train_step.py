@@ -69,6 +69,21 @@ def exclude_ternary_layers_from_compile() -> None:
             cls.forward = forward
 
 
+
+def capture_cuda_graph(fn, warm_up) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``fn()``, captured after ``warm_up()`` ran on a side stream (the torch.cuda.graphs
+    recipe: kernels compile and the allocator settles outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        warm_up()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 class TrainStep:
     """One training step of ``model`` (module docstring).
 
@@ -174,7 +189,6 @@ class TrainStep:
 
     def _capture(self, example) -> None:
         """Warm up on a side stream (then put the model and optimiser back), capture the whole step."""
-        from ..recipes import capture_cuda_graph
 
         flip, dev = self.flip, self.device
         flip.defer_finite_check(dev)
