@@ -223,10 +223,11 @@ def test_train_step_keeps_the_device_lr_on_the_schedule():
 
 
 def test_cuda_graph_warm_up_leaves_no_trace():
-    """Recipe._warm_up (run before a CUDA graph is captured): after its steps, the next real step is the one a
-    fresh recipe takes, bit for bit, the moving averages' codes included; and the codes already exist before
-    the warm-up (created inside a capture, every replay would start them afresh)."""
+    """optim.train_step.warm_up_and_restore (run before a CUDA graph is captured): after its steps, the next real
+    step is the one a fresh recipe takes, bit for bit, the moving averages' codes included; and the codes already
+    exist before the warm-up (created inside a capture, every replay would start them afresh)."""
     from trueternary.models import build_model
+    from trueternary.optim.train_step import warm_up_and_restore
     from trueternary.recipes import Hparams, build_recipe
 
     base = build_model("transformer", ctx=8, d_model=16, n_layers=1, n_heads=2)
@@ -238,7 +239,7 @@ def test_cuda_graph_warm_up_leaves_no_trace():
         warmed.loss(x, x, False).backward()
         warmed.flip.step()
 
-    warmed._warm_up(whole_step, 2, x.device)
+    warm_up_and_restore(warmed.model, warmed.flip, whole_step, 2, x.device)
     linear_weights = [m.weight for m in warmed.model.modules() if type(m).__name__ == "TernaryLinear"]
     assert len(warmed.flip.state) == len(linear_weights) and all(
         "norm_tile" in st for st in warmed.flip.state.values())  # codes for the linear layers, none for the embedding

@@ -33,7 +33,7 @@ from .convert import ternarize
 from .init import float_copy
 from .layers import IntegerBias, set_linear_kernel
 from .optim import ADAMW_BETAS, HYBRID_SCALE_LR, FlipOptimizer, SignGSD, hybrid_optimizers
-from .optim.train_step import capture_cuda_graph
+from .optim.train_step import capture_cuda_graph, warm_up_and_restore
 from .qat import fake_ternarize, forward_trits
 from .rule import NAIVE_ACCUM_THRESHOLD, FlipRule, vote_width_scale
 from .weight import DEFAULT_GROUP_SIZE, ternary_weights
@@ -182,25 +182,10 @@ class Recipe:
             # NaN/inf in a layer's gradient: a NaN loss (the host reads the loss, not the count)
             out[:] = [loss.detach().masked_fill(flip.last_step_nonfinite > 0, float("nan"))]
 
-        graph = capture_cuda_graph(whole_step, warm_up=lambda: self._warm_up(whole_step, 3, x.device))
+        graph = capture_cuda_graph(whole_step, warm_up=lambda: warm_up_and_restore(self.model, flip, whole_step, 3,
+                                                                                     x.device))
         flip.after_graph_capture()
         self._graph = (graph, sx, sy, out[0])
-
-    def _warm_up(self, whole_step, n: int, device: torch.device) -> None:
-        """Run ``whole_step`` ``n`` times (kernels compile, the allocator settles) and put the model and the
-        optimiser back to where they were. The optimiser's lazily created state (codes, device step) is created
-        first (``FlipOptimizer.create_step_state``), so it exists, with its values, before the capture."""
-        from .layers import TernaryEmbedding
-
-        flip = self.flip
-        row_voted = {id(m.weight) for m in self.model.modules() if isinstance(m, TernaryEmbedding)}
-        flip.create_step_state(device, row_voted)
-        saved_model = {k: v.clone() for k, v in self.model.state_dict().items()}
-        saved_flip = copy.deepcopy(flip.state_dict())
-        for _ in range(n):
-            whole_step()
-        self.model.load_state_dict(saved_model)  # the warm-up steps trained: back to where the run is
-        flip.load_state_dict(saved_flip)
 
     def _replay(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         graph, sx, sy, loss = self._graph

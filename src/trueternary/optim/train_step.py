@@ -84,6 +84,35 @@ def capture_cuda_graph(fn, warm_up) -> torch.cuda.CUDAGraph:
     return graph
 
 
+
+def _to_host(obj):
+    """A deep copy of a (nested) state dict with every tensor copied to host memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def warm_up_and_restore(model: nn.Module, flip: FlipOptimizer, whole_step: Callable[[], None], n: int,
+                        device: torch.device) -> None:
+    """Run ``whole_step`` ``n`` times before a capture (kernels compile, the allocator settles) and put the model
+    and the optimiser back to where they were. The optimiser's lazily created state (codes, device step) is created
+    first (``FlipOptimizer.create_step_state``), so it exists, with its values, before the capture.
+
+    The copies that restore them are kept in host memory: on the device they would add the whole training state
+    (1.25 B/weight) to the peak of the capture, which is what bounds the largest model."""
+    row_voted = {id(m.weight) for m in model.modules() if isinstance(m, TernaryEmbedding)}
+    flip.create_step_state(device, row_voted)
+    saved_model = {k: v.to("cpu", copy=True) for k, v in model.state_dict().items()}
+    saved_flip = _to_host(flip.state_dict())
+    for _ in range(n):
+        whole_step()
+    model.load_state_dict(saved_model)  # the warm-up steps trained: back to where the run is
+    flip.load_state_dict(saved_flip)
+
 class TrainStep:
     """One training step of ``model`` (module docstring).
 
@@ -204,14 +233,7 @@ class TrainStep:
             out[:] = [loss.detach().masked_fill(flip.last_step_nonfinite > 0, float("nan"))]
 
         def warm_up() -> None:
-            row_voted = {id(m.weight) for m in self.model.modules() if isinstance(m, TernaryEmbedding)}
-            flip.create_step_state(dev, row_voted)
-            saved_model = {k: v.clone() for k, v in self.model.state_dict().items()}
-            saved_flip = copy.deepcopy(flip.state_dict())
-            for _ in range(WARM_UP_STEPS):
-                whole_step()
-            self.model.load_state_dict(saved_model)  # the warm-up steps trained: back to where the run is
-            flip.load_state_dict(saved_flip)
+            warm_up_and_restore(self.model, flip, whole_step, WARM_UP_STEPS, dev)
 
         if self.float_optimizer is not None:
             # backward then writes each float gradient into a .grad the graph allocates: every replay's fresh
