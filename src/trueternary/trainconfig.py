@@ -326,8 +326,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="recompute each transformer block's activations in backward instead of keeping them: "
                         "activation memory of one block input per layer, about one more forward per step, the "
                         "same results bit for bit (default: off)")
-    flag("ddp_grad_dtype", help="under torchrun: dtype of the float gradients DDP all-reduces for float "
-         "parameters (fp32, or bf16 via torch's bf16_compress_hook)")
+    flag("ddp_grad_dtype", help="under torchrun: dtype in which gradients travel between the ranks, the ternary "
+         "weights' (summed in float32 after) and DDP's for float parameters (fp32, or bf16: half the bytes)")
     flag("max_steps", type=int, help="optimiser steps (also the length of the lr schedule)")
     flag("batch_size", type=int, help="sequences per step, over all data-parallel ranks together")
     flag("ctx", type=int, help="bytes per sequence (the model's context)")
@@ -349,8 +349,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          "files (config.json, metrics.jsonl, plot.png, checkpoints/, tensorboard/) are moved into "
          "<run dir>/replaced-<time>/ first (without this flag such a directory is refused)")
     p.add_argument("--comm_report", "--comm-report", dest="comm_report", default=None, metavar="N[,N...]",
-                   help="print the bytes all-reduced per step per weight of every config for this model at "
-                        "N data-parallel ranks (see docs/distributed.md) and exit without training")
+                   help="print the bytes each rank sends per step (and per weight) for every config of this "
+                        "model at N data-parallel ranks (see docs/distributed.md) and exit without training")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:

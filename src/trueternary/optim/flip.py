@@ -29,7 +29,7 @@ from ..rule import STATE_BOUNDS, FlipRule, check_norm_codes, check_state_range, 
 from ..weight import TernaryScaleTensor, ternary_weights
 from .backend import VoteBackend
 from .context import BIAS_Q_MAX, VoteContext
-from .data_parallel import DataParallelKernelVotes, DataParallelVotes
+from .data_parallel import ExchangedKernelVotes, ExchangedVotes
 from .dense import DenseVotes
 from .kernel import KernelVotes
 
@@ -45,10 +45,10 @@ def vote_backend(backend: UpdateBackend, ctx: VoteContext, comm=None) -> VoteBac
         return VoteBackend(ctx)
     if backend.runs_kernels:
         if parallel:
-            return DataParallelKernelVotes(ctx, comm)
+            return ExchangedKernelVotes(ctx, comm)
         return KernelVotes(ctx, signcache=backend is UpdateBackend.GPU_SIGNCACHE)
     if backend is UpdateBackend.DENSE:
-        return DataParallelVotes(ctx, comm) if parallel else DenseVotes(ctx)
+        return ExchangedVotes(ctx, comm) if parallel else DenseVotes(ctx)
     raise ValueError(f"{backend.value!r} is not a concrete update backend (resolve_backend)")
 
 
@@ -156,8 +156,8 @@ class FlipOptimizer(torch.optim.Optimizer):
 
     @property
     def comm(self):
-        """Data parallelism (trueternary.distributed.attach): an object with ``world_size``, ``rank`` and
-        ``sum_votes(int tensor) -> int tensor`` (an exact integer all-reduce); None: one process."""
+        """Data parallelism (trueternary.distributed.attach): the ranks' collectives (a
+        ``distributed.VoteExchange``; optim/data_parallel.py says what it needs); None: one process."""
         return self._comm
 
     @comm.setter
@@ -187,7 +187,7 @@ class FlipOptimizer(torch.optim.Optimizer):
 
     @property
     def world_size(self) -> int:
-        """Data-parallel ranks that sum this optimiser's votes (1: one process)."""
+        """Data-parallel ranks that vote as one with this optimiser (1: one process)."""
         return self._comm.world_size if self._comm is not None else 1
 
     # ------------------------------------------------------------------ votes (called in backward)
@@ -198,13 +198,13 @@ class FlipOptimizer(torch.optim.Optimizer):
         return group, group["lr"] if self._lr_dev is None else self._lr_dev[m._group_index]
 
     @torch.no_grad()
-    def cast_votes(self, weight: TernaryScaleTensor, g: torch.Tensor, T: torch.Tensor, rows=None,
+    def cast_votes(self, weight: TernaryScaleTensor, g: torch.Tensor, T: torch.Tensor | None, rows=None,
                    n_rows: torch.Tensor | None = None) -> None:
         """Turn the weight gradient ``g`` (of ``rows``, default all) into votes in ``T_accum`` / ``E_accum``.
 
-        ``T`` is the int8 trit matrix (or its rows ``rows``). Row calls (an embedding's backward): only the first
-        ``n_rows`` rows (a 0-dim device tensor; default all) vote, and nothing is read on the host, so a CUDA
-        graph can capture them (dense.DenseVotes.cast_votes).
+        ``T`` is the int8 trit matrix (or its rows ``rows``; None: decoded from ``T_packed`` when needed). Row
+        calls (an embedding's backward): only the first ``n_rows`` rows (a 0-dim device tensor; default all) vote,
+        and nothing is read on the host, so a CUDA graph can capture them (dense.DenseVotes.cast_votes).
         """
         group, lr = self._rule_of(weight)
         self._votes.cast_votes(weight, g, T, group, lr, rows, n_rows)
@@ -223,7 +223,7 @@ class FlipOptimizer(torch.optim.Optimizer):
         if self._votes.fuses_matmul_votes(gy, x, group):
             self._votes.cast_fused_matmul_votes(weight, gy, x, group, lr)
             return
-        self.cast_votes(weight, (gy.t() @ x).float(), weight.trits() if T is None else T)
+        self.cast_votes(weight, (gy.t() @ x).float(), T)
 
     @torch.no_grad()
     def cast_bias_votes(self, bias: IntegerBias, g: torch.Tensor) -> None:
