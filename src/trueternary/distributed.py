@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.profiler import record_function
 
 from .data import RandomWindows
 from .optim import FlipOptimizer
@@ -282,6 +283,10 @@ class Ranks:
         """Whether the flag is set on any rank (every rank calls this at the same point)."""
         return flag
 
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` (small, picklable), in rank order, on every rank."""
+        return [obj]
+
     def sync_step(self, loss: torch.Tensor, bad: bool) -> tuple[float, bool]:
         """Once per step: the global batch's loss, and whether any rank saw non-finite gradients."""
         return float(loss), bad  # (float() waits for the device, so the step's time is complete)
@@ -346,6 +351,9 @@ class GroupRanks(Ranks):
         t = torch.tensor(float(flag), device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ctx.group)
         return bool(t.item())
+
+    def gather(self, obj) -> list:
+        return self.ctx.all_gather_objects(obj)
 
     def sync_step(self, loss: torch.Tensor, bad: bool) -> tuple[float, bool]:
         return self.ctx.sync_step(loss, bad)
@@ -419,6 +427,11 @@ class VoteExchange:
                                       input_split_sizes=[inp.shape[1]] * self.world_size, group=self.group,
                                       async_op=True)
 
+    @property
+    def capturable(self) -> bool:
+        """Whether a CUDA graph can hold these collectives (NCCL's; gloo's run on the host)."""
+        return dist.get_backend(self.group) == "nccl"
+
     def check_same(self, text: str) -> None:
         """RuntimeError unless every rank passes the same ``text`` (the description of the buckets it built)."""
         texts = [None] * self.world_size
@@ -465,9 +478,10 @@ def _counting_allreduce_hook(state: DDPHookState, bucket):
     payload = buf.numel() * (2 if state.grad_dtype == "bf16" else buf.element_size())
     state.sent_bytes += ring_all_reduce_bytes(payload, state.world_size)
     state.calls += 1
-    if state.grad_dtype == "bf16":
-        return default_hooks.bf16_compress_hook(state.group, bucket)
-    return default_hooks.allreduce_hook(state.group, bucket)
+    with record_function("trueternary.ddp.allreduce"):
+        if state.grad_dtype == "bf16":
+            return default_hooks.bf16_compress_hook(state.group, bucket)
+        return default_hooks.allreduce_hook(state.group, bucket)
 
 
 @dataclass
@@ -599,7 +613,7 @@ def recipe_comm(recipe, world_size: int, grad_dtype: str = "fp32", rank: int = 0
             "ternary_gradient_bytes": ternary["gradient_bytes"], "ternary_vote_bytes": ternary["vote_bytes"],
             "ternary_collectives": ternary["collectives"], "float": bool(params), "float_payload": float_payload,
             "float_bytes": float_bytes, "sync_bytes": sync, "sent": sent, "sent_mean": mean, "weights": n_weights,
-            "per_weight": mean / n_weights}
+            "per_weight": sent / n_weights, "per_weight_mean": mean / n_weights}
 
 
 def comm_sent_as(c: dict) -> str:
@@ -613,7 +627,8 @@ def comm_sent_as(c: dict) -> str:
 
 
 def comm_table(base_model: nn.Module, hp, world_sizes: list[int], title: str = "") -> str:
-    """Bytes each rank sends per optimiser step, for every config, at each world size (the ``--comm_report``)."""
+    """Bytes each rank sends per optimiser step (the mean over the ranks), for every config, at each world size
+    (the ``--comm_report``)."""
     from .recipes import CONFIG_NAMES, build_recipe
 
     recipes = {name: build_recipe(name, base_model, hp) for name in CONFIG_NAMES}
@@ -634,6 +649,6 @@ def comm_table(base_model: nn.Module, hp, world_sizes: list[int], title: str = "
                 calls += " + buckets"
             label = name if gd == "fp32" else f"{name} (bf16)"
             vs = f"{c['sent_mean'] / ref['sent_mean']:>13.3f}x" if ref["sent_mean"] else f"{'-':>14}"
-            lines.append(f"{label:<33}{comm_sent_as(c):<48}{c['sent_mean']:>18,}{c['per_weight']:>10.4f}"
+            lines.append(f"{label:<33}{comm_sent_as(c):<48}{c['sent_mean']:>18,}{c['per_weight_mean']:>10.4f}"
                          f"{calls:>13}{vs}")
     return "\n".join(lines)

@@ -36,9 +36,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from . import checkpoint as ckpt_io
-from . import determinism, distributed, memory
+from . import determinism, distributed, memory, stepprofile
 from .data import Corpus, RandomWindows, eval_windows, load_corpus
 from .distributed import Ranks, say
 from .errors import CheckpointError, DataError, NonFiniteGradientError, TrainingError, UsageError, WriteError
@@ -46,6 +47,7 @@ from .evaluate import validation_bpb
 from .models import build_model
 from .recipes import Hparams, build_recipe, lr_factor
 from .rundir import LOCK_FILE, RunDirectory, RunLog, plot_run, read_metrics, write_json
+from .stepprofile import StepProfile
 from .trainconfig import (
     FLAG_LIMITS,
     TrainConfig,
@@ -171,16 +173,22 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
             log.write({"step": 0, "val_bpb": initial_val_bpb})
         if start_step < end_step:
             capture_step_graph(cfg, recipe, ranks, autocast)
+        profile = StepProfile(cfg.profile_steps, start_step, end_step, device) if cfg.profile_steps else None
         bar = tqdm(total=end_step, initial=start_step, desc=cfg.run_name, unit="step", dynamic_ncols=True,
                    disable=None if main else True, leave=True)
         try:
             for step in range(start_step, end_step):
                 x, y = batches.next(device)
+                if profile is not None:
+                    profile.begin(step)
                 t0 = time.perf_counter()
                 done = step + 1
                 loss, nonfinite = take_step(recipe, x, y, autocast, done, device)
-                lv, any_nonfinite = ranks.sync_step(loss, nonfinite is not None)  # the global batch's loss, one verdict
+                with record_function("trueternary.sync"):  # the global batch's loss, one verdict
+                    lv, any_nonfinite = ranks.sync_step(loss, nonfinite is not None)
                 dt = time.perf_counter() - t0
+                if profile is not None:
+                    profile.end(step, dt)
                 check_diverged(recipe, done, lv, any_nonfinite, nonfinite)
                 losses.append(lv)
                 flips = recipe.flips_last_step()
@@ -219,6 +227,10 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
             bar.close()
             if log is not None:
                 log.close()
+            if profile is not None:
+                profile.stop()
+        if profile is not None:
+            report_profile(profile, ranks, run_dir)
 
         # ---- finish: the plot and the summary
         seconds = time.perf_counter() - t_start
@@ -388,8 +400,9 @@ def _device_text(device: torch.device) -> str:
 
 
 def capture_step_graph(cfg: TrainConfig, recipe, ranks: Ranks, autocast: bool) -> None:
-    """Run every step as one replayed CUDA graph (Recipe.use_cuda_graph) where --cuda_graph asks for it, or
-    where it can be with --cuda_graph auto: a graph-capable config on a CUDA device, in one process."""
+    """Run every step as one replayed CUDA graph (Recipe.use_cuda_graph) where --cuda_graph asks for it (data
+    parallel too, over NCCL), or where it can be with --cuda_graph auto: a graph-capable config on a CUDA device,
+    in one process."""
 
     device = ranks.device
     auto = cfg.cuda_graph == "auto" and graph_capable(cfg) and device.type == "cuda" and not ranks.parallel
@@ -479,6 +492,23 @@ def save(run_dir: Path, recipe, batches: RandomWindows, cfg: TrainConfig, hp: Hp
 
 
 # ------------------------------------------------------------------------------------ finish
+def report_profile(profile: StepProfile, ranks: Ranks, run_dir: Path) -> None:
+    """--profile_steps: every rank's phases to rank 0, which prints the table and writes profile.json and its own
+    trace into the run directory."""
+    summaries = ranks.gather(profile.summary())
+
+    def write() -> None:
+        print(stepprofile.table(summaries, ranks.device.type), flush=True)
+        write_json(run_dir / "profile.json", {"world_size": ranks.world_size, "device": str(ranks.device),
+                                              "ranks": summaries})
+        try:
+            profile.write_trace(run_dir / "profile_trace.json")
+        except OSError as e:
+            raise ckpt_io.write_error(run_dir / "profile_trace.json", e) from None
+
+    ranks.run(write, here=ranks.is_main)
+
+
 def print_summary(summary: dict, cfg: TrainConfig, n_weights: int) -> None:
     """Rank 0's closing lines: steps, speed, loss and validation; the bytes all-reduced; how to continue a run
     that SIGTERM stopped."""

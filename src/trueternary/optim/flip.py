@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from ..backends import DEFAULT_UPDATE_BACKEND, UpdateBackend, resolve_backend
 from ..errors import NonFiniteGradientError
@@ -248,7 +249,8 @@ class FlipOptimizer(torch.optim.Optimizer):
             raise NonFiniteGradientError(
                 f"{bad} layer gradient(s) had NaN/inf at step {counters.step - 1}; their votes were dropped"
             )
-        flips, scale_flips = self._votes.apply_flips(zip(self.param_groups, self._group_modules))
+        with record_function("trueternary.flips"):
+            flips, scale_flips = self._votes.apply_flips(zip(self.param_groups, self._group_modules))
         self._votes.end_step()
         if flips is not None:
             self.last_flips = flips
