@@ -331,8 +331,8 @@ def _job_train_runs(out: Path, world: int) -> None:
     if world == 4:  # 8 steps with a checkpoint at 4, which 2 ranks and 1 process continue
         run(run_name="four", max_steps=8, save_every=4, keep_checkpoints=4)
         return
-    for name in ("TrueTernary", "Adam_FP32", "TrueTernary_Hybrid"):
-        run(run_name=f"bytes_{name}", config=name, max_steps=4, ddp_grad_dtype="fp32")
+    for name in ("TrueTernary", "Adam_FP32", "TrueTernary_Hybrid"):  # (and the profile of every rank's step)
+        run(run_name=f"bytes_{name}", config=name, max_steps=4, ddp_grad_dtype="fp32", profile_steps=2)
     run(run_name="bytes_TrueTernary_bf16", config="TrueTernary", max_steps=4, ddp_grad_dtype="bf16")
     run(run_name="straight2", max_steps=8, eval_every=2)  # same world size: resume bit-identity
     run(run_name="split2", max_steps=8, eval_every=2, stop_at=4)
@@ -515,6 +515,22 @@ def test_train_logs_measured_bytes(two_ranks):
     assert per_weight["bytes_Adam_FP32"] == pytest.approx(4.0, abs=0.01)
     assert 2.5 < per_weight["bytes_TrueTernary"] < 3.0  # (+ padding of the tiny model's few shares)
     assert 1.5 < per_weight["bytes_TrueTernary_bf16"] < 2.0
+
+
+@pytest.mark.parametrize("config", ["TrueTernary", "Adam_FP32"])
+def test_profile_shows_where_each_ranks_step_goes(two_ranks, config):
+    """--profile_steps 2 on 2 ranks: rank 0 writes every rank's phases (ms per step) and its own trace; the phases
+    (the exchange's for a ternary config, DDP's for a float one) fit in the step's time."""
+    run = two_ranks / "runs" / f"bytes_{config}"
+    prof = json.loads((run / "profile.json").read_text())
+    assert prof["world_size"] == 2 and len(prof["ranks"]) == 2 and (run / "profile_trace.json").stat().st_size
+    want = {"forward", "backward", "optimizer step", "step sync", "other"}
+    want |= ({"write gradients", "send gradients", "wait for gradients", "votes", "send votes", "add votes", "flips"}
+             if config == "TrueTernary" else {"DDP all-reduce"})
+    for r in prof["ranks"]:
+        assert r["steps"] == [3, 4] and want <= set(r["phases"]), set(r["phases"])
+        top = sum(r["phases"][k]["host_ms"] for k in ("forward", "backward", "optimizer step", "step sync"))
+        assert 0 < top <= r["step_ms"] * 1.05
 
 
 # ------------------------------------------------------------------------------------ (c) learning
