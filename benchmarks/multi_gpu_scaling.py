@@ -4,13 +4,13 @@
                                             [--steps-d512 600] [--steps-151M 60] [--nprocs 1,2] [--out DIR]
 
 For every model, config and number of processes it launches ``torchrun --standalone --nproc_per_node N -m
-trueternary.cli train`` (NCCL, one GPU per rank; TrueTernary on the ``gpu`` update backend, whose fused vote
-kernels cast each rank's int8 votes before the integer all-reduce; Adam_FP32 with bf16 autocast under
-PyTorch DDP, fp32 gradient all-reduce) and reads what the run wrote:
+trueternary.cli train`` (NCCL, one GPU per rank; TrueTernary on the ``gpu`` update backend, its ranks voting as
+one process on their exchanged gradients (docs/distributed.md); Adam_FP32 with bf16 autocast under PyTorch DDP,
+fp32 gradient all-reduce) and reads what the run wrote:
 
     tokens/s       the global batch's tokens over the median step time, after the first 20% of steps (burn-in)
     peak memory    rank 0's CUDA allocator peak (torch.cuda.max_memory_allocated), from metrics.jsonl
-    comm bytes     bytes passed to all-reduce per step, counted at every call (comm_bytes in metrics.jsonl)
+    comm bytes     bytes rank 0 sent per step, counted at every collective (comm_bytes in metrics.jsonl)
     val bpb        validation bits per byte on the held-out split at the last step (rank 0)
 
 Scaling efficiency = tokens/s on N GPUs / (N x tokens/s on 1 GPU). Models: ``d512`` is the learning
@@ -81,8 +81,8 @@ def run_one(model: str, config: str, nproc: int, steps: int, a, out: Path) -> di
     res.update(median_step_ms=timed["median_ms"], tokens_per_s=timed["tokens_per_s"],
                val_bpb=evals[-1]["val_bpb"], peak_memory_bytes=evals[-1].get("peak_memory_bytes"),
                final_loss=train_rows[-1]["loss"], comm_bytes_per_step=train_rows[-1].get("comm_bytes"),
-               comm_vote_bytes_per_step=train_rows[-1].get("comm_vote_bytes"),
-               comm_grad_bytes_per_step=train_rows[-1].get("comm_grad_bytes"),
+               comm_ternary_bytes_per_step=train_rows[-1].get("comm_ternary_bytes"),
+               comm_float_bytes_per_step=train_rows[-1].get("comm_float_bytes"),
                distributed=cfg.get("distributed"))
     print(f"{name}: {res['median_step_ms']:.2f} ms/step, {res['tokens_per_s']:,.0f} tok/s, "
           f"val {res['val_bpb']:.4f} bpb, comm {res['comm_bytes_per_step']} B/step, "

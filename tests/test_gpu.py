@@ -140,7 +140,7 @@ DISTRIBUTED_RUNS = [  # (name, ranks, config, environment, GPUs needed)
     # gloo with CUDA tensors, two ranks sharing GPU 0: the ranks' ternary state is compared at every save
     ("gloo2-TrueTernary", 2, "TrueTernary", {"TRUETERNARY_DIST_BACKEND": "gloo"}, 1),
     ("gloo2-TrueTernary_Hybrid", 2, "TrueTernary_Hybrid", {"TRUETERNARY_DIST_BACKEND": "gloo"}, 1),
-    # NCCL, two GPUs; the hybrid's vote all-reduces interleave with DDP's buckets on one communicator
+    # NCCL, two GPUs; the hybrid's gradient exchange interleaves with DDP's buckets on one communicator
     ("nccl2-TrueTernary", 2, "TrueTernary", {}, 2),
     ("nccl2-Adam_FP32", 2, "Adam_FP32", {}, 2),
     ("nccl2-TrueTernary_Hybrid", 2, "TrueTernary_Hybrid", {}, 2),
@@ -150,11 +150,11 @@ DISTRIBUTED_RUNS = [  # (name, ranks, config, environment, GPUs needed)
 @pytest.mark.parametrize("name,nproc,config,env,gpus", DISTRIBUTED_RUNS, ids=[r[0] for r in DISTRIBUTED_RUNS])
 def test_data_parallel_train_on_gpu(tmp_path, name, nproc, config, env, gpus):
     """Data-parallel ``trueternary train`` on CUDA: the run succeeds (a run whose ranks' state differs stops with
-    an error at the save), and the bytes counted at every all-reduce equal the model in config.json."""
+    an error at the save), and the bytes counted at every collective equal the model in config.json."""
     if torch.cuda.device_count() < gpus:
         pytest.skip(f"needs {gpus} GPUs")
     run = _torchrun_train(tmp_path, name, nproc, config, env)
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     model = json.loads((run / "config.json").read_text())["distributed"]["comm_model"]
-    assert sorted({r["comm_bytes"] for r in rows if "comm_bytes" in r}) == [model["payload"]]
+    assert sorted({r["comm_bytes"] for r in rows if "comm_bytes" in r}) == [model["sent"]]
     assert [r["val_bpb"] for r in rows if "val_bpb" in r]

@@ -142,19 +142,16 @@ def test_backend_names_are_one_enum_and_the_state_dict_keeps_the_name():
 
 
 class TwoRanks:
-    """A data-parallel comm of world size 2 whose other rank casts no votes."""
+    """A data-parallel comm of world size 2 (only its size matters here: no step is taken)."""
 
     world_size, rank = 2, 0
-
-    def sum_votes(self, v):
-        return v.to(torch.int32)
 
 
 def test_vote_backend_follows_the_update_backend_and_data_parallelism():
     """FlipOptimizer hands votes and flips to one vote backend, chosen from its backend and comm (switching
     after construction skips the constructor's CUDA check: on the CPU the kernels run interpreted)."""
     from trueternary.optim.backend import VoteBackend
-    from trueternary.optim.data_parallel import DataParallelKernelVotes, DataParallelVotes
+    from trueternary.optim.data_parallel import ExchangedKernelVotes, ExchangedVotes
     from trueternary.optim.dense import DenseVotes
     from trueternary.optim.kernel import KernelVotes
 
@@ -162,9 +159,9 @@ def test_vote_backend_follows_the_update_backend_and_data_parallelism():
     opt = FlipOptimizer(model)
     assert type(opt._votes) is DenseVotes and opt.world_size == 1
     opt.comm = TwoRanks()
-    assert type(opt._votes) is DataParallelVotes and opt.world_size == 2
+    assert type(opt._votes) is ExchangedVotes and opt.world_size == 2
     opt.backend = "gpu"
-    assert type(opt._votes) is DataParallelKernelVotes
+    assert type(opt._votes) is ExchangedKernelVotes
     opt.comm = None
     assert type(opt._votes) is KernelVotes and not opt._votes.signcache
     opt.backend = "gpu-signcache"

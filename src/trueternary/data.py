@@ -136,11 +136,14 @@ def load_corpus(spec: str | os.PathLike | None = None, val_fraction: float = 0.0
 
 # ------------------------------------------------------------------------------------ windows
 def random_batch(data: torch.Tensor, batch: int, ctx: int, generator: torch.Generator,
-                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """``batch`` random windows of ``ctx + 1`` bytes -> (inputs, next-byte targets), int64."""
+                 device: torch.device | str = "cpu", part: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` random windows of ``ctx + 1`` bytes -> (inputs, next-byte targets), int64; with ``part``, only
+    those windows of the ``batch`` drawn (a data-parallel rank's share)."""
     if len(data) <= ctx + 1:
         raise DataError(f"data has {len(data)} bytes; a window needs ctx + 1 = {ctx + 1}")
     start = torch.randint(0, len(data) - ctx - 1, (batch,), generator=generator)
+    if part is not None:
+        start = start[part]
     idx = start[:, None] + torch.arange(ctx + 1)
     w = data[idx].to(torch.int64)
     return w[:, :-1].to(device), w[:, 1:].to(device)
@@ -175,17 +178,25 @@ class RandomWindows:
 
     ``next()`` is :func:`random_batch` with this object's generator, so ``RandomWindows(data, b, c, seed)``
     yields the same batches as ``random_batch(data, b, c, torch.Generator().manual_seed(seed))`` in a loop.
+    Data-parallel rank ``rank`` of ``world_size`` draws the same global batches and keeps its share, the
+    ``rank``-th ``batch / world_size`` windows of each (``share`` of them): the batches and the data position
+    are the same whatever the number of ranks.
     """
 
-    def __init__(self, data: torch.Tensor, batch: int, ctx: int, seed: int) -> None:
+    def __init__(self, data: torch.Tensor, batch: int, ctx: int, seed: int, rank: int = 0,
+                 world_size: int = 1) -> None:
         if len(data) <= ctx + 1:
             raise DataError(f"training data has {len(data)} bytes; a window needs ctx + 1 = {ctx + 1}")
+        if batch % world_size:
+            raise DataError(f"a batch of {batch} windows does not divide into {world_size} equal shares")
         self.data, self.batch, self.ctx = data, batch, ctx
+        self.share = batch // world_size
+        self._part = slice(rank * self.share, (rank + 1) * self.share) if world_size > 1 else None
         self.generator = torch.Generator().manual_seed(seed)
         self.batches_drawn = 0
 
     def next(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        xy = random_batch(self.data, self.batch, self.ctx, self.generator, device)
+        xy = random_batch(self.data, self.batch, self.ctx, self.generator, device, self._part)
         self.batches_drawn += 1
         return xy
 

@@ -1,53 +1,40 @@
-"""Data parallelism over ``torch.distributed``: integer vote all-reduce for ternary weights, DDP for floats.
+"""Data parallelism over ``torch.distributed``: the ranks vote as one process on the global batch; DDP for floats.
 
-Launch any script (or ``trueternary train``) with ``torchrun --nproc_per_node N``; each rank trains on
-its own shard of the data. For ternary weights nothing float is exchanged:
+Launch any script (or ``trueternary train``) with ``torchrun --nproc_per_node N`` (several nodes: ``--nnodes``
+and a rendezvous, docs/distributed.md); each rank trains on its share of every global batch. For ternary weights
+no weight and no vote is all-reduced: each rank sends its weight gradients in buckets during backward, each rank
+casts one process's votes on the summed gradient for its share of the rows, and the votes are gathered, so every
+rank adds the same integers (optim/data_parallel.py):
 
-    rank r    votes v_r = votes(g_r, lr / N, stream_r)     int8, |v_r| <= vote_clip  (optim/data_parallel.py)
-    all       V = sum_r v_r                               integer all-reduce (VoteAllReduce.sum_votes)
-              T_accum = clamp(T_accum + clamp(V, -vote_clip, vote_clip), -127, 127)   on every rank
+    backward  rank r: gradient G_r of each call -> bucket -> all_to_all as the bucket fills (overlaps backward)
+    step()    rank k: G = sum_r G_r over its rows -> the votes of one process on G -> all_gather -> every rank
+              accumulates every rank's votes and flips, identically
 
-Every rank adds the same integers, so trits, scales and accumulators stay bit-identical on all ranks
-without ever broadcasting weights; normalisation is per call and stateless, so no float statistics are
-exchanged either. Sign votes (``TrueTernary_Naive``) take the sign of V: signSGD with majority vote.
-
-Transport. Neither NCCL nor gloo reduces int16, so the summed votes travel in the narrowest type that
-holds every partial sum *exactly* (|partial sum| <= bound * N, bound = vote_clip, 1 for sign votes):
-
-    int8     while bound * N <= 127           1 byte per vote   (vote_clip 8: up to 15 ranks)
-    float16  while bound * N <= 2048          2 bytes; integers up to 2**11 are exact in fp16 and so
-                                              is every partial sum of a ring or tree reduction
-    int32    otherwise                        4 bytes
-    (integer-bias votes, |v| <= 2**20: int32 up to 2047 ranks, int64 beyond)
-
-Nothing wraps: the sum is exact, then clamped to +-vote_clip (the saturation the single-process rule
-already applies to one vote), then added with the usual saturating int8 accumulate.
-
-Float parameters (``Adam_FP32``, ``BitNet_QAT``, ``SignSGD_Old``, the hybrid's ``log2_scale``) are
-trained with ``torch.nn.parallel.DistributedDataParallel``; a comm hook counts the gradient bytes it
-all-reduces (fp32, or bf16 with ``grad_dtype="bf16"``, torch's ``bf16_compress_hook``).
+Float parameters (``Adam_FP32``, ``BitNet_QAT``, ``SignSGD_Old``, the hybrid's ``log2_scale``) are trained with
+``torch.nn.parallel.DistributedDataParallel``; a comm hook counts the gradient bytes it all-reduces (fp32, or
+bf16 with ``grad_dtype="bf16"``, torch's ``bf16_compress_hook``). ``grad_dtype`` sets the ternary gradients'
+transport the same way (bfloat16 halves their bytes; the sum is taken in float32 either way).
 
 Library use without the CLI::
 
     ctx = trueternary.distributed.setup()          # reads torchrun's environment; NCCL on GPU, gloo on CPU
     model = ternarize(build_model(...)).to(ctx.device)
     opt = FlipOptimizer(model)
-    trueternary.distributed.attach(opt)            # opt.comm = VoteAllReduce(...): votes are summed
-    ... each rank: forward / backward on its own batch, opt.step() ...
+    trueternary.distributed.attach(opt, ctx)       # opt.comm = VoteExchange(...): the ranks vote as one
+    ... each rank: forward / backward on its share of the batch, opt.step() ...
     ctx.close()
 
 ``trueternary train`` asks its questions of a :class:`Ranks` (``join()``): am I the main process, run this on
-rank 0 and let every rank learn of its error, does any rank want to stop, which slice of the data is mine.
+rank 0 and let every rank learn of its error, does any rank want to stop, which share of the batch is mine.
 In one process every answer is trivial; :class:`GroupRanks` answers them with collectives.
 
-The communication model (bytes per step per weight, ring all-reduce traffic) is :func:`comm_table`;
-docs/distributed.md has the math and measurements.
+The communication model (bytes each rank sends per step) is :func:`comm_table`; docs/distributed.md has the
+math and measurements.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,18 +42,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.profiler import record_function
 
 from .data import RandomWindows
-from .layers import IntegerBias
-from .optim import BIAS_VOTE_CLIP, FlipOptimizer, norm_codes_of
-from .rule import uses_norm_memory
+from .optim import FlipOptimizer
 from .weight import ternary_weights
 
 BACKEND_ENV = "TRUETERNARY_DIST_BACKEND"  # force 'gloo' or 'nccl' (default: nccl on CUDA, gloo on CPU)
 STEP_SYNC_BYTES = 16  # per step: float64 [loss, non-finite flag], summed so every rank sees the same verdict
-INT8_MAX = 127
-FP16_EXACT = 2048  # every integer in [-2**11, 2**11] is exact in float16
-GRAD_DTYPES = ("fp32", "bf16")
+GRAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # gradient transport (DDP and ternary alike)
+BUCKET_BYTES = 25 << 20  # gradient bytes per bucket after the first (DDP's bucket_cap_mb default)
+FIRST_BUCKET_BYTES = 1 << 20  # the first bucket: small, so the exchange starts early in backward (as DDP's)
 
 
 # ------------------------------------------------------------------------------------ environment
@@ -297,25 +283,19 @@ class Ranks:
         """Whether the flag is set on any rank (every rank calls this at the same point)."""
         return flag
 
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` (small, picklable), in rank order, on every rank."""
+        return [obj]
+
     def sync_step(self, loss: torch.Tensor, bad: bool) -> tuple[float, bool]:
         """Once per step: the global batch's loss, and whether any rank saw non-finite gradients."""
         return float(loss), bad  # (float() waits for the device, so the step's time is complete)
 
-    def windows(self, data: torch.Tensor, batch_size: int, ctx: int, seed: int,
-                resumed_at: int | None = None) -> RandomWindows:
-        """This rank's slice of the data: ``batch_size / world_size`` windows a step from its own stream. A run
-        resumed (at step ``resumed_at``) from a checkpoint of another world size starts new streams instead."""
-        if resumed_at is None:
-            return RandomWindows(data, batch_size // self.world_size, ctx, seed=rank_data_seed(seed, self.rank))
-        windows = RandomWindows(data, batch_size // self.world_size, ctx,
-                                seed=rank_data_seed(seed, self.rank, self.world_size, resumed_at))
-        windows.batches_drawn = resumed_at
-        return windows
-
-    def data_positions(self, position: dict) -> list[dict] | None:
-        """Every rank's data position in rank order, for a checkpoint; None in one process (whose checkpoint
-        holds its own position only)."""
-        return None
+    def windows(self, data: torch.Tensor, batch_size: int, ctx: int, seed: int) -> RandomWindows:
+        """This rank's share of every global batch: ``batch_size`` windows a step drawn from one stream seeded by
+        ``seed`` on every rank (so the batches, and a checkpoint's data position, do not depend on the number of
+        ranks), of which rank r takes the r-th ``batch_size / world_size``."""
+        return RandomWindows(data, batch_size, ctx, seed=seed, rank=self.rank, world_size=self.world_size)
 
     def differing_tensors(self, tensors: Callable[[], dict[str, torch.Tensor]]) -> list[str]:
         """Names of the tensors ``tensors()`` (called only in a group) whose bytes differ between ranks."""
@@ -372,11 +352,11 @@ class GroupRanks(Ranks):
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ctx.group)
         return bool(t.item())
 
+    def gather(self, obj) -> list:
+        return self.ctx.all_gather_objects(obj)
+
     def sync_step(self, loss: torch.Tensor, bad: bool) -> tuple[float, bool]:
         return self.ctx.sync_step(loss, bad)
-
-    def data_positions(self, position: dict) -> list[dict]:
-        return self.ctx.all_gather_objects(position)
 
     def differing_tensors(self, tensors: Callable[[], dict[str, torch.Tensor]]) -> list[str]:
         return mismatched_replicas(tensors(), self.ctx)
@@ -405,93 +385,77 @@ def join(device: torch.device, declared: tuple[type[BaseException], ...] = ()) -
     return Ranks(device, declared)
 
 
-# ------------------------------------------------------------------------------------ vote all-reduce
-def vote_transport_dtype(bound: int, world_size: int) -> torch.dtype:
-    """The narrowest all-reduce type in which a sum of ``world_size`` integers in [-bound, bound] is exact."""
-    total = bound * world_size
-    if total <= INT8_MAX:
-        return torch.int8
-    if total <= FP16_EXACT:
-        return torch.float16
-    if total <= 2**31 - 1:
-        return torch.int32
-    return torch.int64
+# ------------------------------------------------------------------------------------ the ternary exchange
+def ring_all_reduce_bytes(payload: int, world_size: int) -> int:
+    """Bytes each rank sends in a ring all-reduce of ``payload`` bytes: 2 (N-1)/N of it (a reduce-scatter, then an
+    all-gather)."""
+    return 2 * (world_size - 1) * payload // world_size
 
 
-def vote_bound(group: dict) -> int:
-    """Largest |vote| one rank casts under a FlipOptimizer param group (sign votes are +-1)."""
-    if group["vote"] == "sign" and group["scale_vote"] == "sign":
-        return 1
-    return int(group["vote_clip"])
+class VoteExchange:
+    """``FlipOptimizer.comm`` under data parallelism: the collectives through which the ranks vote as one
+    (optim/data_parallel.py), each counted as the bytes this rank sends.
 
-
-class VoteAllReduce:
-    """``FlipOptimizer.comm``: sums int votes over the ranks exactly, and counts what it sent.
-
-    ``payload_bytes`` / ``calls`` grow by the size of every all-reduce buffer (numel x transport bytes);
-    what a rank puts on the wire depends on the algorithm (ring: 2 (N-1)/N of the payload).
+    ``grad_dtype`` ('fp32' or 'bf16'): the gradients' transport; ``bucket_bytes`` / ``first_bucket_bytes``: the
+    gradient bytes per bucket (data_parallel.plan_buckets).
     """
 
-    def __init__(self, opt: FlipOptimizer, world_size: int, rank: int, group=None) -> None:
-        self.opt, self.world_size, self.rank, self.group = opt, world_size, rank, group
-        self.payload_bytes = 0
+    def __init__(self, world_size: int, rank: int, group=None, grad_dtype: str = "fp32",
+                 bucket_bytes: int = BUCKET_BYTES, first_bucket_bytes: int = FIRST_BUCKET_BYTES) -> None:
+        if grad_dtype not in GRAD_DTYPES:
+            raise ValueError(f"grad_dtype must be one of {', '.join(GRAD_DTYPES)}, got {grad_dtype!r}")
+        self.world_size, self.rank, self.group = world_size, rank, group
+        self.grad_dtype = GRAD_DTYPES[grad_dtype]
+        self.bucket_bytes, self.first_bucket_bytes = bucket_bytes, first_bucket_bytes
+        self.sent_bytes = 0
         self.calls = 0
 
-    def _bound(self, vote_dtype: torch.dtype) -> int:
-        if vote_dtype == torch.int8:
-            return max(vote_bound(g) for g in self.opt.param_groups)
-        if vote_dtype == torch.int32:  # integer-bias votes (FlipOptimizer clips them to +-2**20)
-            return BIAS_VOTE_CLIP
-        raise TypeError(f"votes must be int8 or int32, got {vote_dtype}")
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, sizes: list[int]):
+        """Asynchronous, returns the work: the k-th ``sizes[k]`` elements of ``inp`` to rank k; into ``out``, the
+        ``sizes[rank]`` elements every rank sends here, in rank order."""
+        me = self.rank
+        self._count((inp.numel() - sizes[me]) * inp.element_size())
+        return dist.all_to_all_single(out, inp, output_split_sizes=[sizes[me]] * self.world_size,
+                                      input_split_sizes=list(sizes), group=self.group, async_op=True)
 
-    def transport_dtype(self, vote_dtype: torch.dtype) -> torch.dtype:
-        return vote_transport_dtype(self._bound(vote_dtype), self.world_size)
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor, sizes: list[int]):
+        """Asynchronous, returns the work: every rank's ``sizes[k]`` elements into ``out``, in rank order. ``inp``
+        (N, sizes[rank]) holds this rank's elements once for each rank: an all-to-all, as the sizes differ (NCCL's
+        and gloo's all-gathers take equal sizes)."""
+        self._count((self.world_size - 1) * inp[0].numel() * inp.element_size())
+        return dist.all_to_all_single(out, inp.view(-1), output_split_sizes=list(sizes),
+                                      input_split_sizes=[inp.shape[1]] * self.world_size, group=self.group,
+                                      async_op=True)
 
-    def sum_votes(self, v: torch.Tensor) -> torch.Tensor:
-        """The exact sum of every rank's ``v`` (same shape on every rank) as an integer tensor."""
-        bound = self._bound(v.dtype)
-        dtype = vote_transport_dtype(bound, self.world_size)
-        if dtype == torch.int8:
-            return self._sum_bytes(v, bound)
-        t = v.to(dtype).contiguous()
-        if t.data_ptr() == v.data_ptr():  # never reduce into the caller's tensor
-            t = t.clone()
-        dist.all_reduce(t, group=self.group)
-        self.payload_bytes += t.numel() * t.element_size()
+    @property
+    def capturable(self) -> bool:
+        """Whether a CUDA graph can hold these collectives (NCCL's; gloo's run on the host)."""
+        return dist.get_backend(self.group) == "nccl"
+
+    def check_same(self, text: str) -> None:
+        """RuntimeError unless every rank passes the same ``text`` (the description of the buckets it built)."""
+        texts = [None] * self.world_size
+        dist.all_gather_object(texts, text, group=self.group)
+        if len(set(texts)) > 1:
+            raise RuntimeError("the ranks built different gradient buckets: their backward passes cast different "
+                               "vote calls (every rank must run the same model on batches of the same shape)")
+
+    def _count(self, n: int) -> None:
+        self.sent_bytes += n
         self.calls += 1
-        return t if not t.is_floating_point() else t.to(torch.int32)  # fp16 holds exact integers here
-
-    def _sum_bytes(self, v: torch.Tensor, bound: int) -> torch.Tensor:
-        """The int8 transport: each vote travels as the byte ``v + bound`` in [0, 2 bound], four to an int32 lane.
-
-        The int8 transport is chosen only while ``bound * N <= 127``, so a byte's sum over the N ranks is at
-        most ``2 bound N <= 254``: no byte carries into its neighbour and the int32 sum is the bytewise sum,
-        exact. The sum is then ``bytes - N bound``. Same bytes on the wire as int8, but NCCL reduces int32
-        lanes far faster than single bytes (docs/distributed.md: the int8 ring kernel moved ~4 GB/s on two
-        H200s, several times below fp32's). A tail of ``numel % 4`` bytes is reduced as uint8.
-        """
-        n = v.numel()
-        u = (v.reshape(-1).to(torch.int16) + bound).to(torch.uint8)  # a fresh buffer: v is never reduced in place
-        lanes = n - n % 4
-        if lanes:
-            dist.all_reduce(u[:lanes].view(torch.int32), group=self.group)
-        if lanes < n:
-            dist.all_reduce(u[lanes:], group=self.group)
-        self.payload_bytes += n
-        self.calls += 1
-        return (u.to(torch.int16) - self.world_size * bound).to(torch.int8).view(v.shape)
 
 
-def attach(opt: FlipOptimizer, ctx: DistContext | None = None) -> VoteAllReduce:
-    """Make ``opt`` sum its votes over the ranks of ``ctx`` (default: the initialised default group)."""
+def attach(opt: FlipOptimizer, ctx: DistContext | None = None, grad_dtype: str = "fp32", **caps) -> VoteExchange:
+    """Make ``opt`` vote as one with the other ranks of ``ctx`` (default: the initialised default group).
+    ``caps``: ``bucket_bytes`` / ``first_bucket_bytes`` of :class:`VoteExchange`."""
     if not isinstance(opt, FlipOptimizer):
         raise TypeError(f"attach() takes a FlipOptimizer, got {type(opt).__name__}")
     if ctx is None:
         if not dist.is_initialized():
             raise ValueError("attach() needs an initialised process group: call trueternary.distributed.setup()")
-        comm = VoteAllReduce(opt, dist.get_world_size(), dist.get_rank())
+        comm = VoteExchange(dist.get_world_size(), dist.get_rank(), None, grad_dtype, **caps)
     else:
-        comm = VoteAllReduce(opt, ctx.world_size, ctx.rank, ctx.group)
+        comm = VoteExchange(ctx.world_size, ctx.rank, ctx.group, grad_dtype, **caps)
     opt.comm = comm
     return comm
 
@@ -500,42 +464,47 @@ def attach(opt: FlipOptimizer, ctx: DistContext | None = None) -> VoteAllReduce:
 @dataclass
 class DDPHookState:
     group: object
+    world_size: int
     grad_dtype: str = "fp32"
-    payload_bytes: int = 0
+    sent_bytes: int = 0
     calls: int = 0
 
 
 def _counting_allreduce_hook(state: DDPHookState, bucket):
-    """DDP comm hook: torch's allreduce (or bf16-compress) hook, counting the bucket bytes it sends."""
+    """DDP comm hook: torch's allreduce (or bf16-compress) hook, counting the bytes the ring sends per rank."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     buf = bucket.buffer()
-    state.payload_bytes += buf.numel() * (2 if state.grad_dtype == "bf16" else buf.element_size())
+    payload = buf.numel() * (2 if state.grad_dtype == "bf16" else buf.element_size())
+    state.sent_bytes += ring_all_reduce_bytes(payload, state.world_size)
     state.calls += 1
-    if state.grad_dtype == "bf16":
-        return default_hooks.bf16_compress_hook(state.group, bucket)
-    return default_hooks.allreduce_hook(state.group, bucket)
+    with record_function("trueternary.ddp.allreduce"):
+        if state.grad_dtype == "bf16":
+            return default_hooks.bf16_compress_hook(state.group, bucket)
+        return default_hooks.allreduce_hook(state.group, bucket)
 
 
 @dataclass
 class CommMeter:
-    """Counters of one training run's all-reduces: votes, DDP gradient buckets and the per-step sync."""
+    """Bytes one rank of a training run sends: the ternary exchange, DDP's gradient buckets, the per-step sync."""
 
-    votes: list[VoteAllReduce] = field(default_factory=list)
+    exchanges: list[VoteExchange] = field(default_factory=list)
     ddp: DDPHookState | None = None
+    world_size: int = 1
     _last: tuple[int, int] = (0, 0)
 
     def totals(self) -> tuple[int, int]:
-        vote_b = sum(c.payload_bytes for c in self.votes)
-        ddp_b = self.ddp.payload_bytes if self.ddp is not None else 0
-        return vote_b, ddp_b
+        ternary = sum(c.sent_bytes for c in self.exchanges)
+        floats = self.ddp.sent_bytes if self.ddp is not None else 0
+        return ternary, floats
 
     def take_step(self) -> dict:
-        """Bytes all-reduced since the previous call (one optimiser step), including the step sync."""
-        vote_b, ddp_b = self.totals()
-        out = {"comm_vote_bytes": vote_b - self._last[0], "comm_grad_bytes": ddp_b - self._last[1]}
-        out["comm_bytes"] = out["comm_vote_bytes"] + out["comm_grad_bytes"] + STEP_SYNC_BYTES
-        self._last = (vote_b, ddp_b)
+        """Bytes this rank sent since the previous call (one optimiser step), the step sync included."""
+        ternary, floats = self.totals()
+        out = {"comm_ternary_bytes": ternary - self._last[0], "comm_float_bytes": floats - self._last[1]}
+        out["comm_bytes"] = (out["comm_ternary_bytes"] + out["comm_float_bytes"]
+                             + ring_all_reduce_bytes(STEP_SYNC_BYTES, self.world_size))
+        self._last = (ternary, floats)
         return out
 
 
@@ -550,11 +519,11 @@ def prepare_recipe(recipe, ctx: DistContext, grad_dtype: str = "fp32") -> CommMe
     (identical anyway: every rank builds the same model from the same seed or checkpoint).
     """
     if grad_dtype not in GRAD_DTYPES:
-        raise ValueError(f"grad_dtype must be one of {GRAD_DTYPES}, got {grad_dtype!r}")
-    meter = CommMeter()
+        raise ValueError(f"grad_dtype must be one of {', '.join(GRAD_DTYPES)}, got {grad_dtype!r}")
+    meter = CommMeter(world_size=ctx.world_size)
     for o in recipe.optimizers:
         if isinstance(o, FlipOptimizer):
-            meter.votes.append(attach(o, ctx))
+            meter.exchanges.append(attach(o, ctx, grad_dtype))
     if trainable_float_parameters(recipe.model):
         import inspect
 
@@ -566,23 +535,13 @@ def prepare_recipe(recipe, ctx: DistContext, grad_dtype: str = "fp32") -> CommMe
         no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel)
                    .parameters else "broadcast_buffers")
         ddp = DistributedDataParallel(recipe.model, device_ids=ids, process_group=ctx.group, **{no_sync: False})
-        meter.ddp = DDPHookState(group=ctx.group, grad_dtype=grad_dtype)
+        meter.ddp = DDPHookState(group=ctx.group, world_size=ctx.world_size, grad_dtype=grad_dtype)
         ddp.register_comm_hook(meter.ddp, _counting_allreduce_hook)
         recipe.forward_model = ddp
     return meter
 
 
 # ------------------------------------------------------------------------------------ data and replicas
-def rank_data_seed(seed: int, rank: int, world_size: int | None = None, step: int | None = None) -> int:
-    """Seed of rank ``rank``'s window stream. Rank 0 of a fresh run uses ``seed`` itself, so a world of one
-    draws exactly the single-process batches; other ranks (and every rank of a run resumed on another
-    world size, which passes ``world_size`` and ``step``) use a 63-bit hash of the tuple."""
-    if rank == 0 and world_size is None:
-        return seed
-    key = f"trueternary-data:{seed}:{rank}:{world_size}:{step}".encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
-
-
 def state_fingerprint(tensors: dict[str, torch.Tensor], chunk: int = 1 << 22) -> tuple[list[str], torch.Tensor]:
     """(sorted names, int64 checksum per tensor), computed on the tensors' device in ``chunk``-byte pieces:
     sum of byte * (position mod 65521 + 1) + length, so a changed byte changes it (barring a collision)."""
@@ -613,89 +572,83 @@ def mismatched_replicas(tensors: dict[str, torch.Tensor], ctx: DistContext) -> l
 
 
 # ------------------------------------------------------------------------------------ communication model
-def vote_payload(model: nn.Module, bound: int, world_size: int, scale_votes: bool,
-                 norm_block: int | None = None, finite_flags: bool = False) -> dict:
-    """Bytes all-reduced per step when every ternary weight (and integer bias) is called once per step.
+def exchange_model(opt: FlipOptimizer, model: nn.Module, world_size: int, grad_dtype: str = "fp32", rank: int = 0,
+                   bucket_bytes: int = BUCKET_BYTES, first_bucket_bytes: int = FIRST_BUCKET_BYTES) -> dict:
+    """What rank ``rank`` of ``opt``'s exchange sends per step when every module it trains votes once per step, the
+    calls coming in the reverse of the model's order (backward's usual order): the buckets its first step builds.
 
-    Per call of a (rows x cols) weight: rows*cols T votes, plus rows*n_groups E votes on scale-vote steps
-    (integer scales only), each of ``vote_transport_dtype(bound, N)``; sparse embedding votes are densified
-    to the full matrix first. Integer biases: n votes of ``vote_transport_dtype(2**20, N)``. With
-    ``norm_block`` (a rule with ``norm_beta > 0``): the normaliser's statistics of every weight voted whole
-    (not the embeddings' row votes), one int32 log2 code per tile-row, tile-column and tile, in three calls,
-    and with ``finite_flags`` (check_finite) one int32 per such weight: whether any rank's gradient was bad.
+    Per bucket, rank k sends the gradients of the other ranks' shares and its shares' results (votes, scale votes,
+    moving-average codes) to the N - 1 others; ``mean_bytes`` is the mean over the ranks, (N-1)/N of all
+    gradients and all results.
     """
-    dt = vote_transport_dtype(bound, world_size)
-    b = torch.tensor([], dtype=dt).element_size()
-    bias_b = torch.tensor([], dtype=vote_transport_dtype(BIAS_VOTE_CLIP, world_size)).element_size()
-    t_votes = e_votes = calls = 0
-    for w in ternary_weights(model):
-        t_votes += w.numel()
-        calls += 1
-        if scale_votes and w.scale_mode == "int":
-            e_votes += w.rows * w.n_groups
-            calls += 1
-    codes = norm_codes_of(model, norm_block) if norm_block else []
-    norm_codes = sum(t.numel() for c in codes for t in c.values()) + (len(codes) if finite_flags else 0)
-    calls += (4 if finite_flags else 3) * len(codes)
-    biases = [m for m in model.modules() if isinstance(m, IntegerBias)]
-    bias_votes = sum(m.n for m in biases)
-    return {"dtype": dt, "bytes": b * (t_votes + e_votes) + bias_b * bias_votes + 4 * norm_codes,
-            "calls": calls + len(biases), "T_votes": t_votes, "E_votes": e_votes, "bias_votes": bias_votes,
-            "norm_codes": norm_codes}
+    from .optim.data_parallel import exchange_slots, plan_buckets
+
+    if world_size == 1:  # one rank: nothing is exchanged
+        return {"bytes": 0, "mean_bytes": 0, "gradient_bytes": 0, "vote_bytes": 0, "collectives": 0}
+    elsize = torch.empty((), dtype=GRAD_DTYPES[grad_dtype]).element_size()
+    buckets = plan_buckets(exchange_slots(opt, model), world_size, rank, elsize, bucket_bytes, first_bucket_bytes)
+    grads = sum(sum(b.grad_sizes) for b in buckets) * elsize
+    votes = sum(sum(b.out_sizes) for b in buckets)
+    return {"bytes": sum(b.sent_bytes(elsize, rank) for b in buckets),
+            "mean_bytes": (world_size - 1) * (grads + votes) // world_size,
+            "gradient_bytes": (world_size - 1) * grads // world_size,
+            "vote_bytes": (world_size - 1) * votes // world_size,
+            "collectives": 2 * len(buckets)}
 
 
-def ring_bytes_per_rank(payload: int, world_size: int) -> float:
-    """Bytes each rank sends (and receives) in a ring all-reduce of ``payload`` bytes: 2 (N-1)/N payload."""
-    return 2 * (world_size - 1) / world_size * payload
-
-
-def recipe_comm(recipe, world_size: int, grad_dtype: str = "fp32") -> dict:
-    """The model of one step's all-reduce payload for a built Recipe at ``world_size`` ranks."""
-    votes = {"dtype": None, "bytes": 0, "calls": 0, "norm_codes": 0}
-    for o in recipe.optimizers:
-        if isinstance(o, FlipOptimizer) and world_size > 1:  # one rank: FlipOptimizer never calls sum_votes
-            g = o.param_groups[0]
-            bound = max(vote_bound(gr) for gr in o.param_groups)
-            votes = vote_payload(recipe.model, bound, world_size, scale_votes=g["scale_update_interval"] > 0,
-                                 norm_block=g["norm_block"] if uses_norm_memory(g) else None,
-                                 finite_flags=o.check_finite)
+def recipe_comm(recipe, world_size: int, grad_dtype: str = "fp32", rank: int = 0) -> dict:
+    """The model of the bytes rank ``rank`` sends per step for a built Recipe at ``world_size`` ranks (``sent``;
+    ``sent_mean``: the mean over the ranks): the ternary exchange (:func:`exchange_model`), DDP's ring all-reduce
+    of the float gradients, the step sync."""
+    ternary = (exchange_model(recipe.flip, recipe.model, world_size, grad_dtype, rank)
+               if recipe.flip is not None else exchange_model(None, None, 1))
     params = trainable_float_parameters(recipe.model)
-    grad_bytes = sum(p.numel() for p in params) * (2 if grad_dtype == "bf16" else 4)
+    float_payload = sum(p.numel() for p in params) * (2 if grad_dtype == "bf16" else 4)
+    float_bytes = ring_all_reduce_bytes(float_payload, world_size)
+    sync = ring_all_reduce_bytes(STEP_SYNC_BYTES, world_size)
     n_weights = sum(w.numel() for w in ternary_weights(recipe.model)) or sum(p.numel() for p in params)
-    payload = votes["bytes"] + grad_bytes + STEP_SYNC_BYTES
-    return {"vote_dtype": votes["dtype"], "vote_bytes": votes["bytes"], "vote_calls": votes["calls"],
-            "norm_codes": votes["norm_codes"],
-            "grad_bytes": grad_bytes, "grad_dtype": grad_dtype if params else None, "payload": payload,
-            "weights": n_weights, "per_weight": payload / n_weights,
-            "ring_per_rank": ring_bytes_per_rank(payload, world_size)}
+    sent = ternary["bytes"] + float_bytes + sync
+    mean = ternary["mean_bytes"] + float_bytes + sync
+    return {"grad_dtype": grad_dtype, "ternary": recipe.flip is not None, "ternary_bytes": ternary["bytes"],
+            "ternary_gradient_bytes": ternary["gradient_bytes"], "ternary_vote_bytes": ternary["vote_bytes"],
+            "ternary_collectives": ternary["collectives"], "float": bool(params), "float_payload": float_payload,
+            "float_bytes": float_bytes, "sync_bytes": sync, "sent": sent, "sent_mean": mean, "weights": n_weights,
+            "per_weight": sent / n_weights, "per_weight_mean": mean / n_weights}
+
+
+def comm_sent_as(c: dict) -> str:
+    """How a :func:`recipe_comm` travels, in words."""
+    parts = []
+    if c["ternary"]:
+        parts.append(f"{c['grad_dtype']} gradients + int8 votes")
+    if c["float"]:
+        parts.append(f"{c['grad_dtype']} grads (DDP)")
+    return " + ".join(parts) or "only the step sync"
 
 
 def comm_table(base_model: nn.Module, hp, world_sizes: list[int], title: str = "") -> str:
-    """Bytes all-reduced per optimiser step, for every config, at each world size (the ``--comm_report``)."""
+    """Bytes each rank sends per optimiser step (the mean over the ranks), for every config, at each world size
+    (the ``--comm_report``)."""
     from .recipes import CONFIG_NAMES, build_recipe
 
     recipes = {name: build_recipe(name, base_model, hp) for name in CONFIG_NAMES}
-    rows = [(name, "fp32") for name in CONFIG_NAMES]
-    rows += [(name, "bf16") for name in ("Adam_FP32", "BitNet_QAT", "SignSGD_Old", "TrueTernary_Hybrid")]
-    lines = [f"Bytes all-reduced per optimiser step (payload: the sum of all-reduce buffer sizes){title}",
-             "ring model: each rank sends and receives 2 (N-1)/N x payload per step; "
-             f"+{STEP_SYNC_BYTES} B/step: the loss and non-finite flag every rank agrees on"]
+    rows = [(name, "fp32") for name in CONFIG_NAMES] + [(name, "bf16") for name in CONFIG_NAMES]
+    lines = [f"Bytes each rank sends per optimiser step{title}",
+             "ternary configs: their gradients (but their own share) in buckets, then their share's votes "
+             "(optim/data_parallel.py); float configs: DDP's ring all-reduce, 2 (N-1)/N x the gradients; "
+             f"+{STEP_SYNC_BYTES} B all-reduced per step: the loss and non-finite flag every rank agrees on"]
     for n in world_sizes:
         ref = recipe_comm(recipes["Adam_FP32"], n, "fp32")
         lines += ["", f"world size {n}",
-                  f"{'config':<33}{'sent as':<32}{'payload B/step':>16}{'B/weight':>10}{'all-reduces':>13}"
-                  f"{'ring B/rank/step':>18}{'vs Adam fp32':>14}"]
+                  f"{'config':<33}{'sent as':<48}{'sent B/rank/step':>18}{'B/weight':>10}{'collectives':>13}"
+                  f"{'vs Adam fp32':>14}"]
         for name, gd in rows:
             c = recipe_comm(recipes[name], n, gd)
-            parts = []
-            if c["vote_dtype"] is not None:
-                parts.append(f"votes {str(c['vote_dtype']).removeprefix('torch.')}")
-            if c["grad_dtype"] is not None:
-                parts.append(f"{c['grad_dtype']} grads (DDP)")
-            calls = f"{c['vote_calls']}" if c["vote_dtype"] is not None else "buckets"
-            if c["vote_dtype"] is not None and c["grad_dtype"] is not None:
+            calls = f"{c['ternary_collectives']}" if c["ternary"] else "buckets"
+            if c["ternary"] and c["float"]:
                 calls += " + buckets"
-            label = name if c["grad_dtype"] is None or gd == "fp32" else f"{name} (bf16 grads)"
-            lines.append(f"{label:<33}{' + '.join(parts):<32}{c['payload']:>16,}{c['per_weight']:>10.4f}"
-                         f"{calls:>13}{c['ring_per_rank']:>18,.0f}{c['payload'] / ref['payload']:>13.3f}x")
+            label = name if gd == "fp32" else f"{name} (bf16)"
+            vs = f"{c['sent_mean'] / ref['sent_mean']:>13.3f}x" if ref["sent_mean"] else f"{'-':>14}"
+            lines.append(f"{label:<33}{comm_sent_as(c):<48}{c['sent_mean']:>18,}{c['per_weight_mean']:>10.4f}"
+                         f"{calls:>13}{vs}")
     return "\n".join(lines)

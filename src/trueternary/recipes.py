@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from .backends import DEFAULT_UPDATE_BACKEND, UpdateBackend, resolve_backend
 from .convert import ternarize
@@ -132,15 +133,19 @@ class Recipe:
             self.flip.write_device_lr()  # (a no-op unless use_device_lr)
         if self._graph is not None:
             return self._replay(x, y)
-        loss = self.loss(x, y, autocast)
-        loss.backward()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if params and self.float_clip and self.hp.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.hp.grad_clip)
-        for o in self.optimizers:
-            o.step()
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=True)
+        # (the phases --profile_steps reports: trueternary.stepprofile)
+        with record_function("trueternary.forward"):
+            loss = self.loss(x, y, autocast)
+        with record_function("trueternary.backward"):
+            loss.backward()
+        with record_function("trueternary.optimizer_step"):
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            if params and self.float_clip and self.hp.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, self.hp.grad_clip)
+            for o in self.optimizers:
+                o.step()
+            for o in self.optimizers:
+                o.zero_grad(set_to_none=True)
         self.step_count += 1
         return loss.detach()
 
@@ -150,7 +155,8 @@ class Recipe:
         CUDA graph; every later :meth:`train_step` copies its batch into the graph's inputs and replays it.
 
         For TrueTernary configs on the ``gpu`` backend (their step does no host sync: docs/performance.md,
-        "CUDA graphs"), on one process, batches of ``x``'s shape. The lr moves through a device tensor
+        "CUDA graphs"), in one process or data-parallel over NCCL (the graph holds the gradient exchange's
+        collectives; docs/distributed.md), batches of ``x``'s shape. The lr moves through a device tensor
         (``FlipOptimizer.use_device_lr``). The NaN/inf gradient check stays on the device
         (``FlipOptimizer.defer_finite_check``): a step whose layer gradients had NaN/inf returns a NaN loss instead
         of raising, so callers check the loss (``trueternary train`` does, every step, and then reads
@@ -163,13 +169,17 @@ class Recipe:
         if flip is None or self.optimizers != [flip] or flip.backend is not UpdateBackend.GPU:
             raise ValueError("a CUDA-graphed step needs a TrueTernary config (no float parameters) on the 'gpu' "
                              "backend and a CUDA device")
-        # votes on the dense path key their random numbers from the host step, which a graph would freeze
-        if not all(fused_votes_supported(g) for g in flip.param_groups) or any(
-                isinstance(m, IntegerBias) for m in self.model.modules()):
+        # one process: votes on the dense path key their random numbers from the host step, which a graph would
+        # freeze (data parallel: every vote is cast in step(), from the device step: optim/data_parallel.py)
+        if flip.world_size == 1 and (not all(fused_votes_supported(g) for g in flip.param_groups) or any(
+                isinstance(m, IntegerBias) for m in self.model.modules())):
             raise ValueError("a CUDA-graphed step needs every vote on the fused kernels: this rule (or an integer "
                              "bias) takes the dense path, whose random keys come from the host step")
-        if x.device.type != "cuda" or flip.world_size > 1:
-            raise ValueError("a CUDA-graphed step runs on a CUDA device in one process (no data parallelism)")
+        if x.device.type != "cuda":
+            raise ValueError("a CUDA-graphed step runs on a CUDA device")
+        if flip.world_size > 1 and not flip.comm.capturable:
+            raise ValueError("a CUDA-graphed data-parallel step needs the NCCL backend (a graph can hold NCCL's "
+                             "collectives, not gloo's)")
         flip.defer_finite_check(x.device)
         flip.use_device_lr(x.device)
         sx, sy = x.clone(), y.clone()

@@ -438,6 +438,7 @@ def ema_block_factored_stats(
     codes: dict[str, torch.Tensor],
     beta: float,
     key: torch.Tensor,
+    tile_rows: tuple[int, int] | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
     """The moving averages' step: new codes, and the (row, col, tile) means they stand for.
 
@@ -447,6 +448,10 @@ def ema_block_factored_stats(
     octave (``u`` from ``key``; unbiased in log2, so small moves are not lost). The returned means are decoded
     from the stored codes, so a step taken from restored state repeats exactly (and the fused vote kernel
     normalises by exactly these numbers).
+
+    ``tile_rows=(t0, Rb)``: ``stats`` and ``codes`` are the row-tiles ``t0 ..`` of a weight that has ``Rb`` of them (a
+    data-parallel rank's share, optim/data_parallel.py); the rounding draws the random numbers the whole weight's step
+    draws for those tiles, so the shares' codes are the whole weight's.
     """
     row, col, tile = (t.float() for t in stats)
     empty = codes["norm_tile"] == NORM_TILE_EMPTY
@@ -462,9 +467,16 @@ def ema_block_factored_stats(
     tile_code = log2_code(m, NORM_TILE_FRAC, NORM_TILE_MIN, _INT16_MAX).to(torch.int16)
     mq = code_value(tile_code, NORM_TILE_FRAC)
     den = mq.clamp_min(1e-38)
-    u = rng.uniform(key, r.numel() + c.numel(), r.device)
-    row_code = log2_code(r / den[:, None, :], NORM_RATIO_FRAC, -128, 127, u[: r.numel()].view(r.shape))
-    col_code = log2_code(c / den[:, :, None], NORM_RATIO_FRAC, -128, 127, u[r.numel():].view(c.shape))
+    if tile_rows is None:
+        u = rng.uniform(key, r.numel() + c.numel(), r.device)
+        u_row, u_col = u[: r.numel()], u[r.numel():]
+    else:  # the whole weight's numbers: all row ratios (Rb tiles of them) first, then the column ratios
+        (t0, n_tiles), per_row, per_col = tile_rows, r[0].numel(), c[0].numel()
+        at = torch.arange(max(r.numel(), c.numel()), dtype=torch.int64, device=r.device)
+        u_row = rng.uniform_at(key, t0 * per_row + at[: r.numel()])
+        u_col = rng.uniform_at(key, n_tiles * per_row + t0 * per_col + at[: c.numel()])
+    row_code = log2_code(r / den[:, None, :], NORM_RATIO_FRAC, -128, 127, u_row.view(r.shape))
+    col_code = log2_code(c / den[:, :, None], NORM_RATIO_FRAC, -128, 127, u_col.view(c.shape))
     row_code, col_code = row_code.to(torch.int8), col_code.to(torch.int8)
     rq, cq = _saturated((mq[:, None, :] * code_value(row_code, NORM_RATIO_FRAC),
                          mq[:, :, None] * code_value(col_code, NORM_RATIO_FRAC)))

@@ -15,10 +15,11 @@ stay intact. docs/training.md, "Reliability", lists what is guaranteed and which
 
 Under ``torchrun --nproc_per_node N`` (see trueternary.distributed and docs/distributed.md) the same loop
 trains data-parallel: ``--batch_size`` is the global batch, split evenly over the ranks, each rank
-draws its own windows; ternary votes are summed over the ranks as integers and float parameters go
-through DDP. Rank 0 alone prints and writes the run directory; a checkpoint holds every rank's data
-position and resumes on any world size. The loop asks what it needs of the other ranks through one
-``distributed.Ranks`` (in a single process every answer is trivial), so both kinds of run take one path.
+takes its share of every global batch; the ranks vote as one process on the summed ternary gradients and
+float parameters go through DDP. Rank 0 alone prints and writes the run directory; a checkpoint's data
+position is the same on every rank and for any number of ranks, so it resumes on any world size. The loop
+asks what it needs of the other ranks through one ``distributed.Ranks`` (in a single process every answer
+is trivial), so both kinds of run take one path.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from . import checkpoint as ckpt_io
-from . import determinism, distributed, memory
+from . import determinism, distributed, memory, stepprofile
 from .data import Corpus, RandomWindows, eval_windows, load_corpus
 from .distributed import Ranks, say
 from .errors import CheckpointError, DataError, NonFiniteGradientError, TrainingError, UsageError, WriteError
@@ -46,6 +48,7 @@ from .flags import cpu_threads
 from .models import build_model
 from .recipes import Hparams, build_recipe, lr_factor
 from .rundir import LOCK_FILE, RunDirectory, RunLog, plot_run, read_metrics, write_json
+from .stepprofile import StepProfile
 from .trainconfig import (
     FLAG_LIMITS,
     TrainConfig,
@@ -126,7 +129,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
         autocast = device.type == "cuda"  # bf16 autocast on GPU, as in bench
         prepare_device(cfg, ranks)
 
-        # ---- data: one download per node (its local rank 0 first); every rank draws its own windows
+        # ---- data: one download per node (its local rank 0 first); every rank takes its share of each batch
         corpus, val_windows = ranks.node_first(partial(load_data, cfg))
         batches = ranks.windows(corpus.train, cfg.batch_size, cfg.ctx, cfg.seed)
         fingerprint = corpus.fingerprint()
@@ -143,7 +146,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
         recipe = ranks.run(partial(build_training_recipe, cfg, hp, model_cfg, device))
         start_step = 0
         if ckpt is not None:
-            batches = restore_training_state(recipe, batches, ckpt, cfg, ranks, fingerprint)
+            restore_training_state(recipe, batches, ckpt, ranks, fingerprint)
             start_step, ckpt = ckpt.step, None  # (drops the checkpoint's tensors)
         ranks.prepare(recipe, cfg.ddp_grad_dtype)  # data parallel: votes summed over the ranks, floats under DDP
         end_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at is not None else cfg.max_steps
@@ -170,16 +173,22 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
             log.write({"step": 0, "val_bpb": initial_val_bpb})
         if start_step < end_step:
             capture_step_graph(cfg, recipe, ranks, autocast)
+        profile = StepProfile(cfg.profile_steps, start_step, end_step, device) if cfg.profile_steps else None
         bar = tqdm(total=end_step, initial=start_step, desc=cfg.run_name, unit="step", dynamic_ncols=True,
                    disable=None if main else True, leave=True)
         try:
             for step in range(start_step, end_step):
                 x, y = batches.next(device)
+                if profile is not None:
+                    profile.begin(step)
                 t0 = time.perf_counter()
                 done = step + 1
                 loss, nonfinite = take_step(recipe, x, y, autocast, done, device)
-                lv, any_nonfinite = ranks.sync_step(loss, nonfinite is not None)  # the global batch's loss, one verdict
+                with record_function("trueternary.sync"):  # the global batch's loss, one verdict
+                    lv, any_nonfinite = ranks.sync_step(loss, nonfinite is not None)
                 dt = time.perf_counter() - t0
+                if profile is not None:
+                    profile.end(step, dt)
                 check_diverged(recipe, done, lv, any_nonfinite, nonfinite)
                 losses.append(lv)
                 flips = recipe.flips_last_step()
@@ -218,6 +227,10 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
             bar.close()
             if log is not None:
                 log.close()
+            if profile is not None:
+                profile.stop()
+        if profile is not None:
+            report_profile(profile, ranks, run_dir)
 
         # ---- finish: the plot and the summary
         seconds = time.perf_counter() - t_start
@@ -326,40 +339,23 @@ def build_training_recipe(cfg: TrainConfig, hp: Hparams, model_cfg: dict, device
                          f"{device} ({' '.join(str(e).split())[:200]})") from None
 
 
-def restore_training_state(recipe, batches: RandomWindows, ckpt: ckpt_io.Checkpoint, cfg: TrainConfig, ranks: Ranks,
-                           fingerprint: str) -> RandomWindows:
-    """Continue from ``ckpt``: model and optimiser state and the RNG; returns this rank's windows from its saved
-    data position."""
+def restore_training_state(recipe, batches: RandomWindows, ckpt: ckpt_io.Checkpoint, ranks: Ranks,
+                           fingerprint: str) -> None:
+    """Continue from ``ckpt``: model and optimiser state, the RNG and the data position (one for every rank and
+    any number of ranks: ``Ranks.windows``)."""
     ckpt_io.restore_recipe(recipe, ckpt)
     try:
         data_meta = dict(ckpt.meta["data"])
+        batches.load_state_dict(data_meta["position"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt.path}: bad data position ({e})") from None
-    batches = restore_data_position(batches, data_meta, cfg, ranks, ckpt.step, ckpt.path)
     ckpt_io.restore_rng(ckpt.meta.get("rng", {}), ranks.device)
+    if data_meta.get("positions") and int(data_meta.get("world_size", 1)) > 1:  # an older data-parallel checkpoint
+        say(f"note: {ckpt.path.name} was written when each rank drew its own windows; the run continues rank 0's "
+            "stream as the stream of global batches, so the data order differs from an uninterrupted run")
     if data_meta.get("fingerprint") != fingerprint:
         say(f"warning: the data differs from the data {ckpt.path.name} was trained on "
             f"({data_meta.get('name')}); the run will not match an uninterrupted one")
-    return batches
-
-
-def restore_data_position(batches: RandomWindows, data_meta: dict, cfg: TrainConfig, ranks: Ranks, start_step: int,
-                          ckpt_path: Path) -> RandomWindows:
-    """Continue this rank's window stream when the checkpoint was written by as many ranks; otherwise
-    start a fresh, deterministic stream per (seed, rank, world size, step) and say so."""
-    saved_world = int(data_meta.get("world_size", 1))
-    try:
-        if saved_world == ranks.world_size:
-            positions = data_meta.get("positions") or [data_meta["position"]]
-            batches.load_state_dict(positions[ranks.rank])
-            return batches
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise CheckpointError(f"{ckpt_path}: {e}") from None
-    fresh = ranks.windows(batches.data, cfg.batch_size, batches.ctx, cfg.seed, resumed_at=start_step)
-    say(f"note: {ckpt_path.name} was written by {saved_world} rank(s), this run has {ranks.world_size}: model, "
-        f"optimiser and schedule continue exactly, but each rank draws a new window stream from step {start_step}, "
-        "so the data order differs from an uninterrupted run")
-    return fresh
 
 
 def open_run_log(run_dir: Path, cfg: TrainConfig, hp: Hparams, recipe, corpus: Corpus, fingerprint: str,
@@ -374,7 +370,7 @@ def open_run_log(run_dir: Path, cfg: TrainConfig, hp: Hparams, recipe, corpus: C
     }
     if ranks.parallel:
         info["distributed"] = {"world_size": ranks.world_size, "backend": ranks.backend,
-                               "batch_per_rank": batches.batch,
+                               "batch_per_rank": batches.share,
                                "comm_model": {k: str(v) if isinstance(v, torch.dtype) else v
                                               for k, v in ranks.comm_model.items()}}
     write_json(run_dir / "config.json", info)
@@ -389,10 +385,8 @@ def announce_run(cfg: TrainConfig, corpus: Corpus, n_weights: int, ranks: Ranks,
         f"batch {cfg.batch_size} x ctx {cfg.ctx}, {_device_text(ranks.device)}, run dir {run_dir}")
     if ranks.parallel:
         comm = ranks.comm_model
-        sent = [f"votes as {str(comm['vote_dtype']).removeprefix('torch.')}"] if comm["vote_dtype"] else []
-        sent += [f"{comm['grad_dtype']} gradients by DDP"] if comm["grad_dtype"] else []
-        say(f"data parallel: {ranks.world_size} rank(s) ({ranks.backend}), {batches.batch} sequences per rank; "
-            f"{' + '.join(sent) or 'only the step sync'}: {comm['payload']:,} bytes all-reduced per step "
+        say(f"data parallel: {ranks.world_size} rank(s) ({ranks.backend}), {batches.share} sequences per rank; "
+            f"{distributed.comm_sent_as(comm)}: {comm['sent']:,} bytes sent per rank per step "
             f"({comm['per_weight']:.4f} B/weight)")
     if start_step:
         say(f"resumed from step {start_step}")
@@ -406,8 +400,9 @@ def _device_text(device: torch.device) -> str:
 
 
 def capture_step_graph(cfg: TrainConfig, recipe, ranks: Ranks, autocast: bool) -> None:
-    """Run every step as one replayed CUDA graph (Recipe.use_cuda_graph) where --cuda_graph asks for it, or
-    where it can be with --cuda_graph auto: a graph-capable config on a CUDA device, in one process."""
+    """Run every step as one replayed CUDA graph (Recipe.use_cuda_graph) where --cuda_graph asks for it (data
+    parallel too, over NCCL), or where it can be with --cuda_graph auto: a graph-capable config on a CUDA device,
+    in one process."""
 
     device = ranks.device
     auto = cfg.cuda_graph == "auto" and graph_capable(cfg) and device.type == "cuda" and not ranks.parallel
@@ -462,7 +457,6 @@ def save_checkpoint(ranks: Ranks, run_dir: Path, recipe, batches: RandomWindows,
                     corpus: Corpus, fingerprint: str, step: int, plot_title: str | None) -> Path | None:
     """Every rank: a checkpoint of the state all ranks hold (never of one they disagree on), written by rank 0
     with every rank's data position, and plot.png redrawn when ``plot_title`` is given. The path, on rank 0."""
-    positions = ranks.data_positions(batches.state_dict())
     differing = ranks.differing_tensors(lambda: ckpt_io.recipe_state(recipe)[0])
     if differing:
         shown = ", ".join(differing[:4]) + (" ..." if len(differing) > 4 else "")
@@ -470,7 +464,7 @@ def save_checkpoint(ranks: Ranks, run_dir: Path, recipe, batches: RandomWindows,
                             "some update was not applied identically on every rank")
 
     def write() -> Path:
-        path = save(run_dir, recipe, batches, cfg, hp, corpus, fingerprint, ranks.device, positions)
+        path = save(run_dir, recipe, batches, cfg, hp, corpus, fingerprint, ranks.device, ranks.world_size)
         if plot_title is not None:
             plot_run(run_dir, plot_title)
         return path
@@ -479,13 +473,12 @@ def save_checkpoint(ranks: Ranks, run_dir: Path, recipe, batches: RandomWindows,
 
 
 def save(run_dir: Path, recipe, batches: RandomWindows, cfg: TrainConfig, hp: Hparams, corpus: Corpus,
-         fingerprint: str, device: torch.device, positions: list[dict] | None = None) -> Path:
-    """Write a checkpoint. ``positions``: every data-parallel rank's data position (rank order), saved
-    next to rank 0's so a resume on the same world size continues every rank's window stream."""
+         fingerprint: str, device: torch.device, world_size: int = 1) -> Path:
+    """Write a checkpoint. Its data position is every rank's (the stream of global batches); ``world_size`` (the
+    ranks that wrote it) is for the record."""
     tensors, meta = ckpt_io.recipe_state(recipe)
-    data = {"name": corpus.name, "fingerprint": fingerprint, "position": batches.state_dict()}
-    if positions is not None:
-        data.update(position=positions[0], positions=positions, world_size=len(positions))
+    data = {"name": corpus.name, "fingerprint": fingerprint, "position": batches.state_dict(),
+            "world_size": world_size}
     meta.update(
         model={"name": cfg.model, "config": recipe.model.cfg.to_dict()},
         train_config=asdict(cfg),
@@ -499,6 +492,23 @@ def save(run_dir: Path, recipe, batches: RandomWindows, cfg: TrainConfig, hp: Hp
 
 
 # ------------------------------------------------------------------------------------ finish
+def report_profile(profile: StepProfile, ranks: Ranks, run_dir: Path) -> None:
+    """--profile_steps: every rank's phases to rank 0, which prints the table and writes profile.json and its own
+    trace into the run directory."""
+    summaries = ranks.gather(profile.summary())
+
+    def write() -> None:
+        print(stepprofile.table(summaries, ranks.device.type), flush=True)
+        write_json(run_dir / "profile.json", {"world_size": ranks.world_size, "device": str(ranks.device),
+                                              "ranks": summaries})
+        try:
+            profile.write_trace(run_dir / "profile_trace.json")
+        except OSError as e:
+            raise ckpt_io.write_error(run_dir / "profile_trace.json", e) from None
+
+    ranks.run(write, here=ranks.is_main)
+
+
 def print_summary(summary: dict, cfg: TrainConfig, n_weights: int) -> None:
     """Rank 0's closing lines: steps, speed, loss and validation; the bytes all-reduced; how to continue a run
     that SIGTERM stopped."""
@@ -509,9 +519,8 @@ def print_summary(summary: dict, cfg: TrainConfig, n_weights: int) -> None:
         comm_line = ""
         per_step = summary.get("comm_bytes_per_step")
         if per_step is not None:
-            ring = distributed.ring_bytes_per_rank(per_step, summary["world_size"])
-            comm_line = (f"comm: {per_step:,.0f} bytes all-reduced per step, measured ({per_step / n_weights:.4f} "
-                         f"B/weight; ring all-reduce: {ring:,.0f} bytes sent per rank per step)\n")
+            comm_line = (f"comm: {per_step:,.0f} bytes sent per rank per step, counted at every collective "
+                         f"({per_step / n_weights:.4f} B/weight)\n")
         val = f", {first}val {val_bpb:.3f} bits/byte" if val_bpb is not None else ""
         print(f"done: {len(losses)} steps in {summary['seconds']:.1f}s ({summary['tokens_per_s']:,.0f} tok/s), "
               f"loss {losses[0]:.3f} -> {losses[-1]:.3f}{val}\n{comm_line}"

@@ -75,6 +75,7 @@ class TrainConfig:
     out_dir: str = "runs"
     resume: str | None = None  # checkpoint file, run directory, or "auto"
     overwrite: bool = False  # a fresh run in a directory holding another run: move its files aside first
+    profile_steps: int = 0  # profile this many steps (after two) on every rank: where the time goes (stepprofile)
 
 
 # Flags that define the run: a resumed run must keep them (or it would not continue the same run).
@@ -88,6 +89,7 @@ STEP_LIMIT = 2**31 - 1
 FLAG_LIMITS = {
     "max_steps": STEP_LIMIT, "stop_at": STEP_LIMIT, "eval_every": STEP_LIMIT, "save_every": STEP_LIMIT,
     "log_every": STEP_LIMIT, "keep_checkpoints": STEP_LIMIT, "scale_update_interval": STEP_LIMIT,
+    "profile_steps": STEP_LIMIT,
     "d_model": 1 << 16, "n_layers": 1 << 12, "n_heads": 1 << 12, "group_size": 1 << 20, "ctx": 1 << 20,
     "batch_size": 1 << 20, "eval_windows": 1 << 20, "threads": 1 << 10, "seed": 2**64 - 1,
 }
@@ -123,7 +125,8 @@ def validate(cfg: TrainConfig) -> Hparams:
             continue
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise UsageError(f"--{name} must be a positive integer, got {v!r}")
-    for name in ("eval_every", "save_every", "keep_checkpoints", "seed", "scale_update_interval", "threads"):
+    for name in ("eval_every", "save_every", "keep_checkpoints", "seed", "scale_update_interval", "threads",
+                 "profile_steps"):
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise UsageError(f"--{name} must be an integer >= 0, got {v!r}")
@@ -245,6 +248,8 @@ def merge_resumed(ckpt: Checkpoint, cfg: TrainConfig, explicit: set[str]) -> Tra
         merged.stop_at = None
     if "overwrite" not in explicit:  # what the first process did to its directory, not part of the run
         merged.overwrite = False
+    if "profile_steps" not in explicit:  # a measurement of the first process, not part of the run
+        merged.profile_steps = 0
     if "out_dir" not in explicit:
         merged.out_dir = cfg.out_dir
     if merged.max_steps != saved.get("max_steps"):
@@ -300,8 +305,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda_graph", dest="cuda_graph", default=None,
                    action=argparse.BooleanOptionalAction,
                    help="TrueTernary on the gpu backend: capture the whole training step in one CUDA graph and "
-                        "replay it (no Python per layer: 2-7x faster steps on an H200, the same results); one "
-                        "process, CUDA only (default: auto, on wherever it can be; --no-cuda_graph: eager steps)")
+                        "replay it (no Python per layer: 2-7x faster steps on an H200, the same results); CUDA "
+                        "only (default: auto, on wherever it can be in one process; data-parallel over NCCL with "
+                        "--cuda_graph; --no-cuda_graph: eager steps)")
     p.add_argument("--deterministic", dest="deterministic", default=None, action=argparse.BooleanOptionalAction,
                    help="bit-for-bit repeatable steps on a GPU too: deterministic algorithms and math attention "
                         "(PyTorch's flash/cuDNN/memory-efficient attention backward is not deterministic at long "
@@ -311,8 +317,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="recompute each transformer block's activations in backward instead of keeping them: "
                         "activation memory of one block input per layer, about one more forward per step, the "
                         "same results bit for bit (default: off)")
-    flag("ddp_grad_dtype", help="under torchrun: dtype of the float gradients DDP all-reduces for float "
-         "parameters (fp32, or bf16 via torch's bf16_compress_hook)")
+    flag("ddp_grad_dtype", help="under torchrun: dtype in which gradients travel between the ranks, the ternary "
+         "weights' (summed in float32 after) and DDP's for float parameters (fp32, or bf16: half the bytes)")
     flag("max_steps", type=int, help="optimiser steps (also the length of the lr schedule)")
     flag("batch_size", type=int, help="sequences per step, over all data-parallel ranks together")
     flag("ctx", type=int, help="bytes per sequence (the model's context)")
@@ -326,6 +332,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag("log_every", type=int, help="steps between metrics.jsonl rows")
     flag("stop_at", type=int, help="stop and save after this step, keeping the --max_steps schedule "
          "(for jobs with a time limit; continue with --resume; default: run to --max_steps)")
+    flag("profile_steps", type=int, help="profile this many steps (after the first two) on every rank and print "
+         "where a step's time goes, phase by phase, a column per rank; also <run dir>/profile.json and rank 0's "
+         "trace profile_trace.json (docs/distributed.md; default: off)")
     flag("run_name", help="directory under --out_dir (default: <config>-<date>-<time>)")
     flag("out_dir", help="parent of run directories")
     flag("resume", metavar="PATH|auto", help="continue from a checkpoint file, a run directory, or 'auto' "
@@ -334,9 +343,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          "files (config.json, metrics.jsonl, plot.png, checkpoints/, tensorboard/) are moved into "
          "<run dir>/replaced-<time>/ first (default: off, such a directory is refused)")
     p.add_argument("--comm_report", dest="comm_report", default=None, metavar="N[,N...]",
-                   help="print the bytes all-reduced per step per weight of every config for this model at "
-                        "N data-parallel ranks (see docs/distributed.md) and exit without training (default: "
-                        "off: train)")
+                   help="print the bytes each rank sends per step (and per weight) for every config of this "
+                        "model at N data-parallel ranks (see docs/distributed.md) and exit without training "
+                        "(default: off: train)")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:

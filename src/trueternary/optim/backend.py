@@ -4,8 +4,8 @@
 calls one :class:`VoteBackend`, chosen from its update backend and its data-parallel ``comm``:
 
     backend                 one process                     data parallel (comm.world_size > 1)
-    dense-fallback          dense.DenseVotes                data_parallel.DataParallelVotes
-    gpu, gpu-signcache      kernel.KernelVotes              data_parallel.DataParallelKernelVotes
+    dense-fallback          dense.DenseVotes                data_parallel.ExchangedVotes
+    gpu, gpu-signcache      kernel.KernelVotes              data_parallel.ExchangedKernelVotes
     none                    VoteBackend (this base: no votes, no flips)
 
 Calls, in the order of a training step (``group``: the weight's param group; ``lr``: the vote scale its
@@ -15,7 +15,8 @@ votes use, the group's number or, after ``FlipOptimizer.use_device_lr``, a devic
                fuses_matmul_votes(gy, x, group)                    can gW = gy.T @ x be voted without forming it?
                cast_fused_matmul_votes(weight, gy, x, group, lr)   ... then vote it so
                cast_bias_votes(bias, g, group, lr)
-    step()     exchange_votes()                                    collective, before anything can raise
+    step()     exchange_votes()                                    collective, before anything can raise (data
+                                                                   parallel: the ranks' gradients -> votes)
                skip_flips()                                        a step that raises: votes kept, no flips
                apply_flips(groups) -> (flips, scale_flips)
                end_step()

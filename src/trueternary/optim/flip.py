@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from ..backends import DEFAULT_UPDATE_BACKEND, UpdateBackend, resolve_backend
 from ..errors import NonFiniteGradientError
@@ -48,7 +49,7 @@ from ..weight import TernaryScaleTensor, ternary_weights
 from .accumulate import GradAccumulator
 from .backend import VoteBackend
 from .context import BIAS_Q_MAX, VoteContext
-from .data_parallel import DataParallelKernelVotes, DataParallelVotes
+from .data_parallel import ExchangedKernelVotes, ExchangedVotes
 from .dense import DenseVotes
 from .kernel import KernelVotes
 
@@ -64,10 +65,10 @@ def vote_backend(backend: UpdateBackend, ctx: VoteContext, comm=None) -> VoteBac
         return VoteBackend(ctx)
     if backend.runs_kernels:
         if parallel:
-            return DataParallelKernelVotes(ctx, comm)
+            return ExchangedKernelVotes(ctx, comm)
         return KernelVotes(ctx, signcache=backend is UpdateBackend.GPU_SIGNCACHE)
     if backend is UpdateBackend.DENSE:
-        return DataParallelVotes(ctx, comm) if parallel else DenseVotes(ctx)
+        return ExchangedVotes(ctx, comm) if parallel else DenseVotes(ctx)
     raise ValueError(f"{backend.value!r} is not a concrete update backend (resolve_backend)")
 
 
@@ -190,8 +191,8 @@ class FlipOptimizer(torch.optim.Optimizer):
 
     @property
     def comm(self):
-        """Data parallelism (trueternary.distributed.attach): an object with ``world_size``, ``rank`` and
-        ``sum_votes(int tensor) -> int tensor`` (an exact integer all-reduce); None: one process."""
+        """Data parallelism (trueternary.distributed.attach): the ranks' collectives (a
+        ``distributed.VoteExchange``; optim/data_parallel.py says what it needs); None: one process."""
         return self._comm
 
     @comm.setter
@@ -226,7 +227,7 @@ class FlipOptimizer(torch.optim.Optimizer):
 
     @property
     def world_size(self) -> int:
-        """Data-parallel ranks that sum this optimiser's votes (1: one process)."""
+        """Data-parallel ranks that vote as one with this optimiser (1: one process)."""
         return self._comm.world_size if self._comm is not None else 1
 
     # ------------------------------------------------------------------ votes (called in backward)
@@ -239,13 +240,13 @@ class FlipOptimizer(torch.optim.Optimizer):
         return group, lr if scale == 1.0 else lr * scale
 
     @torch.no_grad()
-    def cast_votes(self, weight: TernaryScaleTensor, g: torch.Tensor, T: torch.Tensor, rows=None,
+    def cast_votes(self, weight: TernaryScaleTensor, g: torch.Tensor, T: torch.Tensor | None, rows=None,
                    n_rows: torch.Tensor | None = None) -> None:
         """Turn the weight gradient ``g`` (of ``rows``, default all) into votes in ``T_accum`` / ``E_accum``.
 
-        ``T`` is the int8 trit matrix (or its rows ``rows``). Row calls (an embedding's backward): only the first
-        ``n_rows`` rows (a 0-dim device tensor; default all) vote, and nothing is read on the host, so a CUDA
-        graph can capture them (dense.DenseVotes.cast_votes).
+        ``T`` is the int8 trit matrix (or its rows ``rows``; None: decoded from ``T_packed`` when needed). Row
+        calls (an embedding's backward): only the first ``n_rows`` rows (a 0-dim device tensor; default all) vote,
+        and nothing is read on the host, so a CUDA graph can capture them (dense.DenseVotes.cast_votes).
         """
         if self._grads is not None:
             self._grads.add(weight, g, rows, n_rows)
@@ -270,7 +271,7 @@ class FlipOptimizer(torch.optim.Optimizer):
         if self._votes.fuses_matmul_votes(gy, x, group):
             self._votes.cast_fused_matmul_votes(weight, gy, x, group, lr)
             return
-        self.cast_votes(weight, (gy.t() @ x).float(), weight.trits() if T is None else T)
+        self.cast_votes(weight, (gy.t() @ x).float(), T)
 
     @torch.no_grad()
     def cast_bias_votes(self, bias: IntegerBias, g: torch.Tensor) -> None:
@@ -325,7 +326,8 @@ class FlipOptimizer(torch.optim.Optimizer):
             raise NonFiniteGradientError(
                 f"{bad} layer gradient(s) had NaN/inf at step {counters.step - 1}; their votes were dropped"
             )
-        flips, scale_flips = self._votes.apply_flips(zip(self.param_groups, self._group_modules))
+        with record_function("trueternary.flips"):
+            flips, scale_flips = self._votes.apply_flips(zip(self.param_groups, self._group_modules))
         self._votes.end_step()
         if flips is not None:
             self.last_flips = flips

@@ -39,10 +39,8 @@ class KernelVotes(DenseVotes):
 
     # ------------------------------------------------------------------ backward
     def fuses_matmul_votes(self, gy: torch.Tensor, x: torch.Tensor, group: dict) -> bool:
-        # (norm_beta under data parallelism: the dense path, which all-reduces the statistics)
         return (kernels_can_run(gy) and gy.dtype in KERNEL_DTYPES and x.dtype == gy.dtype
-                and vote_ops.fused_votes_supported(group)
-                and not (uses_norm_memory(group) and self.world_size > 1))
+                and vote_ops.fused_votes_supported(group))
 
     @torch.no_grad()
     def cast_fused_matmul_votes(self, weight: TernaryScaleTensor, gy: torch.Tensor, x: torch.Tensor, group: dict,
