@@ -319,10 +319,20 @@ def test_doc_block_extractor():
                                        ("d-1", "# ```python inside a comment\nw = 4\n")]
 
 
-DOC_BLOCKS = doc_python_blocks(DOC.read_text()) if DOC.exists() else []
+DOC_TEXT = DOC.read_text()
+DOC_BLOCKS = doc_python_blocks(DOC_TEXT)
 
 
+@pytest.mark.filterwarnings("ignore:ternarize")  # (the examples show ternarize's warning where it matters)
 @pytest.mark.parametrize("code", [c for _, c in DOC_BLOCKS], ids=[i for i, _ in DOC_BLOCKS])
 def test_integrations_doc_examples(code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, str(DOC), "exec"), {"__name__": "__doc_example__"})
+    # the block at its own lines of the page, so a traceback points into the page
+    first_line = DOC_TEXT[:DOC_TEXT.index("```python\n" + code)].count("\n") + 1
+    from accelerate.state import AcceleratorState  # (a test dependency: the page's accelerate example needs it)
+
+    AcceleratorState._reset_state(True)  # Trainer and Accelerator share accelerate's process-wide state
+    try:
+        exec(compile("\n" * first_line + code, str(DOC), "exec"), {"__name__": "__doc_example__"})
+    finally:
+        AcceleratorState._reset_state(True)

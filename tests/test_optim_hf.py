@@ -352,8 +352,7 @@ def tiny_llama(seed: int = 0):
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # strict=False: the RMSNorm gains stay float (AdamW trains them), and transformers' model.dtype, which
-        # saving reads, needs a float parameter
+        # strict=False: the RMSNorm gains stay float parameters, so the mixed optimiser's AdamW part is exercised
         return ternarize(transformers.LlamaForCausalLM(cfg), strict=False)
 
 
