@@ -250,6 +250,50 @@ def test_top_level_help_and_version_load_no_torch(argv):
         assert all(name in proc.stdout for name in ("train", "bench", "audit", "project", "generate", "info"))
 
 
+def test_every_command_help_and_refused_flag_load_no_torch():
+    """``trueternary <command> --help`` (and a flag argparse refuses, answered before the command runs) imports no
+    torch nor any other heavy module: each command's flags are defined in torch-free modules. One process runs
+    them all in turn, so the first command that loads torch is the one named."""
+    argvs = [[name, "--help"] for name in ("train", "generate", "project", "info", "bench", "audit", "export")]
+    argvs += [[name, "--no-such-flag"] for name in ("train", "bench", "generate", "project", "audit", "export")]
+    argvs += [["train", "--max_steps", "abc"], ["generate"], ["export", "--ckpt", "x"]]  # a bad value; required ones
+    proc = _run_python(
+        "import contextlib, io, sys\n"
+        "from trueternary.cli import COMMANDS, main\n"
+        f"argvs = {argvs!r}\n"
+        "assert sorted({a[0] for a in argvs if a[1:] == ['--help']}) == sorted(COMMANDS)\n"
+        "for argv in argvs:\n"
+        "    out, err = io.StringIO(), io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+        "        code = main(argv)\n"
+        f"    heavy = sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r})\n"
+        "    print(argv, code, 'usage' in out.getvalue(), err.getvalue().startswith('trueternary: error:'), heavy)\n"
+        "    if heavy:\n"
+        "        break\n")
+    assert proc.returncode == 0, proc.stderr
+    rows = proc.stdout.splitlines()
+    for argv, row in zip(argvs, rows):
+        helped = argv[1:] == ["--help"]
+        assert row == f"{argv!r} {0 if helped else 2} {helped} {not helped} []", row
+    assert len(rows) == len(argvs), proc.stdout
+
+
+def test_the_torch_free_names_are_the_registries():
+    """The names the parsers show without torch (``settings``) are those the commands run with."""
+    from trueternary import export, models, recipes, rule, settings, weight
+    from trueternary.export import gguf_file, tq
+
+    assert tuple(recipes.RECIPES) == settings.CONFIG_NAMES == recipes.CONFIG_NAMES
+    built_in = sorted(n for n, (cls, _) in models._MODELS.items() if cls.__module__.startswith("trueternary."))
+    assert list(settings.MODEL_NAMES) == built_in
+    assert settings.GGUF_TYPES == export.TYPES == tq.TYPES + gguf_file.FLOAT_TYPES
+    assert export.DEFAULT_TYPE in tq.TYPES
+    # defined once, re-exported where they are used at run time
+    assert rule.FlipRule is settings.FlipRule and weight.DEFAULT_GROUP_SIZE is settings.DEFAULT_GROUP_SIZE
+    hp = recipes.Hparams()
+    assert (hp.warmup_frac, hp.min_lr_frac) == (settings.WARMUP_FRAC, settings.MIN_LR_FRAC)
+
+
 def test_version(capsys):
     import trueternary
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .arguments import audit_arguments as add_arguments
 from .errors import UsageError
 from .flags import Parser
 from .layers import IntegerBias
@@ -131,33 +132,6 @@ def format_audit(report: dict, title: str = "model") -> str:
 
 
 # ---------------------------------------------------------------------- command line
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """train's flags for the model (names and defaults), ``--float`` and ``--ckpt``."""
-    from .models import model_names
-    from .trainconfig import TrainConfig
-
-    d = TrainConfig()
-    p.add_argument("--ckpt", "--checkpoint", "--resume", dest="ckpt", default=None, metavar="PATH",
-                   help="audit this checkpoint (a file, or a run directory: its newest checkpoint): its model and "
-                        "optimiser state as saved; the model flags are then the checkpoint's (default: the model "
-                        "train builds from the flags below)")
-    # default None: run() tells the flags given (which --ckpt refuses) from those left at train's defaults
-    for name, kw in (("model", dict(help="model family: " + ", ".join(model_names()))),
-                     ("d_model", dict(type=int, help="model width")),
-                     ("n_layers", dict(type=int, help="transformer blocks")),
-                     ("n_heads", dict(type=int, help="attention heads")),
-                     ("ctx", dict(type=int, help="bytes per sequence (the model's context)")),
-                     ("group_size", dict(type=int, help="weights per int8 scale E")),
-                     ("seed", dict(type=int, help="seed of the model init"))):
-        kw["help"] += f" (default: {getattr(d, name)}, train's)"
-        p.add_argument(f"--{name}", default=None, **kw)
-    p.add_argument("--float", action="store_true",
-                   help=f"audit the float base model (default: off, the {d.config} model train builds from it)")
-    p.add_argument("--require_zero_float", action="store_true",
-                   help="exit 1 when the audited model has trainable float parameters")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON (default: none)")
-
-
 _MODEL_FLAGS = ("model", "d_model", "n_layers", "n_heads", "ctx", "group_size", "seed")
 
 

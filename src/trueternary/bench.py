@@ -36,16 +36,17 @@ from pathlib import Path
 import torch
 
 from . import memory
-from .backends import DEFAULT_UPDATE_BACKEND, UPDATE_BACKENDS, resolve_backend
+from .arguments import bench_arguments as add_arguments  # noqa: F401 (re-exported: defined torch-free for cli)
+from .backends import resolve_backend
 from .data import eval_windows, load_corpus, random_batch
 from .errors import NonFiniteGradientError, UsageError
 from .evaluate import LN2, validation_bpb
-from .flags import THREADS_HELP, cpu_threads, parse_overrides, resolve_device
+from .flags import cpu_threads, parse_overrides, resolve_device
 from .models import build_model, check_compile_ops, model_names
 from .qat import QUANTIZERS, forward_trits
 from .recipes import CONFIG_NAMES, LATENT_CONFIGS, TERNARY_CONFIGS, Hparams, build_recipe
 from .rule import FlipRule
-from .weight import DEFAULT_GROUP_SIZE, ternary_weights
+from .weight import ternary_weights
 
 EXIT_JOBS_FAILED = 3  # some configs failed, crashed or timed out; the others' results were written
 FAILED_STATUSES = ("failed", "crashed", "timeout")
@@ -274,69 +275,6 @@ def _write_json(path: str, meta: dict, results: list[dict]) -> None:
         tmp.replace(p)
     except OSError as e:
         raise UsageError(f"cannot write --json {path}: {e.strerror or e}") from None
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """``trueternary bench`` flags. Where train has a flag for the same thing bench takes train's name too
-    (``--steps`` / ``--max_steps``, ``--batch`` / ``--batch_size``); on a ``flags.Parser`` every flag has both
-    spellings (``--d_model`` / ``--d-model``)."""
-    p.add_argument("--configs", default="Adam_FP32,BitNet_QAT,SignSGD_Old,TrueTernary",
-                   help=f"comma list of {', '.join(CONFIG_NAMES)}; an entry may carry overrides in brackets, e.g. "
-                        "TrueTernary[lr=4,vote_clip=4]")
-    p.add_argument("--steps", "--max_steps", dest="steps", type=int, default=200, metavar="N",
-                   help="optimiser steps per config (also the length of the lr schedule)")
-    p.add_argument("--batch", "--batch_size", dest="batch", type=int, default=4, metavar="N",
-                   help="sequences per step")
-    p.add_argument("--ctx", type=int, default=33, help="bytes per sequence (the model's context)")
-    p.add_argument("--update_backend", default=DEFAULT_UPDATE_BACKEND.value,
-                   help="vote/flip backend of the ternary configs: " + ", ".join(UPDATE_BACKENDS))
-    p.add_argument("--scale_update_interval", type=int, default=FlipRule.scale_update_interval,
-                   help="steps between scale votes; 0 freezes E")
-    p.add_argument("--accum_threshold", type=int, default=None,
-                   help="votes a trit needs to flip (default: FlipRule's)")
-    p.add_argument("--print_every", type=int, default=50, metavar="N", help="print the loss every N steps (0: never)")
-    p.add_argument("--reuse_base", action="store_true",
-                   help="start every config from the same base model (float configs from its float weights, "
-                        "ternary ones from its absmean ternarisation)")
-    p.add_argument("--data", default=None, metavar="SPEC",
-                   help="text file, .gz file, directory or 'enwik8' (default: the embedded corpus)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the base model, the batches and the vote RNG")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=0, help=THREADS_HELP + "; --jobs share them out")
-    p.add_argument("--model", default="transformer", help="model family: " + ", ".join(model_names()))
-    p.add_argument("--d_model", type=int, default=512, help="model width")
-    p.add_argument("--n_layers", type=int, default=4, help="transformer blocks")
-    p.add_argument("--n_heads", type=int, default=8, help="attention heads")
-    p.add_argument("--model_config", action="append", default=[], metavar="FIELD=VALUE",
-                   help="extra model config fields, e.g. head_std=0.088,mlp_ratio=3")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model's norms, attention and activations for every config (transformer)")
-    p.add_argument("--group_size", type=int, default=None,
-                   help=f"weights per int8 scale E (default: {DEFAULT_GROUP_SIZE})")
-    p.add_argument("--lr", action="append", default=[], metavar="CONFIG=LR",
-                   help="peak learning rate (vote scale for TrueTernary) of a config, e.g. Adam_FP32=1e-3 "
-                        "(default: each recipe's)")
-    p.add_argument("--rule", action="append", default=[], metavar="FIELD=VALUE",
-                   help="FlipRule field overrides for TrueTernary configs, e.g. vote_clip=4,decay=0.01")
-    # On purpose twice train's --eval_windows: bench evaluates each config once, at the end, where train evaluates
-    # every --eval_every steps.
-    p.add_argument("--eval_windows", type=int, default=256,
-                   help="windows for validation bpb (and as many training windows for train_bpb)")
-    p.add_argument("--warmup_frac", type=float, default=Hparams.warmup_frac,
-                   help="linear warm-up, fraction of --steps")
-    p.add_argument("--min_lr_frac", type=float, default=Hparams.min_lr_frac,
-                   help="cosine decay ends at this fraction of the peak")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="run this many configs at once, each in its own spawned process on --device (needs "
-                        "--reuse_base; step times and peak memory are then measured beside the other jobs; each "
-                        "job gets an equal share of the CPU threads)")
-    p.add_argument("--job_timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="with --jobs: stop a job that has gone this long without progress (a finished step or "
-                        "evaluation; its process start counts), report it as 'timeout'; 0: never")
-    p.add_argument("--json", default=None, metavar="PATH",
-                   help="write every config's results here, after each config (default: none)")
-    p.add_argument("--plot", default=None, metavar="PATH",
-                   help="draw the training-loss curves into this image (default: none)")
 
 
 # --model_config fields that have their own flag, or that the byte data fixes

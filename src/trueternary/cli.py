@@ -10,8 +10,9 @@ checkpoint, or a file that cannot be written (trueternary.errors.USAGE_ERRORS: U
 CheckpointError, WriteError; any other OSError naming a file); 1 training diverged (TrainingError); 3 bench: some
 configs failed, crashed or timed out; 130 interrupted.
 
-Only the sub-command that runs is imported (with it torch): ``trueternary --help`` and ``--version`` load
-neither. The sub-commands import ``flags`` and ``errors``, never this module.
+Only the sub-command that runs is imported (with it torch): its flags are defined in torch-free modules
+(``trainconfig``, ``arguments``), so ``trueternary --help``, ``--version``, every ``trueternary <command> --help``
+and a refused flag load no torch. The sub-commands import ``flags`` and ``errors``, never this module.
 """
 
 from __future__ import annotations
@@ -26,24 +27,41 @@ from .flags import Parser
 Handler = Callable[[argparse.Namespace], object]
 
 
-# Each loader imports its sub-command's module and returns (add_arguments, run); they are separate functions so
-# that a command's imports are made only when it runs (and so that tests/test_imports.py sees every edge).
+# Each loader returns its sub-command's (add_arguments, run). The flags come from torch-free modules (trainconfig,
+# arguments), so `trueternary <command> --help`, and a flag argparse refuses, load no torch; run imports the
+# command's module (with it torch) when the command runs. Separate functions, with the imports written out, so that
+# tests/test_imports.py sees every edge.
 def _train():
-    from . import train
+    from .trainconfig import add_arguments
 
-    return train.add_arguments, train.run
+    def run(args: argparse.Namespace):
+        from . import train
+
+        return train.run(args)
+
+    return add_arguments, run
 
 
 def _generate():
-    from . import generate
+    from .arguments import generate_arguments
 
-    return generate.add_arguments, generate.run
+    def run(args: argparse.Namespace):
+        from . import generate
+
+        return generate.run(args)
+
+    return generate_arguments, run
 
 
 def _project():
-    from . import project
+    from .arguments import project_arguments
 
-    return project.add_arguments, project.run
+    def run(args: argparse.Namespace):
+        from . import project
+
+        return project.run(args)
+
+    return project_arguments, run
 
 
 def _info():
@@ -59,21 +77,36 @@ def _info():
 
 
 def _bench():
-    from . import bench
+    from .arguments import bench_arguments
 
-    return bench.add_arguments, bench.run
+    def run(args: argparse.Namespace):
+        from . import bench
+
+        return bench.run(args)
+
+    return bench_arguments, run
 
 
 def _audit():
-    from . import audit
+    from .arguments import audit_arguments
 
-    return audit.add_arguments, audit.run
+    def run(args: argparse.Namespace):
+        from . import audit
+
+        return audit.run(args)
+
+    return audit_arguments, run
 
 
 def _export():
-    from . import export
+    from .arguments import export_arguments
 
-    return export.add_arguments, export.run
+    def run(args: argparse.Namespace):
+        from . import export
+
+        return export.run(args)
+
+    return export_arguments, run
 
 
 # name: (loader, one-line help, description of its --help)

@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .arguments import generate_arguments as add_arguments  # noqa: F401 (re-exported: defined torch-free for cli)
 from .errors import CheckpointError, UsageError
-from .flags import THREADS_HELP, cpu_threads, resolve_device
+from .flags import cpu_threads, resolve_device
 from .inference import build_inference_model, held_bytes, load_checkpoint_for_inference
 from .vocab import N_BYTES
 
@@ -124,20 +125,6 @@ def stdout_bytes_writer() -> Callable[[bytes], None]:
             sys.stdout.write(decoder.decode(data))
             sys.stdout.flush()
     return write
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, metavar="PATH",
-                   help="checkpoint file (runs/<run>/checkpoints/...) or a .gguf file of trueternary export")
-    p.add_argument("--prompt", default="", help="text to continue (default: a newline)")
-    p.add_argument("--max_new_tokens", type=int, default=200, metavar="N", help="bytes to generate")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 samples greedily")
-    p.add_argument("--top_k", type=int, default=0, metavar="K", help="keep the k likeliest bytes (0: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--threads", type=int, default=0, help=THREADS_HELP + " (as train)")
-    p.add_argument("--no_cache", action="store_true",
-                   help="rerun the whole window for every byte instead of using the key/value cache")
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -47,13 +47,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .arguments import FLAG_BOUNDS, HEAD_DIM, MAX_PARAMS
+from .arguments import project_arguments as add_arguments  # noqa: F401 (re-exported: defined torch-free for cli)
 from .errors import UsageError
 from .rule import FlipRule, norm_tiles, uses_norm_memory
 from .vocab import VOCAB_SIZE
 from .weight import DEFAULT_GROUP_SIZE
 
 GIB = 2**30
-HEAD_DIM = 64
 
 
 # ------------------------------------------------------------------------------------ shapes
@@ -451,29 +452,6 @@ def measured_table(shapes: list[Shape], group_size: int) -> tuple[str, bool]:
 
 
 # ------------------------------------------------------------------------------------ command line
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", type=float, default=3e9, help=f"weights to project (at most {MAX_PARAMS:.0e})")
-    p.add_argument("--group_size", type=int, default=DEFAULT_GROUP_SIZE, help="weights per int8 scale E")
-    p.add_argument("--batch", "--batch_size", dest="batch", type=int, default=1,
-                   help="sequences, for the activation rows")
-    p.add_argument("--ctx", type=int, default=2048, help="bytes per sequence, for the activation rows")
-    p.add_argument("--d_model", type=int, default=None,
-                   help="model width for the gradient/activation rows (default: derived from --params)")
-    p.add_argument("--n_layers", type=int, default=None, help="transformer blocks (default: derived from --params)")
-    p.add_argument("--n_heads", type=int, default=None,
-                   help=f"attention heads (default: heads of {HEAD_DIM}, at least 2)")
-    p.add_argument("--measure", default="1e5,1e6,1e7", metavar="SIZES",
-                   help="comma list of weight counts to measure on real objects ('' skips)")
-
-
-# Bounds of the flags. The tables are closed formulas (time and memory independent of the sizes); the bounds keep
-# them meaningful: 1e15 weights is a thousand times the largest models trained, and the shape flags stay within
-# what such a model could use (2**24 positions: float32 counts them exactly).
-MAX_PARAMS = 1e15
-FLAG_BOUNDS = {"group_size": 1 << 20, "batch": 1 << 20, "ctx": 1 << 24, "d_model": 1 << 20, "n_layers": 1 << 20,
-               "n_heads": 1 << 20}
-
-
 def run(args: argparse.Namespace) -> dict:
     if not (1 <= args.params <= MAX_PARAMS):  # (NaN fails both)
         raise UsageError(f"--params must be a number in [1, {MAX_PARAMS:.0e}], got {args.params:g}")

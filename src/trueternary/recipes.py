@@ -13,8 +13,10 @@ differ.
     TrueTernary_Hybrid  trits by votes, float log2 scales by AdamW (non-strict)
 
 Each is a builder function registered with ``@recipe(name, weights, default_lr)`` in :data:`RECIPES`;
-``CONFIG_NAMES``, ``TERNARY_CONFIGS`` and ``LATENT_CONFIGS`` are read from the registry, and ``build_recipe``
-looks the name up there. ``Hparams.for_run`` is the one way ``train`` and ``bench`` build the hyper-parameters.
+``TERNARY_CONFIGS`` and ``LATENT_CONFIGS`` are read from the registry, ``CONFIG_NAMES`` (its names, in order) is
+the torch-free ``settings.CONFIG_NAMES`` that the command line shows (tests/test_cli.py pins the two together), and
+``build_recipe`` looks the name up in the registry. ``Hparams.for_run`` is the one way ``train`` and ``bench``
+build the hyper-parameters.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .optim import ADAMW_BETAS, HYBRID_SCALE_LR, FlipOptimizer, SignGSD, hybrid_
 from .optim.train_step import capture_cuda_graph, warm_up_and_restore
 from .qat import fake_ternarize, forward_trits
 from .rule import NAIVE_ACCUM_THRESHOLD, FlipRule, vote_width_scale
+from .settings import CONFIG_NAMES, MIN_LR_FRAC, WARMUP_FRAC
 from .weight import DEFAULT_GROUP_SIZE, ternary_weights
 
 
@@ -45,8 +48,8 @@ class Hparams:
     """A run's hyper-parameters (all configs'); build them with :meth:`for_run`, as ``train`` and ``bench`` do."""
 
     steps: int = 200
-    warmup_frac: float = 0.05
-    min_lr_frac: float = 0.1
+    warmup_frac: float = WARMUP_FRAC
+    min_lr_frac: float = MIN_LR_FRAC
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     group_size: int = DEFAULT_GROUP_SIZE
@@ -359,7 +362,6 @@ def _true_ternary_hybrid(name, model, hp, lr, backend, seed, device) -> Recipe:
     return Recipe(name, model, [flip, adam], hp, flip=flip)
 
 
-CONFIG_NAMES = tuple(RECIPES)
 TERNARY_CONFIGS = tuple(n for n, e in RECIPES.items() if e.weights == "ternary")
 LATENT_CONFIGS = tuple(n for n, e in RECIPES.items() if e.weights == "latent")
 

@@ -3,6 +3,10 @@
 :func:`validate` refuses a bad configuration in one line (``UsageError``) before anything is written or
 allocated; :func:`merge_resumed` puts the flags given on top of a resumed checkpoint's configuration;
 :func:`add_arguments` / :func:`config_from_args` map the command line onto :class:`TrainConfig`.
+
+No torch at module level (the defaults and names come from ``settings`` and ``backends``): ``trueternary train
+--help`` and ``audit --help`` build their parsers from here without it; the checks import the modules that need
+torch (``recipes``, ``models``, ``distributed``) when they run.
 """
 
 from __future__ import annotations
@@ -14,18 +18,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import distributed
-from .backends import UpdateBackend
+from .backends import UPDATE_BACKENDS, UpdateBackend, resolve_backend
 from .errors import UsageError
 from .flags import THREADS_HELP, parse_overrides
-from .models import check_compile_ops, model_names
-from .optim import BACKENDS, resolve_backend
-from .recipes import CONFIG_NAMES, TERNARY_CONFIGS, Hparams
-from .rule import FlipRule
-from .weight import DEFAULT_GROUP_SIZE
+from .settings import CONFIG_NAMES, DEFAULT_GROUP_SIZE, MODEL_NAMES, FlipRule
 
 if TYPE_CHECKING:  # checkpoint reads TrainConfig from here
     from .checkpoint import Checkpoint
+    from .recipes import Hparams
 
 
 @dataclass
@@ -104,6 +104,8 @@ def graph_capable(cfg: TrainConfig) -> bool:
 
 def hparams_for(cfg: TrainConfig) -> Hparams:
     """The run's hyper-parameters (:meth:`Hparams.for_run`, which bench uses too): the run's flags on the defaults."""
+    from .recipes import Hparams
+
     return Hparams.for_run(cfg.max_steps, lr={cfg.config: cfg.lr} if cfg.lr is not None else {}, rule=cfg.rule,
                            accum_threshold=cfg.accum_threshold, scale_update_interval=cfg.scale_update_interval,
                            group_size=cfg.group_size)
@@ -111,13 +113,15 @@ def hparams_for(cfg: TrainConfig) -> Hparams:
 
 def validate(cfg: TrainConfig) -> Hparams:
     """Check every flag; raise UsageError with a one-line message. Returns the hyper-parameters."""
+    from . import distributed
+    from .models import check_compile_ops, model_names
 
     if cfg.config not in CONFIG_NAMES:
         raise UsageError(f"unknown --config {cfg.config!r}; choose from {', '.join(CONFIG_NAMES)}")
     if cfg.model not in model_names():
         raise UsageError(f"unknown --model {cfg.model!r}; choose from {', '.join(model_names())}")
-    if cfg.update_backend not in BACKENDS:
-        raise UsageError(f"unknown --update_backend {cfg.update_backend!r}; choose from {', '.join(BACKENDS)}")
+    if cfg.update_backend not in UPDATE_BACKENDS:
+        raise UsageError(f"unknown --update_backend {cfg.update_backend!r}; choose from {', '.join(UPDATE_BACKENDS)}")
     for name in ("max_steps", "batch_size", "ctx", "d_model", "n_layers", "n_heads", "group_size", "eval_windows",
                  "log_every", "stop_at"):
         v = getattr(cfg, name)
@@ -180,6 +184,8 @@ def memory_floor(cfg: TrainConfig, world: int = 1) -> int:
     (built layer by layer from a lazy base: docs/scaling.md). Weights counted: the embedding, the output head
     and four d x d attention matrices per layer, which every model family has (the transformer has three times
     as many; the bound is for refusing what cannot fit)."""
+    from .recipes import TERNARY_CONFIGS
+
     vocab = int(model_config(cfg).get("vocab_size", 256))
     weights = cfg.n_layers * 4 * cfg.d_model ** 2 + 2 * vocab * cfg.d_model
     logits = 4 * (cfg.batch_size // world) * cfg.ctx * vocab
@@ -230,6 +236,7 @@ def model_config(cfg: TrainConfig) -> dict:
 # ------------------------------------------------------------------------------------ resuming
 def merge_resumed(ckpt: Checkpoint, cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     """The checkpoint's TrainConfig with the flags the user gave on top; run-defining ones must agree."""
+    from . import distributed
 
     saved = {k: v for k, v in (ckpt.meta.get("train_config") or {}).items() if k in _FIELDS}
     merged = TrainConfig(**saved)
@@ -282,7 +289,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
          "default: the embedded corpus (Python stdlib sources)")
     flag("data_dir", metavar="DIR", help="data cache: the enwik8 download, decompressed .gz files and directories "
          "(default: $TRUETERNARY_CACHE or ~/.cache/trueternary)")
-    flag("model", help="model family: " + ", ".join(model_names()))
+    flag("model", help="model family: " + ", ".join(MODEL_NAMES))
     flag("d_model", type=int, help="model width")
     flag("n_layers", type=int, help="transformer blocks")
     flag("n_heads", type=int, help="attention heads")
@@ -297,7 +304,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag("scale_update_interval", type=int, help="steps between scale votes; 0 freezes E")
     p.add_argument("--rule", action="append", default=None, metavar="FIELD=VALUE",
                    help="further FlipRule overrides, e.g. vote_clip=4,decay=0.01 (default: none)")
-    flag("update_backend", help="vote/flip backend: " + ", ".join(BACKENDS))
+    flag("update_backend", help="vote/flip backend: " + ", ".join(UPDATE_BACKENDS))
     p.add_argument("--compile", dest="compile", default=None, action=argparse.BooleanOptionalAction,
                    help="torch.compile the model's norms, attention and activations (the linear layers stay eager): "
                         "on a GPU, float configs' steps about 2x faster after a compile of up to a minute "

@@ -26,8 +26,8 @@ from torch import nn
 from . import packing
 from .quant import check_accum_threshold, expand_groups, group_absmean_log2, residual_accum
 from .rule import group_sum, pow2_int
+from .settings import DEFAULT_GROUP_SIZE
 
-DEFAULT_GROUP_SIZE = 64
 LOAD_CHUNK = 1 << 20  # weights load_float_ ternarises at a time: bounds its float temporaries
 SCALE_MODES = ("int", "float")
 

@@ -26,13 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..arguments import export_arguments as add_arguments  # noqa: F401 (re-exported: defined torch-free for cli)
 from ..errors import ExportError
+from ..settings import DEFAULT_GGUF_TYPE as DEFAULT_TYPE
+from ..settings import GGUF_TYPES as TYPES  # tq.TYPES + gguf_file.FLOAT_TYPES (tests/test_cli.py checks it)
 from . import tq
-from .gguf_file import FLOAT_TYPES, BlockReport, LlamaGraph, LossyExport, Ternary, Vocab, byte_vocab
-
-TYPES = tq.TYPES + FLOAT_TYPES
-DEFAULT_TYPE = "tq2_0"
-
+from .gguf_file import BlockReport, LlamaGraph, LossyExport, Ternary, Vocab, byte_vocab
 
 
 @dataclass
@@ -267,17 +266,6 @@ def load_gguf(path: str | os.PathLike):
 
 
 # ------------------------------------------------------------------------------------ command line
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint of trueternary train --model llama")
-    p.add_argument("--out", required=True, metavar="PATH", help="GGUF file to write")
-    p.add_argument("--format", default="gguf", help="output format (gguf, the only one)")
-    p.add_argument("--type", dest="qtype", default=DEFAULT_TYPE,
-                   help=f"tensor type of the weight matrices: {', '.join(TYPES)} (default: {DEFAULT_TYPE})")
-    p.add_argument("--lossy", action="store_true",
-                   help="allow re-fitting blocks of 256 weights whose scales differ (reports what changed)")
-    p.add_argument("--force", action="store_true", help="replace an existing output file")
-
-
 def run(args: argparse.Namespace) -> ExportReport:
     from ..errors import UsageError
 
