@@ -15,9 +15,9 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _PUBLIC = {
-    "DEFAULT_GROUP_SIZE": "weight",
+    "DEFAULT_GROUP_SIZE": "settings",
     "FlipOptimizer": "optim",
-    "FlipRule": "rule",
+    "FlipRule": "settings",
     "IntegerBias": "layers",
     "NonFiniteGradientError": "errors",
     "SignGSD": "optim",
@@ -55,8 +55,8 @@ if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports thes
     from .layers import IntegerBias, TernaryEmbedding, TernaryLinear
     from .optim import FlipOptimizer, SignGSD, hybrid_optimizers
     from .packing import pack_trits, unpack_trits
-    from .rule import FlipRule
-    from .weight import DEFAULT_GROUP_SIZE, TernaryScaleTensor, ternary_weights
+    from .settings import DEFAULT_GROUP_SIZE, FlipRule
+    from .weight import TernaryScaleTensor, ternary_weights
 
 
 def __getattr__(name: str):
