@@ -232,6 +232,92 @@ def test_a_missing_ternary_tensor_is_a_loud_error(tmp_path, key):
     assert "\n" not in str(e.value)
 
 
+def under_training(name: str, seed: int = 0):
+    """A ternarised model (nonzero accumulators: accum_threshold) that a FlipOptimizer trains; ``seed`` != 0 moves
+    every float weight first, so its trits, scales, biases and accumulators differ from seed 0's."""
+    model = MODELS[name]()
+    if seed:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * p.std().nan_to_num(1.0))
+    model = quietly(model, accum_threshold=8)
+    FlipOptimizer(model, accum_threshold=8)
+    return model
+
+
+def full_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_state(model, want: dict[str, torch.Tensor]) -> None:
+    got = model.state_dict()
+    assert got.keys() == want.keys()
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_a_model_under_training_saves_its_accumulators_and_load_state_dict_reads_the_folder(tmp_path, name):
+    """Trainer saves with save_pretrained (no arguments) and resumes with load_state_dict(strict=False) of the
+    folder's tensors: while a FlipOptimizer trains the model the folder holds the accumulators, and the load
+    restores every tensor (packed trits under <layer>.weight, a tied layer's weight saved once)."""
+    model = under_training(name)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert any(k.endswith("T_accum") for k in tensors) and not any(k.endswith("T_packed") for k in tensors)
+    assert model.config.quantization_config.training_state
+    other = under_training(name, seed=1)
+    differ = [k for k, v in other.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
+    assert any(k.endswith(".T_packed") for k in differ) and any(k.endswith(".T_accum") for k in differ)
+    result = other.load_state_dict(tensors, strict=False)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert_state(other, full_state(model))
+    other.load_state_dict(full_state(model))  # the model's own format loads as before (strict)
+    model.save_pretrained(tmp_path / "inference", with_training_state=False)
+    assert not any(k.endswith("T_accum") for k in load_file(tmp_path / "inference" / "model.safetensors"))
+
+
+def test_an_inference_model_loads_a_training_folder_by_load_state_dict(tmp_path):
+    model = under_training("gpt2")
+    model.save_pretrained(tmp_path / "training")
+    model.save_pretrained(tmp_path / "inference", with_training_state=False)
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "inference")
+    assert all(w.inference_only for w in ternary_weights(loaded))
+    loaded.save_pretrained(tmp_path / "again")  # inference only: nothing to train, nothing more to save
+    assert not any(k.endswith("T_accum") for k in load_file(tmp_path / "again" / "model.safetensors"))
+    loaded.load_state_dict(load_file(tmp_path / "training" / "model.safetensors"))  # its accumulators: not kept
+    assert all(w.inference_only for w in ternary_weights(loaded))
+    assert torch.equal(logits(loaded), logits(model))
+
+
+@pytest.mark.parametrize("key,match", [
+    ("transformer.h.1.mlp.c_fc.weight", "missing"),
+    ("transformer.wte.weight.T_accum", "saved without training state"),
+    ("transformer.h.0.attn.c_proj.bias.q", "missing"),
+    ("transformer.h.0.mlp.c_proj.weight", r"uint8 \(\d+,\)"),  # the packed trits as a float weight
+    ("transformer.h.0.attn.c_attn.weight.E", "int8"),
+    ("transformer.h.1.attn.c_attn.weight", "packed"),  # a byte past the last packing
+], ids=["packed-trits", "accumulator", "integer-bias", "float-weight", "scale-dtype", "bad-packing"])
+def test_load_state_dict_refuses_a_folder_missing_or_bad_ternary_tensor_and_loads_nothing(tmp_path, key, match):
+    model = under_training("gpt2")
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    if match in ("missing", "saved without training state"):
+        del tensors[key]
+    elif key.endswith(".E"):
+        tensors[key] = tensors[key].to(torch.int16)
+    elif match == "packed":
+        tensors[key][3] = 255
+    else:
+        tensors[key] = torch.zeros(64, 64)
+    other = under_training("gpt2", seed=1)
+    before = full_state(other)
+    with pytest.raises(ValueError, match=match) as e:
+        other.load_state_dict(tensors, strict=False)
+    assert key in str(e.value) and "\n" not in str(e.value)
+    assert_state(other, before)
+
+
 def test_a_trueternary_folder_does_not_load_without_the_integration(tmp_path, monkeypatch):
     from transformers.quantizers import auto
 

@@ -399,28 +399,40 @@ def fresh_accelerate_state():
 
 
 def test_hf_trainer_trains_saves_and_resumes_bit_identically(tmp_path, fresh_accelerate_state):
-    """Trainer with the mixed optimiser (grad_accumulation, Trainer's gradient_accumulation_steps=2 and its
-    linear warm-up schedule): 3 steps straight, against 1 step, a checkpoint, and resume_from_checkpoint."""
+    """Trainer with the mixed optimiser (grad_accumulation, Trainer's gradient_accumulation_steps=2 and its linear
+    schedule, voting from the first step): 4 steps straight, against 2 steps, a checkpoint, and
+    resume_from_checkpoint into a model that starts elsewhere (another seed): the same losses and the same model,
+    every trit, scale and accumulator. The checkpoint is a save_pretrained folder with the training state."""
     transformers = pytest.importorskip("transformers")
+    from safetensors import safe_open
 
     def trainer(model, opt, out):
         args = transformers.TrainingArguments(
-            output_dir=str(out), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-            save_steps=1, lr_scheduler_type="linear", warmup_steps=1, report_to=[], use_cpu=True, seed=0,
-            disable_tqdm=True, logging_strategy="no", save_only_model=False)
+            output_dir=str(out), max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            save_steps=2, lr_scheduler_type="linear", warmup_steps=0, report_to=[], use_cpu=True, seed=0,
+            disable_tqdm=True, logging_steps=1, save_only_model=False)
         return transformers.Trainer(model=model, args=args, train_dataset=TokenData(), optimizers=(opt, None))
+
+    def losses(t) -> dict[int, float]:
+        return {h["step"]: h["loss"] for h in t.state.log_history if "loss" in h}
 
     straight = tiny_llama()
     start = int_state(straight)
     opt = for_model(straight, lr=4.0, float_lr=1e-2, grad_accumulation=True)
-    trainer(straight, opt, tmp_path).train()
-    assert opt.flip.step_count == 3
+    run = trainer(straight, opt, tmp_path)
+    run.train()
+    assert opt.flip.step_count == 4
     assert any(not torch.equal(v, start[k]) for k, v in int_state(straight).items())
+    with safe_open(tmp_path / "checkpoint-2" / "model.safetensors", "pt") as f:
+        assert any(k.endswith(".T_accum") for k in f.keys())
 
-    resumed = tiny_llama()
+    resumed = tiny_llama(seed=1)
+    assert any(not torch.equal(v, start[k]) for k, v in int_state(resumed).items())
     opt_r = for_model(resumed, lr=1.0, grad_accumulation=True)
-    trainer(resumed, opt_r, tmp_path / "resumed").train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
-    assert opt_r.flip.step_count == 3 and opt_r.param_groups[0]["initial_lr"] == 4.0
+    run_r = trainer(resumed, opt_r, tmp_path / "resumed")
+    run_r.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert opt_r.flip.step_count == 4 and opt_r.param_groups[0]["initial_lr"] == 4.0
+    assert losses(run_r) == losses(run) and len(losses(run)) == 4
     assert_same(straight.state_dict(), resumed.state_dict())
 
 

@@ -8,19 +8,24 @@ What it owns:
 
 * :func:`adopt_ternarized` (called by ``ternarize``): gives the model a subclass of its own class (same name) whose
   ``.device`` / ``.dtype`` also look at buffers (a strict ternary model has zero parameters, where transformers'
-  own properties raise StopIteration), whose ``save_pretrained`` takes ``with_training_state`` and whose tied-weight
-  handling knows ternary layers; sets ``config.quantization_config`` and ``model.hf_quantizer``.
+  own properties raise StopIteration), whose ``save_pretrained`` takes ``with_training_state``, whose
+  ``load_state_dict`` reads the saved format and whose tied-weight handling knows ternary layers; sets
+  ``config.quantization_config`` and ``model.hf_quantizer``.
 * the saved format (``save_pretrained``): ``config.json`` carries ``quantization_config`` (quant_method
   ``"trueternary"``: group size, scale mode, strict, the converted layers, the ties, whether training state is
   saved); ``model.safetensors`` holds every ternary layer's packed trits under the float weight's own name
   (``<layer>.weight``, uint8, 1-D), its scales (``<layer>.weight.E``, int8), integer biases (``<layer>.bias.q``,
-  ``.exp``), every float tensor as usual, and the vote accumulators (``.T_accum``, ``.E_accum``) only with
+  ``.exp``), every float tensor as usual, and the vote accumulators (``.T_accum``, ``.E_accum``) only with the
+  training state: by default while a FlipOptimizer trains the model (so Trainer's checkpoints resume), else with
   ``save_pretrained(..., with_training_state=True)``. A tied layer's weight is saved once (under its source).
 * loading (``<ModelClass>.from_pretrained(folder)`` with this module imported): the quantizer rebuilds the listed
   layers as ternary ones before transformers loads the tensors, refuses a folder that lacks a ternary tensor,
   checks every loaded ternary tensor, re-ties, and freezes float parameters again for a strict model. A folder
   loaded without this module fails loudly: each packed ``<layer>.weight`` has another shape than the float weight
   transformers expects there (transformers first warns that it does not know quantization method "trueternary").
+* ``model.load_state_dict`` of a saved folder's tensors (how Trainer's ``resume_from_checkpoint`` reloads a model):
+  :func:`read_saved_format` renames and checks them whole first; a missing ternary tensor is an error whatever
+  ``strict`` is.
 """
 
 from __future__ import annotations
@@ -191,16 +196,28 @@ class TernaryModelMixin:
                     return t.dtype
         return torch.get_default_dtype()
 
-    def save_pretrained(self, save_directory, *args, with_training_state: bool = False, **kwargs):
-        """transformers' ``save_pretrained``; ``with_training_state=True`` also saves the vote accumulators
-        (``T_accum``, ``E_accum``: about 1 byte per weight) to continue training after ``from_pretrained``."""
+    def save_pretrained(self, save_directory, *args, with_training_state: bool | None = None, **kwargs):
+        """transformers' ``save_pretrained``. ``with_training_state``: also save the vote accumulators (``T_accum``,
+        ``E_accum``: about 1 byte per weight) to continue training from the folder. By default (None) they are
+        saved while a FlipOptimizer trains the model, so the checkpoints a training loop or Trainer writes resume
+        bit for bit, and a model no optimiser trains saves a small inference folder; ``False`` writes an inference
+        folder of a model under training."""
         if getattr(self, "hf_quantizer", None) is None:
             raise ValueError("trueternary: save the model ternarize() was called on (it carries the ternary config)")
+        if with_training_state is None:
+            with_training_state = trained_by_an_optimizer(self)
         if with_training_state and any(w.inference_only for w in ternary_weights(self)):
             raise ValueError("trueternary: this model has no training state to save (it was loaded from a folder "
                              "saved without it); save it without with_training_state")
         self.hf_quantizer.quantization_config.training_state = bool(with_training_state)
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """torch's ``load_state_dict`` (what Trainer's ``resume_from_checkpoint`` calls, with ``strict=False``) also
+        reads the saved format: see :func:`read_saved_format`. Runs before any tensor of the model loads (torch
+        loads a module's own tensors before its children's and lets this hook edit its copy of the state dict)."""
+        read_saved_format(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
         """transformers' tied parameters, less those inside ternary layers (tied here by module: tie_ternary)."""
@@ -351,6 +368,62 @@ def _check_loaded(layer: nn.Module, fqn: str) -> None:
     b = getattr(layer, "bias", None)
     if isinstance(b, IntegerBias) and (b.q.dtype != torch.int32 or b.exp.dtype != torch.int8):
         raise ValueError(f"trueternary: {fqn}.bias loaded as {b.q.dtype}/{b.exp.dtype}, expected int32/int8")
+
+
+def trained_by_an_optimizer(model: nn.Module) -> bool:
+    """Whether a FlipOptimizer trains ``model``'s ternary weights: it installs itself as each weight's voter (its
+    backward hook) when it is built, so this holds from then on, whatever loop or Trainer runs the steps."""
+    weights = ternary_weights(model)
+    return any(w._voter is not None for w in weights) and not any(w.inference_only for w in weights)
+
+
+@torch.no_grad()
+def read_saved_format(model: nn.Module, state_dict: dict, prefix: str = "") -> None:
+    """Turn ``state_dict``, in place, from what ``save_pretrained`` writes into ``model``'s own state dict, checked
+    whole before anything loads; a state dict in the model's own format (no packed ``<layer>.weight``) is left as
+    it is.
+
+    Each packed ``<layer>.weight`` becomes ``<layer>.weight.T_packed``; a tie target gets its source's tensors
+    (one module: the strict key check then passes); an inference-only weight drops accumulators it does not keep.
+    A missing ternary tensor (packed trits, scales, integer bias, and the accumulators of a weight that trains)
+    or one of another dtype, shape or packing is a ValueError, whatever ``strict`` is: loading past it would leave
+    the layer's old values in place silently (Trainer loads with ``strict=False`` and only logs missing keys)."""
+    cfg = describe(model, training_state=not any(w.inference_only for w in ternary_weights(model)))
+    packed = {prefix + k: prefix + v for k, v in packed_names(cfg).items()}
+    if not packed.keys() & state_dict.keys():
+        return
+    missing = [prefix + n for n in serialized_names(model, cfg) if prefix + n not in state_dict]
+    if missing:
+        hint = ("; a checkpoint saved without training state (no vote accumulators) cannot resume training"
+                if all(k.endswith(ACCUMULATORS) for k in missing) else "")
+        raise ValueError(f"trueternary: {len(missing)} ternary tensor(s) missing from the state dict: "
+                         + ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "") + hint)
+    for saved, name in packed.items():
+        state_dict[name] = state_dict.pop(saved)
+    renamed = {name: saved for saved, name in packed.items()}
+    for fqn in cfg.modules:
+        layer = model.get_submodule(fqn)
+        own = layer.state_dict(prefix=f"{prefix}{fqn}.", keep_vars=True)
+        if layer.weight.inference_only:
+            for a in ACCUMULATORS:
+                state_dict[f"{prefix}{fqn}.weight.{a}"] = own[f"{prefix}{fqn}.weight.{a}"]
+        for key in own.keys() & state_dict.keys():
+            got, want = state_dict[key], own[key]
+            shown = renamed.get(key, key)  # the name the caller's state dict has
+            if not isinstance(got, torch.Tensor):
+                raise ValueError(f"trueternary: {shown} in the state dict is a {type(got).__name__}, not a tensor")
+            same_kind = got.dtype == want.dtype or (got.is_floating_point() and want.is_floating_point())
+            if got.shape != want.shape or not same_kind:
+                raise ValueError(f"trueternary: {shown} in the state dict is {got.dtype} {tuple(got.shape)}, the "
+                                 f"model needs {want.dtype} {tuple(want.shape)}")
+            if key.endswith(".weight.T_packed"):
+                try:
+                    packing.check_packed(got, layer.weight.numel())
+                except ValueError as e:
+                    raise ValueError(f"trueternary: {shown} in the state dict: {e}") from None
+    for target, source in cfg.ties.items():
+        for key in [k for k in state_dict if k.startswith(f"{prefix}{source}.weight.")]:
+            state_dict[f"{prefix}{target}.weight.{key[len(f'{prefix}{source}.weight.'):]}"] = state_dict[key]
 
 
 def tie_ternary(model: nn.Module, ties: dict[str, str]) -> None:
