@@ -46,8 +46,9 @@ SECTIONS = ("kernels", "components", "model")
 
 
 def timer(fn, reps: int, device: torch.device) -> float:
-    """Median milliseconds of ``fn()`` over ``reps`` runs after 3 burn-in runs (CUDA events)."""
-    return statistics.median(event_ms(fn, warmup=3, repeats=reps, device=device))
+    """Median milliseconds of ``fn()`` over ``reps`` runs after 3 burn-in runs (CUDA events); on a CPU (Triton's
+    interpreter: nothing to warm up, and each run costs seconds) without burn-in."""
+    return statistics.median(event_ms(fn, warmup=3 if device.type == "cuda" else 0, repeats=reps, device=device))
 
 
 def fwd_bwd(fn, inputs, grad_idx):

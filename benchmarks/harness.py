@@ -116,9 +116,10 @@ def event_ms(fn: Callable[[], object], *, warmup: int, repeats: int, device: tor
 def kernel_ms(fn: Callable[[], object], *, device: torch.device | str, graph: bool = False) -> float:
     """Median GPU milliseconds of one call of ``fn()``: ``triton.testing.do_bench`` (L2 flushed between calls)
     or, with ``graph``, per replay of a CUDA graph of it (``do_bench_cudagraph``: launch cost removed). On a
-    CPU (smoke runs) one call timed after one warm-up call: a number that only shows the script ran."""
+    CPU (smoke runs, Triton's interpreter: nothing to warm up) one call timed: a number that only shows the
+    script ran."""
     if torch.device(device).type != "cuda":
-        return statistics.median(step_ms(fn, warmup=1, repeats=1, device=device))
+        return statistics.median(step_ms(fn, warmup=0, repeats=1, device=device))
     import triton.testing
 
     if graph:

@@ -12,11 +12,14 @@ kernel can pass every interpreted test and still fail to compile on the GPU's Tr
 patches kernel launches to compile for ``GPUTarget("cuda", 90, 32)`` (sm_90, with the ptxas shipped in
 the Triton wheel) instead of running, then drives a few training steps of small models through the
 ``gpu`` and ``gpu-signcache`` backends with several rules, so every specialisation the library launches
-is compiled once. Exit code 1 if any kernel fails to compile.
+is compiled once. The launches are collected first and compiled afterwards in one worker process per CPU
+core (each compile is single-threaded Python and LLVM: about 2 s, over a minute for all of them on one core).
+Exit code 1 if any kernel fails to compile.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -38,8 +41,7 @@ DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", 
           torch.uint8: "u8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1",
           torch.float64: "fp64", torch.float8_e4m3fn: "fp8e4nv"}
 LAUNCH_OPTIONS = {"num_warps", "num_stages", "enable_fp_fusion", "num_ctas", "maxnreg"}
-seen: set = set()
-errors: list = []
+launched: dict = {}  # one entry per specialisation launched: key -> (fn, signature, constexprs, options)
 
 
 def signature_of(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict]:
@@ -65,26 +67,51 @@ def signature_of(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict
     return sig, consts
 
 
-def compile_instead_of_launch(fn: JITFunction, args: tuple, kwargs: dict) -> None:
+def record_launch(fn: JITFunction, args: tuple, kwargs: dict) -> None:
     sig, consts = signature_of(fn, args, kwargs)
     options = {k: v for k, v in kwargs.items() if k in LAUNCH_OPTIONS}
     key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in consts.items())),
            tuple(sorted(options.items())))
-    if key in seen:
-        return
-    seen.add(key)
-    shown = {k: v for k, v in consts.items() if v is not None}
+    launched.setdefault(key, (fn, sig, consts, options))
+
+
+def compile_one(i: int) -> tuple[int, str | None]:
+    """Compile the i-th launched specialisation (in a worker: ``launched`` is inherited through fork);
+    None, or the last line of the compiler's error."""
+    fn, sig, consts, options = list(launched.values())[i]
     try:
         triton.compile(ASTSource(fn, sig, consts), target=TARGET, options=options)
-        print(f"ok    {fn.__name__} {shown}", flush=True)
+        return i, None
     except Exception as e:  # report every failing specialisation, keep going
         lines = str(e).strip().splitlines()
-        errors.append((fn.__name__, shown, lines[-1] if lines else repr(e)))
-        print(f"FAIL  {fn.__name__} {shown}\n      " + "\n      ".join(lines[-12:]), flush=True)
+        return i, "\n".join(lines[-12:]) if lines else repr(e)
+
+
+def compile_all() -> list[tuple[str, dict, str]]:
+    """Compile every launched specialisation, one worker per core, the longest kernels first; print one line
+    each, in launch order. (name, constexprs, error) of each failure."""
+    specs = list(launched.values())
+    order = sorted(range(len(specs)), key=lambda i: -len(specs[i][0].src))
+    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+                  len(specs)) or 1
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = dict(pool.imap_unordered(compile_one, order))
+    else:
+        results = dict(map(compile_one, order))
+    errors = []
+    for i, (fn, _, consts, _) in enumerate(specs):
+        shown = {k: v for k, v in consts.items() if v is not None}
+        if results[i] is None:
+            print(f"ok    {fn.__name__} {shown}")
+        else:
+            errors.append((fn.__name__, shown, results[i].splitlines()[-1]))
+            print(f"FAIL  {fn.__name__} {shown}\n      " + results[i].replace("\n", "\n      "))
+    return errors
 
 
 def patch() -> None:
-    JITFunction.__getitem__ = lambda self, grid: (lambda *a, **k: compile_instead_of_launch(self, a, k))
+    JITFunction.__getitem__ = lambda self, grid: (lambda *a, **k: record_launch(self, a, k))
     torch.cuda.is_available = lambda: True  # let FlipOptimizer accept the gpu backends
     import trueternary.ops.linear as linear
     import trueternary.ops.triton_utils as tu
@@ -127,9 +154,11 @@ def drive() -> None:
 
 
 def main() -> int:
+    torch.set_num_threads(1)  # the drive's tensors are tiny; and no OpenMP threads are running at the fork
     patch()
     drive()
-    print(f"\ncompiled {len(seen)} kernel specialisations for sm_90 with Triton {triton.__version__}: "
+    errors = compile_all()
+    print(f"\ncompiled {len(launched)} kernel specialisations for sm_90 with Triton {triton.__version__}: "
           f"{len(errors)} failed")
     for name, consts, last in errors:
         print(f"  {name} {consts}: {last[:300]}")

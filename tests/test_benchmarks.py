@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,17 +16,88 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import harness  # noqa: E402
 
-NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+from _scripts import run_script, run_scripts  # noqa: E402
 
 
-def _run(script: str, *args: str, timeout: int = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``script`` (a path from the repo root) run as its documented command: ``python3 <script> <args>``."""
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)
-
-
-def _usage_error(r: subprocess.CompletedProcess, message: str) -> bool:
+def _usage_error(r, message: str) -> bool:
     return r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------ usage errors
+# Bad input to every script: one line, exit 2, before anything is launched; without CUDA, the GPU-only scripts
+# refuse the same way. (case id: script, args ({tmp}: a fresh folder; {file}: a regular file in it), environment
+# changes, the message.) All run in one process (tests/_scripts.py), each as its own __main__.
+USAGE_ERRORS = {
+    "multi-gpu-missing-data": ("benchmarks/multi_gpu_scaling.py", ["--data", "/no/such/corpus.txt"], {},
+                               "--data /no/such/corpus.txt: no such file or directory"),
+    "multi-gpu-unknown-model": ("benchmarks/multi_gpu_scaling.py", ["--data", "README.md", "--models", "d512,huge"],
+                                {}, "unknown --models huge"),
+    "multi-gpu-bad-device": ("benchmarks/multi_gpu_scaling.py", ["--data", "README.md", "--device", "tpu"], {},
+                             "invalid choice: 'tpu'"),
+    "learning-bad-json": ("benchmarks/learning_benchmark.py",
+                          ["--data", "README.md", "--out", "{tmp}", "--grid", "{not json"], {}, "--grid:"),
+    "learning-empty-grid": ("benchmarks/learning_benchmark.py",
+                            ["--data", "README.md", "--out", "{tmp}", "--grid", '{"Adam_FP32": []}'], {},
+                            "--grid: expected an object of non-empty lists"),
+    "learning-parallel-0": ("benchmarks/learning_benchmark.py",
+                            ["--data", "README.md", "--out", "{tmp}", "--parallel", "0"], {},
+                            "--parallel must be >= 1"),
+    "bench-kernels-settings": ("benchmarks/bench_kernels.py", ["--smoke", "--settings", "huge"], {},
+                               "unknown --settings huge"),
+    "bench-kernels-sweep-kernels": ("benchmarks/bench_kernels.py", ["--smoke", "--sweep-kernels", "gemm"], {},
+                                    "unknown --sweep-kernels gemm"),
+    "bench-kernels-ops": ("benchmarks/bench_kernels.py", ["--smoke", "--ops", "votes,gemm"], {}, "unknown --ops gemm"),
+    "bench-e2e-settings": ("benchmarks/bench_e2e.py", ["--smoke", "--settings", "seed,huge"], {},
+                           "unknown setting 'huge'"),
+    "bench-scale-size": ("benchmarks/bench_scale.py", ["--smoke", "--sizes", "huge"], {}, "unknown size 'huge'"),
+    "bench-scale-config": ("benchmarks/bench_scale.py", ["--smoke", "--configs", "Adam"], {}, "--configs: choose from"),
+    "bench-scale-batch": ("benchmarks/bench_scale.py", ["--smoke", "--batch", "0"], {}, "--batch must be >= 1"),
+    "bench-hf-variants": ("benchmarks/bench_hf.py", ["--smoke", "--variants", "eager,fast"], {},
+                          "unknown --variants fast"),
+    "bench-morph-kernels-skip": ("benchmarks/bench_morph_kernels.py", ["--skip", "kernels,everything"],
+                                 {"TRITON_INTERPRET": "1"}, "unknown --skip everything"),
+    "morph-ablation-variant": ("experiments/morph_ablation/run.py", ["--variants", "full,-everything", "--out",
+                                                                      "{tmp}"], {}, "unknown variant(s) -everything"),
+    **{f"bad-out-{script.split('/')[1]}": (script, ["--out", "{file}/out"], {}, "cannot create --out")
+       for script in ("experiments/fp8_gemm_ceiling/run.py", "experiments/kernel_launches/run.py",
+                      "experiments/morph_ablation/run.py")},
+}
+if not torch.cuda.is_available():  # the CPU-only refusals
+    USAGE_ERRORS.update({
+        "bench-morph-kernels-no-cuda": ("benchmarks/bench_morph_kernels.py", ["--quick"], {"TRITON_INTERPRET": None},
+                                        "no CUDA device"),
+        **{f"no-cuda-{script.split('/')[1]}": (script, [] if "exactness" in script else ["--out", "{tmp}/out"], {},
+                                               "needs a CUDA device")
+           for script in ("experiments/fp8_gemm_ceiling/run.py", "experiments/kernel_launches/run.py",
+                          "experiments/cuda_graph_exactness/run.py")},
+    })
+
+
+@pytest.fixture(scope="module")
+def usage_error_runs(tmp_path_factory) -> dict:
+    """Every USAGE_ERRORS case run, and experiments/group_size (which prints a table): case id -> its outcome."""
+    cases = {}
+    for case, (script, args, env, _) in USAGE_ERRORS.items():
+        tmp = tmp_path_factory.mktemp(case)
+        (tmp / "file").write_text("x")
+        cases[case] = (script, [a.replace("{tmp}", str(tmp)).replace("{file}", str(tmp / "file")) for a in args], env)
+    cases["group-size"] = ("experiments/group_size/run.py", [], {})
+    return dict(zip(cases, run_scripts(list(cases.values()))))
+
+
+@pytest.mark.parametrize("case", list(USAGE_ERRORS))
+def test_bad_input_is_one_line_exit_2(usage_error_runs, case):
+    r = usage_error_runs[case]
+    assert _usage_error(r, USAGE_ERRORS[case][3]), (r.returncode, r.stderr[-2000:])
+
+
+def test_group_size_prints_every_group_size(usage_error_runs):
+    r = usage_error_runs["group-size"]
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines()[1:]]
+    assert [int(row[0]) for row in rows] == [16, 32, 64, 128, 256, 2048]
+    train_bytes = [float(row[1]) for row in rows]
+    assert train_bytes == sorted(train_bytes, reverse=True)  # larger groups: fewer scale bytes per weight
 
 
 # ------------------------------------------------------------------------------------------------ the harness
@@ -76,57 +146,38 @@ def test_out_dir_that_cannot_be_created_is_a_usage_error(tmp_path):
 # ------------------------------------------------------------------------------------------------ benchmarks
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--data", "/no/such/corpus.txt"], "--data /no/such/corpus.txt: no such file or directory"),
-    (["--data", "README.md", "--models", "d512,huge"], "unknown --models huge"),
-    (["--data", "README.md", "--device", "tpu"], "invalid choice: 'tpu'"),
-], ids=["missing-data", "unknown-model", "bad-device"])
-def test_multi_gpu_scaling_bad_input(args, message):
-    assert _usage_error(_run("benchmarks/multi_gpu_scaling.py", *args), message)
-
-
 def test_learning_benchmark_parallel_tuning_then_final(tmp_path):
     """The two stages on a tiny model: parallel tuning processes merged into tune.json, best rates chosen
-    per config (lowest validation bpb), then one final bench run with those rates and the seed's rule."""
+    per config (lowest validation bpb; bracket overrides as grid entries), then one final bench run with those
+    rates and the seed's rule."""
     corpus = tmp_path / "c.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 400)
-    grid = '{"Adam_FP32": ["1e-3", "3e-3"], "TrueTernary": ["4", "lr=4,decay=0.2"]}'
-    r = _run("benchmarks/learning_benchmark.py", "--data", str(corpus), "--device", "cpu", "--steps", "3",
-             "--batch", "2", "--ctx", "16", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--parallel", "2",
-             "--grid", grid, "--extra", "--eval-windows 4", "--out", str(tmp_path / "out"))
+    grid = '{"Adam_FP32": ["1e-3", "3e-3"], "TrueTernary": ["lr=4,decay=0.2"]}'
+    r = run_script("benchmarks/learning_benchmark.py", "--data", str(corpus), "--device", "cpu", "--steps", "3",
+                   "--batch", "2", "--ctx", "16", "--d-model", "32", "--n-layers", "1", "--n-heads", "2",
+                   "--parallel", "2", "--grid", grid, "--extra", "--eval-windows 4", "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr[-2000:]
     tune = json.loads((tmp_path / "out" / "tune.json").read_text())["results"]
-    assert sorted(x["config"] for x in tune) == sorted(
-        ["Adam_FP32[lr=1e-3]", "Adam_FP32[lr=3e-3]", "TrueTernary[lr=4]", "TrueTernary[lr=4,decay=0.2]"])
+    assert sorted(x["config"] for x in tune) == ["Adam_FP32[lr=1e-3]", "Adam_FP32[lr=3e-3]",
+                                                 "TrueTernary[lr=4,decay=0.2]"]
     final = [x["config"] for x in json.loads((tmp_path / "out" / "final.json").read_text())["results"]]
-    best = {name: min((x for x in tune if x["recipe"] == name), key=lambda x: x["val_bpb"])["config"]
-            for name in ("Adam_FP32", "TrueTernary")}
-    assert final == [best["Adam_FP32"], best["TrueTernary"], "TrueTernary_Naive"]
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--grid", "{not json"], "--grid:"),
-    (["--grid", '{"Adam_FP32": []}'], "--grid: expected an object of non-empty lists"),
-    (["--parallel", "0"], "--parallel must be >= 1"),
-], ids=["bad-json", "empty-grid", "parallel-0"])
-def test_learning_benchmark_bad_input(tmp_path, args, message):
-    assert _usage_error(_run("benchmarks/learning_benchmark.py", "--data", "README.md", "--out", str(tmp_path), *args),
-                        message)
+    best_adam = min((x for x in tune if x["recipe"] == "Adam_FP32"), key=lambda x: x["val_bpb"])["config"]
+    assert final == [best_adam, "TrueTernary[lr=4,decay=0.2]", "TrueTernary_Naive"]
 
 
 def test_learning_benchmark_reports_failed_tuning_runs(tmp_path):
     """A tuning process that fails (here: an unknown rule field) ends the script with a one-line error."""
     corpus = tmp_path / "c.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 400)
-    r = _run("benchmarks/learning_benchmark.py", "--data", str(corpus), "--device", "cpu", "--steps", "2",
-             "--batch", "2", "--ctx", "16", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--parallel", "2",
-             "--grid", '{"TrueTernary": ["4", "lr=4,bogus=1"]}', "--extra", "--eval-windows 4",
-             "--out", str(tmp_path / "out"))
+    r = run_script("benchmarks/learning_benchmark.py", "--data", str(corpus), "--device", "cpu", "--steps", "2",
+                   "--batch", "2", "--ctx", "16", "--d-model", "32", "--n-layers", "1", "--n-heads", "2",
+                   "--parallel", "2", "--grid", '{"TrueTernary": ["4", "lr=4,bogus=1"]}', "--extra", "--eval-windows 4",
+                   "--out", str(tmp_path / "out"))
     assert r.returncode == 1 and "1 tuning run(s) failed" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def _smoke(script: str, tmp_path, *args: str) -> dict:
-    r = _run(f"benchmarks/{script}", "--smoke", "--out", str(tmp_path), *args, timeout=600)
+    r = run_script(f"benchmarks/{script}", "--smoke", "--out", str(tmp_path), *args, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads((tmp_path / script.replace(".py", ".json")).read_text())
 
@@ -143,15 +194,6 @@ def test_bench_kernels_smoke_timings_only(tmp_path):
     assert {"vote kernels (+gE), gW in the kernel", "vote kernels (+gE), gW by cuBLAS"} <= impls
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--settings", "huge"], "unknown --settings huge"),
-    (["--sweep-kernels", "gemm"], "unknown --sweep-kernels gemm"),
-    (["--ops", "votes,gemm"], "unknown --ops gemm"),
-], ids=["settings", "sweep-kernels", "ops"])
-def test_bench_kernels_bad_input(args, message):
-    assert _usage_error(_run("benchmarks/bench_kernels.py", "--smoke", *args), message)
-
-
 def test_bench_e2e_smoke_with_profile_and_graph_memory(tmp_path):
     """The end-to-end benchmark on CPU: every config, the profile section, the graphed steps (eager on CPU) and
     their memory timeline (readings are None without CUDA)."""
@@ -166,9 +208,17 @@ def test_bench_e2e_smoke_with_profile_and_graph_memory(tmp_path):
     assert all(e["median_ms"] > 0 and e["tokens_per_s"] > 0 and e["repeats"] == 2 for e in eager.values())
 
 
-def test_bench_e2e_bad_input():
-    assert _usage_error(_run("benchmarks/bench_e2e.py", "--smoke", "--settings", "seed,huge"),
-                        "unknown setting 'huge'")
+@pytest.mark.slow  # ~10 s: three kernels, forward and backward, interpreted
+def test_bench_morph_kernels_smoke_kernels(tmp_path):
+    """MORPH's kernel benchmark on CPU (Triton interpreter, --quick shapes): each kernel checked, then timed."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = run_script("benchmarks/bench_morph_kernels.py", "--quick", "--skip", "components,model", "--out",
+                   str(tmp_path), env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "morph_kernels.json").read_text())
+    assert [k["kernel"] for k in res["kernels"]] == ["gather_add", "graph_aggregate", "moe_combine"]
+    assert all(k["max_abs_err"] < 1e-3 for k in res["kernels"]) and not res["errors"]
+    assert "| gather_add |" in (tmp_path / "morph_kernels.md").read_text()
 
 
 def _bench_hf_smoke(tmp_path, variants: tuple[str, ...]) -> dict:
@@ -196,81 +246,13 @@ def test_bench_hf_smoke_compiled(tmp_path):
     _bench_hf_smoke(tmp_path, ("eager", "compiled"))
 
 
-def test_bench_hf_bad_input():
-    pytest.importorskip("transformers")
-    assert _usage_error(_run("benchmarks/bench_hf.py", "--smoke", "--variants", "eager,fast"),
-                        "unknown --variants fast")
-
-
-@pytest.mark.slow  # ~30 s: three kernels, forward and backward, interpreted
-def test_bench_morph_kernels_smoke_kernels(tmp_path):
-    """MORPH's kernel benchmark on CPU (Triton interpreter, --quick shapes): each kernel checked, then timed."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = _run("benchmarks/bench_morph_kernels.py", "--quick", "--skip", "components,model", "--out", str(tmp_path),
-             env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads((tmp_path / "morph_kernels.json").read_text())
-    assert [k["kernel"] for k in res["kernels"]] == ["gather_add", "graph_aggregate", "moe_combine"]
-    assert all(k["max_abs_err"] < 1e-3 for k in res["kernels"]) and not res["errors"]
-    assert "| gather_add |" in (tmp_path / "morph_kernels.md").read_text()
-
-
-def test_bench_morph_kernels_bad_input(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    assert _usage_error(_run("benchmarks/bench_morph_kernels.py", "--skip", "kernels,everything", env=env),
-                        "unknown --skip everything")
-    if not torch.cuda.is_available():
-        env.pop("TRITON_INTERPRET")
-        assert _usage_error(_run("benchmarks/bench_morph_kernels.py", "--quick", env=env), "no CUDA device")
-
-
-# ------------------------------------------------------------------------------------------------ experiments
-
-
-@NO_CUDA
-@pytest.mark.parametrize("script", ["experiments/fp8_gemm_ceiling/run.py", "experiments/kernel_launches/run.py",
-                                    "experiments/cuda_graph_exactness/run.py"])
-def test_gpu_experiments_refuse_without_cuda(script, tmp_path):
-    args = [] if "exactness" in script else ["--out", str(tmp_path / "out")]
-    assert _usage_error(_run(script, *args), "needs a CUDA device")
-
-
-@pytest.mark.parametrize("script", ["experiments/fp8_gemm_ceiling/run.py", "experiments/kernel_launches/run.py",
-                                    "experiments/morph_ablation/run.py"])
-def test_experiments_bad_out_dir(script, tmp_path):
-    (tmp_path / "file").write_text("x")
-    assert _usage_error(_run(script, "--out", str(tmp_path / "file" / "out")), "cannot create --out")
-
-
-def test_group_size_prints_every_group_size():
-    r = _run("experiments/group_size/run.py")
-    assert r.returncode == 0, r.stderr
-    rows = [line.split() for line in r.stdout.splitlines()[1:]]
-    assert [int(row[0]) for row in rows] == [16, 32, 64, 128, 256, 2048]
-    train_bytes = [float(row[1]) for row in rows]
-    assert train_bytes == sorted(train_bytes, reverse=True)  # larger groups: fewer scale bytes per weight
-
-
-def test_morph_ablation_bad_variant(tmp_path):
-    assert _usage_error(_run("experiments/morph_ablation/run.py", "--variants", "full,-everything",
-                             "--out", str(tmp_path)), "unknown variant(s) -everything")
-
-
 def test_bench_scale_smoke_row_and_table(tmp_path):
     """The scale benchmark on CPU: one (size, config) row measured in its child process, and the table."""
-    r = _run("benchmarks/bench_scale.py", "--smoke", "--configs", "TrueTernary", "--out", str(tmp_path), timeout=600)
+    r = run_script("benchmarks/bench_scale.py", "--smoke", "--configs", "TrueTernary", "--out", str(tmp_path),
+                   timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "bench_scale.json").read_text())
     (row,) = res["rows"]
     assert row["config"] == "TrueTernary" and row["weights"] > 0 and row["tokens_per_s"] > 0 and row["finite"]
     assert row["repeats"] == 2 and "error" not in row
     assert "TrueTernary" in r.stdout and "ms/step" in r.stdout
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--sizes", "huge"], "unknown size 'huge'"),
-    (["--configs", "Adam"], "--configs: choose from"),
-    (["--batch", "0"], "--batch must be >= 1"),
-], ids=["size", "config", "batch"])
-def test_bench_scale_bad_input(args, message):
-    assert _usage_error(_run("benchmarks/bench_scale.py", "--smoke", *args), message)

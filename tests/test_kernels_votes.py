@@ -432,14 +432,23 @@ RULES = {
 }
 
 
-def train_pair(rule_kw: dict, backend: str, steps: int = 3, calls_per_step: int = 1, loss_scale: float = 1.0,
+def train_pair(rule_kw: dict, backend: str | None, steps: int = 3, calls_per_step: int = 1, loss_scale: float = 1.0,
                check_finite: bool = False):
-    """The MLP trained ``steps`` steps twice on the same exact data: dense-fallback and ``backend``."""
+    """The MLP trained ``steps`` steps twice on the same exact data: dense-fallback and ``backend`` (None: the
+    dense-fallback run alone; the kernel model and optimiser are then None)."""
     ref = MLP()
-    ker = copy.deepcopy(ref)
     o_ref = FlipOptimizer(ref, backend="dense-fallback", seed=3, check_finite=check_finite, **rule_kw)
-    o_ker = gpu_optimizer(ker, backend, seed=3, check_finite=check_finite, **rule_kw)
     g = torch.Generator().manual_seed(1)
+    if backend is None:
+        for _ in range(steps):
+            for _ in range(calls_per_step):
+                x = torch.randint(-1, 2, (2, 5, 24), generator=g).float().to(DEVICE)
+                c = torch.randint(-1, 2, (2, 5, 18), generator=g).float().to(DEVICE)
+                ((ref(x) * c).sum() * loss_scale).backward()
+            o_ref.step()
+        return ref, o_ref, None, None
+    ker = copy.deepcopy(ref)
+    o_ker = gpu_optimizer(ker, backend, seed=3, check_finite=check_finite, **rule_kw)
     for step in range(steps):
         for _ in range(calls_per_step):
             x = torch.randint(-1, 2, (2, 5, 24), generator=g).float().to(DEVICE)
@@ -547,14 +556,15 @@ def test_gpu_path_has_no_host_sync(no_host_reads, norm_beta):
 def test_gpu_backend_large_finite_gradients_train_like_dense_fallback(rule):
     """loss * 2**63 (9.2e18: finite gradients whose squares overflow float32): with the NaN/inf check on, no layer
     is reported non-finite on either path and the state stays the dense path's; loss * 2**40 (no overflow)
-    trains exactly as the unscaled loss (the votes are scale-invariant)."""
+    trains exactly as the unscaled loss (the votes are scale-invariant): the gpu run at 2**40, equal to the
+    dense one at 2**40 step for step, ends where the dense path does without scaling."""
     ref, o_ref, _, _ = train_pair(RULES[rule], "gpu", steps=2, loss_scale=2.0**63, check_finite=True)
     assert o_ref.step_count == 2 and int(o_ref._ctx.finite.count) == 0
     assert any(bool((w.T_accum != 0).any()) for w in (ref.a.weight, ref.b.weight))
     torch.manual_seed(0)  # MLP() draws its trits from the global generator
-    scaled = train_pair(RULES[rule], "gpu", steps=2, loss_scale=2.0**40, check_finite=True)[0].state_dict()
+    scaled = train_pair(RULES[rule], "gpu", steps=2, loss_scale=2.0**40, check_finite=True)[2].state_dict()
     torch.manual_seed(0)
-    plain = train_pair(RULES[rule], "gpu", steps=2)[0].state_dict()
+    plain = train_pair(RULES[rule], None, steps=2)[0].state_dict()
     assert [n for n in plain if not torch.equal(plain[n], scaled[n])] == []
 
 
@@ -640,34 +650,39 @@ def reference_norm_memory_votes(w, gy, x, codes, *, lr, nb, beta, key, norm_key,
                          ids=["one-subtile", "2x2-subtiles-ragged", "smaller-than-a-subtile", "nb32-in-64", "nb128"])
 @pytest.mark.parametrize("impl", ["fused", "gemm"])
 def test_norm_memory_epilogue_keeps_the_reference_codes(rows, cols, nb, block, impl):
-    """The kernel's moving averages (norm_codes): over calls from empty codes, the codes and the votes equal the
-    reference's (rule.ema_block_factored_stats) bit for bit on exact gradients, incl. the codes' stochastic
-    rounding; a different beta gives different codes (the averages are really kept). Both gradient sources
-    ('gemm': the statistics pass keeps the codes, the vote pass reads the means it stored)."""
+    """The kernel's moving averages (norm_codes): over calls from empty codes (the first sets them, the next two
+    average), the codes and the votes equal the reference's (rule.ema_block_factored_stats) bit for bit on exact
+    gradients, incl. the codes' stochastic rounding; with another beta, the codes after the same two calls are
+    the reference's at that beta and differ (the kernel really uses beta). Both gradient sources ('gemm': the
+    statistics pass keeps the codes, the vote pass reads the means it stored)."""
     kt = kernels()
-    w = random_weight(rows, cols, 8)
-    codes = {k: v.to(DEVICE) for k, v in rule.empty_norm_codes((rows, cols), nb, "cpu").items()}
-    ref_codes = {k: v.clone() for k, v in codes.items()}
-    for step in range(4):
-        gy, x = int_inputs(6, rows, cols, seed=step)
-        gy = gy * (step + 1)  # the statistics move between calls
-        A0 = w.T_accum.clone()
-        key = launch_votes(w, gy, x, norm_block=nb, step=step, config=cfg(block, block), norm_codes=codes,
-                           norm_beta=0.9, norm_key_base=kt.key_base(77, 4), impl=impl)
-        norm_key = rng.stream_key(77, 4, step * CALLS + 2)
-        ref_codes, v = reference_norm_memory_votes(w, gy, x, ref_codes, lr=2.0, nb=nb, beta=0.9, key=key,
-                                                   norm_key=norm_key)
-        for k in codes:
-            assert torch.equal(codes[k].cpu(), ref_codes[k].cpu()), (step, k)
-        assert torch.equal(w.T_accum, accumulate(A0, v)), step
-    assert (codes["norm_tile"] != rule.NORM_TILE_EMPTY).all() and (codes["norm_row"] != 0).any()
-    other = {k: v.to(DEVICE) for k, v in rule.empty_norm_codes((rows, cols), nb, "cpu").items()}
-    for step in range(4):
-        gy, x = int_inputs(6, rows, cols, seed=step)
-        launch_votes(random_weight(rows, cols, 8), gy * (step + 1), x, norm_block=nb, step=step,
-                     config=cfg(block, block), norm_codes=other, norm_beta=0.5, norm_key_base=kt.key_base(77, 4),
-                     impl=impl)
-    assert not all(torch.equal(other[k], codes[k]) for k in codes)
+
+    def calls(n, beta, check_votes):
+        """n calls from empty codes (the gradient's scale moving between calls): the codes after the second."""
+        w = random_weight(rows, cols, 8)
+        codes = {k: v.to(DEVICE) for k, v in rule.empty_norm_codes((rows, cols), nb, "cpu").items()}
+        ref_codes = {k: v.clone() for k, v in codes.items()}
+        for step in range(n):
+            gy, x = int_inputs(6, rows, cols, seed=step)
+            gy = gy * (step + 1)
+            A0 = w.T_accum.clone()
+            key = launch_votes(w, gy, x, norm_block=nb, step=step, config=cfg(block, block), norm_codes=codes,
+                               norm_beta=beta, norm_key_base=kt.key_base(77, 4), impl=impl)
+            norm_key = rng.stream_key(77, 4, step * CALLS + 2)
+            ref_codes, v = reference_norm_memory_votes(w, gy, x, ref_codes, lr=2.0, nb=nb, beta=beta, key=key,
+                                                       norm_key=norm_key)
+            for k in codes:
+                assert torch.equal(codes[k].cpu(), ref_codes[k].cpu()), (beta, step, k)
+            if check_votes:
+                assert torch.equal(w.T_accum, accumulate(A0, v)), step
+            if step == 1:
+                second = {k: c.clone() for k, c in codes.items()}
+        assert (codes["norm_tile"] != rule.NORM_TILE_EMPTY).all() and (codes["norm_row"] != 0).any()
+        return second
+
+    at_09 = calls(3, 0.9, check_votes=True)
+    at_05 = calls(2, 0.5, check_votes=False)
+    assert not all(torch.equal(at_05[k], at_09[k]) for k in at_09)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
