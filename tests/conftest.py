@@ -4,6 +4,8 @@ guard against host reads of tensors (what a CUDA-graphed step must not do)."""
 from __future__ import annotations
 
 import contextlib
+import signal
+import sys
 
 import pytest
 import torch
@@ -56,3 +58,54 @@ def _no_host_reads(where: str):
 @pytest.fixture
 def no_host_reads():
     return _no_host_reads
+
+
+@pytest.fixture
+def sigint_interrupts():
+    """SIGINT raises KeyboardInterrupt in this test, whatever the process started with: Python leaves SIGINT
+    ignored when it starts ignored (pytest run as a background job of a non-interactive shell, as CI harnesses
+    may). The previous handler comes back afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+
+def _language_patched_once_per_launch() -> None:
+    """Triton's interpreter re-patches ``triton.language`` for the interpreter (``_patch_lang``: ``inspect.getmembers``
+    over the language modules) on every call of a ``@triton.jit`` helper inside a kernel, although the launch
+    around it patched the same modules already and keeps them patched until it returns: about a quarter of an
+    interpreted test's time. Calls made while a launch runs, from functions that see no other language module,
+    skip it; the launch itself patches and restores as before. Does nothing unless the interpreter is loaded
+    and has the structure this relies on."""
+    interp = sys.modules.get("triton.runtime.interpreter")
+    if interp is None or not all(hasattr(interp, n) for n in ("_patch_lang", "GridExecutor", "_LangPatchScope")):
+        return
+    import triton.language as tl
+
+    real_patch, real_launch = interp._patch_lang, interp.GridExecutor.__call__
+    running: list = []  # per launch in progress: the ids of the language modules it patched (None: not yet)
+
+    def langs(fn) -> set:
+        return {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+
+    def patch_lang(fn):
+        if running and running[-1] is not None and langs(fn) <= running[-1]:
+            return interp._LangPatchScope()  # nothing to restore
+        scope = real_patch(fn)
+        if running and running[-1] is None:  # the launch's own patch
+            running[-1] = langs(fn)
+        return scope
+
+    def launch(self, *args, **kwargs):
+        running.append(None)
+        try:
+            return real_launch(self, *args, **kwargs)
+        finally:
+            running.pop()
+
+    interp._patch_lang, interp.GridExecutor.__call__ = patch_lang, launch
+
+
+def pytest_collection_finish(session):
+    _language_patched_once_per_launch()  # the kernel test modules load the interpreter when they are collected

@@ -241,7 +241,8 @@ def test_byte_stream_yields_each_byte_before_computing_the_next():
     assert bytes(first) == sample(_random_model("TrueTernary"), b"hello", 3, temperature=0.8)
 
 
-def test_cli_writes_each_byte_as_it_is_sampled_and_ctrl_c_keeps_them(runs, monkeypatch, capsysbinary):
+def test_cli_writes_each_byte_as_it_is_sampled_and_ctrl_c_keeps_them(runs, monkeypatch, capsysbinary,
+                                                                      sigint_interrupts):
     """While byte k is computed, the prompt and the k earlier bytes are already on stdout; a SIGINT then stops
     the run: those bytes stay, the line is ended, one line on stderr, exit 130."""
     from trueternary import generate
@@ -292,7 +293,8 @@ def test_streamed_through_a_pipe_and_interrupted(runs):
     env.pop("PYTHONUNBUFFERED", None)  # the command's own flushes are under test
     proc = subprocess.Popen([sys.executable, "-m", "trueternary.cli", "generate", "--ckpt", str(runs["TrueTernary"]),
                              "--prompt", "abc", "--max_new_tokens", "100000000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # (see sigint_interrupts)
     try:
         got, deadline = b"", time.monotonic() + 60
         while len(got) < 13:  # the prompt and 10 bytes (unflushed, they would sit in the process's buffer)
