@@ -43,8 +43,12 @@ def run_script(script: str, *args: str, timeout: int = 120, env: dict | None = N
 
 def run_as_main(script: str, args: list[str], env: dict | None = None) -> ScriptRun:
     """``script`` (a path from the repo root) run as ``__main__`` in this process; ``env``: variables to set, or
-    to remove with None, while it runs. The environment, ``sys.argv`` and ``sys.path`` are restored after."""
+    to remove with None, while it runs. The environment, ``sys.argv``, ``sys.path``, the working directory and
+    torch's intra-op threads (which a benchmark may set) are restored after."""
+    import torch
+
     saved_env, saved_path, saved_argv, saved_cwd = dict(os.environ), list(sys.path), list(sys.argv), os.getcwd()
+    saved_threads = torch.get_num_threads()
     for k, v in (env or {}).items():
         if v is None:
             os.environ.pop(k, None)
@@ -68,6 +72,7 @@ def run_as_main(script: str, args: list[str], env: dict | None = None) -> Script
                 traceback.print_exc()
                 code = 1
     finally:
+        torch.set_num_threads(saved_threads)
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
