@@ -93,9 +93,9 @@ SETTINGS = {
     "151M": (dict(d_model=1024, n_layers=12, ctx=512), 32, 3, 8),
     "seed": (dict(d_model=512, n_layers=4, ctx=33), 4, 10, 40),
 }
-if ARGS.smoke:  # no burn-in: an interpreted step of the gpu backends costs seconds and has nothing to warm
-    SETTINGS = {"151M": (dict(d_model=32, n_layers=1, ctx=12, n_heads=2), 2, 0, 2),
-                "seed": (dict(d_model=16, n_layers=1, ctx=9, n_heads=2), 2, 0, 2)}
+if ARGS.smoke:  # one step, no burn-in: an interpreted step of the gpu backends costs seconds, nothing to warm
+    SETTINGS = {"151M": (dict(d_model=32, n_layers=1, ctx=12, n_heads=2), 2, 0, 1),
+                "seed": (dict(d_model=16, n_layers=1, ctx=9, n_heads=2), 2, 0, 1)}
 # TrueTernary runs the default rule (its moving averages of the vote normaliser's statistics, norm_beta, fused
 # in the vote kernels); HISTORYLESS_TT, the rule without them, is timed beside it to show what they cost.
 HISTORYLESS_TT = "TrueTernary[norm_beta=0]"

@@ -40,11 +40,13 @@ SETTINGS = {  # name: (d_model, tokens per step, transformer blocks)
     "151M": (1024, 32 * 512, 12),
 }
 VOCAB = 288  # rows of the vocabulary head
+LAYERS = ("qkv", "proj", "up", "down", "head")
 
 
 def layer_shapes(d: int) -> dict[str, tuple[int, int]]:
     """(rows, cols) = (out_features, in_features) of one block's linear maps, and the vocabulary head."""
-    return {"qkv": (3 * d, d), "proj": (d, d), "up": (4 * d, d), "down": (d, 4 * d), "head": (VOCAB, d)}
+    shapes = {"qkv": (3 * d, d), "proj": (d, d), "up": (4 * d, d), "down": (d, 4 * d), "head": (VOCAB, d)}
+    return {name: shapes[name] for name in LAYERS}
 
 
 def parse_args():
@@ -92,9 +94,9 @@ from trueternary.weight import TernaryScaleTensor  # noqa: E402
 
 DEV = torch.device("cpu" if ARGS.smoke else "cuda")
 BF16 = torch.bfloat16
-if ARGS.smoke:  # tiny stand-ins with the same structure (ragged on purpose; interpreted launches cost seconds)
+if ARGS.smoke:  # tiny stand-ins, ragged on purpose; a block's layer and the head (interpreted launches cost seconds)
     SETTINGS = {"seed": (24, 17, 1), "151M": (48, 70, 1)}
-    GROUP_SIZE, VOCAB = 16, 40
+    GROUP_SIZE, VOCAB, LAYERS = 16, 40, ("qkv", "head")
 CALLS = 1024  # FlipOptimizer's RNG counter slots per step
 NORM_BLOCK = FlipRule().norm_block
 

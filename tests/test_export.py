@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import trueternary as tt
+from _scripts import run_as_main
 from _train_helpers import tiny_config
 from trueternary import checkpoint as ckpt_io
 from trueternary.cli import main
@@ -486,11 +487,5 @@ def test_generate_from_a_gguf_file(ckpts, tmp_path, capsysbinary):
 
 
 def test_export_measure_script_bad_input():
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "export_measure.py"
-    r = subprocess.run([sys.executable, str(script), "--ckpt", "/no/such.safetensors"], capture_output=True,
-                       text=True, timeout=120)
+    r = run_as_main("benchmarks/export_measure.py", ["--ckpt", "/no/such.safetensors"])
     assert r.returncode == 2 and "--ckpt /no/such.safetensors: no such file" in r.stderr and "Traceback" not in r.stderr

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _scripts import run_as_main
 from _train_helpers import tiny_config
 from trueternary import checkpoint as ckpt_io
 from trueternary.cli import main
@@ -320,9 +321,9 @@ def test_streamed_through_a_pipe_and_interrupted(runs):
 
 
 def test_bench_generate_times_both_paths(runs, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_generate.py"), "--ckpt",
-                        str(runs["TrueTernary"]), "--model", "32,1,16,2", "--new_bytes", "20", "--warmup", "0",
-                        "--repeats", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    r = run_as_main("benchmarks/bench_generate.py", [
+        "--ckpt", str(runs["TrueTernary"]), "--model", "32,1,16,2", "--new_bytes", "20", "--warmup", "0",
+        "--repeats", "2", "--out", str(tmp_path)])
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "generate.json").read_text())
     assert not res["errors"] and len(res["results"]) == 2
