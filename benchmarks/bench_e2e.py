@@ -353,10 +353,7 @@ def main() -> int:
         with B.section(f"graph {s} Adam_FP32") as go:
             if go:
                 B.add("graphs", graph_adam(s))
-    path = B.save()
-    print_table()
-    print(f"wrote {path}", file=sys.stderr)
-    return 1 if B.res["errors"] else 0
+    return B.finish(print_table)
 
 
 if __name__ == "__main__":

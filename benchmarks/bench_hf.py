@@ -262,10 +262,7 @@ def main() -> int:
                 if go:
                     B.add("steps", run_variant(base, opt, variant))
                     B.res["summary"] = best_and_ratio(B.res["steps"])
-    path = B.save()
-    print_table()
-    print(f"wrote {path}", file=sys.stderr)
-    return 1 if B.res["errors"] else 0
+    return B.finish(print_table)
 
 
 if __name__ == "__main__":

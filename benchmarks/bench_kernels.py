@@ -481,10 +481,7 @@ def main():
             with B.section(f"sweep {setting}") as go:
                 if go:
                     sweep(setting)
-    path = B.save()
-    print_table()
-    print(f"wrote {path}", file=sys.stderr)
-    return 1 if B.res["errors"] else 0
+    return B.finish(print_table)
 
 
 if __name__ == "__main__":

@@ -268,6 +268,13 @@ class Bench:
         print(f"[{name}] {time.time() - t:.1f}s (total {self.elapsed():.0f}s)", file=sys.stderr)
         self.save()
 
+    def finish(self, print_table: Callable[[], None]) -> int:
+        """Save the results, print the table and where they went; the exit status: 1 if a section failed, else 0."""
+        path = self.save()
+        print_table()
+        print(f"wrote {path}", file=sys.stderr)
+        return 1 if self.res["errors"] else 0
+
     def save(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
         return write_json(self.out / f"{self.name}.json", self.res)
