@@ -1,5 +1,6 @@
-"""Shared fixtures for the CPU test suite: a fixed seed, an independent dense reference of a ternary weight, and a
-guard against host reads of tensors (what a CUDA-graphed step must not do)."""
+"""Shared fixtures for the CPU test suite: a fixed seed, an independent dense reference of a ternary weight, a
+guard against host reads of tensors (what a CUDA-graphed step must not do), SIGINT that interrupts; and one
+speed-up of Triton's interpreter (its language patched once per launch)."""
 
 from __future__ import annotations
 

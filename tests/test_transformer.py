@@ -12,6 +12,13 @@ from trueternary.models import build_model
 from trueternary.models.transformer import SHARED_OPS, ByteTransformer, TransformerConfig, shared_ops
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_dynamo():
+    """Compiles of these ops by earlier tests (test_train's, at other shapes) leave their frames marked dynamic:
+    the compiles here would then trace symbolically, several times slower. They start from a clean state."""
+    torch._dynamo.reset()
+
+
 def tiny(seed=0):
     return ByteTransformer(TransformerConfig(ctx=24, d_model=32, n_layers=2, n_heads=4),
                            generator=torch.Generator().manual_seed(seed))
