@@ -162,7 +162,7 @@ def run_one(spec: dict) -> dict:
             eager()
         row["profile"] = profile_kernels(eager, steps=2, device=dev)
     t1 = time.perf_counter()
-    step = eager
+    step = eager  # (a TrueTernary recipe's train_step replays its graph once captured)
     if graphed and config in TERNARY_CONFIGS:
         recipe.use_cuda_graph(x, y, autocast=True)
     elif graphed:  # the AdamW configs: forward, backward, clip and AdamW(capturable=True) in one graph
@@ -187,8 +187,6 @@ def run_one(spec: dict) -> dict:
         def step() -> None:
             graph.replay()
             losses.append(float(out[0]))
-    if graphed and config in TERNARY_CONFIGS:
-        step = eager  # train_step replays the graph now
     row["graph"] = graphed
     row["fused_max_tokens"] = spec.get("fused_max_tokens")
     row["prepare_s"] = time.perf_counter() - t1  # compile and capture
