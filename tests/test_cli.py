@@ -301,6 +301,9 @@ def test_version(capsys):
     assert capsys.readouterr().out == f"trueternary {trueternary.__version__}\n"
     proc = subprocess.run([_console_script(), "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout == f"trueternary {trueternary.__version__}\n"
+    # python -m trueternary: the same command line where the console script is not on the path
+    proc = subprocess.run([sys.executable, "-m", "trueternary", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == f"trueternary {trueternary.__version__}\n", proc.stderr
 
 
 def test_the_package_imports_its_public_names_on_first_use():

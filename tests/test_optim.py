@@ -702,3 +702,27 @@ def test_a_state_saved_before_width_scaling_resumes_without_it():
     opt.load_state_dict(old)
     assert opt.param_groups[0]["width_ref"] == 0
     assert "width_ref" not in old["param_groups"][0]  # the caller's dict is not edited
+
+
+def test_batch_tokens_scale_a_wide_layers_lr_like_the_formula():
+    """A run of batch_tokens < tokens_ref votes in a wide layer exactly as lr * vote_width_scale(...) says; a
+    state saved before the fields existed resumes with them off (0)."""
+    def bias_free(seed: int) -> TinyNet:
+        model = TinyNet(seed)
+        model.fc1 = TernaryLinear(DIM, HIDDEN, group_size=8, generator=torch.Generator().manual_seed(seed + 1))
+        return model
+
+    model_a, model_b = bias_free(0), bias_free(0)
+    opt_a = FlipOptimizer(model_a, lr=3.0, seed=1, accum_threshold=4, width_ref=6, batch_tokens=8, tokens_ref=32)
+    opt_b = FlipOptimizer([{"params": [model_b.emb], "lr": 3.0},
+                           {"params": [model_b.fc1], "lr": 3.0 * (6 / 12) ** 0.5 * 0.5},
+                           {"params": [model_b.fc2], "lr": 3.0 * (6 / 10) ** 0.5 * 0.5}],
+                          seed=1, accum_threshold=4, width_ref=0)
+    train(model_a, opt_a, 3, data_seed=3)
+    train(model_b, opt_b, 3, data_seed=3)
+    assert_states_equal(integer_state(model_a), integer_state(model_b))
+    old = copy.deepcopy(opt_a.state_dict())
+    for g in old["param_groups"]:
+        del g["tokens_ref"], g["batch_tokens"]
+    opt_a.load_state_dict(old)
+    assert (opt_a.param_groups[0]["tokens_ref"], opt_a.param_groups[0]["batch_tokens"]) == (0, 0)

@@ -67,9 +67,10 @@ def test_for_run_is_the_defaults_with_what_is_given_on_top():
 ])
 def test_train_and_bench_build_the_same_hparams_from_the_same_flags(flags):
     """Both commands' flag parsing ends in the same Hparams (train's --max_steps is bench's --steps; train's --lr
-    is its config's, bench's --lr names the config)."""
+    is its config's, bench's --lr names the config; both give the rule the run's tokens per step)."""
     steps = flags.get("steps", 200)
-    t_argv, b_argv = ["--max_steps", str(steps)], ["--steps", str(steps)]
+    t_argv = ["--max_steps", str(steps), "--batch_size", "4", "--ctx", "33"]
+    b_argv = ["--steps", str(steps), "--batch", "4", "--ctx", "33"]
     for k, v in flags.items():
         if k == "steps":
             continue
@@ -81,6 +82,7 @@ def test_train_and_bench_build_the_same_hparams_from_the_same_flags(flags):
     from_train = train.hparams_for(train.config_from_args(tp.parse_args(t_argv))[0])
     from_bench = bench.hparams_from_args(bp.parse_args(b_argv))
     assert from_train == from_bench
+    assert from_train.rule.batch_tokens == 4 * 33
     if "accum_threshold" in flags:
         assert from_train.rule.accum_threshold == from_train.naive_threshold == flags["accum_threshold"]
 

@@ -464,3 +464,19 @@ def test_vote_width_scale():
     for bad in (-1, 1.5, True, "8"):
         with pytest.raises(ValueError, match="width_ref"):
             FlipRule(width_ref=bad)
+
+
+def test_vote_width_scale_on_small_batches():
+    """A wide layer in a run of fewer than tokens_ref tokens a step votes at sqrt(batch_tokens / tokens_ref) more;
+    a narrow one, a run at or above tokens_ref, or an unknown batch (0) get nothing extra."""
+    from trueternary.rule import vote_width_scale
+
+    assert vote_width_scale(1024, 4096, 512, 2048) == 0.25  # sqrt(1/4) width x sqrt(1/4) batch
+    assert vote_width_scale(1024, 4096, 2048, 2048) == 0.5 and vote_width_scale(1024, 4096, 8192, 2048) == 0.5
+    assert vote_width_scale(1024, 4096, 0, 2048) == 0.5 and vote_width_scale(1024, 4096, 512, 0) == 0.5
+    assert vote_width_scale(1024, 1024, 1, 2048) == 1.0 and vote_width_scale(1024, None, 1, 2048) == 1.0
+    assert (FlipRule().tokens_ref, FlipRule().batch_tokens, FlipRule.naive().tokens_ref) == (2048, 0, 0)
+    for name in ("tokens_ref", "batch_tokens"):
+        for bad in (-1, 2.0, True):
+            with pytest.raises(ValueError, match=name):
+                FlipRule(**{name: bad})

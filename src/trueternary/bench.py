@@ -422,7 +422,8 @@ def hparams_from_args(args: argparse.Namespace) -> Hparams:
         rule_over.setdefault("scale_update_interval", args.scale_update_interval)
         return Hparams.for_run(args.steps, lr=parse_overrides(args.lr, "lr"), rule=rule_over,
                                accum_threshold=args.accum_threshold, group_size=args.group_size,
-                               warmup_frac=args.warmup_frac, min_lr_frac=args.min_lr_frac)
+                               warmup_frac=args.warmup_frac, min_lr_frac=args.min_lr_frac,
+                               batch_tokens=args.batch * args.ctx)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
 

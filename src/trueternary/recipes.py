@@ -67,12 +67,15 @@ class Hparams:
     def for_run(cls, steps: int, *, lr: dict | None = None, rule: dict | None = None,
                 accum_threshold: int | None = None, scale_update_interval: int | None = None,
                 group_size: int | None = None, warmup_frac: float | None = None,
-                min_lr_frac: float | None = None) -> Hparams:
+                min_lr_frac: float | None = None, batch_tokens: int | None = None) -> Hparams:
         """The hyper-parameters of a run of ``steps`` optimiser steps: these defaults and
         ``FlipRule.for_run(steps)``'s, with every argument that is not None on top. ``lr``: peak learning rates by
-        config name; ``rule``: FlipRule field overrides, under ``scale_update_interval`` and ``accum_threshold``
-        (which is the naive rule's threshold too). ValueError / TypeError for a bad rule field."""
+        config name; ``rule``: FlipRule field overrides, under ``scale_update_interval``, ``accum_threshold``
+        (which is the naive rule's threshold too) and ``batch_tokens`` (tokens per optimiser step, batch x ctx:
+        ``rule.vote_width_scale``). ValueError / TypeError for a bad rule field."""
         over = dict(rule or {})
+        if batch_tokens is not None:
+            over.setdefault("batch_tokens", batch_tokens)
         if scale_update_interval is not None:
             over["scale_update_interval"] = scale_update_interval
         if accum_threshold is not None:
@@ -327,7 +330,7 @@ def scale_residual_accumulators(model: nn.Module, rule: FlipRule) -> None:
     if rule.init_accum_threshold() is None:
         return
     for w in ternary_weights(model):
-        s = vote_width_scale(rule.width_ref, w.vote_fan_in)
+        s = vote_width_scale(rule.width_ref, w.vote_fan_in, rule.batch_tokens, rule.tokens_ref)
         if s != 1.0:
             w.T_accum.copy_(torch.round(w.T_accum.float() * s).to(torch.int8))
 

@@ -72,22 +72,31 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # where the statistics of g
 STATE_BOUNDS = {"T_accum": (-INT8_MAX, INT8_MAX), "E": (-INT8_MAX, INT8_MAX), "E_accum": (-INT8_MAX, INT8_MAX)}
 
 
-def vote_width_scale(width_ref: int, fan_in: int | None) -> float:
+def vote_width_scale(width_ref: int, fan_in: int | None, batch_tokens: int = 0, tokens_ref: int = 0) -> float:
     """The factor on ``lr`` (and on the initial residual accumulators) of a weight that sums ``fan_in`` inputs:
     ``sqrt(width_ref / fan_in)`` above ``width_ref``, else 1 (and 1 for ``width_ref`` 0 or no fan-in: an
-    embedding's rows are looked up, not summed).
+    embedding's rows are looked up, not summed). A weight above ``width_ref`` in a run that steps on
+    ``batch_tokens < tokens_ref`` tokens gets ``sqrt(batch_tokens / tokens_ref)`` on top (none where either is 0).
 
-    Why: a step flips about the same *fraction* of a layer's trits whatever its width, and flips that follow one
-    gradient move an output by about ``fraction * sqrt(fan_in)`` of its size, so the same lr is a larger step in a
-    wider layer (the argument behind muP's width-scaled learning rates). Measured (docs/learning.md, "Width"):
-    at d_model 4096 the unscaled rule's loss jumped from 5.9 to 16.6 in the first 3 steps (AdamW and BitNet QAT at
-    their default lr jumped as well); with this factor and the residual accumulators scaled alike, it fell from the
-    first flips on. Layers up to ``width_ref`` inputs (every layer of the d_model <= 256 models, all but the MLP's
-    down projection up to d_model 1024) are unchanged.
+    Why the width: a step flips about the same *fraction* of a layer's trits whatever its width, and flips that
+    follow one gradient move an output by about ``fraction * sqrt(fan_in)`` of its size, so the same lr is a
+    larger step in a wider layer (the argument behind muP's width-scaled learning rates). Measured
+    (docs/learning.md, "Width"): at d_model 4096 the unscaled rule's loss jumped from 5.9 to 16.6 in the first 3
+    steps (AdamW and BitNet QAT at their default lr jumped as well); with this factor and the residual
+    accumulators scaled alike, it fell from the first flips on. Layers up to ``width_ref`` inputs (every layer of
+    the d_model <= 256 models, all but the MLP's down projection up to d_model 1024) are unchanged.
+
+    Why the batch: the votes are normalised, so a step casts as many of them on a small, noisy batch as on a large
+    one, and fewer of them follow the true gradient; the square-root rule of adaptive optimisers (lr ~ sqrt(batch))
+    keeps the drift of the noise flips alike. It applies to the wide layers only, where that drift is what
+    diverged: 6.4B weights (d_model 4096, 32 layers) learned at 8 x 256 tokens a step and diverged at 1 x 256.
     """
     if not width_ref or fan_in is None or fan_in <= width_ref:
         return 1.0
-    return math.sqrt(width_ref / fan_in)
+    scale = math.sqrt(width_ref / fan_in)
+    if tokens_ref and 0 < batch_tokens < tokens_ref:
+        scale *= math.sqrt(batch_tokens / tokens_ref)
+    return scale
 
 
 # --------------------------------------------------------------------------------------------

@@ -60,6 +60,10 @@ class FlipRule:
     norm_beta: float = 0.95  # > 0: 'block_factored' statistics are moving averages over steps (0: this call's)
     # a weight summing more than width_ref inputs votes at lr * sqrt(width_ref / fan_in) (vote_width_scale); 0: off
     width_ref: int = 1024
+    # ... and, when the run steps on fewer than tokens_ref tokens (batch_tokens: batch x ctx, set by the recipe;
+    # 0: not known), times sqrt(batch_tokens / tokens_ref) (vote_width_scale); tokens_ref 0: off
+    tokens_ref: int = 2048
+    batch_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -88,9 +92,10 @@ class FlipRule:
             1 <= self.vote_clip <= INT8_MAX
         ):
             raise ValueError(f"vote_clip must be an integer in [1, {INT8_MAX}], got {self.vote_clip!r}")
-        wr = self.width_ref
-        if isinstance(wr, bool) or not isinstance(wr, int) or wr < 0:
-            raise ValueError(f"width_ref must be an integer >= 0, got {wr!r}")
+        for name in ("width_ref", "tokens_ref", "batch_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         iv = self.scale_update_interval
         if isinstance(iv, bool) or not isinstance(iv, int) or iv < 0:
             raise ValueError(f"scale_update_interval must be an integer >= 0, got {iv!r}")
@@ -133,6 +138,7 @@ class FlipRule:
             scale_update_interval=scale_update_interval,
             accum_init="zero",
             width_ref=0,
+            tokens_ref=0,
         )
 
     def init_accum_threshold(self) -> int | None:

@@ -108,7 +108,7 @@ def hparams_for(cfg: TrainConfig) -> Hparams:
 
     return Hparams.for_run(cfg.max_steps, lr={cfg.config: cfg.lr} if cfg.lr is not None else {}, rule=cfg.rule,
                            accum_threshold=cfg.accum_threshold, scale_update_interval=cfg.scale_update_interval,
-                           group_size=cfg.group_size)
+                           group_size=cfg.group_size, batch_tokens=cfg.batch_size * cfg.ctx)
 
 
 def validate(cfg: TrainConfig) -> Hparams:

@@ -236,7 +236,8 @@ class FlipOptimizer(torch.optim.Optimizer):
         :meth:`use_device_lr`; times ``rule.vote_width_scale`` for a weight wider than the group's ``width_ref``."""
         group = self.param_groups[m._group_index]
         lr = group["lr"] if self._lr_dev is None else self._lr_dev[m._group_index]
-        scale = vote_width_scale(group.get("width_ref", 0), getattr(m, "vote_fan_in", None))
+        scale = vote_width_scale(group.get("width_ref", 0), getattr(m, "vote_fan_in", None),
+                                 group.get("batch_tokens", 0), group.get("tokens_ref", 0))
         return group, lr if scale == 1.0 else lr * scale
 
     @torch.no_grad()
@@ -460,8 +461,8 @@ class FlipOptimizer(torch.optim.Optimizer):
             raise ValueError(f"expected {len(self.param_groups)} param groups, got {groups!r:.60}")
         if not all(isinstance(g, dict) for g in groups):
             raise ValueError("every param group must be a dict")
-        # a state saved before width scaling existed resumes without it (width_ref 0), so it continues exactly
-        groups = [g if "width_ref" in g else {**g, "width_ref": 0} for g in groups]
+        # a state saved before width (or batch) scaling existed resumes without it (0: off), so it continues exactly
+        groups = [{"width_ref": 0, "tokens_ref": 0, "batch_tokens": 0, **g} for g in groups]
         sd["param_groups"] = groups
         rules = [group_rule(g) for g in groups]
         self._check_resumed_state(sd, rules)
