@@ -270,3 +270,16 @@ def test_bench_threads_are_trains_choice():
     assert bench.bench_threads(large, cpu) == cpu_threads(0, 512) == torch.get_num_threads()
     assert bench.bench_threads(argparse.Namespace(threads=3, d_model=64), cpu) == cpu_threads(3, 64) == 3
     assert bench.bench_threads(small, cuda) == torch.get_num_threads()
+
+
+def test_bench_group_size_default_is_the_model_familys():
+    """As train: without --group_size llama's configs take groups of 256 (exported exactly) and the other families
+    64; --group_size wins."""
+    from trueternary.cli import build_parser
+
+    def group_size(*flags):
+        return bench.hparams_from_args(build_parser("bench").parse_args(["bench", *TINY, *flags])).group_size
+
+    assert (group_size(), group_size("--model", "morph"), group_size("--model", "llama")) == (64, 64, 256)
+    assert group_size("--model", "llama", "--group_size", "64") == 64
+    assert group_size("--model", "transformer", "--group-size", "256") == 256

@@ -22,7 +22,7 @@ gguf = pytest.importorskip("gguf", reason="export needs the gguf package (pip in
 
 from trueternary.export import ExportError, export_checkpoint, export_model  # noqa: E402
 from trueternary.export.gguf_file import byte_stand_ins, pair_rows  # noqa: E402
-from trueternary.export.tq import block_scales, pack_blocks, unpack_blocks  # noqa: E402
+from trueternary.export.tq import QK, block_scales, pack_blocks, unpack_blocks  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -181,10 +181,11 @@ def test_transformer_model_is_refused():
 # ------------------------------------------------------------------------------------ the command
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    """Tiny checkpoints: llama with groups of 256 and of 16, a transformer, a float llama."""
+    """Tiny checkpoints: llama with its default group size (256) and with groups of 16, a transformer, a float
+    llama."""
     tmp = tmp_path_factory.mktemp("export")
     out = {}
-    for name, kw in {"g256": dict(group_size=256), "g16": dict(group_size=16), "tf": dict(model="transformer"),
+    for name, kw in {"g256": {}, "g16": dict(group_size=16), "tf": dict(model="transformer"),
                      "adam": dict(config="Adam_FP32")}.items():
         kw.setdefault("model", "llama")
         train(tiny_config(tmp, run_name=name, max_steps=2, **kw))
@@ -192,13 +193,23 @@ def ckpts(tmp_path_factory):
     return out
 
 
-def test_export_command_writes_a_lossless_file(ckpts, tmp_path, capsys):
+@pytest.mark.parametrize("qtype", ["tq1_0", "tq2_0"])
+def test_export_command_writes_a_lossless_file(ckpts, tmp_path, capsys, qtype):
+    """A llama trained with default flags exports exactly: its default group is llama.cpp's block of 256, and
+    the file holds every trit and scale of the checkpoint (the real part of each padded matrix)."""
+    from trueternary.generate import load_for_inference
+
     out = tmp_path / "m.gguf"
-    assert main(["export", "--ckpt", str(ckpts["g256"]), "--out", str(out), "--type", "tq1_0"]) == 0
+    assert main(["export", "--ckpt", str(ckpts["g256"]), "--out", str(out), "--type", qtype]) == 0
     line = capsys.readouterr().out
-    assert "lossless" in line and "tq1_0" in line and out.exists()
-    _, kv = read_gguf(out)
+    assert "lossless" in line and qtype in line and out.exists()
+    tensors, kv = read_gguf(out)
     assert kv["trueternary.recipe"] == "TrueTernary" and kv["trueternary.step"] == 2
+    assert kv["trueternary.lossless"] is True and kv["trueternary.group_size"] == QK
+    model, _ = load_for_inference(ckpts["g256"])
+    for name, w in expected_matrices(model).items():
+        r, c = w.shape
+        assert torch.equal(tensors[name][0][:r, :c], w), name
 
 
 def test_export_command_float_checkpoint(ckpts, tmp_path, capsys):

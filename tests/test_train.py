@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from _train_helpers import tiny_config
+from _train_helpers import TINY, tiny_config
 from trueternary import checkpoint as ckpt_io
-from trueternary.cli import UsageError
+from trueternary.cli import UsageError, main
 from trueternary.recipes import Recipe
 from trueternary.train import TrainingError, read_metrics, train
 
@@ -42,6 +42,52 @@ def test_resume_is_bit_identical(tmp_path, config):
     if config == "Adam_FP32":
         assert any(n.startswith("optim/0/") and n.endswith("exp_avg_sq") for n in a)
     assert _metric_rows(tmp_path / "runs" / "straight") == _metric_rows(tmp_path / "runs" / "split")
+
+
+def test_group_size_default_is_the_model_familys():
+    """Without --group_size a llama run takes groups of 256 (llama.cpp's block: its default run exports exactly)
+    and every other family 64, as the help says; a group size given always wins, and a family's default is not a
+    flag given (explicit_fields: what train() compares with a resumed checkpoint)."""
+    from trueternary.cli import build_parser
+    from trueternary.trainconfig import TrainConfig, config_from_args, explicit_fields, hparams_for
+
+    def parsed(*flags):
+        return config_from_args(build_parser("train").parse_args(["train", *flags]))
+
+    for model, want in (("transformer", 64), ("morph", 64), ("llama", 256)):
+        cfg, given = parsed("--model", model)
+        assert cfg.group_size == TrainConfig(model=model).group_size == hparams_for(cfg).group_size == want, model
+        assert "group_size" not in given and "group_size" not in explicit_fields(cfg)
+        for g in (64, 256):
+            cfg, given = parsed("--model", model, "--group_size", str(g))
+            assert cfg.group_size == TrainConfig(model=model, group_size=g).group_size == g and "group_size" in given
+            assert ("group_size" in explicit_fields(cfg)) == (g != want)
+    assert TrainConfig().group_size == 64
+    train_parser = next(a for a in build_parser("train")._actions if a.dest == "command").choices["train"]
+    assert "GROUP_SIZE weights per int8 scale E (default: 64; 256 for --model llama)" in \
+        " ".join(train_parser.format_help().split())
+
+
+def test_llama_run_of_groups_of_64_resumes_without_the_flag(tmp_path, capsys):
+    """A llama checkpoint with groups of 64 (every llama run's before 256 became the family's default) continues
+    without a group size given, from train() (TrainConfig(model="llama")) and from ``train --resume``,
+    bit-identically to a straight run; --group_size 256 is refused."""
+    straight = tmp_path / "runs" / "straight"
+    train(tiny_config(tmp_path, model="llama", group_size=64, run_name="straight", eval_every=2))
+    train(tiny_config(tmp_path, model="llama", group_size=64, run_name="split", eval_every=2, stop_at=2))
+    train(tiny_config(tmp_path, model="llama", run_name="split", eval_every=2, stop_at=4, resume="auto"))
+    resume = ["train", "--resume", "auto", "--run_name", "split", "--out_dir", str(tmp_path / "runs"), "--model",
+              "llama"]
+    assert main([*resume, "--group_size", "256"]) == 2
+    assert "--group_size 256 (checkpoint: 64)" in capsys.readouterr().err
+    assert main(resume) == 0
+    split = tmp_path / "runs" / "split"
+    meta = ckpt_io.load_checkpoint(ckpt_io.latest_checkpoint(split)).meta
+    assert meta["step"] == TINY["max_steps"] and meta["hparams"]["group_size"] == 64
+    assert meta["train_config"]["group_size"] == 64
+    a, b = _final_tensors(straight), _final_tensors(split)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[name], b[name]) for name in a)
+    assert _metric_rows(straight) == _metric_rows(split)
 
 
 def test_run_directory_layout(tmp_path):

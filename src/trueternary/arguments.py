@@ -18,6 +18,7 @@ from .settings import (
     DEFAULT_GGUF_TYPE,
     DEFAULT_GROUP_SIZE,
     GGUF_TYPES,
+    GROUP_SIZE_DEFAULTS,
     MIN_LR_FRAC,
     MODEL_NAMES,
     WARMUP_FRAC,
@@ -71,7 +72,7 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model's norms, attention and activations for every config (transformer)")
     p.add_argument("--group_size", type=int, default=None,
-                   help=f"weights per int8 scale E (default: {DEFAULT_GROUP_SIZE})")
+                   help=f"weights per int8 scale E (default: {GROUP_SIZE_DEFAULTS}, as train)")
     p.add_argument("--lr", action="append", default=[], metavar="CONFIG=LR",
                    help="peak learning rate (vote scale for TrueTernary) of a config, e.g. Adam_FP32=1e-3 "
                         "(default: each recipe's)")
@@ -142,7 +143,7 @@ def audit_arguments(p: argparse.ArgumentParser) -> None:
                      ("ctx", dict(type=int, help="bytes per sequence (the model's context)")),
                      ("group_size", dict(type=int, help="weights per int8 scale E")),
                      ("seed", dict(type=int, help="seed of the model init"))):
-        kw["help"] += f" (default: {getattr(d, name)}, train's)"
+        kw["help"] += f" (default: {GROUP_SIZE_DEFAULTS if name == 'group_size' else getattr(d, name)}, train's)"
         p.add_argument(f"--{name}", default=None, **kw)
     p.add_argument("--float", action="store_true",
                    help=f"audit the float base model (default: off, the {d.config} model train builds from it)")

@@ -46,6 +46,7 @@ from .models import build_model, check_compile_ops, model_names
 from .qat import QUANTIZERS, forward_trits
 from .recipes import CONFIG_NAMES, LATENT_CONFIGS, TERNARY_CONFIGS, Hparams, build_recipe
 from .rule import FlipRule
+from .settings import default_group_size
 from .weight import ternary_weights
 
 EXIT_JOBS_FAILED = 3  # some configs failed, crashed or timed out; the others' results were written
@@ -416,12 +417,14 @@ def _with_overrides(hp: Hparams, name: str, over: dict) -> Hparams:
 
 def hparams_from_args(args: argparse.Namespace) -> Hparams:
     """The hyper-parameters bench's flags give, built like ``train``'s (``Hparams.for_run``); UsageError for a
-    bad ``--rule`` or ``--lr`` item. A ``--rule scale_update_interval=...`` wins over ``--scale_update_interval``."""
+    bad ``--rule`` or ``--lr`` item. A ``--rule scale_update_interval=...`` wins over ``--scale_update_interval``;
+    without ``--group_size`` the group size is the model family's (``settings.default_group_size``, as train)."""
     try:
         rule_over = parse_overrides(args.rule, "rule")
         rule_over.setdefault("scale_update_interval", args.scale_update_interval)
+        group_size = default_group_size(args.model) if args.group_size is None else args.group_size
         return Hparams.for_run(args.steps, lr=parse_overrides(args.lr, "lr"), rule=rule_over,
-                               accum_threshold=args.accum_threshold, group_size=args.group_size,
+                               accum_threshold=args.accum_threshold, group_size=group_size,
                                warmup_frac=args.warmup_frac, min_lr_frac=args.min_lr_frac,
                                batch_tokens=args.batch * args.ctx)
     except (ValueError, TypeError) as e:

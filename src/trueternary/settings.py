@@ -1,6 +1,7 @@
 """Torch-free settings that the library and the command line share: the flip rule's hyper-parameters
-(:class:`FlipRule`, its modes), the default group size, the learning-rate schedule's default shape, and the names
-flags choose from (training configurations, model families, GGUF tensor types).
+(:class:`FlipRule`, its modes), the default group sizes (the library's, and a run's by model family), the
+learning-rate schedule's default shape, and the names flags choose from (training configurations, model families,
+GGUF tensor types).
 
 Nothing here imports torch, so ``trueternary <command> --help`` builds its parser without it. Each name is defined
 here once; the modules that use it at run time re-export it (``rule.FlipRule``, ``weight.DEFAULT_GROUP_SIZE``,
@@ -23,7 +24,22 @@ GGUF_TYPES = ("tq1_0", "tq2_0", "f16", "f32")
 DEFAULT_GGUF_TYPE = "tq2_0"
 
 # ------------------------------------------------------------------------------------ defaults
-DEFAULT_GROUP_SIZE = 64  # weights per int8 scale E
+DEFAULT_GROUP_SIZE = 64  # weights per int8 scale E: the library's, and a run's unless its family has its own below
+# A run's group size when --group_size is not given, by model family (train, bench, audit): llama is the family meant
+# for llama.cpp, whose TQ1_0 / TQ2_0 keep one fp16 scale per 256 weights, so its default run exports exactly, for a
+# small cost in learning (measured: docs/export.md, "The group size").
+FAMILY_GROUP_SIZES = {"llama": 256}
+
+
+def default_group_size(model: str) -> int:
+    """The group size of a run of model family ``model`` when none is given (:data:`FAMILY_GROUP_SIZES`, else
+    :data:`DEFAULT_GROUP_SIZE`)."""
+    return FAMILY_GROUP_SIZES.get(model, DEFAULT_GROUP_SIZE) if isinstance(model, str) else DEFAULT_GROUP_SIZE
+
+
+# The defaults of --group_size as the help of train, bench and audit states them: "64; 256 for --model llama".
+GROUP_SIZE_DEFAULTS = "; ".join([str(DEFAULT_GROUP_SIZE)]
+                                + [f"{g} for --model {m}" for m, g in FAMILY_GROUP_SIZES.items()])
 # The learning-rate schedule (recipes.lr_factor): linear warm-up over this fraction of the steps, then cosine decay
 # to this fraction of the peak (recipes.Hparams; bench --warmup_frac, --min_lr_frac).
 WARMUP_FRAC = 0.05

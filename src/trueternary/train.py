@@ -108,7 +108,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
     """Run (or continue) one training run and return its summary.
 
     ``explicit`` names the fields the user set (the CLI knows); by default, the fields that differ
-    from ``TrainConfig()``. On resume, the checkpoint's config is used with these fields on top.
+    from their defaults (``explicit_fields``). On resume, the checkpoint's config is used with these fields on top.
     Under torchrun (``WORLD_SIZE`` in the environment) or inside an initialised process group, the run
     is data-parallel (trueternary.distributed); the process group is created here if needed and
     destroyed at the end if it was.

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from .backends import UPDATE_BACKENDS, UpdateBackend, resolve_backend
 from .errors import UsageError
 from .flags import THREADS_HELP, parse_overrides
-from .settings import CONFIG_NAMES, DEFAULT_GROUP_SIZE, MODEL_NAMES, FlipRule
+from .settings import CONFIG_NAMES, GROUP_SIZE_DEFAULTS, MODEL_NAMES, FlipRule, default_group_size
 
 if TYPE_CHECKING:  # checkpoint reads TrainConfig from here
     from .checkpoint import Checkpoint
@@ -40,7 +40,7 @@ class TrainConfig:
     d_model: int = 128
     n_layers: int = 2
     n_heads: int = 4
-    group_size: int = DEFAULT_GROUP_SIZE
+    group_size: int | None = None  # None: the model family's (settings.default_group_size), set on construction
     # training configuration (trueternary.recipes)
     config: str = "TrueTernary"
     lr: float | None = None  # peak lr (vote scale for TrueTernary); None: the recipe's default
@@ -76,6 +76,10 @@ class TrainConfig:
     resume: str | None = None  # checkpoint file, run directory, or "auto"
     overwrite: bool = False  # a fresh run in a directory holding another run: move its files aside first
     profile_steps: int = 0  # profile this many steps (after two) on every rank: where the time goes (stepprofile)
+
+    def __post_init__(self) -> None:
+        if self.group_size is None:
+            self.group_size = default_group_size(self.model)
 
 
 # Flags that define the run: a resumed run must keep them (or it would not continue the same run).
@@ -235,7 +239,8 @@ def model_config(cfg: TrainConfig) -> dict:
 
 # ------------------------------------------------------------------------------------ resuming
 def merge_resumed(ckpt: Checkpoint, cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
-    """The checkpoint's TrainConfig with the flags the user gave on top; run-defining ones must agree."""
+    """The checkpoint's TrainConfig with the flags the user gave on top; run-defining ones must agree. A flag not
+    given keeps the checkpoint's value, not today's default (a llama checkpoint in groups of 64 stays in them)."""
     from . import distributed
 
     saved = {k: v for k, v in (ckpt.meta.get("train_config") or {}).items() if k in _FIELDS}
@@ -266,9 +271,11 @@ def merge_resumed(ckpt: Checkpoint, cfg: TrainConfig, explicit: set[str]) -> Tra
 
 
 def explicit_fields(cfg: TrainConfig) -> set[str]:
-    """The fields of ``cfg`` that differ from their defaults (what a caller of train() set)."""
-    default = TrainConfig()
-    return {f for f in _FIELDS if getattr(cfg, f) != getattr(default, f)}
+    """The fields of ``cfg`` that differ from their defaults (what a caller of train() set); the group size's
+    default is its model family's."""
+    family = TrainConfig(model=cfg.model)  # every default, the group size this model family's
+    given = {f for f in _FIELDS if getattr(cfg, f) != getattr(family, f)}
+    return given | {"model"} if cfg.model != TrainConfig().model else given
 
 
 # ------------------------------------------------------------------------------------ command line
@@ -293,7 +300,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag("d_model", type=int, help="model width")
     flag("n_layers", type=int, help="transformer blocks")
     flag("n_heads", type=int, help="attention heads")
-    flag("group_size", type=int, help="weights per int8 scale E")
+    p.add_argument("--group_size", dest="group_size", type=int, default=None,
+                   help=f"weights per int8 scale E (default: {GROUP_SIZE_DEFAULTS})")
     flag("config", help="training configuration: " + ", ".join(CONFIG_NAMES))
     p.add_argument("--strict_ternary", dest="strict_ternary", default=None,
                    action=argparse.BooleanOptionalAction,
