@@ -7,9 +7,12 @@ import pytest
 from trueternary.cli import main
 from trueternary.project import (
     MEASURED_ROWS,
+    ActivationMode,
     Shape,
+    activation_formula,
     adamw_bytes,
     measure,
+    measure_activation_bytes,
     norm_block,
     norm_code_bytes,
     predict,
@@ -28,6 +31,49 @@ def test_formulas_equal_measured_bytes(shape, group_size):
     for key, label in MEASURED_ROWS:
         assert predicted[key] == measured[key], label
     assert measured["n_params_float"] == 0  # strict ternary: no nn.Parameter at all
+
+
+def test_formulas_equal_measured_bytes_with_checkpointed_blocks():
+    shape = Shape(64, 2, 4, ctx=16, batch=1, mlp_ratio=3.0)
+    predicted, measured = predict(shape, 64, checkpointing=True), measure(shape, 64, checkpointing=True)
+    for key in ("activations_fp32", "activations_bf16"):
+        assert predicted[key] == measured[key], key
+    assert measured["activations_bf16"] < measure_activation_bytes(shape, True, 64)
+
+
+# shapes the formulas were not fitted on (nor checked on while fitting): odd heads, MLP ratio and vocabulary
+UNFITTED = [Shape(80, 3, 5, ctx=10, batch=3, vocab_size=292, mlp_ratio=2.5),
+            Shape(48, 4, 2, ctx=7, batch=2, vocab_size=288, mlp_ratio=4.0)]
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", UNFITTED, ids=["d80", "d48"])
+def test_checkpointing_formula_equals_the_counted_saved_tensors_on_an_unfitted_shape(shape, autocast):
+    mode = ActivationMode(autocast, checkpointing=True)
+    assert activation_formula(mode).bytes(shape) == measure_activation_bytes(shape, mode)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_checkpointed_blocks_keep_their_float32_input_and_recompute_one_block(autocast):
+    """Under checkpointing a forward keeps each block's input (float32 residual stream: 4 bytes per token and
+    channel) and backward's recomputation holds one block's saved tensors besides: an L-layer model keeps what a
+    1-layer model keeps without checkpointing, plus L - 1 more block inputs."""
+    shape = UNFITTED[0]
+    one_layer = Shape(shape.d_model, 1, shape.n_heads, shape.ctx, shape.batch, shape.vocab_size, shape.mlp_ratio)
+    tokens = shape.batch * shape.ctx
+    checkpointed = measure_activation_bytes(shape, ActivationMode(autocast, checkpointing=True))
+    more_inputs = (shape.n_layers - 1) * tokens * 4 * shape.d_model
+    assert checkpointed == measure_activation_bytes(one_layer, autocast) + more_inputs
+
+
+@pytest.mark.slow  # ~40 s on a busy 2-core machine: the fit compiles 13 small models, the check 2 more
+def test_compiled_formula_equals_the_counted_saved_tensors_on_an_unfitted_shape():
+    mode = ActivationMode(True, compiled=True)
+    for shape in UNFITTED:
+        compiled = measure_activation_bytes(shape, mode)
+        assert activation_formula(mode).bytes(shape) == compiled
+        # the partitioner recomputes elementwise ops (norms, activations, casts) in backward instead of saving them
+        assert compiled < 0.8 * measure_activation_bytes(shape, True)
 
 
 def test_per_weight_numbers_of_the_seed_table():
@@ -77,11 +123,35 @@ def test_project_cli(capsys):
     assert "every formula equals its measurement" in out
 
 
+def test_project_cli_with_checkpointing(capsys):
+    assert main(["project", "--params", "2e7", "--d_model", "256", "--n_layers", "4", "--batch", "2", "--ctx", "64",
+                 "--activation_checkpointing", "--measure", "2e4"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks checkpointed, shared ops eager" in out and "each block's input" in out
+    assert "tokens * (4*n_layers*d + " in out  # the float32 block inputs, once per layer
+    assert "every formula equals its measurement" in out
+
+
+def test_project_flags():
+    import argparse
+
+    from trueternary.arguments import project_arguments
+
+    p = argparse.ArgumentParser()
+    project_arguments(p)
+    args = p.parse_args([])
+    assert args.activation_checkpointing is False and args.compile is False
+    args = p.parse_args(["--activation_checkpointing", "--compile"])
+    assert args.activation_checkpointing is True and args.compile is True
+
+
 @pytest.mark.parametrize("flags", [["--params", "0"], ["--group_size", "0"], ["--batch", "0"],
                                    ["--measure", "abc"], ["--measure", "1e12"],
                                    ["--d_model", "100", "--n_heads", "3"], ["--params", "1e30"], ["--params", "nan"],
                                    ["--params", "inf"], ["--n_heads", "0"], ["--n_layers", "-1"],
-                                   ["--ctx", str(2**24 + 1)], ["--d_model", str(2**21)], ["--batch", str(2**40)]])
+                                   ["--ctx", str(2**24 + 1)], ["--d_model", str(2**21)], ["--batch", str(2**40)],
+                                   ["--activation_checkpointing=yes"], ["--compile", "1"],
+                                   ["--activation_checkpointing", "--d_model", "100", "--n_heads", "3"]])
 def test_project_bad_flags(capsys, flags):
     assert main(["project", "--measure", "", *flags]) == 2
     err = capsys.readouterr().err
@@ -102,9 +172,7 @@ def test_project_answers_in_little_memory_at_the_bounds(capsys, flags):
     no more than at the default (it used to list every layer's matrices: 23.5 GB for --params 1e30)."""
     import tracemalloc
 
-    from trueternary.project import activation_coefficients
-
-    activation_coefficients(False), activation_coefficients(True)  # the fit on small models, cached
+    activation_formula(False), activation_formula(True)  # the fit on small models, cached
     tracemalloc.start()
     try:
         assert main(["project", "--measure", "", *flags]) == 0

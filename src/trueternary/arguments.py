@@ -126,6 +126,12 @@ def project_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"attention heads (default: heads of {HEAD_DIM}, at least 2)")
     p.add_argument("--measure", default="1e5,1e6,1e7", metavar="SIZES",
                    help="comma list of weight counts to measure on real objects ('' skips)")
+    p.add_argument("--activation_checkpointing", action="store_true",
+                   help="activations of a run with the blocks checkpointed (train --activation_checkpointing): "
+                        "the blocks' inputs and one recomputed block's")
+    p.add_argument("--compile", action="store_true",
+                   help="activations of a run with the shared ops compiled (train --compile, bench_scale's "
+                        "default): fewer saved (fitting them compiles small models: about a minute)")
 
 
 def audit_arguments(p: argparse.ArgumentParser) -> None:

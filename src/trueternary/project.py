@@ -33,7 +33,16 @@ What the seed's table leaves out, for a stated model shape and batch:
                        plus ``n_layers * m * head_dim`` per position (d = d_model, h = MLP width,
                        H = heads, V = vocabulary); the coefficients are *fitted* on small real models
                        by counting saved tensors (``torch.autograd.graph.saved_tensors_hooks``) and
-                       checked exactly on other shapes before they are used.
+                       checked exactly on other shapes before they are used. Two options of a run change
+                       them, each with its own fitted formula (ActivationMode):
+                       activation checkpointing (``--activation_checkpointing``): each block's float32
+                       input, plus one block's saved tensors while backward recomputes it (counted by
+                       running a block again on its kept input, as torch.utils.checkpoint does), plus
+                       the embedding's, final norm's, head's and loss's: ``n_layers*4*d`` per token and
+                       the block terms once; compiled shared ops (``--compile``): what AOTAutograd's
+                       min-cut partition saves (Inductor's; it recomputes elementwise ops in backward),
+                       counted through the ``aot_eager_decomp_partition`` backend, which partitions as
+                       Inductor does without generating code.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import textwrap
 import warnings
 from dataclasses import dataclass
 
@@ -167,50 +177,146 @@ def transient_bytes(shape: Shape, compute_bytes: int = 4) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------ activations
-def _activation_features(s: Shape) -> list[float]:
-    tokens = s.batch * s.ctx
-    L = s.n_layers
-    return [tokens * L * s.d_model, tokens * L * s.d_hidden, tokens * L * s.n_heads, tokens * L,
-            tokens * s.d_model, tokens * s.vocab_size, tokens, s.ctx * L * (s.d_model // s.n_heads), 1]
+# The terms of the activation formulas, by whether the blocks are checkpointed: (per token, per position).
+# Without checkpointing every block's saved tensors stay until backward; with it a block keeps only its input and
+# backward recomputes one block at a time, so the block terms appear once (not n_layers times) beside the inputs.
+ACTIVATION_TERMS = {
+    False: (("n_layers*d", "n_layers*h", "n_layers*H", "n_layers", "d", "V", "1"), ("n_layers*head_dim",)),
+    True: (("n_layers*d", "n_layers", "d", "h", "H", "V", "1"), ("head_dim",)),
+}
+# The torch.compile backend the compiled mode counts with: AOTAutograd's min-cut partition with Inductor's
+# decompositions, which decides what Inductor's graphs save, without Inductor's code generation (seconds a
+# shape instead of tens, and no C compiler needed).
+COUNTING_BACKEND = "aot_eager_decomp_partition"
 
 
-# Per token, except the last two: per position (batch-independent) and per forward.
-ACTIVATION_TERMS = ("n_layers*d", "n_layers*h", "n_layers*H", "n_layers", "d", "V", "1",
-                    "n_layers*head_dim per position", "per forward")
+def _activation_features(s: Shape, checkpointing: bool) -> list[int]:
+    tokens, L = s.batch * s.ctx, s.n_layers
+    size = {"n_layers*d": L * s.d_model, "n_layers*h": L * s.d_hidden, "n_layers*H": L * s.n_heads, "n_layers": L,
+            "d": s.d_model, "h": s.d_hidden, "H": s.n_heads, "V": s.vocab_size, "1": 1,
+            "n_layers*head_dim": L * (s.d_model // s.n_heads), "head_dim": s.d_model // s.n_heads}
+    per_token, per_position = ACTIVATION_TERMS[checkpointing]
+    return [tokens * size[t] for t in per_token] + [s.ctx * size[t] for t in per_position] + [1]
 
 
-def _ternary_model(shape: Shape, group_size: int):
+@dataclass(frozen=True)
+class ActivationMode:
+    """How the model runs a training forward, as far as what it keeps for backward is concerned."""
+
+    autocast: bool  # bf16 autocast (else float32)
+    checkpointing: bool = False  # ByteTransformer.use_activation_checkpointing
+    compiled: bool = False  # ByteTransformer.use_compiled_ops
+
+    def how(self) -> str:
+        """How the blocks run, in words (the dtype left out)."""
+        return (f"{'blocks checkpointed' if self.checkpointing else 'no activation checkpointing'}, "
+                f"shared ops {'compiled' if self.compiled else 'eager'}")
+
+    def describe(self) -> str:
+        return f"{'bf16 autocast' if self.autocast else 'fp32'}, {self.how()}"
+
+
+@dataclass(frozen=True)
+class ActivationFormula:
+    """Integer bytes per term of ACTIVATION_TERMS[mode.checkpointing] (then one per forward), fitted on small real
+    models (activation_formula)."""
+
+    mode: ActivationMode
+    coef: tuple[int, ...]
+
+    def bytes(self, shape: Shape) -> int:
+        return sum(c * f for c, f in zip(self.coef, _activation_features(shape, self.mode.checkpointing)))
+
+    def __str__(self) -> str:
+        per_token, per_position = ACTIVATION_TERMS[self.mode.checkpointing]
+        n = len(per_token)
+        tok = " + ".join(f"{c}*{t}" if t != "1" else str(c) for c, t in zip(self.coef[:n], per_token) if c)
+        text = f"tokens * ({tok})"
+        for c, t in zip(self.coef[n:-1], per_position):
+            if c:
+                text += f" + ctx * {c}*{t}"
+        return text + (f" + {self.coef[-1]}" if self.coef[-1] else "")
+
+
+def _ternary_model(shape: Shape, group_size: int, mode: ActivationMode | None = None):
     from .convert import ternarize
     from .models import build_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return ternarize(build_model("transformer", seed=0, **shape.model_kwargs()), group_size)
+        model = ternarize(build_model("transformer", seed=0, **shape.model_kwargs()), group_size)
+    if mode is not None:
+        model.use_activation_checkpointing(mode.checkpointing)
+        model.use_compiled_ops(mode.compiled, backend=COUNTING_BACKEND)
+    return model
 
 
-def measure_activation_bytes(shape: Shape, autocast: bool, group_size: int = DEFAULT_GROUP_SIZE,
-                             model=None) -> int:
-    """Bytes of the distinct storages autograd saves for backward in one forward + loss (CPU)."""
-    model = _ternary_model(shape, group_size) if model is None else model
-    own = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
-    seen: set[int] = set()
-    total = 0
+@contextlib.contextmanager
+def _static_compiles(compiled: bool):
+    """Compile every shape for itself, as a run (one shape) does: a fresh dynamo state, so no shape traces
+    symbolically after a recompile or runs eagerly past the recompile limit."""
+    if not compiled:
+        yield
+        return
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+            yield
+    finally:
+        torch._dynamo.reset()
+
+
+def _saved_bytes_counter(model, exclude: set[int]):
+    """(pack hook, box): the hook adds the bytes of each distinct storage autograd saves to box['bytes'], except
+    the model's parameters and buffers and the storages in ``exclude``."""
+    seen = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())} | exclude
+    box = {"bytes": 0}
 
     def pack(t):
-        nonlocal total
         ptr = t.untyped_storage().data_ptr()
-        if ptr not in own and ptr not in seen:
+        if ptr not in seen:
             seen.add(ptr)
-            total += t.untyped_storage().nbytes()
+            box["bytes"] += t.untyped_storage().nbytes()
         return t
 
+    return pack, box
+
+
+def measure_activation_bytes(shape: Shape, autocast: bool | ActivationMode, group_size: int = DEFAULT_GROUP_SIZE,
+                             model=None) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one forward + loss (CPU). Under activation
+    checkpointing, those of the forward (the blocks' inputs, and the embedding's, final norm's, head's and loss's
+    tensors) plus those of one block's forward run again on its input, which is what backward's recomputation
+    of a block saves while the inputs are still kept. ``model``: a ternary transformer of this shape, set to the
+    mode (default: built)."""
+    mode = autocast if isinstance(autocast, ActivationMode) else ActivationMode(autocast)
+    model = _ternary_model(shape, group_size, mode) if model is None else model
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (shape.batch, shape.ctx), generator=g)
     y = torch.randint(0, 256, (shape.batch, shape.ctx), generator=g)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logits = model(x)
-            F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+    pack, box = _saved_bytes_counter(model, set())
+    block_input = []
+    capture = model.blocks[-1].register_forward_pre_hook(lambda _, args: block_input.append(args[0]))
+    try:
+        with _static_compiles(mode.compiled), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode.autocast):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                logits = model(x)
+                F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+            total = box["bytes"]
+            if mode.checkpointing:
+                # checkpoint's recomputation runs the block under the forward's autocast state on the kept input
+                # (whose storage is counted already), and keeps what the block saves until its backward uses it
+                from .models.transformer import shared_ops
+
+                inp = block_input[0].detach().requires_grad_(True)
+                pack, box = _saved_bytes_counter(model, {inp.untyped_storage().data_ptr()})
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    model.blocks[-1](inp, model.rope_cos, model.rope_sin, shared_ops(model.compile_backend))
+                total += box["bytes"]
+    finally:
+        capture.remove()
     return total
 
 
@@ -223,37 +329,28 @@ _FIT_SHAPES = [Shape(d, nl, H, ctx=L, batch=B, vocab_size=V, mlp_ratio=mr)
                ]]
 _CHECK_SHAPES = [Shape(64, 3, 4, ctx=12, batch=2, vocab_size=288, mlp_ratio=4.0),
                  Shape(96, 2, 3, ctx=6, batch=5, vocab_size=290, mlp_ratio=3.0)]
-_FITTED: dict[bool, list[int]] = {}
+_FITTED: dict[ActivationMode, ActivationFormula] = {}
 
 
-def activation_coefficients(autocast: bool) -> list[int]:
-    """Integer bytes per term of ACTIVATION_TERMS, fitted on small real models and checked on others."""
-    if autocast in _FITTED:
-        return _FITTED[autocast]
-    X = torch.tensor([_activation_features(s) for s in _FIT_SHAPES], dtype=torch.float64)
-    y = torch.tensor([measure_activation_bytes(s, autocast) for s in _FIT_SHAPES], dtype=torch.float64)
-    coef = [round(v) for v in torch.linalg.lstsq(X, y[:, None]).solution[:, 0].tolist()]
-    for s in _FIT_SHAPES + _CHECK_SHAPES:
-        got, want = predict_activation_bytes(s, coef), measure_activation_bytes(s, autocast)
-        if got != want:
-            raise RuntimeError(f"activation formula does not fit this torch ({s.describe()}: {got} != {want})")
-    _FITTED[autocast] = coef
-    return coef
-
-
-def predict_activation_bytes(shape: Shape, coef: list[int]) -> int:
-    return int(sum(c * f for c, f in zip(coef, _activation_features(shape))))
-
-
-def activation_formula(coef: list[int]) -> str:
-    """The fitted formula as text: per-token terms, then the per-position and per-forward ones."""
-    per_token = " + ".join(f"{c}*{t}" if t != "1" else str(c) for c, t in zip(coef[:7], ACTIVATION_TERMS) if c)
-    text = f"tokens * ({per_token})"
-    if coef[7]:
-        text += f" + ctx * {coef[7]}*n_layers*head_dim"
-    if coef[8]:
-        text += f" + {coef[8]}"
-    return text
+def activation_formula(autocast: bool | ActivationMode, checkpointing: bool = False,
+                       compiled: bool = False) -> ActivationFormula:
+    """The activation formula of a mode, fitted on small real models by counting saved tensors and checked exactly
+    on them and on others (RuntimeError where it does not fit); cached. A compiled mode compiles each small model
+    from a fresh dynamo state (``torch._dynamo.reset()``, before and after: this process's compiled code goes)."""
+    mode = autocast if isinstance(autocast, ActivationMode) else ActivationMode(autocast, checkpointing, compiled)
+    if mode in _FITTED:
+        return _FITTED[mode]
+    measured = [(s, measure_activation_bytes(s, mode)) for s in _FIT_SHAPES + _CHECK_SHAPES]
+    X = torch.tensor([_activation_features(s, mode.checkpointing) for s in _FIT_SHAPES], dtype=torch.float64)
+    y = torch.tensor([want for _, want in measured[:len(_FIT_SHAPES)]], dtype=torch.float64)
+    coef = torch.linalg.lstsq(X, y[:, None]).solution[:, 0].tolist()
+    formula = ActivationFormula(mode, tuple(round(v) for v in coef))
+    for s, want in measured:
+        if formula.bytes(s) != want:
+            raise RuntimeError(f"activation formula ({mode.describe()}) does not fit this torch ({s.describe()}: "
+                               f"{formula.bytes(s)} != {want})")
+    _FITTED[mode] = formula
+    return formula
 
 
 # ------------------------------------------------------------------------------------ measurements
@@ -278,9 +375,11 @@ def _record_max(obj, name: str, size_of):
             delattr(obj, name)  # back to the class's method
 
 
-def measure(shape: Shape, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
+def measure(shape: Shape, group_size: int = DEFAULT_GROUP_SIZE, checkpointing: bool = False,
+            compiled: bool = False) -> dict:
     """Every quantity of the tables, measured on real objects of this shape (CPU). The ternary training state is
-    memory.training_state's count after a real step (the codes the FlipOptimizer then holds included)."""
+    memory.training_state's count after a real step (the codes the FlipOptimizer then holds included); the
+    activations are counted with the blocks checkpointed and the shared ops compiled as asked."""
     from .memory import training_state
     from .models import build_model
     from .optim import FlipOptimizer
@@ -306,8 +405,8 @@ def measure(shape: Shape, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
     out["training"] = training_state(model, [opt])["total"]
     out["transient_gradient"] = grad["max"]
     out["transient_dense_weight"] = dense["max"]
-    out["activations_fp32"] = measure_activation_bytes(shape, False, group_size)
-    out["activations_bf16"] = measure_activation_bytes(shape, True, group_size)
+    for autocast, key in ((False, "activations_fp32"), (True, "activations_bf16")):
+        out[key] = measure_activation_bytes(shape, ActivationMode(autocast, checkpointing, compiled), group_size)
     del model, opt
     # --- bf16 + AdamW, the mixed-precision recipe: bf16 model, fp32 master copy with AdamW state
     bf16 = build_model("transformer", seed=0, **shape.model_kwargs()).to(torch.bfloat16)
@@ -327,7 +426,8 @@ def measure(shape: Shape, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
     return out
 
 
-def predict(shape: Shape, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
+def predict(shape: Shape, group_size: int = DEFAULT_GROUP_SIZE, checkpointing: bool = False,
+            compiled: bool = False) -> dict:
     """The formulas for every quantity ``measure`` reports."""
     tern = ternary_state_bytes(shape.matrices(), group_size, norm_block(), shape.voted_whole())
     n = shape.n_weights()
@@ -336,8 +436,8 @@ def predict(shape: Shape, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
     out = {"weights": n, **{k: tern[k] for k in ("T_packed", "E", "E_accum", "T_accum", "norm_codes")},
            "training": tern["training"], "inference": tern["inference"], "n_params_float": 0,
            "transient_gradient": trans["gradient"], "transient_dense_weight": trans["dense_weight"],
-           "activations_fp32": predict_activation_bytes(shape, activation_coefficients(False)),
-           "activations_bf16": predict_activation_bytes(shape, activation_coefficients(True))}
+           "activations_fp32": activation_formula(False, checkpointing, compiled).bytes(shape),
+           "activations_bf16": activation_formula(True, checkpointing, compiled).bytes(shape)}
     for k in ("bf16 weights", "fp32 master weights", "fp32 Adam m", "fp32 Adam v"):
         out[k] = int(adam[k])
     out["adamw_training"] = int(adam["training"])
@@ -352,13 +452,28 @@ def _gib(b: float) -> str:
     return f"{b / 2**20:,.1f} MiB" if b >= 2**20 / 10 else f"{b:,.0f} B"
 
 
-def projection_table(params: float, group_size: int, shape: Shape) -> str:
+def _activation_assumptions(checkpointing: bool, compiled: bool) -> list[str]:
+    kept = ("each block's input (batch x ctx x d float32), one block's saved tensors while backward recomputes it, "
+            "and the embedding's, final norm's, head's and loss's" if checkpointing
+            else "every block's saved tensors, and the embedding's, final norm's, head's and loss's")
+    text = f"Activations in bytes: what autograd keeps for backward, {kept}"
+    if compiled:
+        text += (f"; with the shared ops compiled, what AOTAutograd's min-cut partition saves (Inductor's; it "
+                 f"recomputes cheap elementwise ops in backward), counted with backend {COUNTING_BACKEND} on the CPU, "
+                 "where Inductor's graphs save the same (a CUDA compile is assumed to partition alike)")
+    return textwrap.wrap(text + ":", 108, initial_indent="  ", subsequent_indent="  ")
+
+
+def projection_table(params: float, group_size: int, shape: Shape, checkpointing: bool = False,
+                     compiled: bool = False) -> str:
+    """The projection for ``params`` weights, and for ``shape`` the rows it leaves out: gradients, dequantised
+    weights and activations, with the blocks checkpointed and the shared ops compiled as asked."""
     block = norm_block()
     tern = ternary_state_bytes_for_params(params, group_size, block)
     adam = adamw_bytes(params)
     trans_bf16 = transient_bytes(shape, compute_bytes=2)
-    act32 = predict_activation_bytes(shape, activation_coefficients(False))
-    act16 = predict_activation_bytes(shape, activation_coefficients(True))
+    f32, f16 = (activation_formula(autocast, checkpointing, compiled) for autocast in (False, True))
+    act32, act16 = f32.bytes(shape), f16.bytes(shape)
     P = float(params)
     w = 48
 
@@ -385,7 +500,7 @@ def projection_table(params: float, group_size: int, shape: Shape) -> str:
         row("inference total (T_packed + E | bf16)", tern["inference"], adam["inference"]),
         "",
         f"Left out of the table above, for {shape.describe()}",
-        f"  ({shape.n_weights():.3g} weights in this shape)",
+        f"  ({shape.n_weights():.3g} weights in this shape; {f16.mode.how()})",
         row("weight gradient (fp32, one matrix | bf16 all)", trans_bf16["gradient"], adam["gradient"]),
         row("dequantised weight (bf16, one matrix)", trans_bf16["dense_weight"]),
         row("activations saved for backward, fp32", act32, act32),
@@ -398,14 +513,15 @@ def projection_table(params: float, group_size: int, shape: Shape) -> str:
         f"inference {adam['inference'] / tern['inference']:.1f}x",
         "Assumptions: bf16+AdamW keeps bf16 weights, an fp32 master copy and fp32 m, v (14 B/weight) and a",
         "full bf16 gradient; TrueTernary's float gradient exists for one matrix at a time (dense-fallback",
-        "backend; the fused GPU backend never writes it). Activations, without recomputation, in bytes:",
-        f"  fp32:          {activation_formula(activation_coefficients(False))}",
-        f"  bf16 autocast: {activation_formula(activation_coefficients(True))}",
+        "backend; the fused GPU backend never writes it).",
+        *_activation_assumptions(checkpointing, compiled),
+        f"  fp32:          {f32}",
+        f"  bf16 autocast: {f16}",
         "  (tokens = batch*ctx, d = d_model, h = MLP width, H = heads, V = vocabulary), fitted on small real",
         "  models by counting the tensors autograd saves (CPU) and checked exactly on other shapes; the same",
-        "  architecture saves the same activations whatever its weight format. Sharding, recomputation or",
-        "  offloading shrink the AdamW state and both activation rows; the ternary state stays "
-        f"{tern['training'] / P:.3f} B/weight.",
+        "  architecture saves the same activations whatever its weight format. Recomputation",
+        "  (--activation_checkpointing) shrinks both activation rows, sharding or offloading the AdamW state;",
+        f"  the ternary state stays {tern['training'] / P:.3f} B/weight.",
     ]
     return "\n".join(lines)
 
@@ -428,14 +544,17 @@ def measured_shapes(sizes: list[float], ctx: int = 64, batch: int = 1) -> list[S
     return [shape_for_params(s, ctx=ctx, batch=batch) for s in sizes]
 
 
-def measured_table(shapes: list[Shape], group_size: int) -> tuple[str, bool]:
+def measured_table(shapes: list[Shape], group_size: int, checkpointing: bool = False,
+                   compiled: bool = False) -> tuple[str, bool]:
     """Formula next to measurement for each shape; returns (table, every number equal)."""
-    cols = [(predict(s, group_size), measure(s, group_size)) for s in shapes]
+    cols = [(predict(s, group_size, checkpointing, compiled), measure(s, group_size, checkpointing, compiled))
+            for s in shapes]
     w = 36
     head = f"{'bytes':<{w}}" + "".join(f"{'formula':>13}{'measured':>13}" for _ in shapes)
     lines = [
         "Measured on real objects (CPU) next to the formulas, for "
-        + "; ".join(f"[{i + 1}] {s.describe()}" for i, s in enumerate(shapes)),
+        + "; ".join(f"[{i + 1}] {s.describe()}" for i, s in enumerate(shapes))
+        + f" (activations: {ActivationMode(True, checkpointing, compiled).how()})",
         f"{'':<{w}}" + "".join(f"{f'[{i + 1}]':>26}" for i in range(len(shapes))),
         head,
     ]
@@ -452,6 +571,12 @@ def measured_table(shapes: list[Shape], group_size: int) -> tuple[str, bool]:
 
 
 # ------------------------------------------------------------------------------------ command line
+def _dynamo_supported() -> bool:
+    import torch._dynamo
+
+    return torch._dynamo.is_dynamo_supported()
+
+
 def run(args: argparse.Namespace) -> dict:
     if not (1 <= args.params <= MAX_PARAMS):  # (NaN fails both)
         raise UsageError(f"--params must be a number in [1, {MAX_PARAMS:.0e}], got {args.params:g}")
@@ -472,10 +597,13 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError(f"--measure must be a comma list of numbers, got {args.measure!r}") from None
     if any(not 1e3 <= s <= 1e8 for s in sizes):
         raise UsageError("--measure sizes must be between 1e3 and 1e8 weights (they are built on this CPU)")
-    print(projection_table(args.params, args.group_size, shape))
+    if args.compile and not _dynamo_supported():
+        raise UsageError("--compile counts what torch.compile's graphs save, and torch.compile does not run here")
+    print(projection_table(args.params, args.group_size, shape, args.activation_checkpointing, args.compile))
     ok = True
     if sizes:
-        table, ok = measured_table(measured_shapes(sizes), args.group_size)
+        table, ok = measured_table(measured_shapes(sizes), args.group_size, args.activation_checkpointing,
+                                   args.compile)
         print()
         print(table)
     return {"ok": ok}
