@@ -10,7 +10,8 @@ from trueternary.project import (
     ActivationMode,
     Shape,
     activation_formula,
-    adamw_bytes,
+    adam_fp32_bytes,
+    autocast_weight_copy_bytes,
     measure,
     measure_activation_bytes,
     norm_block,
@@ -44,6 +45,20 @@ def test_formulas_equal_measured_bytes_with_checkpointed_blocks():
 # shapes the formulas were not fitted on (nor checked on while fitting): odd heads, MLP ratio and vocabulary
 UNFITTED = [Shape(80, 3, 5, ctx=10, batch=3, vocab_size=292, mlp_ratio=2.5),
             Shape(48, 4, 2, ctx=7, batch=2, vocab_size=288, mlp_ratio=4.0)]
+
+
+def test_autocast_keeps_one_bf16_copy_of_each_linear_weight_for_backward():
+    """Under bf16 autocast (the CPU's as CUDA's) the float model saves exactly the ternary model's activations
+    plus one bf16 copy of each linear layer's weight (autocast caches the cast of a leaf fp32 weight; the matmul
+    saves it); in fp32 it saves exactly what the ternary model saves."""
+    from trueternary.models import build_model
+
+    shape = UNFITTED[0]
+    model = build_model("transformer", seed=0, **shape.model_kwargs())
+    linear = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("embed"))
+    assert autocast_weight_copy_bytes(shape) == 2 * linear
+    assert measure_activation_bytes(shape, False, model=model) == measure_activation_bytes(shape, False)
+    assert measure_activation_bytes(shape, True, model=model) == measure_activation_bytes(shape, True) + 2 * linear
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
@@ -85,8 +100,8 @@ def test_per_weight_numbers_of_the_seed_table():
     assert t["training"] / 3e9 == pytest.approx(1 + 0.2 + 2 / 64 + 2 / 128 + 2 / 128**2)
     assert ternary_state_bytes_for_params(3e9, 64)["training"] / 3e9 == pytest.approx(1 + 0.2 + 2 / 64)
     assert t["inference"] / 3e9 == pytest.approx(0.2 + 1 / 64)
-    a = adamw_bytes(3e9)
-    assert a["training"] / 3e9 == 14 and a["inference"] / 3e9 == 2 and a["gradient"] / 3e9 == 2
+    a = adam_fp32_bytes(3e9)  # fp32 weights, m and v; an fp32 gradient; served in bf16
+    assert a["training"] / 3e9 == 12 and a["inference"] / 3e9 == 2 and a["gradient"] / 3e9 == 4
 
 
 def test_the_default_rule_keeps_codes_of_tile_128_and_norm_beta_0_none():
@@ -117,7 +132,8 @@ def test_project_cli(capsys):
     assert "T_packed (5 trits per byte)" in out and "0.2000" in out
     # the training state the README and audit state: trits, accumulators, scales and the normaliser's codes
     assert "normaliser codes (per 128x128 tile)" in out and "0.0157" in out
-    assert "training state total                               1.2470" in out and "14.0000" in out
+    assert "training state total                               1.2470" in out and "12.0000" in out
+    assert "Adam_FP32 (AdamW fp32)" in out and "bf16 weight copies autocast saves" in out
     assert "the ternary state stays 1.247 B/weight" in out
     assert "activations saved for backward" in out and "weight gradient" in out
     assert "every formula equals its measurement" in out

@@ -116,7 +116,7 @@ COMMANDS: dict[str, tuple[Callable[[], tuple[Callable, Handler]], str, str]] = {
     "generate": (_generate, "sample text from a checkpoint (loads T_packed and E only)",
                  "Continue a prompt byte by byte from a checkpoint or a GGUF file (see docs/training.md)."),
     "project": (_project, "memory to train and serve N weights, projected and measured",
-                "Memory to train and to serve N ternary weights against bf16 + AdamW: closed formulas, each "
+                "Memory to train and to serve N ternary weights against Adam_FP32 (AdamW fp32): closed formulas, each "
                 "checked against real objects (see docs/training.md)."),
     "info": (_info, "what a checkpoint holds", "Verify a checkpoint and list what it holds."),
     "bench": (_bench, "compare training configurations side by side",

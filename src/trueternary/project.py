@@ -18,23 +18,32 @@ and the last packed byte of each matrix is left out there; the measured table in
 state is the count ``audit`` and ``bench`` report (trueternary.memory.training_state); the measured table
 checks the formula against it.
 
-bf16 + AdamW, mixed precision as usually run: bf16 weights (2 B/w) used by forward and backward,
-fp32 master weights (4), fp32 Adam m and v (4 + 4); the weight gradient (bf16, 2 B/w, full size)
-is listed separately, as are activations. AdamW's per-tensor ``step`` scalars are left out.
+Adam_FP32, the float baseline as this project runs it (recipes.py): fp32 weights (4 B/w), torch AdamW's
+fp32 m and v (4 + 4); served in bf16 (2 B/w). The fp32 weight gradient (4 B/w, full size: every one exists
+at the end of backward) and, under bf16 autocast, the bf16 copies of the linear layers' weights that autocast
+casts once per forward and autograd saves for backward (2 B/w; not the embedding's, which is looked up in
+fp32) are listed with the activations. AdamW's per-tensor ``step`` scalars are left out.
 
 What the seed's table leaves out, for a stated model shape and batch:
 
     weight gradient    TrueTernary: the fp32 gradient of one matrix at a time (the largest),
                        formed in backward, turned into votes and dropped (dense-fallback backend;
-                       the fused GPU backend never writes it). AdamW: a full-size bf16 gradient.
+                       the fused GPU backend never writes it). Adam_FP32: a full-size fp32 gradient.
     dequantised weight TrueTernary dense-fallback: one matrix ``T * 2**E`` in the compute dtype at a time.
+    weight copies      Adam_FP32 under bf16 autocast: ``2 * (weights - V*d)``, the linear layers' bf16 casts
+                       (torch caches the cast of a leaf fp32 tensor, on the CPU as on CUDA, until the
+                       autocast region ends; the backward of the matmul that saved it frees it). Counted as
+                       saved tensors with the blocks kept and the ops eager; with the blocks checkpointed
+                       autograd saves none in forward, but the cache holds every copy until the forward's
+                       autocast region ends (torch.autocast.__exit__ clears it), so the row is the same.
     activations        what autograd saves for backward in one forward + loss, identical for both
-                       (same architecture). Per token it is ``n_layers*(a*d + b*h + c*H + e) + f*d + g*V + k``
-                       plus ``n_layers * m * head_dim`` per position (d = d_model, h = MLP width,
-                       H = heads, V = vocabulary); the coefficients are *fitted* on small real models
-                       by counting saved tensors (``torch.autograd.graph.saved_tensors_hooks``) and
-                       checked exactly on other shapes before they are used. Two options of a run change
-                       them, each with its own fitted formula (ActivationMode):
+                       (same architecture; Adam_FP32's autocast weight copies aside). Per token it is
+                       ``n_layers*(a*d + b*h + c*H + e) + f*d + g*V + k`` plus ``n_layers * m * head_dim`` per
+                       position (d = d_model, h = MLP width, H = heads, V = vocabulary); the coefficients
+                       are *fitted* on small real models by counting saved tensors
+                       (``torch.autograd.graph.saved_tensors_hooks``) and checked exactly on other shapes
+                       before they are used. Two options of a run change them, each with its own fitted
+                       formula (ActivationMode):
                        activation checkpointing (``--activation_checkpointing``): each block's float32
                        input, plus one block's saved tensors while backward recomputes it (counted by
                        running a block again on its kept input, as torch.utils.checkpoint does), plus
@@ -157,14 +166,20 @@ def ternary_state_bytes_for_params(params: float, group_size: int, block: int | 
     return d
 
 
-def adamw_bytes(params: float) -> dict[str, float]:
-    """bf16 + AdamW mixed precision (module docstring); the gradient is listed separately."""
+def adam_fp32_bytes(params: float) -> dict[str, float]:
+    """Adam_FP32's training state (module docstring); its gradient is listed separately, as in the shape rows."""
     p = float(params)
-    d = {"bf16 weights": 2 * p, "fp32 master weights": 4 * p, "fp32 Adam m": 4 * p, "fp32 Adam v": 4 * p}
+    d = {"fp32 weights": 4 * p, "fp32 Adam m": 4 * p, "fp32 Adam v": 4 * p}
     d["training"] = sum(d.values())
-    d["inference"] = 2 * p
-    d["gradient"] = 2 * p
+    d["inference"] = 2 * p  # served in bf16
+    d["gradient"] = 4 * p
     return d
+
+
+def autocast_weight_copy_bytes(shape: Shape) -> int:
+    """The bf16 copies of the linear layers' weights that a bf16-autocast forward of the float model keeps for
+    backward: every matrix but the embedding (an ``F.embedding`` lookup, which autocast leaves in fp32)."""
+    return 2 * (shape.n_weights() - shape.vocab_size * shape.d_model)
 
 
 def transient_bytes(shape: Shape, compute_bytes: int = 4) -> dict[str, int]:
@@ -408,21 +423,24 @@ def measure(shape: Shape, group_size: int = DEFAULT_GROUP_SIZE, checkpointing: b
     for autocast, key in ((False, "activations_fp32"), (True, "activations_bf16")):
         out[key] = measure_activation_bytes(shape, ActivationMode(autocast, checkpointing, compiled), group_size)
     del model, opt
-    # --- bf16 + AdamW, the mixed-precision recipe: bf16 model, fp32 master copy with AdamW state
-    bf16 = build_model("transformer", seed=0, **shape.model_kwargs()).to(torch.bfloat16)
-    master = [p.detach().float().clone().requires_grad_(True) for p in bf16.parameters()]
-    logits = bf16(x)
-    F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1)).backward()
-    for m, p in zip(master, bf16.parameters()):
-        m.grad = p.grad.float()
-    adam = torch.optim.AdamW(master, lr=1e-3)
-    adam.step()
-    out["bf16 weights"] = sum(p.numel() * p.element_size() for p in bf16.parameters())
-    out["fp32 master weights"] = sum(m.numel() * m.element_size() for m in master)
+    # --- Adam_FP32 as recipes.py builds it: one step of its loss (bf16 autocast), backward and AdamW
+    from .recipes import Hparams, build_recipe
+
+    adam = build_recipe("Adam_FP32", build_model("transformer", seed=0, **shape.model_kwargs()), Hparams())
+    fp32 = adam.model
+    out["fp32 weights"] = sum(p.numel() * p.element_size() for p in fp32.parameters())
+    # the weight copies: what the float model's autocast forward saves beyond what the ternary model's saves
+    # (the same architecture; both counted with every block's tensors kept and the shared ops eager)
+    bf16_saved = out["activations_bf16"] if not (checkpointing or compiled) else \
+        measure_activation_bytes(shape, True, group_size)
+    out["autocast_weight_copies"] = measure_activation_bytes(shape, True, model=fp32) - bf16_saved
+    adam.loss(x, x, autocast=True).backward()
+    out["adam_fp32_gradient"] = sum(p.grad.numel() * p.grad.element_size() for p in fp32.parameters())
+    for o in adam.optimizers:
+        o.step()
     for key, name in (("exp_avg", "fp32 Adam m"), ("exp_avg_sq", "fp32 Adam v")):
-        out[name] = sum(st[key].numel() * st[key].element_size() for st in adam.state.values())
-    out["adamw_training"] = sum(out[k] for k in ("bf16 weights", "fp32 master weights", "fp32 Adam m", "fp32 Adam v"))
-    out["adamw_gradient"] = sum(p.grad.numel() * p.grad.element_size() for p in bf16.parameters())
+        out[name] = sum(st[key].numel() * st[key].element_size() for o in adam.optimizers for st in o.state.values())
+    out["adam_fp32_training"] = sum(out[k] for k in ("fp32 weights", "fp32 Adam m", "fp32 Adam v"))
     return out
 
 
@@ -431,17 +449,18 @@ def predict(shape: Shape, group_size: int = DEFAULT_GROUP_SIZE, checkpointing: b
     """The formulas for every quantity ``measure`` reports."""
     tern = ternary_state_bytes(shape.matrices(), group_size, norm_block(), shape.voted_whole())
     n = shape.n_weights()
-    adam = adamw_bytes(n)
+    adam = adam_fp32_bytes(n)
     trans = transient_bytes(shape, compute_bytes=4)
     out = {"weights": n, **{k: tern[k] for k in ("T_packed", "E", "E_accum", "T_accum", "norm_codes")},
            "training": tern["training"], "inference": tern["inference"], "n_params_float": 0,
            "transient_gradient": trans["gradient"], "transient_dense_weight": trans["dense_weight"],
            "activations_fp32": activation_formula(False, checkpointing, compiled).bytes(shape),
            "activations_bf16": activation_formula(True, checkpointing, compiled).bytes(shape)}
-    for k in ("bf16 weights", "fp32 master weights", "fp32 Adam m", "fp32 Adam v"):
+    for k in ("fp32 weights", "fp32 Adam m", "fp32 Adam v"):
         out[k] = int(adam[k])
-    out["adamw_training"] = int(adam["training"])
-    out["adamw_gradient"] = int(adam["gradient"])
+    out["adam_fp32_training"] = int(adam["training"])
+    out["adam_fp32_gradient"] = int(adam["gradient"])
+    out["autocast_weight_copies"] = autocast_weight_copy_bytes(shape)
     return out
 
 
@@ -470,7 +489,8 @@ def projection_table(params: float, group_size: int, shape: Shape, checkpointing
     weights and activations, with the blocks checkpointed and the shared ops compiled as asked."""
     block = norm_block()
     tern = ternary_state_bytes_for_params(params, group_size, block)
-    adam = adamw_bytes(params)
+    adam = adam_fp32_bytes(params)
+    copies = autocast_weight_copy_bytes(shape)
     trans_bf16 = transient_bytes(shape, compute_bytes=2)
     f32, f16 = (activation_formula(autocast, checkpointing, compiled) for autocast in (False, True))
     act32, act16 = f32.bytes(shape), f16.bytes(shape)
@@ -484,7 +504,7 @@ def projection_table(params: float, group_size: int, shape: Shape, checkpointing
 
     lines = [
         f"Projected memory for {P:.3g} weights, group_size {group_size}",
-        f"{'':<{w}}{'TrueTernary':>22}   {'bf16 + AdamW':>22}",
+        f"{'':<{w}}{'TrueTernary':>22}   {'Adam_FP32 (AdamW fp32)':>22}",
         f"{'':<{w}}{'B/weight':>9} {'total':>12}   {'B/weight':>9} {'total':>12}",
         row("T_packed (5 trits per byte)", tern["T_packed"]),
         row(f"E (int8 per {group_size} weights)", tern["E"]),
@@ -492,36 +512,40 @@ def projection_table(params: float, group_size: int, shape: Shape, checkpointing
         row("T_accum (int8 per weight)", tern["T_accum"]),
         row(f"normaliser codes (per {block}x{block} tile)" if block else "normaliser codes (norm_beta=0: none)",
             tern["norm_codes"]),
-        row("bf16 weights", None, adam["bf16 weights"]),
-        row("fp32 master weights", None, adam["fp32 master weights"]),
+        row("fp32 weights", None, adam["fp32 weights"]),
         row("fp32 Adam m", None, adam["fp32 Adam m"]),
         row("fp32 Adam v", None, adam["fp32 Adam v"]),
         row("training state total", tern["training"], adam["training"]),
-        row("inference total (T_packed + E | bf16)", tern["inference"], adam["inference"]),
+        row("inference total (T_packed + E | bf16 weights)", tern["inference"], adam["inference"]),
         "",
         f"Left out of the table above, for {shape.describe()}",
         f"  ({shape.n_weights():.3g} weights in this shape; {f16.mode.how()})",
-        row("weight gradient (fp32, one matrix | bf16 all)", trans_bf16["gradient"], adam["gradient"]),
+        row("weight gradient (fp32, one matrix | all)", trans_bf16["gradient"], adam["gradient"]),
         row("dequantised weight (bf16, one matrix)", trans_bf16["dense_weight"]),
+        row("bf16 weight copies autocast saves (linears)", None, copies),
         row("activations saved for backward, fp32", act32, act32),
         row("activations saved for backward, bf16 autocast", act16, act16),
         row("training total with these (bf16 autocast)",
             tern["training"] + trans_bf16["gradient"] + trans_bf16["dense_weight"] + act16,
-            adam["training"] + adam["gradient"] + act16),
+            adam["training"] + adam["gradient"] + copies + act16),
         "",
-        f"AdamW / TrueTernary: training state {adam['training'] / tern['training']:.1f}x, "
+        f"Adam_FP32 / TrueTernary: training state {adam['training'] / tern['training']:.1f}x, "
         f"inference {adam['inference'] / tern['inference']:.1f}x",
-        "Assumptions: bf16+AdamW keeps bf16 weights, an fp32 master copy and fp32 m, v (14 B/weight) and a",
-        "full bf16 gradient; TrueTernary's float gradient exists for one matrix at a time (dense-fallback",
-        "backend; the fused GPU backend never writes it).",
+        "Assumptions: Adam_FP32 (recipes.py) keeps fp32 weights and torch AdamW's fp32 m, v (12 B/weight), a",
+        "full fp32 gradient (4 B/weight) and, under bf16 autocast, the bf16 copy of each linear layer's weight",
+        "that autocast casts once and autograd saves for backward (2 B/weight; not the embedding); its column",
+        "adds them all to the activations, as in a step that keeps its gradients allocated (a CUDA-graphed",
+        "step); an eager step frees activations as its gradients form. A float model is served in bf16.",
+        "TrueTernary's float gradient exists for one matrix at a time (dense-fallback backend; the fused GPU",
+        "backend never writes it).",
         *_activation_assumptions(checkpointing, compiled),
         f"  fp32:          {f32}",
         f"  bf16 autocast: {f16}",
         "  (tokens = batch*ctx, d = d_model, h = MLP width, H = heads, V = vocabulary), fitted on small real",
         "  models by counting the tensors autograd saves (CPU) and checked exactly on other shapes; the same",
-        "  architecture saves the same activations whatever its weight format. Recomputation",
-        "  (--activation_checkpointing) shrinks both activation rows, sharding or offloading the AdamW state;",
-        f"  the ternary state stays {tern['training'] / P:.3f} B/weight.",
+        "  architecture saves the same activations whatever its weight format (beside the weight copies above).",
+        "  Recomputation (--activation_checkpointing) shrinks both activation rows, sharding or offloading the",
+        f"  AdamW state; the ternary state stays {tern['training'] / P:.3f} B/weight.",
     ]
     return "\n".join(lines)
 
@@ -533,9 +557,9 @@ MEASURED_ROWS = [
     ("training", "ternary training state"), ("inference", "ternary inference"),
     ("transient_gradient", "transient fp32 gradient (1 matrix)"),
     ("transient_dense_weight", "transient dense weight (fp32)"),
-    ("bf16 weights", "bf16 weights"), ("fp32 master weights", "fp32 master"),
-    ("fp32 Adam m", "fp32 Adam m"), ("fp32 Adam v", "fp32 Adam v"),
-    ("adamw_training", "AdamW training state"), ("adamw_gradient", "AdamW bf16 gradient"),
+    ("fp32 weights", "Adam_FP32 fp32 weights"), ("fp32 Adam m", "Adam_FP32 fp32 Adam m"),
+    ("fp32 Adam v", "Adam_FP32 fp32 Adam v"), ("adam_fp32_training", "Adam_FP32 training state"),
+    ("adam_fp32_gradient", "Adam_FP32 fp32 gradient"), ("autocast_weight_copies", "Adam_FP32 bf16 weight copies"),
     ("activations_fp32", "activations fp32"), ("activations_bf16", "activations bf16 autocast"),
 ]
 
