@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from trueternary.cli import main
@@ -137,6 +139,17 @@ def test_project_cli(capsys):
     assert "the ternary state stays 1.247 B/weight" in out
     assert "activations saved for backward" in out and "weight gradient" in out
     assert "every formula equals its measurement" in out
+
+    def gib(label: str) -> list[float]:  # a row's totals (TrueTernary and/or Adam_FP32), in GiB
+        line = next(ln for ln in out.splitlines() if ln.startswith(label))
+        return [float(v) / (1024 if unit == "MiB" else 1) for v, unit in re.findall(r"([0-9.]+) (GiB|MiB)", line)]
+
+    # an eager AdamW step holds the larger of (activations + weight copies) and the gradient, not their sum
+    state, grad = gib("training state total")[1], gib("weight gradient")[1]
+    (copies,), act = gib("bf16 weight copies"), gib("activations saved for backward, bf16")[1]
+    assert gib("training total with these")[1] == pytest.approx(state + grad + copies + act, abs=0.02)
+    assert gib("... eager step")[1] == pytest.approx(state + max(grad, copies + act), abs=0.02)
+    assert gib("... eager step")[0] == gib("training total with these")[0]
 
 
 def test_project_cli_with_checkpointing(capsys):

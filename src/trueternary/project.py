@@ -528,6 +528,11 @@ def projection_table(params: float, group_size: int, shape: Shape, checkpointing
         row("training total with these (bf16 autocast)",
             tern["training"] + trans_bf16["gradient"] + trans_bf16["dense_weight"] + act16,
             adam["training"] + adam["gradient"] + copies + act16),
+        # an eager AdamW step sets its gradients to None after each step and backward frees the saved activations
+        # and weight copies as the gradients form: its peak is the larger of the two, not their sum
+        row("... eager step (gradients freed between steps)",
+            tern["training"] + trans_bf16["gradient"] + trans_bf16["dense_weight"] + act16,
+            adam["training"] + max(adam["gradient"], copies + act16)),
         "",
         f"Adam_FP32 / TrueTernary: training state {adam['training'] / tern['training']:.1f}x, "
         f"inference {adam['inference'] / tern['inference']:.1f}x",
@@ -535,7 +540,8 @@ def projection_table(params: float, group_size: int, shape: Shape, checkpointing
         "full fp32 gradient (4 B/weight) and, under bf16 autocast, the bf16 copy of each linear layer's weight",
         "that autocast casts once and autograd saves for backward (2 B/weight; not the embedding); its column",
         "adds them all to the activations, as in a step that keeps its gradients allocated (a CUDA-graphed",
-        "step); an eager step frees activations as its gradients form. A float model is served in bf16.",
+        "step); an eager step frees activations as its gradients form (the '... eager step' row: the larger of",
+        "the two). A float model is served in bf16.",
         "TrueTernary's float gradient exists for one matrix at a time (dense-fallback backend; the fused GPU",
         "backend never writes it).",
         *_activation_assumptions(checkpointing, compiled),
