@@ -221,9 +221,9 @@ def test_bench_morph_kernels_smoke_kernels(tmp_path):
 
 @pytest.mark.slow  # ~30 s on a busy 2-core machine: dynamo traces both models, the ternary one in pieces
 def test_bench_hf_smoke(tmp_path):
-    """The Hugging Face benchmark on CPU, eager and compiled: a tiny transformers Llama,
-    AdamW and TrueTernary (TrainStep) steps, the best of each and their ratio; compiled: dynamo traced, code
-    generation left out, TrainStep's compile path with the ternary layers left eager."""
+    """The Hugging Face benchmark on CPU, eager and compiled: a tiny transformers Llama, AdamW and TrueTernary
+    (TrainStep) steps, the best of each and their ratio; compiled: dynamo traced, code generation left out,
+    TrainStep's compile path with the ternary layers left eager."""
     pytest.importorskip("transformers")
     variants = ("eager", "compiled")
     res = _smoke("bench_hf.py", tmp_path, "--batch", "2", "--variants", ",".join(variants))

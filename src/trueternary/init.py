@@ -15,6 +15,8 @@ Either gives exactly what the eager build gives (``build_model(lazy=False)``, th
 bit: the weights are drawn from the same generator, seeded the same, in the same order and shapes. The order
 is the family's ``init_plan()``, a list of ``(layer name, std)`` whose ``reset_parameters`` is one
 ``weight.normal_(0, std, generator)`` per entry in turn; a family without ``init_plan`` is built eagerly.
+
+:func:`meta_device` is the meta-device build itself (also bench's allocation-free check of a model's config).
 """
 
 from __future__ import annotations
