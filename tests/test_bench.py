@@ -68,20 +68,15 @@ def test_bench_latent_config_with_the_ternary_weight_format(tmp_path):
     assert all(math.isfinite(r["val_bpb"]) for r in res)
 
 
-def test_bench_bracket_options_and_jobs(tmp_path):
-    """Bracket options reach their config, and --jobs 2 (configs in child processes) gives the numbers of the
-    sequential run: the same base model and batches in every job."""
+def test_bench_bracket_options_reach_their_config(tmp_path):
+    """Bracket options reach their config and no other (--jobs children parse the same labels: the faults test
+    below runs a bracketed config in a child)."""
     labels = ["BitNet_QAT[quantizer=group_pow2,wd=0]", "TrueTernary[norm_block=16,lr=3]", "TrueTernary"]
-    configs = ",".join(labels)
-    seq, par = tmp_path / "seq.json", tmp_path / "par.json"
-    assert main(["bench", "--configs", configs, "--reuse-base", "--json", str(seq), *TINY]) == 0
-    assert main(["bench", "--configs", configs, "--reuse-base", "--jobs", "2", "--json", str(par), *TINY]) == 0
-    a, b = json.loads(seq.read_text()), json.loads(par.read_text())
-    assert b["meta"]["jobs"] == 2
-    assert [r["config"] for r in a["results"]] == [r["config"] for r in b["results"]] == labels
-    for ra, rb in zip(a["results"], b["results"]):
-        assert ra["losses"] == rb["losses"] and ra["val_bpb"] == rb["val_bpb"], ra["config"]
-    qat, tuned, tt = a["results"]
+    js = tmp_path / "b.json"
+    assert main(["bench", "--configs", ",".join(labels), "--reuse-base", "--json", str(js), *TINY]) == 0
+    res = json.loads(js.read_text())["results"]
+    assert [r["config"] for r in res] == labels
+    qat, tuned, tt = res
     assert qat["weight_decay"] == 0 and qat["quantizer"] == "group_pow2"
     assert tuned["rule"]["norm_block"] == 16 and tuned["lr"] == 3 and tt["rule"]["norm_block"] == 128
     assert tuned["optimizer_state_bytes"] > tt["optimizer_state_bytes"] > 0  # the normaliser's codes, per tile
@@ -166,15 +161,18 @@ def test_bench_bad_flags_one_line_error(argv, capsys):
 
 def test_bench_jobs_report_failed_and_crashed_jobs_and_keep_the_others(tmp_path, capsys, monkeypatch):
     """A job that raises and one whose process is killed: the bench finishes, the table and the JSON say which
-    and why, the valid job's result is there (its numbers those of a run without the broken jobs), exit code
-    3. --jobs 2 with three configs: the valid job starts in the slot a broken one left."""
+    and why, the valid job's result is there (its numbers, bracket options included, those of the same config
+    run sequentially in this process: the same base model and batches in every job), exit code 3. --jobs 2 with
+    three configs: the valid job starts in the slot a broken one left."""
     monkeypatch.setattr(bench, "_job_main", _bench_faults.job_main)
     js, ref = tmp_path / "b.json", tmp_path / "ref.json"
-    labels = ["Adam_FP32[lr=0.00123]", "SignSGD_Old[lr=0.000123]", "BitNet_QAT"]
+    labels = ["Adam_FP32[lr=0.00123]", "SignSGD_Old[lr=0.000123]", "TrueTernary[norm_block=16,lr=3]"]
     rc = main(["bench", "--configs", ",".join(labels), "--reuse-base", "--jobs", "2", "--json", str(js), *TINY])
     captured = capsys.readouterr()
     assert rc == bench.EXIT_JOBS_FAILED == 3
-    res = json.loads(js.read_text())["results"]
+    data = json.loads(js.read_text())
+    assert data["meta"]["jobs"] == 2
+    res = data["results"]
     assert [r["config"] for r in res] == labels
     assert [r["status"] for r in res] == ["failed", "crashed", "ok"]
     failed, crashed = res[0], res[1]
@@ -184,8 +182,9 @@ def test_bench_jobs_report_failed_and_crashed_jobs_and_keep_the_others(tmp_path,
     assert "failed   RuntimeError: injected fault" in table and "crashed  " in table and "SIGKILL" in table
     err = captured.err.strip().splitlines()[-1]
     assert err.startswith("trueternary: error: 2 of 3 configs did not finish") and "Traceback" not in captured.err
-    assert main(["bench", "--configs", "BitNet_QAT", "--json", str(ref), *TINY]) == 0
+    assert main(["bench", "--configs", labels[2], "--json", str(ref), *TINY]) == 0
     want = json.loads(ref.read_text())["results"][0]
+    assert res[2]["rule"]["norm_block"] == 16 and res[2]["lr"] == 3
     assert res[2]["losses"] == want["losses"] and res[2]["val_bpb"] == want["val_bpb"]
 
 

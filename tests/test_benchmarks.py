@@ -219,8 +219,13 @@ def test_bench_morph_kernels_smoke_kernels(tmp_path):
     assert "| gather_add |" in (tmp_path / "morph_kernels.md").read_text()
 
 
-def _bench_hf_smoke(tmp_path, variants: tuple[str, ...]) -> dict:
+@pytest.mark.slow  # ~30 s on a busy 2-core machine: dynamo traces both models, the ternary one in pieces
+def test_bench_hf_smoke(tmp_path):
+    """The Hugging Face benchmark on CPU, eager and compiled: a tiny transformers Llama, AdamW and TrueTernary
+    (TrainStep) steps, the best of each and their ratio; compiled: dynamo traced, code generation left out,
+    TrainStep's compile path with the ternary layers left eager."""
     pytest.importorskip("transformers")
+    variants = ("eager", "compiled")
     res = _smoke("bench_hf.py", tmp_path, "--batch", "2", "--variants", ",".join(variants))
     assert not res["errors"]
     steps = {(r["optimizer"], r["variant"]) for r in res["steps"]}
@@ -228,20 +233,6 @@ def _bench_hf_smoke(tmp_path, variants: tuple[str, ...]) -> dict:
     assert all(r["median_ms"] > 0 and r["repeats"] == 2 and not r["graphed"] for r in res["steps"])
     best = res["summary"]["best"]
     assert res["summary"]["ratio"] == pytest.approx(best["TrueTernary"]["median_ms"] / best["AdamW"]["median_ms"])
-    return res
-
-
-def test_bench_hf_smoke(tmp_path):
-    """The Hugging Face benchmark on CPU: a tiny transformers Llama, AdamW and TrueTernary (TrainStep) eager
-    steps, the best of each and their ratio."""
-    _bench_hf_smoke(tmp_path, ("eager",))
-
-
-@pytest.mark.slow  # ~30 s on a busy 2-core machine: dynamo traces both models, the ternary one in pieces
-def test_bench_hf_smoke_compiled(tmp_path):
-    """The compiled variants too (dynamo traced, code generation left out): TrainStep's compile path, the ternary
-    layers left eager."""
-    _bench_hf_smoke(tmp_path, ("eager", "compiled"))
 
 
 def test_bench_scale_smoke_row_and_table(tmp_path):

@@ -156,7 +156,8 @@ BUILD_SCRIPT = textwrap.dedent("""
     ternarize(model, accum_threshold=8)
     tw = ternary_weights(model)
     print(json.dumps({"growth": status("VmHWM:") - before, "weights": sum(w.numel() for w in tw),
-                      "state": sum(w.training_state_bytes() for w in tw), "seconds": time.time() - t}))
+                      "state": sum(w.training_state_bytes() for w in tw), "seconds": time.time() - t,
+                      "dynamo": "torch._dynamo" in sys.modules}))
 """)
 
 
@@ -174,6 +175,7 @@ def test_building_300M_weights_needs_little_more_than_their_ternary_state():
     assert r["state"] / r["weights"] < 1.25
     assert r["growth"] < r["state"] + 4 * largest_float_layer + 32 * 2**20, r
     assert r["growth"] < 1.6 * r["weights"], r
+    assert not r["dynamo"]  # the meta build draws nothing (init.meta_device): no 2 s import of torch._dynamo
 
 
 # ------------------------------------------------------------------------------------ activation checkpointing

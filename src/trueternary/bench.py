@@ -42,6 +42,7 @@ from .data import eval_windows, load_corpus, random_batch
 from .errors import NonFiniteGradientError, UsageError
 from .evaluate import LN2, validation_bpb
 from .flags import cpu_threads, parse_overrides, resolve_device
+from .init import meta_device
 from .models import build_model, check_compile_ops, model_names
 from .qat import QUANTIZERS, forward_trits
 from .recipes import CONFIG_NAMES, LATENT_CONFIGS, TERNARY_CONFIGS, Hparams, build_recipe
@@ -447,11 +448,19 @@ def run(args: argparse.Namespace, on_progress: Callable[[], None] | None = None)
         if k not in CONFIG_NAMES:
             raise UsageError(f"--lr names unknown config {k!r}; choose from {', '.join(CONFIG_NAMES)}")
         check_lr(k, v, "--lr")
+    hps = [_with_overrides(hp, name, over) for _, name, over in specs]  # bad brackets fail before any work
+    for flag in ("json", "plot"):
+        if getattr(args, flag):
+            _check_output(f"--{flag}", getattr(args, flag))
+    # before the model: a --ctx longer than the held-out text is refused without building rotary tables that long
+    corpus = load_corpus(args.data)
+    val_windows = eval_windows(corpus.val, args.ctx, args.eval_windows)
+    train_windows = eval_windows(corpus.train, args.ctx, args.eval_windows)
     model_kw = dict(ctx=args.ctx, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads)
     model_kw.update(model_config_overrides(args.model, args.model_config))
     try:
         resolve_backend(args.update_backend)
-        with torch.device("meta"):  # the config's own checks, without allocating (any size passes here)
+        with meta_device():  # the config's own checks, without allocating its weights (any size passes here)
             build_model(args.model, seed=0, **model_kw)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
@@ -461,13 +470,6 @@ def run(args: argparse.Namespace, on_progress: Callable[[], None] | None = None)
         except ValueError as e:
             raise UsageError(f"--compile: {e}") from None
     model_kw["compile_ops"] = args.compile
-    hps = [_with_overrides(hp, name, over) for _, name, over in specs]  # bad brackets fail before any work
-    for flag in ("json", "plot"):
-        if getattr(args, flag):
-            _check_output(f"--{flag}", getattr(args, flag))
-    corpus = load_corpus(args.data)
-    val_windows = eval_windows(corpus.val, args.ctx, args.eval_windows)
-    train_windows = eval_windows(corpus.train, args.ctx, args.eval_windows)
     threads = bench_threads(args, device)
     parallel = args.jobs > 1 and len(specs) > 1
     if not parallel:  # (the --jobs children set their share themselves)

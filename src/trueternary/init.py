@@ -15,18 +15,45 @@ Either gives exactly what the eager build gives (``build_model(lazy=False)``, th
 bit: the weights are drawn from the same generator, seeded the same, in the same order and shapes. The order
 is the family's ``init_plan()``, a list of ``(layer name, std)`` whose ``reset_parameters`` is one
 ``weight.normal_(0, std, generator)`` per entry in turn; a family without ``init_plan`` is built eagerly.
+
+:func:`meta_device` is the meta-device build itself (also bench's allocation-free check of a model's config).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 _SEED = "_lazy_init_seed"  # attribute of a lazy model: the seed its weights will be drawn with
+
+
+class _NoDrawsOnMeta(TorchFunctionMode):
+    """A random draw into a meta tensor (``nn.init.*``, ``Tensor.normal_`` / ``uniform_``) returns the tensor as it
+    is: there is nothing to fill. torch's own meta kernel for these does the same, but it is Python code whose
+    first call imports ``torch._dynamo`` (about 2 s of every process that builds a model, compiled or not)."""
+
+    _DRAWS = (torch.Tensor.normal_, torch.Tensor.uniform_)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._DRAWS or getattr(func, "__module__", None) == "torch.nn.init":
+            t = args[0] if args else kwargs.get("tensor")
+            if isinstance(t, torch.Tensor) and t.is_meta:
+                return t
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_device() -> Iterator[None]:
+    """``with torch.device("meta")``, without drawing random numbers into the meta tensors it creates."""
+    with torch.device("meta"), _NoDrawsOnMeta():
+        yield
 
 
 def can_be_lazy(cls) -> bool:
@@ -39,7 +66,7 @@ def lazy_model(cls, cfg, seed: int) -> nn.Module:
     (the generator ``build_model`` gives the eager build)."""
     if not can_be_lazy(cls):
         raise ValueError(f"{cls.__name__} has no init_plan(): it cannot be built lazily")
-    with torch.device("meta"):
+    with meta_device():
         model = cls(cfg)
     setattr(model, _SEED, int(seed))
     return model
@@ -92,4 +119,5 @@ def float_copy(base: nn.Module, device: torch.device | str) -> nn.Module:
     return materialize(copy.deepcopy(base)).to(device)
 
 
-__all__ = ["can_be_lazy", "draw_weights", "float_copy", "is_lazy", "lazy_model", "lazy_plan", "materialize"]
+__all__ = ["can_be_lazy", "draw_weights", "float_copy", "is_lazy", "lazy_model", "lazy_plan", "materialize",
+           "meta_device"]
