@@ -5,8 +5,9 @@
     python3 benchmarks/bench_hf.py            # on a CUDA machine, from the repo root (a few minutes, compiles)
     python3 benchmarks/bench_hf.py --smoke    # CPU: tiny model, eager and compiled steps (checks the script only)
 
-The model: ``LlamaForCausalLM`` from a config (random weights): 6 layers, d 512, MLP 1408, 8 heads, byte vocabulary
-(256), context 256, untied embeddings; batch 16 (``--batch``), bf16 autocast on CUDA, float32 weights. Attention
+The model: ``LlamaForCausalLM`` from a config (random weights): by default 6 layers, d 512, MLP 1408, 8 heads
+(``--model D,L``: MLP 2.75 x D, heads of 64), byte vocabulary (256), context 256, untied embeddings; batch 16
+(``--batch``), bf16 autocast on CUDA, float32 weights. Attention
 is causal sdpa without a mask tensor (batches are unpadded; ``--attention sdpa`` keeps transformers' default,
 which builds a mask inside a CUDA graph), the same for both optimisers.
 
@@ -50,6 +51,8 @@ def parse_args():
     p.add_argument("--batch", type=int, default=16, help="sequences per step (default 16)")
     p.add_argument("--variants", default=None, help=f"comma-separated, of {', '.join(VARIANTS)} (default: all; "
                    "--smoke: eager,compiled, since a CPU has no graphs)")
+    p.add_argument("--model", default="512,6", metavar="D,L",
+                   help="hidden size and layers of the Llama (MLP 2.75 x D, heads of 64; default 512,6: 19M weights)")
     p.add_argument("--attention", choices=("causal", "sdpa"), default="causal",
                    help="causal: sdpa with is_causal and no mask tensor (default); sdpa: transformers' default")
     args = p.parse_args()
@@ -61,6 +64,13 @@ def parse_args():
         p.error(f"unknown --variants {bad[0]} (choose from {', '.join(VARIANTS)})")
     if args.batch < 1:
         p.error("--batch must be >= 1")
+    try:
+        model = tuple(int(v) for v in args.model.split(","))
+        if len(model) != 2 or model[0] < 64 or model[0] % 64 or model[1] < 1:
+            raise ValueError
+    except ValueError:
+        p.error(f"--model takes D,L with D a multiple of 64 and L >= 1, got {args.model!r}")
+    args.model = model
     args.out = out_dir(p, args.out)
     return args
 
@@ -84,8 +94,9 @@ from trueternary.optim.train_step import capture_cuda_graph  # noqa: E402
 
 DEV = torch.device("cpu" if ARGS.smoke else "cuda")
 AUTOCAST = torch.bfloat16 if DEV.type == "cuda" else None
-MODEL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
-             num_key_value_heads=8, ctx=256)
+D, L = ARGS.model
+MODEL = dict(hidden_size=D, intermediate_size=D * 11 // 4, num_hidden_layers=L, num_attention_heads=D // 64,
+             num_key_value_heads=D // 64, ctx=256)
 WARMUP, REPEATS = 5, 20
 if ARGS.smoke:
     MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -230,7 +241,8 @@ def print_table() -> None:
     r = B.res
     env = r["env"]
     lines = [f"== bench_hf: {env.get('gpu', env['device'])}  torch {env['torch']}  transformers "
-             f"{transformers.__version__}  batch {ARGS.batch} x {MODEL['ctx']}  ({B.elapsed():.0f}s)",
+             f"{transformers.__version__}  d {MODEL['hidden_size']} x {MODEL['num_hidden_layers']} layers  "
+             f"batch {ARGS.batch} x {MODEL['ctx']}  ({B.elapsed():.0f}s)",
              f"{'optimizer':12} {'variant':15} {'ms/step':>9} {'tokens/s':>12} {'peak MiB':>9}"]
     for row in r.get("steps", []):
         pk = f"{row['peak_bytes'] / 2**20:.0f}" if row.get("peak_bytes") else "-"

@@ -54,6 +54,7 @@ USAGE_ERRORS = {
     "bench-scale-batch": ("benchmarks/bench_scale.py", ["--smoke", "--batch", "0"], {}, "--batch must be >= 1"),
     "bench-hf-variants": ("benchmarks/bench_hf.py", ["--smoke", "--variants", "eager,fast"], {},
                           "unknown --variants fast"),
+    "bench-hf-model": ("benchmarks/bench_hf.py", ["--smoke", "--model", "100,2"], {}, "--model takes D,L"),
     "bench-morph-kernels-skip": ("benchmarks/bench_morph_kernels.py", ["--skip", "kernels,everything"],
                                  {"TRITON_INTERPRET": "1"}, "unknown --skip everything"),
     "morph-ablation-variant": ("experiments/morph_ablation/run.py", ["--variants", "full,-everything", "--out",
