@@ -413,6 +413,10 @@ DOC_BLOCKS = doc_python_blocks(DOC_TEXT)
 @pytest.mark.parametrize("code", [c for _, c in DOC_BLOCKS], ids=[i for i, _ in DOC_BLOCKS])
 def test_integrations_doc_examples(code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    # as on a user's CPU: without Triton's interpreter (which the kernel test modules turn on for the whole process)
+    # the Triton layers take the dense reference; interpreted, the TrainStep example's steps took ~10 s. The model
+    # with the kernels running: test_kernels_matmul.py's Llama test
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     # the block at its own lines of the page, so a traceback points into the page
     first_line = DOC_TEXT[:DOC_TEXT.index("```python\n" + code)].count("\n") + 1
     from accelerate.state import AcceleratorState  # (a test dependency: the page's accelerate example needs it)

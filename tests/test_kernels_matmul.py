@@ -276,3 +276,42 @@ def test_linear_layers_run_the_kernel_set_on_them():
     assert torch.equal(model(x), dense)
     with pytest.raises(ValueError, match="unknown linear kernel 'cuda'"):
         set_linear_kernel(model, "cuda")
+
+
+def test_a_ternarised_transformers_llama_runs_forward_and_backward_through_the_kernels():
+    """The model of docs/integrations.md's TrainStep loop (a transformers Llama, ``set_linear_kernel(model,
+    "triton")``) with the kernels running: every linear layer takes the kernel path, and the logits and the
+    loss's gradient of the float parameters match the dense layers'. (The page's example itself runs as on a
+    user's CPU, without the interpreter: tests/test_hf.py.)"""
+    transformers = pytest.importorskip("transformers")
+    import warnings
+
+    import torch.nn.functional as F
+
+    from trueternary import ternarize
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = ternarize(transformers.LlamaForCausalLM(cfg), group_size=16, strict=False).to(DEVICE)
+    model = set_linear_kernel(copy.deepcopy(dense), "triton")
+    seq = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    x, y = seq[:, :-1], seq[:, 1:]
+
+    def loss_fn(m, batch):
+        return F.cross_entropy(m(input_ids=batch[0], use_cache=False).logits.float().flatten(0, 1),
+                               batch[1].flatten())
+
+    impls = []
+    for m in model.modules():
+        if isinstance(m, TernaryLinear):
+            m.register_forward_hook(lambda mod, args, out: impls.append(out.grad_fn.impl is not None))
+    losses = [loss_fn(m, (x, y)) for m in (dense, model)]
+    assert impls and all(impls)  # every linear layer ran the kernels
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-5)
+    for loss in losses:
+        loss.backward()
+    for (name, a), b in zip(dense.named_parameters(), model.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
