@@ -494,6 +494,7 @@ def projection_table(params: float, group_size: int, shape: Shape, checkpointing
     trans_bf16 = transient_bytes(shape, compute_bytes=2)
     f32, f16 = (activation_formula(autocast, checkpointing, compiled) for autocast in (False, True))
     act32, act16 = f32.bytes(shape), f16.bytes(shape)
+    tern_total = tern["training"] + trans_bf16["gradient"] + trans_bf16["dense_weight"] + act16
     P = float(params)
     w = 48
 
@@ -525,13 +526,11 @@ def projection_table(params: float, group_size: int, shape: Shape, checkpointing
         row("bf16 weight copies autocast saves (linears)", None, copies),
         row("activations saved for backward, fp32", act32, act32),
         row("activations saved for backward, bf16 autocast", act16, act16),
-        row("training total with these (bf16 autocast)",
-            tern["training"] + trans_bf16["gradient"] + trans_bf16["dense_weight"] + act16,
+        row("training total with these (bf16 autocast)", tern_total,
             adam["training"] + adam["gradient"] + copies + act16),
         # an eager AdamW step sets its gradients to None after each step and backward frees the saved activations
         # and weight copies as the gradients form: its peak is the larger of the two, not their sum
-        row("... eager step (gradients freed between steps)",
-            tern["training"] + trans_bf16["gradient"] + trans_bf16["dense_weight"] + act16,
+        row("... eager step (gradients freed between steps)", tern_total,
             adam["training"] + max(adam["gradient"], copies + act16)),
         "",
         f"Adam_FP32 / TrueTernary: training state {adam['training'] / tern['training']:.1f}x, "
