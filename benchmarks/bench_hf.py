@@ -11,6 +11,9 @@ The model: ``LlamaForCausalLM`` from a config (random weights): by default 6 lay
 is causal sdpa without a mask tensor (batches are unpadded; ``--attention sdpa`` keeps transformers' default,
 which builds a mask inside a CUDA graph), the same for both optimisers.
 
+``--profile`` adds, for each variant without a graph, the GPU time per step by kernel class and the top kernels
+(``harness.profile_kernels``; a graphed variant runs the same kernels as its ungraphed twin).
+
 Variants, each a fresh copy of the same model, median ms per step over timed steps after burn-in
 (``harness.step_ms``: host time, synchronised):
 
@@ -36,7 +39,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from harness import Bench, add_out_arg, out_dir, smoke_or_cuda, step_ms, summary  # noqa: E402
+from harness import (  # noqa: E402
+    Bench,
+    add_out_arg,
+    describe_profile,
+    out_dir,
+    profile_kernels,
+    smoke_or_cuda,
+    step_ms,
+    summary,
+)
 
 VARIANTS = ("eager", "compiled", "graph", "compiled+graph")
 GOAL = 1.1  # TrueTernary's best step time at most this many times AdamW's best
@@ -53,6 +65,8 @@ def parse_args():
                    "--smoke: eager,compiled, since a CPU has no graphs)")
     p.add_argument("--model", default="512,6", metavar="D,L",
                    help="hidden size and layers of the Llama (MLP 2.75 x D, heads of 64; default 512,6: 19M weights)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile each variant without a graph: GPU time per kernel class and the top kernels")
     p.add_argument("--attention", choices=("causal", "sdpa"), default="causal",
                    help="causal: sdpa with is_causal and no mask tensor (default); sdpa: transformers' default")
     args = p.parse_args()
@@ -218,6 +232,9 @@ def run_variant(base, optimizer: str, variant: str) -> dict:
            "peak_bytes": int(torch.cuda.max_memory_allocated()) if DEV.type == "cuda" else None}
     print(f"  {optimizer:12} {variant:15} {row['median_ms']:9.2f} ms/step  {row['tokens_per_s']:12,.0f} tok/s",
           file=sys.stderr)
+    if ARGS.profile and "graph" not in variant:  # (a graph's replay hides its kernels from the profiler)
+        row["profile"] = profile_kernels(step, steps=3, device=DEV)
+        print(f"  {'':12} {'':15} {describe_profile(row['profile'])}", file=sys.stderr)
     return row
 
 

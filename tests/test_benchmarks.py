@@ -224,11 +224,12 @@ def test_bench_morph_kernels_smoke_kernels(tmp_path):
 def test_bench_hf_smoke(tmp_path):
     """The Hugging Face benchmark on CPU, eager and compiled: a tiny transformers Llama, AdamW and TrueTernary
     (TrainStep) steps, the best of each and their ratio; compiled: dynamo traced, code generation left out,
-    TrainStep's compile path with the ternary layers left eager."""
+    TrainStep's compile path with the ternary layers left eager; --profile profiles each."""
     pytest.importorskip("transformers")
     variants = ("eager", "compiled")
-    res = _smoke("bench_hf.py", tmp_path, "--batch", "2", "--variants", ",".join(variants))
+    res = _smoke("bench_hf.py", tmp_path, "--batch", "2", "--variants", ",".join(variants), "--profile")
     assert not res["errors"]
+    assert all(r["profile"]["profiled_wall_ms_per_step"] > 0 for r in res["steps"])  # --profile: every variant
     steps = {(r["optimizer"], r["variant"]) for r in res["steps"]}
     assert steps == {(o, v) for o in ("AdamW", "TrueTernary") for v in variants}
     assert all(r["median_ms"] > 0 and r["repeats"] == 2 and not r["graphed"] for r in res["steps"])
