@@ -1,6 +1,7 @@
 """Shared fixtures for the CPU test suite: a fixed seed, an independent dense reference of a ternary weight, a
-guard against host reads of tensors (what a CUDA-graphed step must not do), SIGINT that interrupts; and one
-speed-up of Triton's interpreter (its language patched once per launch)."""
+guard against host reads of tensors (what a CUDA-graphed step must not do), SIGINT that interrupts; one
+speed-up of Triton's interpreter (its language patched once per launch); and how many xdist workers ``-n auto``
+starts."""
 
 from __future__ import annotations
 
@@ -16,8 +17,16 @@ from trueternary.packing import unpack_trits
 
 def pytest_configure(config):
     # Test tensors are tiny: one intra-op thread avoids OpenMP hand-off overhead, which on a busy
-    # 2-core machine measured 24 ms per 16x20 matmul with 2 threads versus 5 us with 1.
+    # 2-core machine measured 24 ms per 16x20 matmul with 2 threads versus 5 us with 1. (Under xdist, one
+    # worker per core: more threads would only oversubscribe the cores.)
     torch.set_num_threads(1)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject.toml): no workers when the run names one test file, which ``--dist loadfile`` would
+    give to one worker anyway (workers would only add their start-up); else xdist's count (one per core)."""
+    files = {arg.split("::")[0] for arg in config.args}
+    return 0 if len(files) == 1 and files.pop().endswith(".py") else None
 
 
 @pytest.fixture(autouse=True)
