@@ -156,7 +156,8 @@ KERNEL_CLASSES = [
 
 def profile_kernels(step: Callable[[], object], *, steps: int, device: torch.device | str, top: int = 25) -> dict:
     """GPU time per call of ``step()`` by kernel class (:data:`KERNEL_CLASSES`, torch.profiler over ``steps``
-    calls; burn in first) and the ``top`` kernels: where a step's time goes. Eager calls only: a CUDA graph's
+    calls; burn in first), the kernel launches per call and the ``top`` kernels: where a step's time goes. Eager
+    calls only: a CUDA graph's
     replay hides its kernels from the profiler."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -171,9 +172,9 @@ def profile_kernels(step: Callable[[], object], *, steps: int, device: torch.dev
     wall = (time.perf_counter() - t) * 1e3 / steps
     per_kernel: dict[str, list] = {}
     for e in prof.events():
-        # '#' marks record_function ranges mirrored on the GPU timeline (Optimizer.step#AdamW.step): spans
-        # over kernels counted on their own, not kernels
-        if e.device_type == DeviceType.CUDA and "#" not in e.name:
+        # record_function ranges are mirrored on the GPU timeline as user annotations (Optimizer.step#AdamW.step,
+        # trueternary.flips): spans over kernels counted on their own, not kernels
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False) and "#" not in e.name:
             k = per_kernel.setdefault(e.name, [0.0, 0])
             k[0] += e.time_range.elapsed_us() / 1e3 / steps
             k[1] += 1
@@ -184,6 +185,7 @@ def profile_kernels(step: Callable[[], object], *, steps: int, device: torch.dev
         classes[cls] = classes.get(cls, 0.0) + ms
     ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]
     return {"profiled_wall_ms_per_step": wall, "gpu_busy_ms_per_step": sum(classes.values()),
+            "launches_per_step": sum(n for _, n in per_kernel.values()) / steps,
             "ms_per_step_by_class": classes,
             "top_kernels": [{"kernel": k[:120], "ms_per_step": v[0], "launches_per_step": v[1] / steps}
                             for k, v in ranked]}
@@ -192,7 +194,8 @@ def profile_kernels(step: Callable[[], object], *, steps: int, device: torch.dev
 def describe_profile(prof: dict) -> str:
     """One line of :func:`profile_kernels`' result: busy time of wall time, then each class, largest first."""
     classes = sorted(prof["ms_per_step_by_class"].items(), key=lambda kv: -kv[1])
-    return (f"busy {prof['gpu_busy_ms_per_step']:.1f} ms of {prof['profiled_wall_ms_per_step']:.1f} ms/step: "
+    return (f"busy {prof['gpu_busy_ms_per_step']:.1f} ms of {prof['profiled_wall_ms_per_step']:.1f} ms/step, "
+            f"{prof['launches_per_step']:.0f} kernels: "
             + ", ".join(f"{c} {v:.1f}" for c, v in classes))
 
 

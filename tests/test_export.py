@@ -497,6 +497,6 @@ def test_generate_from_a_gguf_file(ckpts, tmp_path, capsysbinary):
     assert err.startswith("trueternary: error: ") and "not a GGUF file written by trueternary export" in err
 
 
-def test_export_measure_script_bad_input():
-    r = run_as_main("benchmarks/export_measure.py", ["--ckpt", "/no/such.safetensors"])
+def test_export_measure_script_bad_input(tmp_path):
+    r = run_as_main("benchmarks/export_measure.py", ["--ckpt", "/no/such.safetensors", "--out", str(tmp_path / "m")])
     assert r.returncode == 2 and "--ckpt /no/such.safetensors: no such file" in r.stderr and "Traceback" not in r.stderr

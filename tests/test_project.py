@@ -14,6 +14,7 @@ from trueternary.project import (
     activation_formula,
     adam_fp32_bytes,
     autocast_weight_copy_bytes,
+    cuda_attention_copy_bytes,
     measure,
     measure_activation_bytes,
     norm_block,
@@ -147,9 +148,21 @@ def test_project_cli(capsys):
     # an eager AdamW step holds the larger of (activations + weight copies) and the gradient, not their sum
     state, grad = gib("training state total")[1], gib("weight gradient")[1]
     (copies,), act = gib("bf16 weight copies"), gib("activations saved for backward, bf16")[1]
+    attn = gib("CUDA attention's q, k, v copies")
+    assert attn[0] == attn[1] > 0  # the same architecture keeps the same copies, whatever its weights
+    act += attn[1]
     assert gib("training total with these")[1] == pytest.approx(state + grad + copies + act, abs=0.02)
     assert gib("... eager step")[1] == pytest.approx(state + max(grad, copies + act), abs=0.02)
     assert gib("... eager step")[0] == gib("training total with these")[0]
+
+
+def test_cuda_attention_copies_are_q_k_v_in_bf16_per_block_and_none_when_compiled():
+    """6 bytes per token per d per block (bf16 q, k, v), one block under checkpointing, none compiled; the 151M
+    shape of docs/scaling.md gives the 576 MiB its measured 568 MiB is checked against there."""
+    s = Shape(1024, 12, 16, ctx=512, batch=16)
+    assert cuda_attention_copy_bytes(s) == 576 * 2**20 == 3 * 2 * 1024 * 16 * 512 * 12
+    assert cuda_attention_copy_bytes(s, checkpointing=True) * 12 == cuda_attention_copy_bytes(s)
+    assert cuda_attention_copy_bytes(s, compiled=True) == cuda_attention_copy_bytes(s, True, True) == 0
 
 
 def test_project_cli_with_checkpointing(capsys):

@@ -36,6 +36,9 @@ What the seed's table leaves out, for a stated model shape and batch:
                        saved tensors with the blocks kept and the ops eager; with the blocks checkpointed
                        autograd saves none in forward, but the cache holds every copy until the forward's
                        autocast region ends (torch.autocast.__exit__ clears it), so the row is the same.
+    attention copies   on CUDA, eager shared ops: the contiguous bf16 q, k, v each block's attention kernel keeps
+                       (``6 * d`` bytes per token per block; :func:`cuda_attention_copy_bytes`), measured on a GPU
+                       where everything else here is counted on the CPU.
     activations        what autograd saves for backward in one forward + loss, identical for both
                        (same architecture; Adam_FP32's autocast weight copies aside). Per token it is
                        ``n_layers*(a*d + b*h + c*H + e) + f*d + g*V + k`` plus ``n_layers * m * head_dim`` per
@@ -180,6 +183,19 @@ def autocast_weight_copy_bytes(shape: Shape) -> int:
     """The bf16 copies of the linear layers' weights that a bf16-autocast forward of the float model keeps for
     backward: every matrix but the embedding (an ``F.embedding`` lookup, which autocast leaves in fp32)."""
     return 2 * (shape.n_weights() - shape.vocab_size * shape.d_model)
+
+
+def cuda_attention_copy_bytes(shape: Shape, checkpointing: bool = False, compiled: bool = False) -> int:
+    """What CUDA's attention kernels keep for backward beyond the CPU count, under bf16 autocast and eager shared
+    ops: a contiguous bf16 copy of each block's q, k and v, ``6 * d`` bytes per token per block (one block under
+    activation checkpointing, which recomputes one at a time). The CPU attention takes the strided q, k, v views
+    the formulas count; the CUDA kernels (cuDNN, flash) save their own layout. Not a fitted count: measured, as
+    activations beyond the eager formula, by ``python -m trueternary.scaling --device cuda`` (151M, 16 x 512 on
+    an H100: 568 MiB against the 576 MiB this gives; docs/scaling.md). A compiled step's attention inputs are
+    Inductor's own contiguous outputs, which the compiled formula counts already: 0 there."""
+    if compiled:
+        return 0
+    return 6 * shape.d_model * shape.batch * shape.ctx * (1 if checkpointing else shape.n_layers)
 
 
 def transient_bytes(shape: Shape, compute_bytes: int = 4) -> dict[str, int]:
@@ -494,7 +510,8 @@ def projection_table(params: float, group_size: int, shape: Shape, checkpointing
     trans_bf16 = transient_bytes(shape, compute_bytes=2)
     f32, f16 = (activation_formula(autocast, checkpointing, compiled) for autocast in (False, True))
     act32, act16 = f32.bytes(shape), f16.bytes(shape)
-    tern_total = tern["training"] + trans_bf16["gradient"] + trans_bf16["dense_weight"] + act16
+    attn = cuda_attention_copy_bytes(shape, checkpointing, compiled)
+    tern_total = tern["training"] + trans_bf16["gradient"] + trans_bf16["dense_weight"] + act16 + attn
     P = float(params)
     w = 48
 
@@ -526,12 +543,13 @@ def projection_table(params: float, group_size: int, shape: Shape, checkpointing
         row("bf16 weight copies autocast saves (linears)", None, copies),
         row("activations saved for backward, fp32", act32, act32),
         row("activations saved for backward, bf16 autocast", act16, act16),
+        row("CUDA attention's q, k, v copies (bf16)", attn, attn),
         row("training total with these (bf16 autocast)", tern_total,
-            adam["training"] + adam["gradient"] + copies + act16),
+            adam["training"] + adam["gradient"] + copies + act16 + attn),
         # an eager AdamW step sets its gradients to None after each step and backward frees the saved activations
         # and weight copies as the gradients form: its peak is the larger of the two, not their sum
         row("... eager step (gradients freed between steps)", tern_total,
-            adam["training"] + max(adam["gradient"], copies + act16)),
+            adam["training"] + max(adam["gradient"], copies + act16 + attn)),
         "",
         f"Adam_FP32 / TrueTernary: training state {adam['training'] / tern['training']:.1f}x, "
         f"inference {adam['inference'] / tern['inference']:.1f}x",
@@ -549,6 +567,8 @@ def projection_table(params: float, group_size: int, shape: Shape, checkpointing
         "  (tokens = batch*ctx, d = d_model, h = MLP width, H = heads, V = vocabulary), fitted on small real",
         "  models by counting the tensors autograd saves (CPU) and checked exactly on other shapes; the same",
         "  architecture saves the same activations whatever its weight format (beside the weight copies above).",
+        "  On a GPU, CUDA's attention kernels also keep a contiguous bf16 copy of q, k and v per block (6*d bytes",
+        "  a token; measured, not counted; none with --compile, whose graphs hand attention contiguous inputs).",
         "  Recomputation (--activation_checkpointing) shrinks both activation rows, sharding or offloading the",
         f"  AdamW state; the ternary state stays {tern['training'] / P:.3f} B/weight.",
     ]
