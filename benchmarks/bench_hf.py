@@ -11,6 +11,8 @@ The model: ``LlamaForCausalLM`` from a config (random weights): by default 6 lay
 is causal sdpa without a mask tensor (batches are unpadded; ``--attention sdpa`` keeps transformers' default,
 which builds a mask inside a CUDA graph), the same for both optimisers.
 
+``--parts`` adds each optimiser without its update ("AdamW (no update)": no ``opt.step()``; "TrueTernary (no
+update)": the ``none`` backend, no votes and no flips), so that the update's share of a step is the difference.
 ``--profile`` adds, for each variant without a graph, the GPU time per step by kernel class and the top kernels
 (``harness.profile_kernels``; a graphed variant runs the same kernels as its ungraphed twin).
 
@@ -65,6 +67,8 @@ def parse_args():
                    "--smoke: eager,compiled, since a CPU has no graphs)")
     p.add_argument("--model", default="512,6", metavar="D,L",
                    help="hidden size and layers of the Llama (MLP 2.75 x D, heads of 64; default 512,6: 19M weights)")
+    p.add_argument("--parts", action="store_true",
+                   help="also time each optimiser's step without its update (forward and backward only)")
     p.add_argument("--profile", action="store_true",
                    help="also profile each variant without a graph: GPU time per kernel class and the top kernels")
     p.add_argument("--attention", choices=("causal", "sdpa"), default="causal",
@@ -170,8 +174,9 @@ def autocast():
 # ------------------------------------------------------------------------------------------------ the variants
 
 
-def adamw_step(base, variant: str, xy):
-    """(step function, facts) of AdamW on a float copy of ``base`` in ``variant``."""
+def adamw_step(base, variant: str, xy, update: bool = True):
+    """(step function, facts) of AdamW on a float copy of ``base`` in ``variant``; ``update=False``: forward and
+    backward only (the gradients form, AdamW does not step)."""
     model = copy.deepcopy(base).to(DEV)
     graph = "graph" in variant and DEV.type == "cuda"
     cuda = DEV.type == "cuda"
@@ -184,7 +189,8 @@ def adamw_step(base, variant: str, xy):
         with autocast():
             loss = loss_fn(model, xy)
         loss.backward()
-        opt.step()
+        if update:
+            opt.step()
         if not graph:
             opt.zero_grad(set_to_none=True)
         out[:] = [loss.detach()]
@@ -202,8 +208,9 @@ def adamw_step(base, variant: str, xy):
     return replay, {"graphed": True}
 
 
-def ternary_step(base, variant: str, xy):
-    """(step function, facts) of FlipOptimizer on a ternarised copy of ``base`` in ``variant``: a TrainStep."""
+def ternary_step(base, variant: str, xy, update: bool = True):
+    """(step function, facts) of FlipOptimizer on a ternarised copy of ``base`` in ``variant``: a TrainStep;
+    ``update=False``: the ``none`` backend (forward and input gradients only: no votes, no flips)."""
     model = copy.deepcopy(base)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (the warning lists the frozen norm gains)
@@ -211,7 +218,8 @@ def ternary_step(base, variant: str, xy):
     model.to(DEV)
     if DEV.type == "cuda":
         set_linear_kernel(model, "triton")
-    opt = FlipOptimizer(model, backend="gpu" if DEV.type == "cuda" else "dense-fallback", seed=0)
+    backend = ("gpu" if DEV.type == "cuda" else "dense-fallback") if update else "none"
+    opt = FlipOptimizer(model, backend=backend, seed=0)
     compile_args = (COMPILE or True) if "compiled" in variant else False
     step = TrainStep(model, opt, lm_loss, xy, cuda_graph="graph" in variant and DEV.type == "cuda",
                      compile=compile_args, autocast=AUTOCAST)
@@ -219,6 +227,7 @@ def ternary_step(base, variant: str, xy):
 
 
 BUILDERS = {"AdamW": adamw_step, "TrueTernary": ternary_step}
+NO_UPDATE = " (no update)"  # --parts: an optimiser's rows without its update, e.g. "AdamW (no update)"
 
 
 def run_variant(base, optimizer: str, variant: str) -> dict:
@@ -226,15 +235,16 @@ def run_variant(base, optimizer: str, variant: str) -> dict:
     if DEV.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    step, facts = BUILDERS[optimizer](base, variant, xy)
+    name, update = (optimizer[:-len(NO_UPDATE)], False) if optimizer.endswith(NO_UPDATE) else (optimizer, True)
+    step, facts = BUILDERS[name](base, variant, xy, update)
     ms = step_ms(step, warmup=WARMUP, repeats=REPEATS, device=DEV)
     row = {"optimizer": optimizer, "variant": variant, **facts, **summary(ms, ARGS.batch * MODEL["ctx"]),
            "peak_bytes": int(torch.cuda.max_memory_allocated()) if DEV.type == "cuda" else None}
-    print(f"  {optimizer:12} {variant:15} {row['median_ms']:9.2f} ms/step  {row['tokens_per_s']:12,.0f} tok/s",
+    print(f"  {optimizer:24} {variant:15} {row['median_ms']:9.2f} ms/step  {row['tokens_per_s']:12,.0f} tok/s",
           file=sys.stderr)
     if ARGS.profile and "graph" not in variant:  # (a graph's replay hides its kernels from the profiler)
         row["profile"] = profile_kernels(step, steps=3, device=DEV)
-        print(f"  {'':12} {'':15} {describe_profile(row['profile'])}", file=sys.stderr)
+        print(f"  {'':24} {'':15} {describe_profile(row['profile'])}", file=sys.stderr)
     return row
 
 
@@ -260,10 +270,10 @@ def print_table() -> None:
     lines = [f"== bench_hf: {env.get('gpu', env['device'])}  torch {env['torch']}  transformers "
              f"{transformers.__version__}  d {MODEL['hidden_size']} x {MODEL['num_hidden_layers']} layers  "
              f"batch {ARGS.batch} x {MODEL['ctx']}  ({B.elapsed():.0f}s)",
-             f"{'optimizer':12} {'variant':15} {'ms/step':>9} {'tokens/s':>12} {'peak MiB':>9}"]
+             f"{'optimizer':24} {'variant':15} {'ms/step':>9} {'tokens/s':>12} {'peak MiB':>9}"]
     for row in r.get("steps", []):
         pk = f"{row['peak_bytes'] / 2**20:.0f}" if row.get("peak_bytes") else "-"
-        lines.append(f"{row['optimizer']:12} {row['variant']:15} {row['median_ms']:9.2f} {row['tokens_per_s']:12,.0f} "
+        lines.append(f"{row['optimizer']:24} {row['variant']:15} {row['median_ms']:9.2f} {row['tokens_per_s']:12,.0f} "
                      f"{pk:>9}")
     s = r.get("summary", {})
     if "ratio" in s:
@@ -285,8 +295,9 @@ def main() -> int:
     base = base_model()
     # graphs last: a failed capture can leave the device unusable, and everything before it is saved by then
     order = sorted(ARGS.variants, key=lambda v: "graph" in v)
+    optimizers = [*BUILDERS, *(f"{o}{NO_UPDATE}" for o in BUILDERS if ARGS.parts)]
     for variant in order:
-        for opt in BUILDERS:
+        for opt in optimizers:
             with B.section(f"{opt} {variant}") as go:
                 if go:
                     B.add("steps", run_variant(base, opt, variant))

@@ -224,14 +224,16 @@ def test_bench_morph_kernels_smoke_kernels(tmp_path):
 def test_bench_hf_smoke(tmp_path):
     """The Hugging Face benchmark on CPU, eager and compiled: a tiny transformers Llama, AdamW and TrueTernary
     (TrainStep) steps, the best of each and their ratio; compiled: dynamo traced, code generation left out,
-    TrainStep's compile path with the ternary layers left eager; --profile profiles each."""
+    TrainStep's compile path with the ternary layers left eager; --profile profiles each, --parts adds each
+    optimiser without its update (kept out of the best-of summary)."""
     pytest.importorskip("transformers")
     variants = ("eager", "compiled")
-    res = _smoke("bench_hf.py", tmp_path, "--batch", "2", "--variants", ",".join(variants), "--profile")
+    res = _smoke("bench_hf.py", tmp_path, "--batch", "2", "--variants", ",".join(variants), "--profile", "--parts")
     assert not res["errors"]
     assert all(r["profile"]["profiled_wall_ms_per_step"] > 0 for r in res["steps"])  # --profile: every variant
     steps = {(r["optimizer"], r["variant"]) for r in res["steps"]}
-    assert steps == {(o, v) for o in ("AdamW", "TrueTernary") for v in variants}
+    optimizers = ("AdamW", "TrueTernary", "AdamW (no update)", "TrueTernary (no update)")  # --parts
+    assert steps == {(o, v) for o in optimizers for v in variants}
     assert all(r["median_ms"] > 0 and r["repeats"] == 2 and not r["graphed"] for r in res["steps"])
     best = res["summary"]["best"]
     assert res["summary"]["ratio"] == pytest.approx(best["TrueTernary"]["median_ms"] / best["AdamW"]["median_ms"])
