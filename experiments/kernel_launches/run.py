@@ -7,7 +7,8 @@ scale-vote kernel, the flip kernel and the dequant kernel, each at its default l
 Every row calls the library's own kernel (nothing is copied here; a row without a launch named runs the
 library's default launch): median GPU time per call inside a CUDA graph (harness.kernel_ms(graph=True)), the
 bytes it must move, and the fraction of 3.0 TB/s that is (the H100 figure the issue gives; an H200 has ~4.8).
-16,384 tokens (the 151M model's batch), layers qkv / proj / up / down.
+16,384 tokens (the 151M model's batch), layers qkv / proj / up / down; ``--tokens`` and ``--shapes`` time others
+(e.g. a Hugging Face Llama's: ``--tokens 4096 --shapes q=512x512,up=1408x512,down=512x1408``).
 The answer and the measured numbers: README.md beside this file.
 """
 
@@ -27,7 +28,8 @@ M = 16384
 SHAPES = {"qkv": (3072, 1024), "proj": (1024, 1024), "up": (4096, 1024), "down": (1024, 4096)}
 HBM = 3.0e12
 # launch overrides of the vote passes (impl 'gemm': statistics pass, then vote pass; default_votes_config)
-VOTE_LAUNCHES = ({"CHUNK_R": 32}, {"chunk_warps": 8}, {"num_warps": 8}, {"STATS_CHUNK_R": 16})
+VOTE_LAUNCHES = ({"CHUNK_R": 32}, {"chunk_warps": 8}, {"num_warps": 8}, {"STATS_CHUNK_R": 16},
+                 {"STATS_CHUNK_R": 64, "num_warps": 8}, {"STATS_CHUNK_R": 128, "num_warps": 8})
 # the flip kernel (bytes of T_packed per program, warps) and the dequant kernel beside their defaults
 FLIP_LAUNCHES = ((512, 4), (1024, 4), (1024, 8), (2048, 8), (4096, 8))
 DEQUANT_LAUNCHES = ({"BLOCK_R": 32}, {"BLOCK_R": 32, "num_warps": 8}, {"BLOCK_R": 64, "num_warps": 8},
@@ -35,7 +37,7 @@ DEQUANT_LAUNCHES = ({"BLOCK_R": 32}, {"BLOCK_R": 32, "num_warps": 8}, {"BLOCK_R"
                     {"BLOCK_R": 32, "BLOCK_C": 256, "num_warps": 8})
 
 
-def layer_rows(name: str, R: int, C: int) -> list[dict]:
+def layer_rows(name: str, R: int, C: int, M: int = M) -> list[dict]:
     from trueternary.ops.flip import apply_flips_
     from trueternary.ops.flip.triton import flip_triton_
     from trueternary.ops.ternary_matmul.triton import dequant_triton
@@ -92,12 +94,26 @@ def layer_rows(name: str, R: int, C: int) -> list[dict]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_out_arg(p)
+    p.add_argument("--tokens", type=int, default=M, help=f"tokens per call (default {M}, the 151M batch)")
+    p.add_argument("--shapes", default=None, metavar="NAME=RxC,...",
+                   help="weight shapes, e.g. q=512x512,up=1408x512 (default: the 151M layers)")
     args = p.parse_args()
+    shapes = SHAPES
+    if args.shapes:
+        try:
+            shapes = {k: tuple(int(v) for v in rc.split("x")) for k, rc in
+                      (item.split("=") for item in args.shapes.split(","))}
+            if any(len(rc) != 2 or min(rc) < 1 for rc in shapes.values()):
+                raise ValueError
+        except ValueError:
+            p.error(f"--shapes takes NAME=RxC,... with positive R and C, got {args.shapes!r}")
+    if args.tokens < 1:
+        p.error("--tokens must be >= 1")
     out = out_dir(p, args.out)
     require_cuda(p)
-    res = {"env": {**env_info("cuda"), "tokens": M}, "rows": []}
-    for name, (R, C) in SHAPES.items():
-        res["rows"] += layer_rows(name, R, C)
+    res = {"env": {**env_info("cuda"), "tokens": args.tokens}, "rows": []}
+    for name, (R, C) in shapes.items():
+        res["rows"] += layer_rows(name, R, C, args.tokens)
         write_json(out / "kernel_launches.json", res)
     for r in res["rows"]:
         print(f"{r['layer']:5} {r['what']:55} {r['ms'] * 1e3:9.1f} us  {r['pct_of_hbm_3TBs']:6.1f}% of 3 TB/s")
