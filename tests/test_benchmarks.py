@@ -55,6 +55,8 @@ USAGE_ERRORS = {
     "bench-hf-variants": ("benchmarks/bench_hf.py", ["--smoke", "--variants", "eager,fast"], {},
                           "unknown --variants fast"),
     "bench-hf-model": ("benchmarks/bench_hf.py", ["--smoke", "--model", "100,2"], {}, "--model takes D,L"),
+    "hf-fused-variants": ("experiments/hf_fused_projections/run.py", ["--smoke", "--variants", "graph,fast"], {},
+                          "unknown --variants fast"),
     "bench-morph-kernels-skip": ("benchmarks/bench_morph_kernels.py", ["--skip", "kernels,everything"],
                                  {"TRITON_INTERPRET": "1"}, "unknown --skip everything"),
     "morph-ablation-variant": ("experiments/morph_ablation/run.py", ["--variants", "full,-everything", "--out",
@@ -237,6 +239,29 @@ def test_bench_hf_smoke(tmp_path):
     assert all(r["median_ms"] > 0 and r["repeats"] == 2 and not r["graphed"] for r in res["steps"])
     best = res["summary"]["best"]
     assert res["summary"]["ratio"] == pytest.approx(best["TrueTernary"]["median_ms"] / best["AdamW"]["median_ms"])
+
+
+@pytest.mark.slow  # ~30 s on a busy 2-core machine: dynamo traces four models, three in pieces
+def test_hf_fused_projections_smoke(tmp_path):
+    """The fused-projections experiment on CPU, eager and compiled: the fused Llama passes its check (same logits,
+    same ternary weights, its ternary copy trains), then the four configurations run in each variant."""
+    pytest.importorskip("transformers")
+    variants = ("eager", "compiled")
+    r = run_script("experiments/hf_fused_projections/run.py", "--smoke", "--batch", "2", "--out", str(tmp_path),
+                   timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "hf_fused_projections.json").read_text())
+    assert not res["errors"]
+    check = res["check"]
+    assert check["passed"] and check["logits_allclose"] and check["ternary_weights_equal"] and check["every_part_voted"]
+    steps = {(row["optimizer"], row["model"], row["variant"]) for row in res["steps"]}
+    assert steps == {(o, m, v) for o in ("AdamW", "TrueTernary") for m in ("stock", "fused") for v in variants}
+    assert all(row["median_ms"] > 0 and row["repeats"] == 2 for row in res["steps"])
+    ms = {(row["optimizer"], row["model"], row["variant"]): row["median_ms"] for row in res["steps"]}
+    for v in variants:
+        assert res["ratios"][v]["fused_vs_stock_adamw"] == pytest.approx(ms["TrueTernary", "fused", v]
+                                                                         / ms["AdamW", "stock", v])
+    assert "check: passed" in r.stdout and "fused_vs_stock_adamw" in r.stdout
 
 
 def test_bench_scale_smoke_row_and_table(tmp_path):
