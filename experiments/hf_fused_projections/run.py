@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """What fusing the projections that share an input (q, k, v into one matrix; gate, up into one) would buy a
-Hugging Face Llama's TrueTernary step, against AdamW on the same models: benchmarks/bench_hf.py's model and steps.
+Hugging Face Llama's TrueTernary step, against AdamW on the same models: bench_hf's model and steps
+(benchmarks/hf_llama.py).
 
     python3 experiments/hf_fused_projections/run.py           # CUDA; writes $OUT/hf_fused_projections.json
     python3 experiments/hf_fused_projections/run.py --smoke   # CPU: tiny model, eager and compiled (a script check)
@@ -18,73 +19,39 @@ import argparse
 import copy
 import math
 import sys
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
 
-from harness import Bench, add_out_arg, out_dir, smoke_or_cuda, step_ms, summary  # noqa: E402
+from harness import Bench, smoke_or_cuda, step_ms, summary  # noqa: E402
 
-VARIANTS = ("eager", "compiled", "graph", "compiled+graph")
 CONFIGS = (("AdamW", "stock"), ("AdamW", "fused"), ("TrueTernary", "stock"), ("TrueTernary", "fused"))
 
 
 def parse_args():
+    from hf_llama import add_args, finish_args
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="CPU run with a tiny model (eager and compiled variants)")
-    add_out_arg(p)
-    p.add_argument("--budget", type=float, default=None, help="seconds (default 900 on CUDA)")
-    p.add_argument("--batch", type=int, default=16, help="sequences per step (default 16)")
-    p.add_argument("--variants", default=None, help=f"comma-separated, of {', '.join(VARIANTS)} (default "
-                   "graph,compiled+graph; --smoke: eager,compiled)")
-    p.add_argument("--model", default="512,6", metavar="D,L", help="hidden size and layers (default 512,6)")
-    args = p.parse_args()
-    args.variants = [v.strip() for v in (args.variants or ("eager,compiled" if args.smoke else
-                                                           "graph,compiled+graph")).split(",") if v.strip()]
-    bad = [v for v in args.variants if v not in VARIANTS]
-    if bad:
-        p.error(f"unknown --variants {bad[0]} (choose from {', '.join(VARIANTS)})")
-    if args.batch < 1:
-        p.error("--batch must be >= 1")
-    try:
-        args.model = tuple(int(v) for v in args.model.split(","))
-        if len(args.model) != 2 or args.model[0] < 64 or args.model[0] % 64 or args.model[1] < 1:
-            raise ValueError
-    except ValueError:
-        p.error(f"--model takes D,L with D a multiple of 64 and L >= 1, got {args.model!r}")
-    args.out = out_dir(p, args.out)
-    return args
+    add_args(p, variants="graph,compiled+graph")
+    return finish_args(p, p.parse_args())
 
 
 ARGS = parse_args()
 smoke_or_cuda(ARGS.smoke, "hf_fused_projections")
 
+from hf_llama import require_transformers  # noqa: E402
+
+require_transformers("hf_fused_projections")
+
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+from hf_llama import BUILDERS, Setup, base_model, batch, flip_train_step, register_causal_attention  # noqa: E402
+from hf_llama import ternary_model as _ternary_model  # noqa: E402
 from torch import nn  # noqa: E402
 
-try:
-    import transformers  # noqa: E402
-except ImportError:
-    print("hf_fused_projections: error: needs transformers (pip install transformers)", file=sys.stderr)
-    sys.exit(2)
-
-from trueternary import ternarize  # noqa: E402
-from trueternary.layers import set_linear_kernel  # noqa: E402
-from trueternary.optim import ADAMW_BETAS, FlipOptimizer, TrainStep  # noqa: E402
-from trueternary.optim.train_step import capture_cuda_graph  # noqa: E402
-
-DEV = torch.device("cpu" if ARGS.smoke else "cuda")
-AUTOCAST = torch.bfloat16 if DEV.type == "cuda" else None
-D, L = ARGS.model
-MODEL = dict(hidden_size=D, intermediate_size=D * 11 // 4, num_hidden_layers=L, num_attention_heads=D // 64, ctx=256)
-WARMUP, REPEATS = 5, 20
-if ARGS.smoke:
-    MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, ctx=16)
-    WARMUP, REPEATS = 1, 2
-    torch.set_num_threads(1)  # (tiny tensors: OpenMP hand-offs would dominate a busy CPU)
-COMPILE = {"backend": "eager"} if ARGS.smoke else {}  # (as bench_hf: Inductor on a busy CPU takes minutes)
+S = Setup(ARGS.smoke, *ARGS.model, batch=ARGS.batch)
+DEV = S.device
 B = Bench("hf_fused_projections", ARGS.out, ARGS.budget if ARGS.budget is not None else
           (1e9 if ARGS.smoke else 900.0), DEV)
 
@@ -147,84 +114,8 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     return model
 
 
-# ------------------------------------------------------------------------------------------------ bench_hf's steps
-
-
-def register_causal_attention() -> None:
-    """bench_hf's ``trueternary_causal``: sdpa with ``is_causal`` and no mask tensor (batches are unpadded)."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register("trueternary_causal", lambda module, q, k, v, attention_mask, **kw:
-                                sdpa_attention_forward(module, q, k, v, None, **kw))
-    AttentionMaskInterface.register("trueternary_causal", lambda *args, **kwargs: None)
-
-
-def base_model() -> nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=MODEL["hidden_size"], intermediate_size=MODEL["intermediate_size"],
-        num_hidden_layers=MODEL["num_hidden_layers"], num_attention_heads=MODEL["num_attention_heads"],
-        num_key_value_heads=MODEL["num_attention_heads"], max_position_embeddings=MODEL["ctx"],
-        tie_word_embeddings=False, use_cache=False, attn_implementation="trueternary_causal")
-    torch.manual_seed(1234)
-    return transformers.LlamaForCausalLM(cfg)
-
-
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    seq = torch.randint(0, 256, (ARGS.batch, MODEL["ctx"] + 1), generator=torch.Generator().manual_seed(99)).to(DEV)
-    return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
-
-
-def lm_loss(model, xy) -> torch.Tensor:
-    x, y = xy
-    logits = model(input_ids=x, use_cache=False).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-
-def adamw_step(base, variant: str, xy):
-    model = copy.deepcopy(base).to(DEV)
-    graph = "graph" in variant and DEV.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=ADAMW_BETAS, weight_decay=0.1,
-                            fused=DEV.type == "cuda", capturable=graph)
-    loss_fn = torch.compile(lm_loss, **COMPILE) if "compiled" in variant else lm_loss
-
-    def step():
-        with torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=AUTOCAST is not None, cache_enabled=False):
-            loss = loss_fn(model, xy)
-        loss.backward()
-        opt.step()
-        if not graph:
-            opt.zero_grad(set_to_none=True)
-
-    def warm_up():
-        for _ in range(3):
-            step()
-        opt.zero_grad(set_to_none=True)  # (each replay's gradients then live in the graph's pool)
-
-    return capture_cuda_graph(step, warm_up=warm_up).replay if graph else step
-
-
 def ternary_model(base) -> nn.Module:
-    model = copy.deepcopy(base)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # (the warning lists the frozen norm gains)
-        ternarize(model, device=DEV)
-    model.to(DEV)
-    if DEV.type == "cuda":
-        set_linear_kernel(model, "triton")
-    return model
-
-
-def flip_train_step(model, variant: str, xy) -> TrainStep:
-    opt = FlipOptimizer(model, backend="gpu" if DEV.type == "cuda" else "dense-fallback", seed=0)
-    return TrainStep(model, opt, lm_loss, xy, cuda_graph="graph" in variant and DEV.type == "cuda",
-                     compile=(COMPILE or True) if "compiled" in variant else False, autocast=AUTOCAST)
-
-
-def ternary_step(base, variant: str, xy):
-    step = flip_train_step(ternary_model(base), variant, xy)
-    return lambda: step(xy)
+    return _ternary_model(S, base)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -240,7 +131,7 @@ def check(stock, fused, xy) -> dict:
                                        torch.cat([getattr(getattr(ls, block), n).weight.dense() for n in names]))
                            for ls, lf in zip(ts.model.layers, tf.model.layers) for block, names, fused_name in FUSIONS)
     trained = ternary_model(fused)
-    step = flip_train_step(trained, "eager", xy)
+    step = flip_train_step(S, trained, "eager", xy)
     losses = [float(step(xy)) for _ in range(3)]
     # votes reached every part's rows of every fused matrix (each part's gradient went through the split)
     voted = all(bool(acc.any()) for layer in trained.model.layers for block, _, fused_name in FUSIONS
@@ -268,8 +159,8 @@ def ratios(rows: list[dict]) -> dict:
 def print_table() -> None:
     env, c = B.res["env"], B.res.get("check", {})
     lines = [f"== hf_fused_projections: {env.get('gpu', env['device'])}  torch {env['torch']}  transformers "
-             f"{transformers.__version__}  d {MODEL['hidden_size']} x {MODEL['num_hidden_layers']} layers  batch "
-             f"{ARGS.batch} x {MODEL['ctx']}  ({B.elapsed():.0f}s)",
+             f"{transformers.__version__}  d {S.model['hidden_size']} x {S.model['num_hidden_layers']} layers  batch "
+             f"{ARGS.batch} x {S.model['ctx']}  ({B.elapsed():.0f}s)",
              f"check: {'passed' if c.get('passed') else 'FAILED'}  (logits max |diff| "
              f"{c.get('logits_max_abs_diff', float('nan')):.2e}, ternary weights equal "
              f"{c.get('ternary_weights_equal')})",
@@ -285,11 +176,10 @@ def print_table() -> None:
 
 def main() -> int:
     register_causal_attention()
-    B.res["env"].update(smoke=ARGS.smoke, model=MODEL, batch=ARGS.batch, autocast=str(AUTOCAST), compile=COMPILE,
-                        transformers=transformers.__version__, warmup=WARMUP, repeats=REPEATS)
-    stock = base_model()
+    B.res["env"].update(S.env())
+    stock = base_model(S)
     models = {"stock": stock, "fused": fuse_projections(copy.deepcopy(stock))}
-    xy = batch()
+    xy = batch(S)
     with B.section("check") as go:
         if go:
             B.res["check"] = check(stock, models["fused"], xy)
@@ -300,14 +190,11 @@ def main() -> int:
             for opt, which in CONFIGS:
                 with B.section(f"{opt} {which} {variant}") as go:
                     if go:
-                        # each config compiles afresh: transformers' forwards share one deprecate_kwarg wrapper,
-                        # whose frames (compiled apart at graph breaks) would otherwise reach dynamo's recompile
-                        # limit over the configs and run the later ones eager
-                        torch._dynamo.reset()
-                        step = {"AdamW": adamw_step, "TrueTernary": ternary_step}[opt](models[which], variant, xy)
-                        ms = step_ms(step, warmup=WARMUP, repeats=REPEATS, device=DEV)
+                        step, _ = BUILDERS[opt](S, models[which], variant, xy)  # (each compiles afresh)
+                        warmup, repeats = S.warmup_repeats
+                        ms = step_ms(step, warmup=warmup, repeats=repeats, device=DEV)
                         B.add("steps", {"optimizer": opt, "model": which, "variant": variant,
-                                        **summary(ms, ARGS.batch * MODEL["ctx"])})
+                                        **summary(ms, S.tokens)})
                         B.res["ratios"] = ratios(B.res["steps"])
     return B.finish(print_table)
 
