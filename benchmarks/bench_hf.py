@@ -5,11 +5,9 @@
     python3 benchmarks/bench_hf.py            # on a CUDA machine, from the repo root (a few minutes, compiles)
     python3 benchmarks/bench_hf.py --smoke    # CPU: tiny model, eager and compiled steps (checks the script only)
 
-The model: ``LlamaForCausalLM`` from a config (random weights): by default 6 layers, d 512, MLP 1408, 8 heads
-(``--model D,L``: MLP 2.75 x D, heads of 64), byte vocabulary (256), context 256, untied embeddings; batch 16
-(``--batch``), bf16 autocast on CUDA, float32 weights. Attention
-is causal sdpa without a mask tensor (batches are unpadded; ``--attention sdpa`` keeps transformers' default,
-which builds a mask inside a CUDA graph), the same for both optimisers.
+The model and the steps are ``benchmarks/hf_llama.py``'s: ``LlamaForCausalLM`` from a config, by default 6
+layers, d 512 (``--model D,L``), batch 16 x 256 (``--batch``), bf16 autocast on CUDA; attention is causal sdpa
+without a mask tensor (``--attention sdpa``: transformers' default, which builds a mask inside a CUDA graph).
 
 ``--parts`` adds each optimiser without its update ("AdamW (no update)": no ``opt.step()``; "TrueTernary (no
 update)": the ``none`` backend, no votes and no flips), so that the update's share of a step is the difference.

@@ -157,8 +157,7 @@ KERNEL_CLASSES = [
 def profile_kernels(step: Callable[[], object], *, steps: int, device: torch.device | str, top: int = 25) -> dict:
     """GPU time per call of ``step()`` by kernel class (:data:`KERNEL_CLASSES`, torch.profiler over ``steps``
     calls; burn in first), the kernel launches per call and the ``top`` kernels: where a step's time goes. Eager
-    calls only: a CUDA graph's
-    replay hides its kernels from the profiler."""
+    calls only: a CUDA graph's replay hides its kernels from the profiler."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
