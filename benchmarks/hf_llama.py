@@ -237,9 +237,23 @@ def flip_train_step(s: Setup, model, variant: str, xy, update: bool = True) -> T
 
 
 def ternary_step(s: Setup, base, variant: str, xy, update: bool = True):
-    """(step function, facts) of FlipOptimizer on a ternarised copy of ``base`` in ``variant``: a TrainStep."""
-    step = flip_train_step(s, ternary_model(s, base), variant, xy, update)
-    return (lambda: step(xy)), {"graphed": step.graphed, "eager_reason": step.eager_reason}
+    """(step function, facts) of FlipOptimizer on a ternarised copy of ``base`` in ``variant``: a TrainStep;
+    ``update=False`` in a graph variant: forward and backward (no voter) captured here, as TrainStep captures
+    only the ``gpu`` backend."""
+    model = ternary_model(s, base)
+    if update or not ("graph" in variant and s.device.type == "cuda"):
+        step = flip_train_step(s, model, variant, xy, update)
+        return (lambda: step(xy)), {"graphed": step.graphed, "eager_reason": step.eager_reason}
+    torch._dynamo.reset()  # (as adamw_step)
+    FlipOptimizer(model, backend="none", seed=0)
+    loss_fn = torch.compile(lm_loss, **s.compile_args) if "compiled" in variant else lm_loss
+
+    def step():
+        with s.autocast():
+            loss = loss_fn(model, xy)
+        loss.backward()
+
+    return capture_cuda_graph(step, warm_up=lambda: [step() for _ in range(3)]).replay, {"graphed": True}
 
 
 BUILDERS = {"AdamW": adamw_step, "TrueTernary": ternary_step}

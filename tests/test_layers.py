@@ -469,3 +469,70 @@ def test_hybrid_embedding_log2_scale_gradient_equals_autograd_reference():
     (F.embedding(idx, W, padding_idx=3) * gy.double()).sum().backward()
     torch.testing.assert_close(emb.weight.log2_scale.grad.double(), ls.grad, rtol=1e-5, atol=1e-5)
     assert (emb.weight.log2_scale.grad[[2, 3, 4, 6, 7]] == 0).all()  # padding and untouched rows
+
+
+# ------------------------------------------------------------------------------------ compiled (torch.library ops)
+
+
+class Tower(nn.Module):
+    """Embedding (padding row) -> linear with bias -> float norm -> linear: both ternary ops and both scale modes."""
+
+    def __init__(self, scale_mode: str):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.emb = TernaryEmbedding(40, 24, padding_idx=0, group_size=8, scale_mode=scale_mode, generator=g)
+        self.fc1 = TernaryLinear(24, 36, bias=True, group_size=8, scale_mode=scale_mode, generator=g)
+        self.norm = nn.LayerNorm(36)
+        self.fc2 = TernaryLinear(36, 40, group_size=8, scale_mode=scale_mode, generator=g)
+
+    def forward(self, idx):
+        return self.fc2(self.norm(torch.relu(self.fc1(self.emb(idx)))))
+
+
+@pytest.mark.parametrize("scale_mode", ["int", "float"])
+def test_compiled_layers_vote_and_differentiate_as_the_eager_ones(scale_mode):
+    """torch.compile (AOTAutograd, one graph, no break) runs the layers as trueternary:: ops: the recorded votes,
+    the hybrid scales' gradients and the float parameters' gradients equal the eager autograd functions' bit for
+    bit. The first layer's input (the embedding's output) needs a gradient only through the ops' anchor."""
+    torch._dynamo.reset()
+    idx = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(1))
+    idx[0, :2] = 0  # the padding row
+    got = []
+    for compiled in (False, True):
+        model = Tower(scale_mode)
+        voter = RecordingVoter()
+        for m in (model.emb.weight, model.fc1.weight, model.fc1.bias, model.fc2.weight):
+            m._voter = voter
+
+        def loss_fn(idx):
+            return model(idx).square().mean()
+
+        fn = torch.compile(loss_fn, backend="aot_eager", fullgraph=True) if compiled else loss_fn
+        fn(idx).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        got.append((voter, grads))
+    (eager, eager_grads), (comp, comp_grads) = got
+    assert len(eager.calls) == len(comp.calls) == 3 and len(eager.bias_calls) == len(comp.bias_calls) == 1
+    for a, b in zip(eager.calls, comp.calls):
+        for ta, tb in zip(a[1:], b[1:]):
+            assert (ta is None and tb is None) or torch.equal(ta, tb)
+    assert torch.equal(eager.bias_calls[0][1], comp.bias_calls[0][1])
+    assert len(eager_grads) == len(comp_grads) == (5 if scale_mode == "float" else 2)
+    for a, b in zip(eager_grads, comp_grads):
+        assert torch.equal(a, b)
+
+
+def test_compiled_copy_of_a_layer_votes_into_its_own_state():
+    """The ops reach a layer by its op handle; a deep copy gets a handle of its own, so compiled code run on the
+    copy votes into the copy and leaves the original alone."""
+    import copy
+
+    torch._dynamo.reset()
+    original = TernaryLinear(16, 8, group_size=8)
+    clone = copy.deepcopy(original)
+    assert clone.weight.op_handle != original.weight.op_handle
+    voters = RecordingVoter(), RecordingVoter()
+    original.weight._voter, clone.weight._voter = voters
+    fn = torch.compile(lambda m, x: m(x).sum(), backend="aot_eager", fullgraph=True)
+    fn(clone, torch.randn(4, 16)).backward()
+    assert len(voters[0].calls) == 0 and len(voters[1].calls) == 1 and voters[1].calls[0][0] is clone.weight

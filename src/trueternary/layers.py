@@ -19,13 +19,14 @@ from torch import nn
 
 from .backends import LinearKernel
 from .ops.embedding import ternary_embedding
+from .ops.handles import HasOpHandle
 from .ops.linear import ternary_linear
 from .weight import DEFAULT_GROUP_SIZE, TernaryScaleTensor
 
 DEFAULT_BIAS_EXP = -10
 
 
-class IntegerBias(nn.Module):
+class IntegerBias(HasOpHandle, nn.Module):
     """A bias vector ``q * 2**exp`` with int32 ``q``; trained by votes, no float state."""
 
     def __init__(self, n: int, exp: int = DEFAULT_BIAS_EXP, device=None) -> None:
@@ -33,6 +34,7 @@ class IntegerBias(nn.Module):
         if not -127 <= exp <= 127:
             raise ValueError(f"bias exponent must be in [-127, 127], got {exp}")
         self.n = n
+        self._new_op_handle()
         self.stream = 0
         self._voter = None
         self._group_index = 0

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import packing
+from .ops.handles import HasOpHandle
 from .quant import check_accum_threshold, expand_groups, group_absmean_log2, residual_accum
 from .rule import group_sum, pow2_int
 from .settings import DEFAULT_GROUP_SIZE
@@ -38,7 +39,7 @@ def check_group_size(group_size: int) -> int:
     return group_size
 
 
-class TernaryScaleTensor(nn.Module):
+class TernaryScaleTensor(HasOpHandle, nn.Module):
     """A (rows, cols) ternary weight ``T * 2**E`` with packed trits and integer accumulators."""
 
     def __init__(
@@ -61,6 +62,7 @@ class TernaryScaleTensor(nn.Module):
         if scale_mode not in SCALE_MODES:
             raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
         self.rows, self.cols, self.group_size = rows, cols, group_size
+        self._new_op_handle()  # (ops.handles: how the compiled linear op reaches this weight)
         self.n_groups = (cols + group_size - 1) // group_size
         self.scale_mode = scale_mode
         self.stream = 0  # RNG stream id, assigned by the optimiser that trains this weight

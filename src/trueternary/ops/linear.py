@@ -28,6 +28,7 @@ import torch
 from ..backends import LinearKernel
 from ..rule import group_sum
 from . import kernels_can_run
+from .handles import module_of
 
 LN2 = math.log(2.0)
 _ANCHOR = torch.zeros((), requires_grad=True)
@@ -53,67 +54,134 @@ def scale_param_grad(g: torch.Tensor, T: torch.Tensor, log2_scale: torch.Tensor,
     return LN2 * torch.exp2(log2_scale.float()) * group_sum(g.float() * T.float(), group_size)
 
 
+def linear_forward(xc: torch.Tensor, weight, bias_value: torch.Tensor | None, impl: str | None) -> torch.Tensor:
+    """``xc @ W.T + b`` with ``xc`` already in the matmul dtype (:func:`compute_dtype`); ``impl``: None for the
+    dense reference, else the ``ops.ternary_matmul`` impl of the Triton kernels."""
+    b = bias_value.to(xc.dtype) if bias_value is not None else None
+    if impl is None:
+        return torch.nn.functional.linear(xc, weight.dense(xc.dtype), b)
+    from .ternary_matmul import ternary_matmul
+
+    y = ternary_matmul(xc.reshape(-1, weight.cols), weight, impl=impl)
+    if b is not None:
+        y = y + b
+    return y.view(*xc.shape[:-1], weight.rows)
+
+
+def linear_backward(gy: torch.Tensor, xc: torch.Tensor, log2_scale: torch.Tensor | None, weight, bias_module,
+                    impl: str | None, need_gx: bool, need_ls: bool):
+    """``(gx, g_log2_scale)`` of :func:`linear_forward` (None where not needed), and the votes: the weight
+    gradient goes to ``weight._voter`` (the FlipOptimizer), the bias gradient to ``bias_module._voter``."""
+    gy2 = gy.reshape(-1, weight.rows)
+    # the kernels never unpack the trits; the reference needs them for gx and the votes
+    T = weight.trits() if impl is None else None
+    gx = g_ls = None
+    if need_gx:
+        if impl is None:
+            W = T.to(gy.dtype) * weight.expand_groups(weight.scale(gy.dtype))
+            gx = gy2 @ W
+        else:
+            from .ternary_matmul import ternary_matmul
+
+            gx = ternary_matmul(gy2, weight, transposed=True, impl=impl)
+        gx = gx.view(*gy.shape[:-1], weight.cols)
+    # An empty batch carries no gradient information: cast no votes (a zero gradient would
+    # otherwise reset the voter's running gradient scale).
+    empty = gy2.shape[0] == 0
+    voter = None if empty else weight._voter
+    want_ls = log2_scale is not None and need_ls  # (hybrid weights: the dense reference only)
+    x2 = xc.reshape(-1, weight.cols).to(gy.dtype)
+    if want_ls:  # hybrid: the float scale needs the weight gradient itself
+        gW = (gy2.t() @ x2).float()
+        g_ls = scale_param_grad(gW, T, log2_scale, weight.group_size)
+        if voter is not None:
+            voter.cast_votes(weight, gW, T)
+        del gW
+    elif voter is not None:
+        # gW = gy2.T @ x2, formed (or fused into the vote kernel) by the voter's backend
+        voter.cast_matmul_votes(weight, gy2, x2, T)
+    bm = bias_module
+    if bm is not None and bm._voter is not None and not empty:
+        bm._voter.cast_bias_votes(bm, gy2.float().sum(0))
+    return gx, g_ls
+
+
 class TernaryLinearFunction(torch.autograd.Function):
-    """``y = x @ (T * 2**E).T + b``; votes in backward through ``weight._voter``.
+    """``y = x @ (T * 2**E).T + b``; votes in backward through ``weight._voter`` (eager code; compiled code
+    runs the same two functions as the ``trueternary::linear`` op).
 
     ``impl``: None for the dense reference, else the ``ops.ternary_matmul`` impl of the Triton kernels (kept on
     ``ctx.impl``, so ``y.grad_fn.impl`` says which ran)."""
 
     @staticmethod
     def forward(ctx, x, anchor, log2_scale, bias_value, weight, bias_module, impl):
-        dtype = compute_dtype(x)
-        xc = x.to(dtype)
-        b = bias_value.to(dtype) if bias_value is not None else None
-        if impl is None:
-            y = torch.nn.functional.linear(xc, weight.dense(dtype), b)
-        else:
-            from .ternary_matmul import ternary_matmul
-
-            y = ternary_matmul(xc.reshape(-1, weight.cols), weight, impl=impl)
-            if b is not None:
-                y = y + b
-            y = y.view(*x.shape[:-1], weight.rows)
+        xc = x.to(compute_dtype(x))
         ctx.weight, ctx.bias_module, ctx.impl = weight, bias_module, impl
         ctx.save_for_backward(xc, log2_scale if log2_scale is not None else torch.empty(0))
         ctx.has_log2 = log2_scale is not None
-        return y
+        return linear_forward(xc, weight, bias_value, impl)
 
     @staticmethod
     def backward(ctx, gy):
         xc, log2_scale = ctx.saved_tensors
-        weight = ctx.weight
-        gy2 = gy.reshape(-1, weight.rows)
-        # the kernels never unpack the trits; the reference needs them for gx and the votes
-        T = weight.trits() if ctx.impl is None else None
-        gx = g_ls = None
-        if ctx.needs_input_grad[0]:
-            if ctx.impl is None:
-                W = T.to(gy.dtype) * weight.expand_groups(weight.scale(gy.dtype))
-                gx = gy2 @ W
-            else:
-                from .ternary_matmul import ternary_matmul
-
-                gx = ternary_matmul(gy2, weight, transposed=True, impl=ctx.impl)
-            gx = gx.view(*gy.shape[:-1], weight.cols)
-        # An empty batch carries no gradient information: cast no votes (a zero gradient would
-        # otherwise reset the voter's running gradient scale).
-        empty = gy2.shape[0] == 0
-        voter = None if empty else weight._voter
-        want_ls = ctx.has_log2 and ctx.needs_input_grad[2]  # (hybrid weights: the dense reference only)
-        x2 = xc.reshape(-1, weight.cols).to(gy.dtype)
-        if want_ls:  # hybrid: the float scale needs the weight gradient itself
-            gW = (gy2.t() @ x2).float()
-            g_ls = scale_param_grad(gW, T, log2_scale, weight.group_size)
-            if voter is not None:
-                voter.cast_votes(weight, gW, T)
-            del gW
-        elif voter is not None:
-            # gW = gy2.T @ x2, formed (or fused into the vote kernel) by the voter's backend
-            voter.cast_matmul_votes(weight, gy2, x2, T)
-        bm = ctx.bias_module
-        if bm is not None and bm._voter is not None and not empty:
-            bm._voter.cast_bias_votes(bm, gy2.float().sum(0))
+        gx, g_ls = linear_backward(gy, xc, log2_scale if ctx.has_log2 else None, ctx.weight, ctx.bias_module,
+                                   ctx.impl, ctx.needs_input_grad[0], ctx.needs_input_grad[2])
         return gx, None, g_ls, None, None, None, None
+
+
+# ------------------------------------------------------------------ the same, as one op for torch.compile
+# torch.compile traces through a torch.library op (no graph break: the float code around every ternary layer of a
+# model compiles as one graph) but not through an autograd.Function that calls the optimiser from backward. The op
+# takes the weight and bias as integer handles (ops.handles). Its backward op has effects compile cannot see (the
+# votes), so it is marked side-effectful: never dropped or merged, even where its input gradient goes unused.
+
+
+@torch.library.custom_op("trueternary::linear", mutates_args=())
+def _linear_op(xc: torch.Tensor, anchor: torch.Tensor | None, log2_scale: torch.Tensor | None,
+               bias_value: torch.Tensor | None, weight_handle: int, bias_handle: int, impl: str | None) -> torch.Tensor:
+    return linear_forward(xc, module_of(weight_handle), bias_value, impl)
+
+
+@_linear_op.register_fake
+def _(xc, anchor, log2_scale, bias_value, weight_handle, bias_handle, impl):
+    return xc.new_empty(*xc.shape[:-1], module_of(weight_handle).rows)
+
+
+@torch.library.custom_op("trueternary::linear_backward", mutates_args=())
+def _linear_backward_op(gy: torch.Tensor, xc: torch.Tensor, log2_scale: torch.Tensor | None, weight_handle: int,
+                        bias_handle: int, impl: str | None, need_gx: bool,
+                        need_ls: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    gx, g_ls = linear_backward(gy, xc, log2_scale, module_of(weight_handle), module_of(bias_handle), impl,
+                               need_gx, need_ls)
+    # (an op returns tensors: empty ones stand for "not needed")
+    return (gx if gx is not None else gy.new_empty(0)), (g_ls if g_ls is not None else gy.new_empty(0))
+
+
+@_linear_backward_op.register_fake
+def _(gy, xc, log2_scale, weight_handle, bias_handle, impl, need_gx, need_ls):
+    gx = gy.new_empty(*gy.shape[:-1], module_of(weight_handle).cols) if need_gx else gy.new_empty(0)
+    g_ls = log2_scale.new_empty(log2_scale.shape, dtype=torch.float32) if need_ls and log2_scale is not None \
+        else gy.new_empty(0)
+    return gx, g_ls
+
+
+torch.fx.node.has_side_effect(torch.ops.trueternary.linear_backward.default)
+
+
+def _setup_linear_op(ctx, inputs, output) -> None:
+    xc, _anchor, log2_scale, _bias_value, weight_handle, bias_handle, impl = inputs
+    ctx.save_for_backward(xc, log2_scale)
+    ctx.handles, ctx.impl = (weight_handle, bias_handle), impl
+
+
+def _linear_op_backward(ctx, gy):
+    xc, log2_scale = ctx.saved_tensors
+    need_gx, need_ls = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    gx, g_ls = torch.ops.trueternary.linear_backward(gy, xc, log2_scale, *ctx.handles, ctx.impl, need_gx, need_ls)
+    return (gx if need_gx else None), None, (g_ls if need_ls else None), None, None, None, None
+
+
+_linear_op.register_autograd(_linear_op_backward, setup_context=_setup_linear_op)
 
 
 def check_input(x, weight) -> None:
@@ -130,6 +198,10 @@ def apply_linear(x, weight, bias_module, impl: str | None):
     """:class:`TernaryLinearFunction` on a checked input (``impl``: see there)."""
     anchor = _ANCHOR if torch.is_grad_enabled() else None
     bias_value = bias_module.value() if bias_module is not None else None
+    if torch.compiler.is_compiling():
+        bias_handle = bias_module.op_handle if bias_module is not None else -1
+        return _linear_op(x.to(compute_dtype(x)), anchor, weight.log2_scale, bias_value, weight.op_handle,
+                          bias_handle, impl)
     return TernaryLinearFunction.apply(x, anchor, weight.log2_scale, bias_value, weight, bias_module, impl)
 
 

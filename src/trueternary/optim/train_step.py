@@ -15,9 +15,10 @@ does the same for the project's own recipes.
                  (``FlipOptimizer.defer_finite_check``). A MixedOptimizer's float part steps eagerly after each
                  replay, on the gradients the graph wrote (its parameters are few: norms, scales).
     compile      (``compile=True`` or torch.compile's keyword arguments) ``loss_fn`` through ``torch.compile``:
-                 the float ops between the ternary layers (norms, rotary embeddings, activations, attention, the
-                 loss) are fused; every TernaryLinear / TernaryEmbedding stays an eager call (a graph break),
-                 since their autograd functions hand gradients to the optimiser. Combines with the CUDA graph.
+                 the ternary layers run as ``torch.library`` ops (``trueternary::linear``, ``::embedding``), which
+                 compile traces through, so the float ops around them (norms, rotary embeddings, activations,
+                 attention, the loss, the input-gradient sums between layers) compile as one graph. Combines
+                 with the CUDA graph.
     eager        otherwise (and on a CPU): forward, backward, ``optimizer.step()``, ``optimizer.zero_grad()``.
 
 ``TrainStep.graphed`` says which ran, ``TrainStep.eager_reason`` why not a graph (auto mode).
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from ..backends import UpdateBackend
-from ..layers import IntegerBias, TernaryEmbedding, TernaryLinear
+from ..layers import IntegerBias, TernaryEmbedding
 from .flip import FlipOptimizer
 from .mixed import MixedOptimizer
 
@@ -56,18 +57,6 @@ def _clone(batch):
     if isinstance(batch, dict):
         return {k: _clone(v) for k, v in batch.items()}
     return type(batch)(_clone(b) for b in batch)
-
-
-def exclude_ternary_layers_from_compile() -> None:
-    """Make every TernaryLinear / TernaryEmbedding an eager call in ``torch.compile``'d code (a graph break):
-    their autograd functions call the optimiser from backward and launch Triton kernels of their own. Set on the
-    classes (once), not on a model's instances, so a copy of a model behaves like the model."""
-    for cls in (TernaryLinear, TernaryEmbedding):
-        if not getattr(cls.forward, "_trueternary_eager", False):
-            forward = torch.compiler.disable(cls.forward, recursive=True)
-            forward._trueternary_eager = True
-            cls.forward = forward
-
 
 
 def capture_cuda_graph(fn, warm_up) -> torch.cuda.CUDAGraph:
@@ -145,7 +134,6 @@ class TrainStep:
         self.device = tensors[0].device
         self.autocast = autocast
         if compile:
-            exclude_ternary_layers_from_compile()
             loss_fn = torch.compile(loss_fn, **(compile if isinstance(compile, dict) else {}))
         self.loss_fn = loss_fn
         self.eager_reason = self._graph_refusal(tensors) if cuda_graph is not False else "cuda_graph=False"
