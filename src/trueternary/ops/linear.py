@@ -133,7 +133,11 @@ class TernaryLinearFunction(torch.autograd.Function):
 # torch.compile traces through a torch.library op (no graph break: the float code around every ternary layer of a
 # model compiles as one graph) but not through an autograd.Function that calls the optimiser from backward. The op
 # takes the weight and bias as integer handles (ops.handles). Its backward op has effects compile cannot see (the
-# votes), so it is marked side-effectful: never dropped or merged, even where its input gradient goes unused.
+# votes), so it is marked side-effectful: never dropped or merged, even where its input gradient goes unused; and
+# cudagraph-unsafe, so that torch.compile's own CUDA graphs (mode="reduce-overhead") run it outside their replays,
+# as it may read the host (TrainStep's one graph of the whole step is where the votes are captured, on the gpu
+# backend's kernels).
+BACKWARD_OP_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
 
 @torch.library.custom_op("trueternary::linear", mutates_args=())
@@ -147,7 +151,7 @@ def _(xc, anchor, log2_scale, bias_value, weight_handle, bias_handle, impl):
     return xc.new_empty(*xc.shape[:-1], module_of(weight_handle).rows)
 
 
-@torch.library.custom_op("trueternary::linear_backward", mutates_args=())
+@torch.library.custom_op("trueternary::linear_backward", mutates_args=(), tags=BACKWARD_OP_TAGS)
 def _linear_backward_op(gy: torch.Tensor, xc: torch.Tensor, log2_scale: torch.Tensor | None, weight_handle: int,
                         bias_handle: int, impl: str | None, need_gx: bool,
                         need_ls: bool) -> tuple[torch.Tensor, torch.Tensor]:
