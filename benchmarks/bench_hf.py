@@ -21,8 +21,10 @@ Variants, each a fresh copy of the same model, median ms per step over timed ste
                    ``AdamW(fused=True, capturable=True)``) | compiled + CUDA graph.  Eager steps use fused AdamW.
     TrueTernary    ``ternarize`` (strict: every float parameter frozen), ``FlipOptimizer`` on the ``gpu`` backend,
                    linear layers on the Triton kernels, the default rule; stepped by ``TrainStep``: eager |
-                   compiled (float ops between ternary layers) | CUDA graph | compiled + CUDA graph.
+                   compiled (whole model: the ternary layers are torch.library ops) | CUDA graph | compiled + CUDA
+                   graph.
 
+The table's ``breaks`` column counts the graph breaks dynamo met compiling each compiled variant (0: one graph).
 No gradient clipping (TrueTernary has no float gradient to clip). The summary is the best variant of each and
 the ratio of their step times (goal: TrueTernary <= 1.1x AdamW). Writes ``$OUT/bench_hf.json`` (``--out``); a
 variant that fails is recorded in ``errors`` and the others still run.
@@ -87,11 +89,16 @@ def run_variant(base, optimizer: str, variant: str) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     name, update = (optimizer[:-len(NO_UPDATE)], False) if optimizer.endswith(NO_UPDATE) else (optimizer, True)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     step, facts = BUILDERS[name](S, base, variant, xy, update)
     warmup, repeats = S.warmup_repeats
     ms = step_ms(step, warmup=warmup, repeats=repeats, device=DEV)
+    # graph breaks dynamo met compiling the loss (a compiled model that stops and restarts loses fusions)
+    breaks = sum(counters["graph_break"].values()) if "compiled" in variant else None
     row = {"optimizer": optimizer, "variant": variant, **facts, **summary(ms, S.tokens),
-           "peak_bytes": int(torch.cuda.max_memory_allocated()) if DEV.type == "cuda" else None}
+           "peak_bytes": int(torch.cuda.max_memory_allocated()) if DEV.type == "cuda" else None,
+           "graph_breaks": breaks}
     print(f"  {optimizer:24} {variant:15} {row['median_ms']:9.2f} ms/step  {row['tokens_per_s']:12,.0f} tok/s",
           file=sys.stderr)
     if ARGS.profile and "graph" not in variant:  # (a graph's replay hides its kernels from the profiler)
@@ -122,11 +129,12 @@ def print_table() -> None:
     lines = [f"== bench_hf: {env.get('gpu', env['device'])}  torch {env['torch']}  transformers "
              f"{transformers.__version__}  d {S.model['hidden_size']} x {S.model['num_hidden_layers']} layers  "
              f"batch {ARGS.batch} x {S.model['ctx']}  ({B.elapsed():.0f}s)",
-             f"{'optimizer':24} {'variant':15} {'ms/step':>9} {'tokens/s':>12} {'peak MiB':>9}"]
+             f"{'optimizer':24} {'variant':15} {'ms/step':>9} {'tokens/s':>12} {'peak MiB':>9} {'breaks':>6}"]
     for row in r.get("steps", []):
         pk = f"{row['peak_bytes'] / 2**20:.0f}" if row.get("peak_bytes") else "-"
+        breaks = "-" if row.get("graph_breaks") is None else str(row["graph_breaks"])
         lines.append(f"{row['optimizer']:24} {row['variant']:15} {row['median_ms']:9.2f} {row['tokens_per_s']:12,.0f} "
-                     f"{pk:>9}")
+                     f"{pk:>9} {breaks:>6}")
     s = r.get("summary", {})
     if "ratio" in s:
         b = s["best"]

@@ -231,8 +231,8 @@ def test_bench_morph_kernels_smoke_kernels(tmp_path):
 @pytest.mark.slow  # ~30 s on a busy 2-core machine: dynamo traces both models, the ternary one in pieces
 def test_bench_hf_smoke(tmp_path):
     """The Hugging Face benchmark on CPU, eager and compiled: a tiny transformers Llama, AdamW and TrueTernary
-    (TrainStep) steps, the best of each and their ratio; compiled: dynamo traced, code generation left out,
-    TrainStep's compile path with the ternary layers left eager; --profile profiles each, --parts adds each
+    (TrainStep) steps, the best of each and their ratio; compiled: dynamo traced, code generation left out, the
+    ternarised model one graph like the float one (no graph break); --profile profiles each, --parts adds each
     optimiser without its update (kept out of the best-of summary)."""
     pytest.importorskip("transformers")
     variants = ("eager", "compiled")
@@ -243,6 +243,8 @@ def test_bench_hf_smoke(tmp_path):
     optimizers = ("AdamW", "TrueTernary", "AdamW (no update)", "TrueTernary (no update)")  # --parts
     assert steps == {(o, v) for o in optimizers for v in variants}
     assert all(r["median_ms"] > 0 and r["repeats"] == 2 and not r["graphed"] for r in res["steps"])
+    assert {r["graph_breaks"] for r in res["steps"] if r["variant"] == "compiled"} == {0}
+    assert all(r["graph_breaks"] is None for r in res["steps"] if r["variant"] == "eager")
     best = res["summary"]["best"]
     assert res["summary"]["ratio"] == pytest.approx(best["TrueTernary"]["median_ms"] / best["AdamW"]["median_ms"])
 
