@@ -782,3 +782,25 @@ def test_device_lr_is_the_lr_the_votes_use():
     sr, = _run_steps([(ref, o_ref)])
     assert [n for n in sr if not torch.equal(sr[n], sk[n])] == []
     assert any(not torch.equal(sr[n], before[n]) for n in sr if n.endswith("T_accum"))
+
+
+def test_gpu_backend_compiled_trains_like_eager():
+    """torch.compile (AOTAutograd, one graph) runs the layers as the trueternary:: ops on the same kernels (Triton
+    matmuls, fused votes, the flip kernel): the same integer state as the eager kernel path after every step."""
+    torch._dynamo.reset()
+    eager = MLP()
+    compiled = copy.deepcopy(eager)
+    opts = [gpu_optimizer(m, "gpu", seed=3, **RULES["norm-beta-nb16"]) for m in (eager, compiled)]
+    loss_of = (lambda m, x, c: (m(x) * c).sum())
+    fns = (loss_of, torch.compile(loss_of, backend="aot_eager", fullgraph=True))
+    g = torch.Generator().manual_seed(1)
+    for step in range(2):
+        x = torch.randint(-1, 2, (2, 5, 24), generator=g).float().to(DEVICE)
+        c = torch.randint(-1, 2, (2, 5, 18), generator=g).float().to(DEVICE)
+        for m, opt, fn in zip((eager, compiled), opts, fns):
+            fn(m, x, c).backward()
+            opt.step()
+        se, sc = eager.state_dict(), compiled.state_dict()
+        assert [n for n in se if not torch.equal(se[n], sc[n])] == [], step
+    assert int(opts[0].last_flips) == int(opts[1].last_flips)
+    assert sum(int((m.weight.T_accum != 0).sum()) for m in (eager.a, eager.b)) > 0  # the rule moved state
