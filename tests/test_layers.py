@@ -504,7 +504,7 @@ def test_compiled_layers_vote_and_differentiate_as_the_eager_ones(scale_mode):
         for m in (model.emb.weight, model.fc1.weight, model.fc1.bias, model.fc2.weight):
             m._voter = voter
 
-        def loss_fn(idx):
+        def loss_fn(idx, model=model):
             return model(idx).square().mean()
 
         fn = torch.compile(loss_fn, backend="aot_eager", fullgraph=True) if compiled else loss_fn
