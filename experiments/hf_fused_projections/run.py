@@ -94,7 +94,6 @@ class ProjectionPart(nn.Module):
         object.__setattr__(self, "fused", fused)  # not a submodule: the fused Linear is in the tree once
         self.index = index
 
-    @torch.compiler.disable  # (dynamo cannot trace the cache: a graph break)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fused.piece(x, self.index)
 
