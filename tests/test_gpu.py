@@ -1,6 +1,7 @@
 """Acceptance checks that need a CUDA device (marked ``gpu``; skipped without one): the gpu backend against the
-plain-PyTorch path, CUDA-graphed steps against eager ones, bit-identical GPU runs and resumes, generation from a
-GPU checkpoint, and data-parallel ``trueternary train`` over NCCL and gloo.
+plain-PyTorch path, CUDA-graphed steps against eager ones, a compiled and graphed transformers Llama against its
+uncompiled graph, bit-identical GPU runs and resumes, generation from a GPU checkpoint, and data-parallel
+``trueternary train`` over NCCL and gloo.
 
     python -m pytest -q -m gpu tests/test_gpu.py      # on a CUDA machine (about 2 minutes on one H100)
 
@@ -10,6 +11,7 @@ machine; these tests check the training paths built from them.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -88,6 +90,54 @@ def test_graphed_steps_match_eager_steps():
     codes_g, codes_e = graphed.flip.state_dict()["state"], eager.flip.state_dict()["state"]
     assert codes_g.keys() == codes_e.keys()
     assert all(torch.equal(codes_g[i][c], codes_e[i][c]) for i in codes_g for c in codes_g[i])
+
+
+def test_compiled_graphed_hf_llama_trains_like_the_eager_graphed_one():
+    """A ternarised transformers Llama under ``TrainStep(compile=True)`` in one CUDA graph (the ternary layers as
+    the trueternary:: ops: one compiled graph, no break) against the same model graphed without compile, same
+    batches, bf16 autocast: Inductor fuses the float ops between the layers in another order, so the votes agree
+    statistically and the losses closely."""
+    transformers = pytest.importorskip("transformers")
+    import torch.nn.functional as F
+
+    from trueternary import ternarize
+    from trueternary.layers import set_linear_kernel
+    from trueternary.optim import FlipOptimizer, TrainStep
+
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                                   tie_word_embeddings=False, use_cache=False)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg)
+
+    def loss_fn(model, xy):
+        logits = model(input_ids=xy[0], use_cache=False).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), xy[1].flatten())
+
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, 256, (8, 129), generator=g).cuda() for _ in range(3)]
+    batches = [(s[:, :-1].contiguous(), s[:, 1:].contiguous()) for s in seqs]
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = ternarize(copy.deepcopy(base), device="cuda").to("cuda")
+        set_linear_kernel(model, "triton")
+        opt = FlipOptimizer(model, backend="gpu", seed=0)
+        if compiled:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                explained = torch._dynamo.explain(loss_fn)(model, batches[0])
+            assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+            torch._dynamo.reset()
+        step = TrainStep(model, opt, loss_fn, batches[0], cuda_graph=True, compile=compiled, autocast=torch.bfloat16)
+        assert step.graphed, step.eager_reason
+        losses = [float(step(batches[0]))]
+        after_one = _integer_state(model)  # (one step: later flips would compound the rounding differences)
+        losses += [float(step(b)) for b in batches[1:]]
+        runs[compiled] = (losses, after_one)
+    (losses_e, state_e), (losses_c, state_c) = runs[False], runs[True]
+    assert losses_c == pytest.approx(losses_e, rel=2e-2)
+    assert _accum_mismatch(state_e, state_c) < 0.01
+    assert any(int((v != 0).sum()) for k, v in state_c.items() if k.endswith(".T_accum"))
 
 
 def _train(runs: Path, name: str, **overrides) -> dict:
