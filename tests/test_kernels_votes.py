@@ -176,6 +176,31 @@ def test_matmul_votes_norm_block_128_and_64():
         assert torch.equal(w.T_accum, accumulate(A0, v)), nb
 
 
+@pytest.mark.parametrize("sms", [1, 10**6], ids=["many-tiles", "fewer-tiles-than-SMs"])
+def test_gemm_votes_default_launch_by_tile_count(sms, monkeypatch):
+    """impl 'gemm' with its default launch (default_votes_config): a matrix of fewer normalisation tiles than SMs
+    reads each tile in one statistics block at 8 warps, others in 32-row blocks; both vote as the reference
+    (norm_block 128, the default rule's moving averages)."""
+    kt = kernels()
+    monkeypatch.setattr(kt, "sm_count", lambda device: sms)
+    nb, rows, cols = 128, 130, 140
+    stats = kt.default_votes_config(6, rows, cols, torch.device(DEVICE), nb, gw_given=True)
+    assert (stats["STATS_CHUNK_R"], stats["num_warps"]) == ((nb, 8) if sms > 4 else (32, 4))
+    w = random_weight(rows, cols, 64)
+    gy, x = int_inputs(6, rows, cols, seed=4)
+    A0 = w.T_accum.clone()
+    codes = {k: v.to(DEVICE) for k, v in rule.empty_norm_codes((rows, cols), nb, "cpu").items()}
+    ref_codes = {k: v.clone() for k, v in codes.items()}
+    kt.matmul_votes_(gy, x, w, vote="stochastic", lr=2.0, vote_clip=8, norm_block=nb, decay=0.0,
+                     key_base=kt.key_base(3, 4), call=2, step=step_tensor(5), calls_per_step=CALLS, impl="gemm",
+                     norm_codes=codes, norm_beta=0.9, norm_key_base=kt.key_base(77, 4))
+    key, norm_key = rng.stream_key(3, 4, 5 * CALLS + 2), rng.stream_key(77, 4, 5 * CALLS + 2)
+    ref_codes, v = reference_norm_memory_votes(w, gy, x, ref_codes, lr=2.0, nb=nb, beta=0.9, key=key.to(DEVICE),
+                                               norm_key=norm_key)
+    assert torch.equal(w.T_accum, accumulate(A0, v))
+    assert all(torch.equal(codes[k].cpu(), ref_codes[k].cpu()) for k in codes)
+
+
 def test_matmul_votes_aligned_scale_grad_writes_every_group():
     """With tile-aligned groups gE is written by plain stores: a NaN-poisoned buffer must be fully overwritten."""
     w = random_weight(20, 37, 8)

@@ -642,10 +642,16 @@ def default_votes_config(M: int, R: int, C: int, device: torch.device, norm_bloc
     pass reads a tile in blocks of ``STATS_CHUNK_R`` rows (``num_warps``), the vote pass takes blocks of
     ``CHUNK_R`` rows (``chunk_warps``). H200, 151M, default rule (experiments/kernel_launches/run.py): with a first
     statistics pass, vote-pass blocks of 16 rows x 4 warps were the fastest of 16/32/64 rows x 2/4/8 warps (by
-    1-4%); with the present one, 8 warps were 0.5-4% faster per call (the end-to-end figures are with 4).
+    1-4%); with the present one, 8 warps were 0.5-4% faster per call (the end-to-end figures are with 4). On a
+    matrix of fewer normalisation tiles than SMs the statistics pass is latency-bound (one program per tile):
+    reading the whole tile as one block at 8 warps took the two passes from 26.1 / 29.3 / 29.0 to 23.7 / 26.5 /
+    26.4 us on an H100 at a small HF Llama's shapes (512 x 512, 1408 x 512, 512 x 1408: 16-44 tiles;
+    experiments/kernel_launches); the 151M shapes with fewer tiles than SMs (1024 x 1024: 64) take it unmeasured.
     """
     if gw_given:
         nbk = norm_block or 32
+        if triton.cdiv(R, nbk) * triton.cdiv(C, nbk) < sm_count(device):
+            return {"STATS_CHUNK_R": nbk, "num_warps": 8, "CHUNK_R": min(16, nbk), "chunk_warps": 4}
         return {"STATS_CHUNK_R": min(32, nbk), "num_warps": 4, "CHUNK_R": min(16, nbk), "chunk_warps": 4}
     sms = sm_count(device)
     sizes = [b for b in (128, 64, 32) if norm_block is None or b % norm_block == 0]
