@@ -24,7 +24,7 @@ import torch
 
 from .. import packing
 from .handles import module_of
-from .linear import _ANCHOR, BACKWARD_OP_TAGS, scale_param_grad
+from .linear import _ANCHOR, scale_param_grad, voting_backward_op
 
 
 def row_trits(weight, rows: torch.Tensor) -> torch.Tensor:
@@ -119,7 +119,7 @@ def _(idx, anchor, log2_scale, weight_handle, out_dtype, padding_idx):
     return torch.empty(*idx.shape, module_of(weight_handle).cols, dtype=out_dtype, device=idx.device)
 
 
-@torch.library.custom_op("trueternary::embedding_backward", mutates_args=(), tags=BACKWARD_OP_TAGS)
+@voting_backward_op("embedding_backward")
 def _embedding_backward_op(gy: torch.Tensor, idx: torch.Tensor, log2_scale: torch.Tensor | None,
                            weight_handle: int, padding_idx: int | None, need_ls: bool) -> torch.Tensor:
     g_ls = embedding_backward(gy, idx, log2_scale, module_of(weight_handle), padding_idx, need_ls)
@@ -131,9 +131,6 @@ def _(gy, idx, log2_scale, weight_handle, padding_idx, need_ls):
     if need_ls and log2_scale is not None:
         return log2_scale.new_empty(log2_scale.shape, dtype=torch.float32)
     return gy.new_empty(0)
-
-
-torch.fx.node.has_side_effect(torch.ops.trueternary.embedding_backward.default)
 
 
 def _setup_embedding_op(ctx, inputs, output) -> None:

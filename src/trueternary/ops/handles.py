@@ -29,7 +29,7 @@ class HasOpHandle:
         self._new_op_handle()
 
 
-def module_of(handle: int) -> nn.Module:
+def module_of(handle: int) -> nn.Module | None:
     """The live module with ``handle`` (-1: None)."""
     if handle < 0:
         return None

@@ -137,7 +137,19 @@ class TernaryLinearFunction(torch.autograd.Function):
 # cudagraph-unsafe, so that torch.compile's own CUDA graphs (mode="reduce-overhead") run it outside their replays,
 # as it may read the host (TrainStep's one graph of the whole step is where the votes are captured, on the gpu
 # backend's kernels).
-BACKWARD_OP_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+_VOTING_OP_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+def voting_backward_op(name: str):
+    """Decorator: ``fn`` as the custom op ``trueternary::<name>`` that casts votes (side-effectful, cudagraph-unsafe:
+    see above)."""
+
+    def register(fn):
+        op = torch.library.custom_op(f"trueternary::{name}", mutates_args=(), tags=_VOTING_OP_TAGS)(fn)
+        torch.fx.node.has_side_effect(getattr(torch.ops.trueternary, name).default)
+        return op
+
+    return register
 
 
 @torch.library.custom_op("trueternary::linear", mutates_args=())
@@ -151,7 +163,7 @@ def _(xc, anchor, log2_scale, bias_value, weight_handle, bias_handle, impl):
     return xc.new_empty(*xc.shape[:-1], module_of(weight_handle).rows)
 
 
-@torch.library.custom_op("trueternary::linear_backward", mutates_args=(), tags=BACKWARD_OP_TAGS)
+@voting_backward_op("linear_backward")
 def _linear_backward_op(gy: torch.Tensor, xc: torch.Tensor, log2_scale: torch.Tensor | None, weight_handle: int,
                         bias_handle: int, impl: str | None, need_gx: bool,
                         need_ls: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,9 +179,6 @@ def _(gy, xc, log2_scale, weight_handle, bias_handle, impl, need_gx, need_ls):
     g_ls = log2_scale.new_empty(log2_scale.shape, dtype=torch.float32) if need_ls and log2_scale is not None \
         else gy.new_empty(0)
     return gx, g_ls
-
-
-torch.fx.node.has_side_effect(torch.ops.trueternary.linear_backward.default)
 
 
 def _setup_linear_op(ctx, inputs, output) -> None:
